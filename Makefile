@@ -1,0 +1,42 @@
+# The README's commands. `make study` and `make test` work on a fresh clone: they create
+# .venv when it is missing and (re)install the project when pyproject.toml changed.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.omgseg-installed
+# torch is installed first and pinned: an unpinned `torch` from the index is a multi-GB CUDA
+# build. Override for another platform, e.g. TORCH_SPEC="torch==2.9.1 torchvision==0.24.1".
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+STUDY_CONFIG ?= studies/configs/default.yaml
+PYTEST_ARGS ?=
+
+.PHONY: install study test test-slow test-all bench
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH_SPEC)
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Until the study runner lands (issues 5 and 6) this runs the part that exists: the default
+# study's data, generated and converted to shards on first use, then verified.
+study: $(STAMP)
+	$(VENV)/bin/omgseg prepare --config $(STUDY_CONFIG)
+
+# Default suite (slow tests excluded). pytest exits 5 when it collects no test: make fails then.
+test: $(STAMP)
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -m slow $(PYTEST_ARGS)
+
+test-all: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) tests/benchmarks/bench_data.py

@@ -1,0 +1,49 @@
+"""Make a config's data sets ready to stream: synthetic sources generated and every
+(dataset, split) converted to shards, both cached so a second run does no work."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from omgseg.datasets.convert import convert
+from omgseg.datasets.synth import SYNTH_FORMATS, write_synthetic
+from omgseg.platform.config import DataConfig
+
+_SYNTH_INDEX = "synth.json"
+
+
+def ensure_synthetic(target: Path, seed: int, progress: bool = False) -> dict[str, Path]:
+    """The synthetic sources of every format under `target`, generated once.
+
+    Generation goes to a sibling folder that is renamed into place when complete, so an
+    interrupted run never leaves a half-written source that later looks finished.
+    """
+    index = target / _SYNTH_INDEX
+    if not index.is_file():
+        partial = target.with_name(target.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        written = write_synthetic(partial, formats=SYNTH_FORMATS, seed=seed, progress=progress)
+        relative = {name: str(Path(path).relative_to(partial)) for name, path in written.items()}
+        (partial / _SYNTH_INDEX).write_text(json.dumps(relative, indent=1))
+        shutil.rmtree(target, ignore_errors=True)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(partial, target)
+    return {name: target / rel for name, rel in json.loads(index.read_text()).items()}
+
+
+def prepare_data(config: DataConfig, progress: bool = False) -> dict[str, dict[str, Path]]:
+    """Shard folders of every dataset and split: {dataset name: {split: absolute path}}."""
+    synthetic: dict[str, Path] = {}
+    if any(spec.src is None for spec in config.datasets.values()):
+        synthetic = ensure_synthetic(config.synth_dir(), config.synth_seed, progress)
+    out: dict[str, dict[str, Path]] = {}
+    for name, spec in config.datasets.items():
+        src = spec.src if spec.src is not None else synthetic[spec.format]
+        for split in config.splits:
+            shard_dir = config.shard_dir(name, split)
+            convert(spec.format, src, shard_dir, split, spec.samples_per_shard, spec.clip_length, progress)
+            out.setdefault(name, {})[split] = shard_dir
+    return out

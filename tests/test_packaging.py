@@ -1,0 +1,54 @@
+"""The package layout: omgseg.* imports work and the standard library is never shadowed."""
+
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CODE_FOLDERS = {"platform": "omgseg.platform", "model": "omgseg.model", "datasets": "omgseg.datasets"}
+
+
+def _run_in_root(code: str) -> str:
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    return done.stdout.strip()
+
+
+def test_stdlib_platform_not_shadowed_from_repo_root():
+    out = _run_in_root("import platform; print(platform.system()); print(platform.__file__)")
+    system, where = out.splitlines()
+    assert system in {"Linux", "Darwin", "Windows"}
+    assert Path(where).parent != ROOT / "platform", where
+    assert "site-packages" not in where and where.endswith("platform.py"), where
+
+
+def test_omgseg_packages_import_from_repo_root():
+    out = _run_in_root(
+        "from omgseg.platform import config; from omgseg.datasets import clip; "
+        "import omgseg.model; print(config.__file__); print(clip.__file__)"
+    )
+    config_file, clip_file = out.splitlines()
+    assert Path(config_file) == ROOT / "platform" / "config.py"
+    assert Path(clip_file) == ROOT / "datasets" / "clip.py"
+
+
+def test_code_folders_have_no_top_level_init():
+    for folder in CODE_FOLDERS:
+        assert not (ROOT / folder / "__init__.py").exists(), f"{folder}/__init__.py shadows a module"
+
+
+def test_every_code_folder_is_a_listed_package():
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    setuptools = pyproject["tool"]["setuptools"]
+    packages = set(setuptools["packages"])
+    package_dir = setuptools["package-dir"]
+    for folder, package in CODE_FOLDERS.items():
+        for path in [ROOT / folder, *(p for p in (ROOT / folder).rglob("*") if p.is_dir())]:
+            if "__pycache__" in path.parts or not any(path.glob("*.py")):
+                continue
+            rel = path.relative_to(ROOT / folder)
+            name = ".".join([package, *rel.parts])
+            assert name in packages, f"{path} holds code but {name} is not in [tool.setuptools] packages"
+            assert Path(package_dir[name]) == path.relative_to(ROOT), f"package-dir of {name}"
