@@ -1,0 +1,236 @@
+"""Shard streams: rank/worker splits, equal per-rank counts, seeding, and errors that name
+the shard and the sample."""
+
+import io
+import json
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image
+
+from omgseg.datasets.clip import Clip, Segment, Task
+from omgseg.datasets.shards import MANIFEST, ShardReadError, sha256_file, write_shards
+from omgseg.datasets.stream import ClipSample, ShardStream, decode_sample, stream_seed
+
+META_JSON = {
+    "dataset": "toy",
+    "format": "toy-format",
+    "split": "train",
+    "tasks": ["panoptic"],
+    "categories": [{"id": 1, "name": "thing", "isthing": 1}],
+}
+SOURCE = {"format": "toy-format", "src": "/nowhere", "split": "train"}
+
+
+def tiny_clip(index: int) -> Clip:
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((8, 8, 3), index % 256, dtype=np.uint8)).save(buffer, format="JPEG")
+    ids = np.zeros((1, 8, 8), dtype=np.uint32)
+    ids[0, 2:5, 2:5] = index + 1
+    return Clip(
+        dataset="toy",
+        source_id=str(index),
+        frame_names=(f"{index}.jpg",),
+        images=[buffer.getvalue()],
+        image_ext="jpg",
+        id_maps=ids,
+        segments=[Segment(id=index + 1, category_id=1, iscrowd=False, track_id=index + 1, area=(9,))],
+        tasks=(Task.PANOPTIC,),
+    )
+
+
+@pytest.fixture(scope="module")
+def uneven(tmp_path_factory):
+    """5 shards holding 3, 3, 3, 3 and 1 samples."""
+    out = tmp_path_factory.mktemp("uneven")
+    write_shards([tiny_clip(i) for i in range(13)], out, meta=META_JSON, source=SOURCE, samples_per_shard=3)
+    return out
+
+
+def keys(samples):
+    return [s.key for s in samples]
+
+
+def as_rank(monkeypatch, rank: int, world_size: int) -> None:
+    # What Ray Train sets, and what webdataset 1.0.2's pytorch_worker_info reads first.
+    monkeypatch.setenv("RANK", str(rank))
+    monkeypatch.setenv("WORLD_SIZE", str(world_size))
+
+
+def test_eval_reads_every_shard_once_across_ranks(uneven, monkeypatch):
+    per_rank = []
+    for rank in range(2):
+        as_rank(monkeypatch, rank, 2)
+        per_rank.append(keys(ShardStream(uneven)))
+    assert [len(k) for k in per_rank] == [7, 6]  # shards 0, 2, 4 and 1, 3: uneven, as documented
+    together = per_rank[0] + per_rank[1]
+    assert sorted(together) == [f"{i:09d}" for i in range(13)]
+
+
+def test_training_gives_every_rank_the_same_count_under_uneven_shards(uneven, monkeypatch):
+    counts = []
+    for rank in range(2):
+        as_rank(monkeypatch, rank, 2)
+        stream = ShardStream(uneven, resampled=True, epoch_samples=10, shuffle_buffer=4, seed=3)
+        counts.append(len(list(stream)))
+    assert counts == [10, 10]
+
+
+def test_two_dataloader_workers(uneven, monkeypatch):
+    as_rank(monkeypatch, 1, 2)
+    loader = torch.utils.data.DataLoader(ShardStream(uneven), batch_size=None, num_workers=2, collate_fn=_identity)
+    got = keys(loader)
+    # Rank 1 owns shards 1 and 3; its two workers take one each.
+    assert sorted(got) == [f"{i:09d}" for i in (3, 4, 5, 9, 10, 11)]
+
+    train = ShardStream(uneven, resampled=True, epoch_samples=7, seed=1)
+    loader = torch.utils.data.DataLoader(train, batch_size=None, num_workers=2, collate_fn=_identity)
+    assert len(list(loader)) == 7  # the rank's total, shared between its workers
+
+
+def _identity(x):
+    return x
+
+
+def test_seeding_is_deterministic_per_seed_rank_worker_and_epoch(uneven, monkeypatch):
+    def draw(seed, rank, epoch=0):
+        as_rank(monkeypatch, rank, 2)
+        stream = ShardStream(uneven, resampled=True, epoch_samples=12, shuffle_buffer=5, seed=seed)
+        stream.set_epoch(epoch)
+        return keys(stream)
+
+    assert draw(0, 0) == draw(0, 0)
+    assert draw(0, 0) != draw(0, 1)
+    assert draw(0, 0) != draw(1, 0)
+    assert draw(0, 0) != draw(0, 0, epoch=1)
+    assert stream_seed(1, 2, 3, 4) == stream_seed(1, 2, 3, 4) != stream_seed(1, 2, 4, 3)
+
+
+def test_eval_shuffle_still_reads_each_sample_once(uneven, monkeypatch):
+    as_rank(monkeypatch, 0, 1)
+    got = keys(ShardStream(uneven, shuffle_buffer=8, seed=5))
+    assert sorted(got) == [f"{i:09d}" for i in range(13)] and got != sorted(got)
+
+
+def test_decoded_sample_types(uneven):
+    sample = next(iter(ShardStream(uneven)))
+    assert isinstance(sample, ClipSample)
+    assert sample.images.dtype == torch.uint8 and sample.images.shape == (1, 3, 8, 8)
+    assert sample.id_maps.dtype == torch.int64 and int(sample.id_maps.max()) == 1
+    assert sample.shard.endswith("shard-000000.tar") and sample.dataset == "toy"
+
+
+def test_bad_arguments_and_missing_manifest(uneven, tmp_path):
+    with pytest.raises(FileNotFoundError, match="manifest.json"):
+        ShardStream(tmp_path)
+    with pytest.raises(ValueError, match="epoch_samples needs resampled=True"):
+        ShardStream(uneven, epoch_samples=5)
+
+
+# --- corrupt data: every error names the shard file and the sample key ---------------
+
+
+def _copy(src, dst):
+    dst.mkdir()
+    for path in src.iterdir():
+        (dst / path.name).write_bytes(path.read_bytes())
+    return dst
+
+
+def _refresh_manifest(folder, name):
+    """Make the manifest agree with a rewritten shard, so the reader sees the bad content."""
+    doc = json.loads((folder / MANIFEST).read_text())
+    for entry in doc["shards"]:
+        if entry["name"] == name:
+            entry["bytes"] = (folder / name).stat().st_size
+            entry["sha256"] = sha256_file(folder / name)
+    (folder / MANIFEST).write_text(json.dumps(doc))
+
+
+def _rewrite_member(folder, name, member, data):
+    path = folder / name
+    with tarfile.open(path) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with open(path, "wb") as f, wds.TarWriter(f, encoder=False) as writer:
+        by_key: dict = {}
+        for m, content in members:
+            key, field = m.name.split(".", 1)
+            by_key.setdefault(key, {"__key__": key})[field] = data if m.name == member else content
+        for sample in by_key.values():
+            writer.write({k: v for k, v in sample.items() if v is not None})  # None: drop member
+    _refresh_manifest(folder, name)
+
+
+def test_bad_json_names_shard_and_key(uneven, tmp_path):
+    folder = _copy(uneven, tmp_path / "bad")
+    _rewrite_member(folder, "shard-000001.tar", "000000004.json", b"{not json")
+    with pytest.raises(ShardReadError, match=r"shard-000001\.tar, sample 000000004: json header is not valid JSON"):
+        list(ShardStream(folder))
+
+
+def test_sample_missing_a_field_names_shard_key_and_field(uneven, tmp_path):
+    folder = _copy(uneven, tmp_path / "missing")
+    header = {"dataset": "toy", "source_id": "4", "frames": 1, "frame_names": ["4.jpg"],
+              "height": 8, "width": 8, "tasks": ["panoptic"]}
+    _rewrite_member(folder, "shard-000001.tar", "000000004.json", json.dumps(header).encode())
+    with pytest.raises(ShardReadError, match=r"shard-000001\.tar, sample 000000004: .*no 'segments' field"):
+        list(ShardStream(folder))
+
+
+def test_sample_missing_an_id_map_names_shard_and_key(uneven, tmp_path):
+    folder = _copy(uneven, tmp_path / "nomap")
+    _rewrite_member(folder, "shard-000001.tar", "000000005.f000.seg.png", None)
+    with pytest.raises(ShardReadError, match=r"shard-000001\.tar, sample 000000005: no id map for frame 0"):
+        list(ShardStream(folder))
+
+
+def test_truncated_shard_names_shard_and_key(uneven, tmp_path):
+    folder = _copy(uneven, tmp_path / "trunc")
+    path = folder / "shard-000002.tar"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2 + 100])  # mid-member: the manifest still has the old size
+    with pytest.raises(ShardReadError, match=r"shard-000002\.tar.*sample 00000000[678]") as info:
+        list(ShardStream(folder))
+    assert "shard-000002.tar" in str(info.value)
+
+
+def test_truncated_at_a_member_boundary_is_caught_by_the_count(uneven, tmp_path):
+    folder = _copy(uneven, tmp_path / "cut")
+    path = folder / "shard-000000.tar"
+    with tarfile.open(path) as tar:
+        offsets = [m.offset for m in tar.getmembers()]
+    # 3 members a sample: cut exactly before sample 2, which tarfile takes for the end.
+    path.write_bytes(path.read_bytes()[: offsets[6]])
+    with pytest.raises(ShardReadError, match=r"shard-000000\.tar: read 2 samples.*last sample read: 000000001"):
+        list(ShardStream(folder))
+
+
+def test_corrupt_tar_header_names_shard_and_key(uneven, tmp_path):
+    folder = _copy(uneven, tmp_path / "corrupt")
+    path = folder / "shard-000003.tar"
+    with tarfile.open(path) as tar:
+        third = tar.getmembers()[3]  # a header in the middle of the archive
+    data = bytearray(path.read_bytes())
+    data[third.offset : third.offset + 100] = b"\xff" * 100
+    path.write_bytes(bytes(data))
+    _refresh_manifest(folder, "shard-000003.tar")
+    with pytest.raises(ShardReadError, match=r"shard-000003\.tar.*(sample 00000001[01]|last sample read)"):
+        list(ShardStream(folder))
+
+
+def test_garbage_file_names_the_shard(uneven, tmp_path):
+    folder = _copy(uneven, tmp_path / "garbage")
+    (folder / "shard-000004.tar").write_bytes(b"this is not a tar file" * 30)
+    _refresh_manifest(folder, "shard-000004.tar")
+    with pytest.raises(ShardReadError, match=r"shard-000004\.tar"):
+        list(ShardStream(folder))
+
+
+def test_decode_sample_wraps_unexpected_errors():
+    with pytest.raises(ShardReadError, match=r"shard x\.tar, sample k: no image for frame 0"):
+        decode_sample({"__key__": "k", "__url__": "x.tar", "json": json.dumps(
+            {"dataset": "d", "source_id": "s", "frames": 1, "frame_names": ["a"], "height": 2,
+             "width": 2, "tasks": [], "segments": []}).encode(), "f000.seg.png": b""})
