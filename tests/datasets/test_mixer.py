@@ -1,0 +1,81 @@
+"""The mixer: realised mix matches the ratios, seeded, finite sources stop it, clear errors."""
+
+import itertools
+import random
+
+import pytest
+from scipy.stats import chisquare
+
+from omgseg.datasets.mixer import Mixer
+
+
+class NeverOpened:
+    def __iter__(self):
+        raise AssertionError("a dataset with ratio 0 must not be opened")
+
+
+def infinite(name):
+    return (f"{name}{i}" for i in itertools.count())
+
+
+def test_realised_mix_matches_unnormalised_ratios():
+    ratios = {"coco": 3, "ade": 1.0, "ytvis": 0.5, "davis": 0}
+    streams = {name: infinite(name) for name in ("coco", "ade", "ytvis")} | {"davis": NeverOpened()}
+    mixer = Mixer(ratios, streams, seed=11)
+    n = 4000
+    drawn = list(itertools.islice(mixer, n))
+    assert len(drawn) == n and set(mixer.counts) == {"coco", "ade", "ytvis"}
+    observed = [mixer.counts[k] for k in ("coco", "ade", "ytvis")]
+    expected = [n * r / 4.5 for r in (3, 1, 0.5)]
+    assert chisquare(observed, expected).pvalue > 0.001
+    mix = mixer.realised_mix()
+    assert abs(sum(mix.values()) - 1) < 1e-9 and abs(mix["coco"] - 2 / 3) < 0.03
+    # Items come from their own stream, in that stream's order.
+    coco = [item for name, item in drawn if name == "coco"]
+    assert coco[:3] == ["coco0", "coco1", "coco2"]
+
+
+def test_seeded_and_independent_of_the_global_random_module():
+    def run(seed):
+        random.seed(12345)  # what other code might do; must not change the mixer's choices
+        mixer = Mixer({"a": 1, "b": 1}, {"a": infinite("a"), "b": infinite("b")}, seed=seed)
+        return [name for name, _ in itertools.islice(mixer, 50)]
+
+    state = random.getstate()
+    first = run(0)
+    random.seed(999)
+    assert run(0) == first
+    assert run(1) != first
+    random.setstate(state)
+
+
+def test_a_finite_source_stops_the_mix_and_is_recorded():
+    mixer = Mixer({"big": 0.5, "small": 0.5}, {"big": range(50), "small": range(20)}, seed=0)
+    drawn = list(mixer)
+    assert mixer.exhausted == "small"
+    assert mixer.counts["small"] == 20 and len(drawn) == sum(mixer.counts.values()) < 70
+    # Iterating again starts over from the seed.
+    assert list(mixer) == drawn
+
+
+def test_single_dataset():
+    mixer = Mixer({"only": 2.0}, {"only": "abc"})
+    assert list(mixer) == [("only", "a"), ("only", "b"), ("only", "c")]
+    assert mixer.realised_mix() == {"only": 1.0} and mixer.exhausted == "only"
+
+
+@pytest.mark.parametrize(
+    ("ratios", "streams", "message"),
+    [
+        ({}, {}, "ratios is empty"),
+        ({"a": -0.1}, {"a": []}, "ratio of 'a' must be finite and >= 0"),
+        ({"a": float("nan")}, {"a": []}, "ratio of 'a'"),
+        ({"a": "1"}, {"a": []}, "ratio of 'a' must be a number"),
+        ({"a": 1, "ghost": 1}, {"a": []}, r"\['ghost'\] have a ratio but no stream"),
+        ({"a": 1}, {"a": [], "extra": []}, r"unknown datasets \['extra'\]"),
+        ({"a": 0, "b": 0.0}, {"a": [], "b": []}, "all ratios are 0"),
+    ],
+)
+def test_errors_name_the_key(ratios, streams, message):
+    with pytest.raises(ValueError, match=message):
+        Mixer(ratios, streams)
