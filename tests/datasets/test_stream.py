@@ -1,46 +1,16 @@
 """Shard streams: rank/worker splits, equal per-rank counts, seeding, and errors that name
 the shard and the sample."""
 
-import io
 import json
 import tarfile
 
-import numpy as np
 import pytest
 import torch
 import webdataset as wds
-from PIL import Image
 
-from omgseg.datasets.clip import Clip, Segment, Task
 from omgseg.datasets.shards import MANIFEST, ShardReadError, sha256_file, write_shards
 from omgseg.datasets.stream import ClipSample, ShardStream, decode_sample, stream_seed
-
-META_JSON = {
-    "dataset": "toy",
-    "format": "toy-format",
-    "split": "train",
-    "tasks": ["panoptic"],
-    "categories": [{"id": 1, "name": "thing", "isthing": 1}],
-}
-SOURCE = {"format": "toy-format", "src": "/nowhere", "split": "train"}
-
-
-def tiny_clip(index: int) -> Clip:
-    buffer = io.BytesIO()
-    Image.fromarray(np.full((8, 8, 3), index % 256, dtype=np.uint8)).save(buffer, format="JPEG")
-    ids = np.zeros((1, 8, 8), dtype=np.uint32)
-    ids[0, 2:5, 2:5] = index + 1
-    return Clip(
-        dataset="toy",
-        source_id=str(index),
-        frame_names=(f"{index}.jpg",),
-        images=[buffer.getvalue()],
-        image_ext="jpg",
-        id_maps=ids,
-        segments=[Segment(id=index + 1, category_id=1, iscrowd=False, track_id=index + 1, area=(9,))],
-        tasks=(Task.PANOPTIC,),
-    )
-
+from toydata import META_JSON, SOURCE, tiny_clip
 
 @pytest.fixture(scope="module")
 def uneven(tmp_path_factory):
