@@ -4,21 +4,22 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from omgseg.model.structures import MatchTargets
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
-
-from omgseg.model.structures import MatchTargets
 
 
 def point_sample(masks: Tensor, points: Tensor) -> Tensor:
     """Bilinear values of masks at points given in [0, 1]^2 (x, y), the same points for every mask.
 
     masks: (N, T, h, w) float; points: (K, 2). Returns (N, T, K). With align_corners=False,
-    point (j + 0.5) / w reads exactly pixel column j, at any mask resolution.
+    point (j + 0.5) / w reads exactly pixel column j, at any mask resolution. Border padding:
+    a point within half a pixel of the image edge reads the edge pixel instead of a blend with
+    zeros outside the image (which would halve a full mask's value along the border).
     """
     n, t, h, w = masks.shape
     grid = (2.0 * points - 1.0).to(masks.dtype).view(1, 1, -1, 2)  # (1, 1, K, 2) in [-1, 1]
-    sampled = F.grid_sample(masks.reshape(1, n * t, h, w), grid, mode="bilinear", align_corners=False)
+    sampled = F.grid_sample(masks.reshape(1, n * t, h, w), grid, mode="bilinear", padding_mode="border", align_corners=False)
     return sampled.view(n, t, -1)  # (N, T, K)
 
 
