@@ -1,0 +1,264 @@
+"""Helpers the format readers share: file access with errors that name the file, id maps to
+segments, and cutting videos into clips.
+
+Every error raised here is a ValueError (or FileNotFoundError for a split's own index file)
+whose message names the file or the item being read, so a broken data set points at itself.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from omgseg.datasets.clip import Clip, Segment, Task
+
+# Ids live in 24-bit RGB id maps once written to shards (docs/datasets.md).
+MAX_SEGMENT_ID = 256**3 - 1
+
+_IMAGE_EXTS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png"}
+
+
+def load_json(path: Path) -> object:
+    """The parsed JSON file; a missing or malformed file raises naming it."""
+    if not path.is_file():
+        raise FileNotFoundError(f"annotation file {path} does not exist")
+    try:
+        with path.open("rb") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON: {err}") from None
+
+
+def file_identity(path: Path) -> tuple[Path, int, int]:
+    """(path, mtime, size): the key readers cache a parsed index file under.
+
+    The converter asks for categories, count and clips separately, and COCO's train JSONs
+    are large enough that parsing them three times shows; the key changes when the file does.
+    """
+    if not path.is_file():
+        raise FileNotFoundError(f"annotation file {path} does not exist")
+    stat = path.stat()
+    return path, stat.st_mtime_ns, stat.st_size
+
+
+def read_name_list(path: Path) -> list[str]:
+    """Names listed one a line (DAVIS ImageSets, VIPSeg train.txt), blank lines skipped."""
+    if not path.is_file():
+        raise FileNotFoundError(f"split list {path} does not exist")
+    names = [line.strip() for line in path.read_text().splitlines()]
+    return [n for n in names if n]
+
+
+def require(obj: object, fields: Sequence[str], where: str) -> None:
+    """Raise naming `where` and the first of `fields` that the JSON object `obj` lacks."""
+    if not isinstance(obj, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    for key in fields:
+        if key not in obj:
+            raise ValueError(f"{where}: missing required field {key!r}")
+
+
+def image_ext(path: Path) -> str:
+    """"jpg" or "png" from a frame file's suffix (the encoding the bytes are kept in)."""
+    ext = _IMAGE_EXTS.get(path.suffix.lower())
+    if ext is None:
+        raise ValueError(f"{path}: unsupported image type {path.suffix!r}; expected .jpg or .png")
+    return ext
+
+
+def read_image(path: Path, where: str) -> tuple[bytes, tuple[int, int]]:
+    """The file's original bytes and its (height, width), read from the header only."""
+    if not path.is_file():
+        raise ValueError(f"{where}: image file {path} does not exist")
+    data = path.read_bytes()
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            width, height = im.size
+    except (OSError, SyntaxError, ValueError) as err:
+        raise ValueError(f"{where}: cannot read image {path}: {err}") from None
+    return data, (height, width)
+
+
+def read_frames(paths: Sequence[Path], where: str) -> tuple[list[bytes], list[tuple[int, int]], str]:
+    """The original bytes and (height, width) of a clip's frames, and their shared encoding."""
+    exts = {image_ext(p) for p in paths}
+    if len(exts) != 1:
+        raise ValueError(f"{where}: frames mix image types {sorted(exts)} ({paths[0]} ...)")
+    images, sizes = [], []
+    for p in paths:
+        data, size = read_image(p, where)
+        images.append(data)
+        sizes.append(size)
+    return images, sizes, exts.pop()
+
+
+def read_png(path: Path, where: str) -> tuple[np.ndarray, str]:
+    """The decoded pixels of a PNG as numpy (H, W) or (H, W, C), and the PIL mode.
+
+    Decoding is forced here so that a truncated or corrupt file fails with its name instead
+    of later, inside numpy.
+    """
+    if not path.is_file():
+        raise ValueError(f"{where}: PNG file {path} does not exist")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return np.asarray(im), im.mode
+    except (OSError, SyntaxError, ValueError) as err:
+        raise ValueError(f"{where}: cannot read PNG {path}: {err}") from None
+
+
+def check_size(found: tuple[int, int], expected: tuple[int, int], path: Path, where: str) -> None:
+    """Raise if a file's (height, width) differs from what the annotation says."""
+    if tuple(found) != tuple(expected):
+        raise ValueError(
+            f"{where}: {path} is {found[0]}x{found[1]} (HxW) but the annotation says "
+            f"{expected[0]}x{expected[1]}"
+        )
+
+
+def sort_key(value: object) -> tuple[int, object]:
+    """Orders ids numerically when they are numbers (COCO) and by text otherwise (ADE's
+    string image ids), so mixed id types never make sorting fail."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return (0, value)
+    return (1, str(value))
+
+
+def frame_areas(id_maps: np.ndarray) -> dict[int, list[int]]:
+    """Per-frame pixel counts of every non-zero id present in `id_maps` (T, H, W)."""
+    areas: dict[int, list[int]] = {}
+    num_frames = id_maps.shape[0]
+    for t in range(num_frames):
+        values, counts = np.unique(id_maps[t], return_counts=True)
+        for v, c in zip(values.tolist(), counts.tolist()):
+            if v != 0:
+                areas.setdefault(v, [0] * num_frames)[t] = c
+    return areas
+
+
+def assign_segment_ids(annotation_ids: Sequence[int]) -> dict[int, int]:
+    """Annotation id -> id usable in an id map.
+
+    Annotation ids are kept when all of them fit the 24-bit map encoding (and none is 0,
+    which means void); otherwise all are renumbered 1..N in annotation-id order. COCO's crowd
+    annotations (ids around 9e11) are the usual reason.
+    """
+    ids = sorted(set(int(i) for i in annotation_ids))
+    if all(0 < i <= MAX_SEGMENT_ID for i in ids):
+        return {i: i for i in ids}
+    return {a: k + 1 for k, a in enumerate(ids)}
+
+
+def clip_ranges(num_frames: int, clip_length: int | None) -> list[tuple[int, int]]:
+    """Consecutive [start, stop) frame ranges of `clip_length` (the last may be shorter)."""
+    if clip_length is None:
+        return [(0, num_frames)]
+    if clip_length < 1:
+        raise ValueError(f"clip_length must be at least 1, got {clip_length}")
+    return [(s, min(s + clip_length, num_frames)) for s in range(0, num_frames, clip_length)]
+
+
+def clip_source_id(video: str, start: int, clip_length: int | None) -> str:
+    """The video's own id when kept whole, "<video>@<start frame>" when cut into clips."""
+    return video if clip_length is None else f"{video}@{start}"
+
+
+def build_clip(
+    *,
+    dataset: str,
+    source_id: str,
+    frame_names: Sequence[str],
+    images: list[bytes],
+    ext: str,
+    id_maps: np.ndarray,
+    info: Mapping[int, tuple[int, bool, int]],
+    tasks: tuple[Task, ...],
+    extra: dict | None = None,
+) -> Clip:
+    """A Clip whose segments are the ids present in `id_maps` (T, H, W) uint32.
+
+    info: segment id -> (category id, iscrowd, track id); every non-zero id in the maps must
+    be a key (the readers check that, with file names, before calling). Segments listed in
+    `info` but absent from every frame are left out; areas are counted from the maps.
+    """
+    areas = frame_areas(id_maps)
+    segments = [
+        Segment(id=i, category_id=info[i][0], iscrowd=info[i][1], track_id=info[i][2], area=tuple(areas[i]))
+        for i in sorted(areas)
+    ]
+    return Clip(
+        dataset=dataset,
+        source_id=source_id,
+        frame_names=tuple(frame_names),
+        images=images,
+        image_ext=ext,
+        id_maps=id_maps,
+        segments=segments,
+        tasks=tasks,
+        extra=extra or {},
+    )
+
+
+def frame_files(folder: Path, suffixes: tuple[str, ...], where: str) -> list[Path]:
+    """The files of one video folder with the given suffixes, in file-name order."""
+    if not folder.is_dir():
+        raise ValueError(f"{where}: frame folder {folder} does not exist")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in suffixes)
+    if not files:
+        raise ValueError(f"{where}: frame folder {folder} has no {'/'.join(suffixes)} files")
+    return files
+
+
+
+# (decoded PNG pixels, PIL mode, PNG path, where) -> (uint32 id map (H, W), segment info of
+# its ids as build_clip takes it).
+MaskDecoder = Callable[[np.ndarray, str, Path, str], tuple[np.ndarray, dict[int, tuple[int, bool, int]]]]
+
+
+def mask_video_clips(
+    *,
+    dataset: str,
+    tasks: tuple[Task, ...],
+    video: str,
+    image_dir: Path,
+    mask_dir: Path,
+    clip_length: int | None,
+    decode: MaskDecoder,
+) -> Iterator[Clip]:
+    """Clips of a video stored as a folder of frames plus a folder of one PNG per frame.
+
+    Frames are the video folder's .jpg/.png files in file-name order; frame `<stem>.jpg` has
+    its mask at `mask_dir/<video>/<stem>.png` (DAVIS and VIPSeg). Frame names are
+    "<video>/<file>". Only the frames of the current clip are held in memory.
+    """
+    frames = frame_files(image_dir / video, (".jpg", ".jpeg", ".png"), f"video {video}")
+    for start, stop in clip_ranges(len(frames), clip_length):
+        paths = frames[start:stop]
+        where = f"video {video} ({paths[0].name})"
+        images, sizes, ext = read_frames(paths, where)
+        id_maps = np.zeros((len(paths), *sizes[0]), dtype=np.uint32)
+        info: dict[int, tuple[int, bool, int]] = {}
+        for t, (path, size) in enumerate(zip(paths, sizes)):
+            mask_path = mask_dir / video / f"{path.stem}.png"
+            frame_where = f"video {video} frame {path.name}"
+            pixels, mode = read_png(mask_path, frame_where)
+            check_size(pixels.shape[:2], sizes[0], mask_path, frame_where)
+            check_size(size, sizes[0], path, frame_where)
+            id_maps[t], frame_info = decode(pixels, mode, mask_path, frame_where)
+            info.update(frame_info)
+        yield build_clip(
+            dataset=dataset,
+            source_id=clip_source_id(video, start, clip_length),
+            frame_names=[f"{video}/{p.name}" for p in paths],
+            images=images,
+            ext=ext,
+            id_maps=id_maps,
+            info=info,
+            tasks=tasks,
+        )
