@@ -15,6 +15,7 @@ thing. Segment ids are the annotation ids, unless one of them does not fit the 2
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,15 @@ DATASET = "coco_instances"
 TASKS = (Task.INSTANCE, Task.INTERACTIVE)
 
 
+def _decode_rle(rle: dict) -> np.ndarray:
+    """pycocotools RLE -> bool mask (H, W)."""
+    with warnings.catch_warnings():
+        # pycocotools' compiled decoder trips numpy 2's __array__(copy=...) deprecation on
+        # every call; the result is correct, the warning is noise for its callers.
+        warnings.filterwarnings("ignore", message="__array__ implementation", category=DeprecationWarning)
+        return mask_utils.decode(rle).astype(bool)
+
+
 def decode_segmentation(segm: object, height: int, width: int, where: str) -> np.ndarray:
     """A COCO-style segmentation -> bool mask (H, W).
 
@@ -57,8 +67,7 @@ def decode_segmentation(segm: object, height: int, width: int, where: str) -> np
                 polygons.append([float(v) for v in poly])
         if not polygons:
             return np.zeros((height, width), dtype=bool)
-        rle = mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))
-        return mask_utils.decode(rle).astype(bool)
+        return _decode_rle(mask_utils.merge(mask_utils.frPyObjects(polygons, height, width)))
     if isinstance(segm, dict) and "counts" in segm and "size" in segm:
         size = [int(v) for v in segm["size"]]
         if size != [height, width]:
@@ -75,7 +84,7 @@ def decode_segmentation(segm: object, height: int, width: int, where: str) -> np
             rle = {"size": size, "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
         else:
             raise ValueError(f"{where}: RLE counts must be a string or a list, got {type(counts).__name__}")
-        return mask_utils.decode(rle).astype(bool)
+        return _decode_rle(rle)
     raise ValueError(f"{where}: segmentation must be polygons or an RLE dict, got {type(segm).__name__}")
 
 
@@ -108,7 +117,7 @@ class _InstancesIndex:
     annotations: dict[object, list[dict]]  # image id -> its annotations, by annotation id
 
 
-@functools.lru_cache(maxsize=2)
+@functools.lru_cache(maxsize=1)
 def _load_index(json_path: Path, mtime_ns: int, size: int) -> _InstancesIndex:
     where = str(json_path)
     data = load_json(json_path)

@@ -17,14 +17,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from omgseg.datasets.clip import Category, Clip, Task, decode_id_map_rgb
 from omgseg.datasets.formats._common import (
     MAX_SEGMENT_ID,
     build_clip,
     check_size,
     file_identity,
+    id_counts,
     image_ext,
     load_json,
     read_image,
@@ -52,7 +51,7 @@ class _PanopticIndex:
     items: list[tuple[dict, dict]]  # (image record, annotation record), by image id
 
 
-@functools.lru_cache(maxsize=2)
+@functools.lru_cache(maxsize=1)
 def _load_index(json_path: Path, mtime_ns: int, size: int) -> _PanopticIndex:
     where = str(json_path)
     data = load_json(json_path)
@@ -126,8 +125,7 @@ def read_panoptic_image(
         if "area" in seg:
             json_area[seg_id] = int(seg["area"])
 
-    values, counts = np.unique(id_map, return_counts=True)
-    present = {int(v): int(c) for v, c in zip(values.tolist(), counts.tolist()) if v != 0}
+    present = id_counts(id_map)
     not_listed = sorted(set(present) - set(info))
     if not_listed:
         raise ValueError(f"{where}: ids {not_listed} are in the PNG but not in segments_info")
@@ -150,6 +148,7 @@ def read_panoptic_image(
         info=info,
         tasks=tasks,
         extra={"json_area": differing} if differing else None,
+        areas={i: (a,) for i, a in present.items()},
     )
 
 
@@ -171,7 +170,9 @@ def panoptic_format(
         for image, ann in index.items:
             yield read_panoptic_image(paths, image, ann, by_id, dataset, tasks)
 
-    return SourceFormat(name=name, dataset=dataset, tasks=tasks, categories=categories, clips=clips, count=count)
+    return SourceFormat(
+        name=name, dataset=dataset, tasks=tasks, categories=categories, clips=clips, count=count
+    )
 
 
 def coco_layout(src: Path, split: str) -> PanopticLayout:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from omgseg.datasets.clip import Category, Clip, Task
-from omgseg.datasets.formats._common import clip_ranges, mask_video_clips, read_name_list
+from omgseg.datasets.formats._common import clip_ranges, id_counts, mask_video_clips, read_name_list
 from omgseg.datasets.formats.base import SourceFormat
 
 DATASET = "davis"
@@ -31,8 +31,7 @@ def decode_davis_mask(pixels: np.ndarray, mode: str, path: Path, where: str) -> 
         raise ValueError(f"{where}: {path} must be a palette PNG of object indices, got mode {mode!r}")
     id_map = pixels.astype(np.uint32)
     id_map[id_map == VOID_INDEX] = 0
-    ids = np.unique(id_map).tolist()
-    return id_map, {i: (OBJECT.id, False, i) for i in ids if i != 0}
+    return id_map, {i: (OBJECT.id, False, i) for i in id_counts(id_map)}
 
 
 def _sequences(src: Path, split: str) -> list[str]:
@@ -61,4 +60,6 @@ def clips(src: Path, split: str, clip_length: int | None = None) -> Iterator[Cli
         )
 
 
-FORMAT = SourceFormat(name="davis", dataset=DATASET, tasks=TASKS, categories=categories, clips=clips, count=count)
+FORMAT = SourceFormat(
+    name="davis", dataset=DATASET, tasks=TASKS, categories=categories, clips=clips, count=count
+)

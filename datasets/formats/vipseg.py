@@ -20,7 +20,13 @@ from pathlib import Path
 import numpy as np
 
 from omgseg.datasets.clip import Category, Clip, Task
-from omgseg.datasets.formats._common import clip_ranges, load_json, mask_video_clips, read_name_list
+from omgseg.datasets.formats._common import (
+    clip_ranges,
+    id_counts,
+    load_json,
+    mask_video_clips,
+    read_name_list,
+)
 from omgseg.datasets.formats.base import SourceFormat
 
 DATASET = "vipseg"
@@ -59,7 +65,7 @@ def decode_vipseg_mask(
     id_map = pixels.astype(np.uint32)
     id_map[id_map == BUGGY_VOID] = 0
     info = {}
-    for value in np.unique(id_map).tolist():
+    for value in id_counts(id_map):
         category_id = value_category(value, categories, path, where)
         if category_id is not None:
             info[value] = (category_id, False, value)
@@ -104,4 +110,6 @@ def clips(src: Path, split: str, clip_length: int | None = None) -> Iterator[Cli
         )
 
 
-FORMAT = SourceFormat(name="vipseg", dataset=DATASET, tasks=TASKS, categories=categories, clips=clips, count=count)
+FORMAT = SourceFormat(
+    name="vipseg", dataset=DATASET, tasks=TASKS, categories=categories, clips=clips, count=count
+)

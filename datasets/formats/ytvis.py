@@ -51,7 +51,7 @@ class _YtvisIndex:
     annotations: dict[object, list[dict]]  # video id -> its annotations, by annotation id
 
 
-@functools.lru_cache(maxsize=2)
+@functools.lru_cache(maxsize=1)
 def _load_index(json_path: Path, mtime_ns: int, size: int) -> _YtvisIndex:
     where = str(json_path)
     data = load_json(json_path)
@@ -84,7 +84,8 @@ def _load_index(json_path: Path, mtime_ns: int, size: int) -> _YtvisIndex:
             raise ValueError(f"{where}: annotation {ann['id']} refers to unknown video id {ann['video_id']}")
         if int(ann["category_id"]) not in categories:
             raise ValueError(
-                f"{where}: video {video['id']} annotation {ann['id']} has unknown category id {ann['category_id']}"
+                f"{where}: video {video['id']} annotation {ann['id']} "
+                f"has unknown category id {ann['category_id']}"
             )
         # The reference evaluation zips frame lists and so ignores a length mismatch; a
         # mismatch means the annotation and the video disagree, so it is an error here.
@@ -127,8 +128,7 @@ def read_video(
     names = list(video["file_names"])
     seg_ids = assign_segment_ids([int(a["id"]) for a in anns])
     info = {
-        seg_ids[int(a["id"])]: (int(a["category_id"]), bool(a.get("iscrowd", 0)), int(a["id"]))
-        for a in anns
+        seg_ids[int(a["id"])]: (int(a["category_id"]), bool(a.get("iscrowd", 0)), int(a["id"])) for a in anns
     }
     for start, stop in clip_ranges(len(names), clip_length):
         where = f"{json_path.name}: video {video['id']} ({names[start]})"
@@ -144,7 +144,9 @@ def read_video(
                 if segm is None:
                     continue
                 seg_id = seg_ids[int(ann["id"])]
-                frame_where = f"{json_path.name}: video {video['id']} annotation {ann['id']} frame {t} ({names[t]})"
+                frame_where = (
+                    f"{json_path.name}: video {video['id']} annotation {ann['id']} frame {t} ({names[t]})"
+                )
                 masks.append((seg_id, decode_segmentation(segm, height, width, frame_where), info[seg_id][1]))
             id_maps[t - start], pixels = resolve_overlaps(height, width, masks)
             overlap += pixels
@@ -181,4 +183,6 @@ def clips(src: Path, split: str, clip_length: int | None = None) -> Iterator[Cli
         yield from read_video(json_path, image_dir, video, index.annotations[video["id"]], clip_length)
 
 
-FORMAT = SourceFormat(name="ytvis", dataset=DATASET, tasks=TASKS, categories=categories, clips=clips, count=count)
+FORMAT = SourceFormat(
+    name="ytvis", dataset=DATASET, tasks=TASKS, categories=categories, clips=clips, count=count
+)

@@ -48,8 +48,10 @@ def write_panoptic(
     png_dir.mkdir(parents=True, exist_ok=True)
     image_dir.mkdir(parents=True, exist_ok=True)
     first, second = image_ids
-    stems = {first: f"{first:012d}" if isinstance(first, int) else first,
-             second: f"{second:012d}" if isinstance(second, int) else second}
+    stems = {
+        first: f"{first:012d}" if isinstance(first, int) else first,
+        second: f"{second:012d}" if isinstance(second, int) else second,
+    }
     maps = {first: id_map_139(), second: id_map_5()}
     segments = {
         first: [
