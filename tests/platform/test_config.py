@@ -83,7 +83,7 @@ def test_override_through_a_scalar_is_an_error():
 
 
 def test_override_validation_error_names_file(tmp_path):
-    with pytest.raises(ConfigError, match=r"c.yaml.*data.datasets.coco.clip_length"):
+    with pytest.raises(ConfigError, match=r"(?s)c\.yaml.*data\.datasets\.coco\.clip_length"):
         load_config(StudyConfig, _write(tmp_path, GOOD), ["data.datasets.coco.clip_length=0"])
 
 
