@@ -11,20 +11,23 @@ grey "unlabelled" patch, are void. Videos move the shapes smoothly with stable t
 objects are sometimes hidden for a few frames, enter from outside the frame, or are covered
 by another object, and their annotations are then null (YouTube-VIS) or absent (the masks).
 
-Designed relations between the data sets (names connect them; ids are each data set's own):
+Designed relations between the data sets (names connect them; the ids in brackets are each
+data set's own):
 
-    shape     | colour  | COCO        | ADE           | VIPSeg          | YT-VIS   | DAVIS
-    ----------+---------+-------------+---------------+-----------------+----------+-------
-    circle    | red     | circle (1)  | circle (6)    | circle (4)      | circle 1 | object
-    square    | blue    | square (2)  | square (7)    | -               | square 4 | object
-    triangle  | yellow  | triangle(3) | triangle (8)  | "square" (5) !  | triang 6 | object
-    star      | magenta | star (5)    | -             | star (6)        | star 5   | object
-    ring      | cyan    | ring (7)    | ring STUFF(5)!| -               | ring 3   | object
-    cross     | orange  | cross (9)   | -             | cross (7)       | cross 2  | object
-    hexagon   | purple  | -           | hexagon (9) * | -               | -        | object
-    diamond   | pink    | -           | diamond (10)* | -               | -        | object
-    stuff     |         | sky 92, grass 93, water 95, sand 97 | wall 1, floor 2, sky 3, grass 4
-              |         | VIPSeg: sky 0, water 1, road 2, grass 3 | YT-VIS/DAVIS: drawn, unlabelled
+    shape (colour)    | COCO          | ADE                | VIPSeg           | YT-VIS       | DAVIS
+    ------------------+---------------+--------------------+------------------+--------------+-------
+    circle (red)      | circle [1]    | circle [6]         | circle [4]       | circle [1]   | object
+    square (blue)     | square [2]    | square [7]         | -                | square [4]   | object
+    triangle (yellow) | triangle [3]  | triangle [8]       | "square" [5] (!) | triangle [6] | object
+    star (magenta)    | star [5]      | -                  | star [6]         | star [5]     | object
+    ring (cyan)       | ring [7]      | ring [5] STUFF (!) | -                | ring [3]     | object
+    cross (orange)    | cross [9]     | -                  | cross [7]        | cross [2]    | object
+    hexagon (purple)  | -             | hexagon [9] (*)    | -                | -            | object
+    diamond (pink)    | -             | diamond [10] (*)   | -                | -            | object
+    stuff             | sky [92]      | wall [1] (*)       | sky [0]          | drawn only   | drawn only
+                      | grass [93]    | floor [2] (*)      | water [1]        |              |
+                      | water [95]    | sky [3]            | road [2] (*)     |              |
+                      | sand [97]     | grass [4]          | grass [3]        |              |
 
 - Positive transfer: COCO, YT-VIS and VIPSeg share circle, star and cross; COCO and YT-VIS
   share all six thing shapes, drawn alike; sky and grass are stuff in COCO, ADE and VIPSeg.
@@ -114,7 +117,9 @@ class SynthSizes:
 
     def __post_init__(self) -> None:
         if self.height < 48 or self.width < 48:
-            raise ValueError(f"frames must be at least 48x48 to hold the shapes, got {self.height}x{self.width}")
+            raise ValueError(
+                f"frames must be at least 48x48 to hold the shapes, got {self.height}x{self.width}"
+            )
         counts = {k: getattr(self, k) for k in
                   ("coco_train", "coco_val", "ade_train", "ade_val", "video_train", "video_val")}
         bad = {k: v for k, v in counts.items() if v < 1}

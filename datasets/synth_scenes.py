@@ -474,6 +474,31 @@ class Track:
     visible: np.ndarray  # (T,) bool: drawn in that frame (False = hidden behind the scene)
 
 
+@dataclass(frozen=True)
+class _Motion:
+    """A smooth path: constant velocity plus a slow sinusoidal wobble, and a slow spin."""
+
+    cx: float
+    cy: float
+    r: float
+    vx: float
+    vy: float
+    wobble: float
+    omega: float
+    phase: float
+    angle: float
+    spin: float
+
+    def centre(self, t: int) -> tuple[float, float]:
+        wob = self.wobble * math.sin(self.omega * t + self.phase)
+        speed = math.hypot(self.vx, self.vy) or 1.0
+        # The wobble is across the direction of travel, so the path stays smooth.
+        return (
+            self.cx + self.vx * t - wob * self.vy / speed,
+            self.cy + self.vy * t + wob * self.vx / speed,
+        )
+
+
 @dataclass
 class VideoScene:
     """frames: (T, H, W, 3) uint8; track_maps: (T, H, W) int, 0 = no object, n = Track.number;
@@ -529,17 +554,17 @@ def video_scene(
             heading = rng.uniform(-0.4, 0.4) + (0.0 if side < 0 else math.pi)
             speed = rng.uniform(3.0, 4.5) * scale
         motions.append(
-            dict(
+            _Motion(
                 cx=cx, cy=cy, r=r, vx=speed * math.cos(heading), vy=speed * math.sin(heading),
                 wobble=rng.uniform(0.5, 2.0) * scale, omega=rng.uniform(0.3, 0.8),
                 phase=rng.uniform(0, 2 * math.pi), angle=rng.uniform(-0.3, 0.3),
-                spin=rng.uniform(-0.06, 0.06), colour=None,
+                spin=rng.uniform(-0.06, 0.06),
             )
         )
-    tracks = []
+    tracks, colours = [], []
     for i in range(n_tracks):
         label, shape = shapes[int(rng.integers(len(shapes)))]
-        motions[i]["colour"] = instance_colour(rng, shape)
+        colours.append(instance_colour(rng, shape))
         tracks.append(Track(i + 1, label, shape, np.ones(num_frames, dtype=bool)))
     hidden = tracks[int(rng.integers(n_tracks))]
     gap_start = int(rng.integers(1, num_frames - 3))
@@ -548,16 +573,12 @@ def video_scene(
     base_noise = 3.0
     for t in range(num_frames):
         rgb = bg.rgb + rng.normal(0.0, base_noise, (height, width, 1)).astype(np.float32)
-        for track, m in zip(tracks, motions):
+        for track, m, colour in zip(tracks, motions, colours):
             if not track.visible[t]:
                 continue
-            wob = m["wobble"] * math.sin(m["omega"] * t + m["phase"])
-            speed = math.hypot(m["vx"], m["vy"]) or 1.0
-            # The wobble is across the direction of travel, so the path stays smooth.
-            cx = m["cx"] + m["vx"] * t - wob * m["vy"] / speed
-            cy = m["cy"] + m["vy"] * t + wob * m["vx"] / speed
-            mask, _ = shape_mask(track.shape, cx, cy, m["r"], m["angle"] + m["spin"] * t, height, width)
-            _paint(rgb, mask, m["colour"], rng)
+            cx, cy = m.centre(t)
+            mask, _ = shape_mask(track.shape, cx, cy, m.r, m.angle + m.spin * t, height, width)
+            _paint(rgb, mask, colour, rng)
             track_maps[t][mask] = track.number
         if night:
             rgb = rgb * 0.5 + np.array([0, 5, 30], np.float32)
