@@ -29,6 +29,10 @@ from torch import Tensor, nn
 
 TINY_MODEL_NAME = "tiny_clip"
 _TINY_CONFIG_PATH = Path(__file__).parent / "configs" / f"{TINY_MODEL_NAME}.json"
+# open_clip silently skips a missing config path; an install without the package data would
+# then fail later with a confusing "unknown model". Fail here, naming the file.
+if not _TINY_CONFIG_PATH.is_file():
+    raise FileNotFoundError(f"{_TINY_CONFIG_PATH} is missing: install omgseg with its package data (configs/*.json)")
 open_clip.add_model_config(_TINY_CONFIG_PATH)
 
 # The pixel decoder is built for these strides; a trunk with others is refused when built.

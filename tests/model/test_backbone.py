@@ -5,6 +5,7 @@ import torch
 from omgseg.model.backbone import TINY_MODEL_NAME, BackboneFeatures, ClipBackbone
 from torch import nn
 
+
 @pytest.fixture(scope="module")
 def backbone() -> ClipBackbone:
     torch.manual_seed(0)
