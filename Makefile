@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STUDY_CONFIG ?= studies/configs/default.yaml
 PYTEST_ARGS ?=
 
-.PHONY: install study test test-slow test-all bench
+.PHONY: install study test test-slow test-all bench lint
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -40,3 +40,6 @@ test-all: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) tests/benchmarks/bench_data.py
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .

@@ -356,7 +356,7 @@ def write_shards(
     parameters = {"samples_per_shard": samples_per_shard}
     if "clip_length" in source:
         parameters["clip_length"] = source["clip_length"]
-    now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    now = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
     wanted = Manifest(str(meta["dataset"]), (), 0, CONVERTER_VERSION, source, parameters, now)
 
     finished = _load_or_none(out_dir / MANIFEST)

@@ -18,9 +18,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import Tensor
+
 from omgseg.model.matcher import HungarianMatcher
 from omgseg.model.structures import MatchTargets, QueryOutputs
-from torch import Tensor
 
 
 @dataclass(frozen=True)

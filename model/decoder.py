@@ -17,8 +17,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from omgseg.model.structures import PromptBatch, PromptKind, QueryOutputs
 from torch import Tensor, nn
+
+from omgseg.model.structures import PromptBatch, PromptKind, QueryOutputs
 
 
 @dataclass(frozen=True)

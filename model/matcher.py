@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from omgseg.model.structures import MatchTargets
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
+
+from omgseg.model.structures import MatchTargets
 
 
 def point_sample(masks: Tensor, points: Tensor) -> Tensor:

@@ -22,8 +22,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from omgseg.model.backbone import BackboneFeatures
 from torch import Tensor, nn
+
+from omgseg.model.backbone import BackboneFeatures
 
 
 @dataclass(frozen=True)

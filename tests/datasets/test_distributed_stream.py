@@ -8,9 +8,9 @@ import subprocess
 import sys
 import textwrap
 
-from omgseg.datasets.shards import write_shards
-
 from toydata import META_JSON, SOURCE, tiny_clip
+
+from omgseg.datasets.shards import write_shards
 
 RANK_SCRIPT = textwrap.dedent(
     """

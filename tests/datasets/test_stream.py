@@ -7,10 +7,11 @@ import tarfile
 import pytest
 import torch
 import webdataset as wds
+from toydata import META_JSON, SOURCE, tiny_clip
 
 from omgseg.datasets.shards import MANIFEST, ShardReadError, sha256_file, write_shards
 from omgseg.datasets.stream import ClipSample, ShardStream, decode_sample, stream_seed
-from toydata import META_JSON, SOURCE, tiny_clip
+
 
 @pytest.fixture(scope="module")
 def uneven(tmp_path_factory):

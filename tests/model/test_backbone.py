@@ -2,8 +2,9 @@
 
 import pytest
 import torch
-from omgseg.model.backbone import TINY_MODEL_NAME, BackboneFeatures, ClipBackbone
 from torch import nn
+
+from omgseg.model.backbone import TINY_MODEL_NAME, BackboneFeatures, ClipBackbone
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from omgseg.model.criterion import LossWeights, SetCriterion
 from omgseg.model.decoder import (
     DecoderConfig,

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+
 from omgseg.model.matcher import HungarianMatcher, pixel_centre_points, point_sample
 from omgseg.model.structures import MatchTargets
 

@@ -4,6 +4,8 @@ import math
 
 import pytest
 import torch
+from torch import nn
+
 from omgseg.model.backbone import TINY_MODEL_NAME, BackboneFeatures, ClipBackbone
 from omgseg.model.pixel_decoder import (
     MSDeformAttnPixelDecoder,
@@ -13,7 +15,6 @@ from omgseg.model.pixel_decoder import (
     multi_scale_deformable_attention,
     sine_position_encoding,
 )
-from torch import nn
 
 TINY = PixelDecoderConfig(d_model=64, num_layers=2, num_heads=8, num_points=4, ffn_dim=128, num_groups=32)
 
@@ -211,7 +212,8 @@ def test_paper_size_parameter_count():
     1x1 mask-feature conv 65,792.
     """
     pixel_decoder = build_pixel_decoder(PixelDecoderConfig(), (192, 384, 768, 1536))
-    count = lambda module: sum(p.numel() for p in module.parameters())
+    def count(module):
+        return sum(p.numel() for p in module.parameters())
     assert count(pixel_decoder.input_proj) == 690_432
     assert [count(layer) for layer in pixel_decoder.layers] == [732_192] * 6
     assert count(pixel_decoder.lateral_conv) + count(pixel_decoder.output_conv) == 640_000
