@@ -145,10 +145,10 @@ class SetCriterion:
             for name, value in self._set_losses(pred, targets, num_masks, num_prompts).items():
                 losses[name + suffix] = value
         # Zero-weighted term: outputs.unused_parameter_sum depends on the decoder parameters
-        # no loss reaches in this pass (the identity head; the prompt encoder in a batch
-        # without prompts). Under DDP every worker must produce a gradient for every
-        # parameter or the all-reduce waits forever; co-training workers see different tasks
-        # in the same step. Adding it at weight 0 gives those parameters zero gradients.
+        # no loss reaches in this pass (the prompt encoder in a batch without prompts). Under
+        # DDP every worker must produce a gradient for every parameter or the all-reduce waits
+        # forever; co-training workers see different tasks in the same step. Adding it at
+        # weight 0 gives those parameters zero gradients.
         anchor = outputs.unused_parameter_sum
         losses["loss_zero_anchor"] = 0.0 * anchor if anchor is not None else outputs.mask_logits.new_zeros(())
 

@@ -33,7 +33,6 @@ class DecoderConfig:
     num_object_queries: int = 300
     num_levels: int = 3  # strides 32, 16, 8: the pixel decoder's multi_scale_memory
     text_dim: int = 768  # CLIP convnext_large text embedding width
-    id_dim: int = 256
     logit_scale: float = 100.0  # fixed, as CLIP's clamped maximum: cosines in [-1, 1] -> logits in [-100, 100]
     mask_threshold: float = 0.5  # masked attention keeps locations with sigmoid > 0.5
 
@@ -47,7 +46,6 @@ def build_decoder(config: DecoderConfig) -> OMGDecoder:
         num_object_queries=config.num_object_queries,
         num_levels=config.num_levels,
         text_dim=config.text_dim,
-        id_dim=config.id_dim,
         logit_scale=config.logit_scale,
         mask_threshold=config.mask_threshold,
     )
@@ -276,7 +274,6 @@ class OMGDecoder(nn.Module):
         num_object_queries: int,
         num_levels: int,
         text_dim: int,
-        id_dim: int,
         logit_scale: float,
         mask_threshold: float,
     ) -> None:
@@ -304,7 +301,6 @@ class OMGDecoder(nn.Module):
         self.pool_proj = nn.Linear(d_model, d_model)
         self.class_embed = nn.Linear(d_model, text_dim)
         self.void_embed = nn.Linear(d_model, 1)
-        self.id_embed = MLP(d_model, d_model, id_dim, num_layers=3)
 
     # ----------------------------------------------------------------------------------------
 
@@ -384,15 +380,12 @@ class OMGDecoder(nn.Module):
         # Deep-supervision sets carry no anchor; the last set carries it (see below).
         out = predictions[-1]
         out.aux = predictions[:-1]
-        # Parameters no loss reaches in this pass: the identity head (no identity loss yet,
-        # association is done at inference) and, in batches without prompts, the prompt
-        # encoder. DDP without find_unused_parameters waits forever for their gradients,
-        # and workers of a co-training run see different tasks; the criterion adds this sum
-        # with weight 0 so they get (zero) gradients on every worker.
-        unused = list(self.id_embed.parameters())
-        if not has_prompts:
-            unused += list(self.prompt_encoder.parameters())
-        out.unused_parameter_sum = sum(p.sum() for p in unused)
+        # Parameters no loss reaches in this pass: in batches without prompts, the prompt
+        # encoder. DDP without find_unused_parameters waits forever for their gradients, and
+        # workers of a co-training run see different tasks; the criterion adds this sum with
+        # weight 0 so they get (zero) gradients on every worker.
+        unused = [] if has_prompts else list(self.prompt_encoder.parameters())
+        out.unused_parameter_sum = sum(p.sum() for p in unused) if unused else None
         return out
 
     def _group_attention_mask(self, num_obj: int, num_queries: int, device: torch.device) -> Tensor:
@@ -436,7 +429,10 @@ class OMGDecoder(nn.Module):
         # an object" from "which class", and CE over C + 1 trains it (void weight 0.1).
         void_logit = self.void_embed(out)  # (B, Q, 1)
         class_logits = torch.cat([class_logits, void_logit], dim=-1)  # (B, Q, C + 1)
-        id_embeddings = self.id_embed(out)  # (B, Q, E)
+        # Identity: the normalised query itself, as MinVIS associates tubes across clips. A
+        # separate head would need an identity loss over pairs of clips of one video, which
+        # the tube formulation does not give within a clip.
+        id_embeddings = out  # (B, Q, d)
 
         # Masked attention for the next layer: attend where sigmoid > threshold at that level.
         h, w = attn_size
