@@ -39,6 +39,7 @@ test-all: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)
+	$(PY) -m pip install --quiet -e ".[test,bench]"
 	$(PY) tests/benchmarks/bench_data.py
 
 lint: $(STAMP)

@@ -155,6 +155,11 @@ class ClipBackbone(nn.Module):
     def device(self) -> torch.device:
         return self.pixel_mean.device
 
+    @property
+    def logit_scale(self) -> float:
+        """CLIP's learned temperature (exp of its logit_scale): multiplies image-text cosines."""
+        return float(self.clip.logit_scale.exp())
+
     @torch.no_grad()
     def forward(self, images: Tensor) -> BackboneFeatures:
         """images: (B, 3, H, W) RGB, either uint8 in [0, 255] or float in [0, 1]; H, W >= 32.

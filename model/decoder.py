@@ -316,7 +316,8 @@ class OMGDecoder(nn.Module):
 
         mask_features: (B*T, d, H/4, W/4), frame-major within each clip.
         multi_scale_memory: num_levels tensors (B*T, d, h_l, w_l), coarse to fine (strides 32, 16, 8).
-        text_embeddings: (C, D) one embedding per class of the vocabulary (normalised here).
+        text_embeddings: (C, D) one embedding per class of the vocabulary, or (C, S, D) with S
+            synonyms per class (a class's logit is its best synonym's); normalised here.
         prompts: None, or one PromptBatch per clip (possibly with 0 prompts).
         Returns the last prediction set; earlier sets (initial queries, layers 1..L-1) in `.aux`.
         """
@@ -332,9 +333,10 @@ class OMGDecoder(nn.Module):
                 raise ValueError(
                     f"multi_scale_memory[{lvl}] must be ({bt}, {d}, h, w), got {tuple(mem.shape)}"
                 )
-        if text_embeddings.dim() != 2 or text_embeddings.shape[1] != self.class_embed.out_features:
+        if text_embeddings.dim() not in (2, 3) or text_embeddings.shape[-1] != self.class_embed.out_features:
             raise ValueError(
-                f"text_embeddings must be (C, {self.class_embed.out_features}), got {tuple(text_embeddings.shape)}"
+                f"text_embeddings must be (C, {self.class_embed.out_features}) or (C, S, "
+                f"{self.class_embed.out_features}), got {tuple(text_embeddings.shape)}"
             )
         b, t = bt // num_frames, num_frames
         if prompts is not None and len(prompts) != b:
@@ -407,7 +409,7 @@ class OMGDecoder(nn.Module):
     ) -> tuple[QueryOutputs, Tensor]:
         """Heads on the current queries, and the attention mask for the next layer.
 
-        tgt (B, Q, d); mask_feats (B, T, d, H, W); text (C, D) normalised.
+        tgt (B, Q, d); mask_feats (B, T, d, H, W); text (C, D) or (C, S, D), normalised.
         Returns the predictions and a (B*heads, Q, T*h*w) bool mask (True = blocked) at attn_size.
         """
         b, q, _ = tgt.shape
@@ -421,7 +423,11 @@ class OMGDecoder(nn.Module):
         # the classifier.
         pooled = mask_pool(mask_feats.transpose(1, 2), mask_logits.detach())  # (B, Q, d)
         cls_emb = F.normalize(self.class_embed(out + self.pool_proj(pooled)), dim=-1)  # (B, Q, D)
-        class_logits = self.logit_scale * cls_emb @ text.t()  # (B, Q, C)
+        if text.dim() == 2:
+            class_logits = self.logit_scale * cls_emb @ text.t()  # (B, Q, C)
+        else:  # synonyms: a class scores as its best synonym
+            c, syn = text.shape[:2]
+            class_logits = (self.logit_scale * cls_emb @ text.flatten(0, 1).t()).view(b, q, c, syn).amax(-1)
         # Void logit: a learned per-query logit (the objectness logit, sign flipped), not the
         # reference's constant 0 from a zero background vector. With a constant 0 the void
         # probability depends only on how low the query scores against EVERY class, so it

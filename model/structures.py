@@ -6,22 +6,20 @@ was received, instead of deep inside the decoder or the loss.
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
+
+from omgseg.datasets.prompts import PromptKind
 
 # A point prompt becomes a box of +-3 input pixels around the click (MODEL-NOTES), so points
 # and boxes share one encoding and one code path.
 POINT_BOX_HALF_SIZE = 3.0
 
 
-class PromptKind(enum.Enum):
-    """What the user gave: a click or a box. The value indexes the learned kind token."""
-
-    POINT = 0
-    BOX = 1
+# The row of each prompt kind's learned token in the prompt encoder.
+KIND_INDEX = {PromptKind.POINT: 0, PromptKind.BOX: 1}
 
 
 def _check_shape(name: str, tensor: Tensor, expected: tuple[int | None, ...]) -> None:
@@ -114,7 +112,7 @@ class PromptBatch:
 
     def kind_indices(self) -> Tensor:
         """(K,) int64 index of each prompt's kind, on the boxes' device."""
-        return torch.tensor([k.value for k in self.kinds], dtype=torch.long, device=self.boxes.device)
+        return torch.tensor([KIND_INDEX[k] for k in self.kinds], dtype=torch.long, device=self.boxes.device)
 
 
 @dataclass

@@ -163,7 +163,7 @@ def test_wrong_inputs_name_the_shape():
         dec(mf[:, :16], mem, 2, text)
     with pytest.raises(ValueError, match="not a multiple of num_frames=3"):
         dec(mf, mem, 3, text)
-    with pytest.raises(ValueError, match=r"text_embeddings must be \(C, 16\), got \(5, 7\)"):
+    with pytest.raises(ValueError, match=r"text_embeddings must be \(C, 16\) or \(C, S, 16\), got \(5, 7\)"):
         dec(mf, mem, 2, text[:, :7])
     with pytest.raises(ValueError, match=r"boxes must have shape \(\*, 4\), got \(2, 3\)"):
         PromptBatch(torch.zeros(2, 3), (PromptKind.BOX,) * 2, (SIZE, SIZE))

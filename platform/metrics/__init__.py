@@ -1,0 +1,1 @@
+"""Evaluation: each task's standard metric on the standard result formats."""

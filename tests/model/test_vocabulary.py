@@ -1,0 +1,98 @@
+"""Vocabularies, the cached CLIP text classifier, and the data-to-model target glue."""
+
+import pytest
+import torch
+
+from omgseg.datasets.clip import Category
+from omgseg.datasets.prompts import PromptKind, Prompts
+from omgseg.datasets.transforms import Targets
+from omgseg.model.backbone import TINY_MODEL_NAME, ClipBackbone
+from omgseg.model.structures import POINT_BOX_HALF_SIZE
+from omgseg.model.targets import match_targets, prompt_batch
+from omgseg.model.vocabulary import PROMPT_TEMPLATES, TextClassifier, Vocabulary
+
+CATEGORIES = [Category(3, "person", True, ("human", "person")), Category(9, "sky", False)]
+
+
+def test_from_categories_keeps_ids_things_and_deduplicated_synonyms():
+    vocab = Vocabulary.from_categories(CATEGORIES)
+    assert vocab.names == ("person, human", "sky")
+    assert vocab.synonyms(0) == ["person", "human"]
+    assert vocab.is_thing == (True, False) and vocab.category_ids == (3, 9)
+    assert vocab.label_indices(torch.tensor([9, 3, 3])).tolist() == [1, 0, 0]
+    with pytest.raises(KeyError, match=r"category ids \[4\] are not in the vocabulary \[3, 9\]"):
+        vocab.label_indices(torch.tensor([4]))
+    assert vocab.seen_mask({"Human"}).tolist() == [True, False]
+
+
+def test_bad_vocabularies_are_refused():
+    with pytest.raises(ValueError, match="at least one class"):
+        Vocabulary((), (), ())
+    with pytest.raises(ValueError, match="2 names but 1 is_thing"):
+        Vocabulary(("a", "b"), (True,), (1, 2))
+    with pytest.raises(ValueError, match=r"classes \[1\] have empty names"):
+        Vocabulary(("a", " , "), (True, True), (1, 2))
+    with pytest.raises(ValueError, match="category ids repeat"):
+        Vocabulary(("a", "b"), (True, True), (1, 1))
+
+
+def test_text_classifier_averages_templates_pads_synonyms_and_caches():
+    backbone = ClipBackbone(TINY_MODEL_NAME)
+    calls = []
+
+    def encode(tokens):
+        calls.append(tokens.shape[0])
+        return backbone.encode_text(tokens)
+
+    classifier = TextClassifier(backbone.tokenize, encode)
+    vocab = Vocabulary.from_categories(CATEGORIES)
+    table = classifier.embeddings(vocab)
+    assert table.shape == (2, 2, backbone.embed_dim)
+    assert calls == [3 * len(PROMPT_TEMPLATES)]  # 3 synonyms, every template, one batch
+    # A synonym's row is the normalised mean of its templates' embeddings.
+    sky = backbone.encode_text(backbone.tokenize([t.format("sky") for t in PROMPT_TEMPLATES]))
+    assert torch.allclose(table[1, 0], torch.nn.functional.normalize(sky.mean(0), dim=0), atol=1e-5)
+    assert torch.equal(table[1, 1], table[1, 0])  # padding repeats the first synonym
+    assert classifier.embeddings(vocab) is table and len(calls) == 1  # cached
+    with pytest.raises(ValueError, match="needs a '{}'"):
+        TextClassifier(backbone.tokenize, encode, templates=("a photo",))
+
+
+def _targets() -> Targets:
+    masks = torch.zeros(3, 2, 8, 8, dtype=torch.bool)
+    masks[0, :, :4] = True
+    masks[1, :, 4:] = True
+    masks[2, 0, 0, 0] = True
+    return Targets(
+        masks=masks, labels=torch.tensor([3, 9, 3]), track_ids=torch.tensor([10, 11, 12]),
+        segment_ids=torch.tensor([1, 2, 3]), iscrowd=torch.tensor([False, False, True]),
+        valid=masks.flatten(2).any(-1),
+    )
+
+
+def test_match_targets_drops_crowds_maps_labels_and_takes_prompt_tubes():
+    vocab = Vocabulary.from_categories(CATEGORIES)
+    point = Prompts(PromptKind.POINT, 1, torch.tensor([[2.5, 5.5], [1.5, 1.5]]), torch.tensor([1, 0]), torch.zeros(0, 4))
+    box = Prompts(PromptKind.BOX, 0, torch.zeros(0, 2), torch.zeros(0, dtype=torch.int64), torch.tensor([[0.0, 0.0, 8.0, 4.0]]))
+    out = match_targets(_targets(), vocab, [point, box])
+    assert out.labels.tolist() == [0, 1] and out.track_ids.tolist() == [10, 11]
+    assert torch.equal(out.prompt_masks, _targets().masks[[1, 0]])
+
+    batch = prompt_batch([point, box], (8, 8))
+    r = POINT_BOX_HALF_SIZE
+    assert batch.boxes[0].tolist() == [0.0, 5.5 - r, 2.5 + r, 8.0]  # clipped to the image
+    assert batch.boxes[1].tolist() == [0.0, 0.0, 8.0, 4.0]
+    assert batch.kinds == (PromptKind.POINT, PromptKind.BOX)
+    assert batch.negative_valid.tolist() == [[True], [False]]
+    assert batch.negative_points[0, 0].tolist() == [1.5, 1.5]
+    assert prompt_batch([], (8, 8)).num_prompts == 0
+
+
+def test_prompt_glue_errors_name_the_problem():
+    vocab = Vocabulary.from_categories(CATEGORIES)
+    two = Prompts(PromptKind.POINT, 0, torch.tensor([[1.0, 1.0], [2.0, 2.0]]), torch.tensor([1, 1]), torch.zeros(0, 4))
+    with pytest.raises(ValueError, match="2 positive clicks; the model encodes exactly one"):
+        prompt_batch([two], (8, 8))
+    far = Prompts(PromptKind.POINT, 7, torch.tensor([[1.0, 1.0]]), torch.tensor([1]), torch.zeros(0, 4))
+    with pytest.raises(ValueError, match=r"prompt segment indices \[7\] out of range for 3 segments"):
+        match_targets(_targets(), vocab, [far])
