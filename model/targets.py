@@ -13,11 +13,13 @@ import torch
 from omgseg.datasets.prompts import PromptKind, Prompts
 from omgseg.datasets.transforms import Targets
 from omgseg.model.structures import MatchTargets, PromptBatch
-from omgseg.model.vocabulary import Vocabulary
 
 
-def match_targets(targets: Targets, vocabulary: Vocabulary, prompts: Sequence[Prompts] = ()) -> MatchTargets:
+def match_targets(targets: Targets, label_map: dict[int, int], prompts: Sequence[Prompts] = ()) -> MatchTargets:
     """The clip's object targets (crowd regions left out) and the mask each prompt must predict.
+
+    label_map: {data set category id: class index of the vocabulary the model is given}
+    (`Vocabulary.label_map()`, or a data set's map from `merge_vocabularies`).
 
     Crowd regions are not matched and not penalised, as in Mask2Former: a crowd is not one
     object, and calling it void would teach the model to ignore people in crowds.
@@ -32,8 +34,12 @@ def match_targets(targets: Targets, vocabulary: Vocabulary, prompts: Sequence[Pr
         if int(index.max()) >= masks.shape[0] or int(index.min()) < 0:
             raise ValueError(f"prompt segment indices {index.tolist()} out of range for {masks.shape[0]} segments")
         prompt_masks = masks[index]
+    category_ids = targets.labels[keep].tolist()
+    unknown = sorted(set(category_ids) - label_map.keys())
+    if unknown:
+        raise KeyError(f"category ids {unknown} are not in the vocabulary (known: {sorted(label_map)})")
     return MatchTargets(
-        labels=vocabulary.label_indices(targets.labels[keep]),
+        labels=torch.tensor([label_map[c] for c in category_ids], dtype=torch.int64, device=masks.device),
         masks=masks[keep],
         track_ids=targets.track_ids[keep],
         prompt_masks=prompt_masks,

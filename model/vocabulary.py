@@ -99,14 +99,9 @@ class Vocabulary:
         except ValueError:
             raise KeyError(f"category id {category_id} is not in the vocabulary {list(self.category_ids)}") from None
 
-    def label_indices(self, category_ids: Tensor) -> Tensor:
-        """Data set category ids -> class indices of this vocabulary (same shape, int64)."""
-        lookup = {cid: i for i, cid in enumerate(self.category_ids)}
-        unknown = sorted({int(c) for c in category_ids.tolist()} - lookup.keys())
-        if unknown:
-            raise KeyError(f"category ids {unknown} are not in the vocabulary {list(self.category_ids)}")
-        return torch.tensor([lookup[int(c)] for c in category_ids.tolist()], dtype=torch.int64,
-                            device=category_ids.device)
+    def label_map(self) -> dict[int, int]:
+        """{data set category id: class index}."""
+        return {cid: i for i, cid in enumerate(self.category_ids)}
 
     def seen_mask(self, seen_names: set[str]) -> Tensor:
         """(C,) bool: which classes share a synonym with the names seen in training."""
@@ -157,3 +152,41 @@ class TextClassifier:
         if len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
         return table
+
+
+def merge_vocabularies(vocabularies: dict[str, Vocabulary]) -> tuple[Vocabulary, dict[str, dict[int, int]]]:
+    """One vocabulary for co-training several data sets, and each data set's
+    {category id: merged class index}.
+
+    Classes that share a synonym (case-insensitive) become one class, as the reference merges
+    COCO, VIPSeg and YouTube-VIS; its synonyms are the union, in first-seen order. Merged ids
+    are 1..N. A class that is a thing in one data set and stuff in another keeps the first
+    data set's flag (the training loss does not use it; evaluation uses each data set's own
+    vocabulary).
+    """
+    synonyms: list[list[str]] = []
+    is_thing: list[bool] = []
+    where: dict[str, int] = {}  # lower-cased synonym -> merged index
+    maps: dict[str, dict[int, int]] = {}
+    for name, vocab in vocabularies.items():
+        maps[name] = {}
+        for i, cid in enumerate(vocab.category_ids):
+            words = vocab.synonyms(i)
+            hits = sorted({where[w.lower()] for w in words if w.lower() in where})
+            if hits:
+                index = hits[0]  # a class bridging two merged classes joins the first
+            else:
+                index = len(synonyms)
+                synonyms.append([])
+                is_thing.append(vocab.is_thing[i])
+            for w in words:
+                if w.lower() not in where:
+                    where[w.lower()] = index
+                    synonyms[index].append(w)
+            maps[name][cid] = index
+    merged = Vocabulary(
+        names=tuple(", ".join(group) for group in synonyms),
+        is_thing=tuple(is_thing),
+        category_ids=tuple(range(1, len(synonyms) + 1)),
+    )
+    return merged, maps

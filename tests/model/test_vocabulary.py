@@ -9,7 +9,7 @@ from omgseg.datasets.transforms import Targets
 from omgseg.model.backbone import TINY_MODEL_NAME, ClipBackbone
 from omgseg.model.structures import POINT_BOX_HALF_SIZE
 from omgseg.model.targets import match_targets, prompt_batch
-from omgseg.model.vocabulary import PROMPT_TEMPLATES, TextClassifier, Vocabulary
+from omgseg.model.vocabulary import PROMPT_TEMPLATES, TextClassifier, Vocabulary, merge_vocabularies
 
 CATEGORIES = [Category(3, "person", True, ("human", "person")), Category(9, "sky", False)]
 
@@ -19,9 +19,7 @@ def test_from_categories_keeps_ids_things_and_deduplicated_synonyms():
     assert vocab.names == ("person, human", "sky")
     assert vocab.synonyms(0) == ["person", "human"]
     assert vocab.is_thing == (True, False) and vocab.category_ids == (3, 9)
-    assert vocab.label_indices(torch.tensor([9, 3, 3])).tolist() == [1, 0, 0]
-    with pytest.raises(KeyError, match=r"category ids \[4\] are not in the vocabulary \[3, 9\]"):
-        vocab.label_indices(torch.tensor([4]))
+    assert vocab.label_map() == {3: 0, 9: 1}
     assert vocab.seen_mask({"Human"}).tolist() == [True, False]
 
 
@@ -74,7 +72,7 @@ def test_match_targets_drops_crowds_maps_labels_and_takes_prompt_tubes():
     vocab = Vocabulary.from_categories(CATEGORIES)
     point = Prompts(PromptKind.POINT, 1, torch.tensor([[2.5, 5.5], [1.5, 1.5]]), torch.tensor([1, 0]), torch.zeros(0, 4))
     box = Prompts(PromptKind.BOX, 0, torch.zeros(0, 2), torch.zeros(0, dtype=torch.int64), torch.tensor([[0.0, 0.0, 8.0, 4.0]]))
-    out = match_targets(_targets(), vocab, [point, box])
+    out = match_targets(_targets(), vocab.label_map(), [point, box])
     assert out.labels.tolist() == [0, 1] and out.track_ids.tolist() == [10, 11]
     assert torch.equal(out.prompt_masks, _targets().masks[[1, 0]])
 
@@ -95,4 +93,16 @@ def test_prompt_glue_errors_name_the_problem():
         prompt_batch([two], (8, 8))
     far = Prompts(PromptKind.POINT, 7, torch.tensor([[1.0, 1.0]]), torch.tensor([1]), torch.zeros(0, 4))
     with pytest.raises(ValueError, match=r"prompt segment indices \[7\] out of range for 3 segments"):
-        match_targets(_targets(), vocab, [far])
+        match_targets(_targets(), vocab.label_map(), [far])
+    with pytest.raises(KeyError, match=r"category ids \[3\] are not in the vocabulary \(known: \[9\]\)"):
+        match_targets(_targets(), {9: 0})
+
+
+def test_merge_joins_classes_that_share_a_synonym():
+    coco = Vocabulary.from_categories([Category(1, "person", True), Category(2, "sky", False)])
+    vip = Vocabulary.from_categories([Category(5, "human", True, ("person",)), Category(6, "tree", False)])
+    ade = Vocabulary.from_categories([Category(10, "Sky", False), Category(11, "ring", False)])
+    merged, maps = merge_vocabularies({"coco": coco, "vipseg": vip, "ade": ade})
+    assert merged.names == ("person, human", "sky", "tree", "ring")
+    assert merged.category_ids == (1, 2, 3, 4) and merged.is_thing == (True, False, False, False)
+    assert maps == {"coco": {1: 0, 2: 1}, "vipseg": {5: 0, 6: 2}, "ade": {10: 1, 11: 3}}
