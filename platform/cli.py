@@ -16,6 +16,7 @@ EPILOG = """examples:
   omgseg convert coco-panoptic --src outputs/synth/coco --out outputs/shards/coco/train --split train
   omgseg shards verify outputs/shards/coco/train
   omgseg prepare --config studies/configs/default.yaml
+  omgseg model-info omgseg_convnext_large
 """
 
 
@@ -67,6 +68,27 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_model_info(args: argparse.Namespace) -> int:
+    import torch
+
+    from omgseg.model.config import model_config
+    from omgseg.model.omgseg import OMGSeg, parameter_counts
+
+    config = model_config(args.config)
+    # Built with random weights on the CPU (open_clip cannot build on the meta device);
+    # the paper-size model takes about 1.5 GB and a few seconds.
+    torch.manual_seed(0)
+    model = OMGSeg(config)
+    print(json.dumps({
+        "config": config.name,
+        "clip_model": config.clip_model,
+        "input_size": list(config.input_size),
+        "num_object_queries": config.decoder.num_object_queries,
+        "parameters": parameter_counts(model),
+    }))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from omgseg.datasets.formats import FORMATS
     from omgseg.datasets.synth import SYNTH_FORMATS
@@ -110,6 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="study config YAML")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     p.set_defaults(func=_cmd_prepare)
+
+    p = sub.add_parser("model-info", help="parameter counts of a model config, without weights")
+    p.add_argument("config", help="model config preset: tiny or omgseg_convnext_large")
+    p.set_defaults(func=_cmd_model_info)
     return parser
 
 

@@ -1,0 +1,269 @@
+"""OMG-Seg: a frozen CLIP backbone, a pixel decoder and one shared query decoder.
+
+    images (B, T, 3, H, W) --frozen CLIP trunk--> res2..res5 (per frame)
+        --pixel decoder--> mask features (stride 4) + 3-level memory (strides 32, 16, 8)
+        --decoder (object + prompt queries, masked attention over the clip's frames)-->
+        per query: a tube of mask logits, class logits against CLIP text embeddings of the
+        vocabulary, and an identity embedding.
+
+Training calls `forward` then `loss`. Inference calls `predict`, which adds the FC-CLIP-style
+ensemble with the frozen CLIP's own classification of each mask and returns one typed
+`ClipPrediction` per clip; `omgseg.model.inference` turns those into per-task results.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from omgseg.model.backbone import ClipBackbone
+from omgseg.model.config import ModelConfig
+from omgseg.model.criterion import SetCriterion
+from omgseg.model.decoder import build_decoder, mask_pool
+from omgseg.model.inference import ensemble_probs
+from omgseg.model.matcher import HungarianMatcher
+from omgseg.model.pixel_decoder import build_pixel_decoder
+from omgseg.model.structures import MatchTargets, PromptBatch, QueryOutputs
+from omgseg.model.vocabulary import TextClassifier, Vocabulary
+
+CHECKPOINT_FORMAT = 1
+
+
+@dataclass
+class ModelOutputs:
+    """One forward pass over B clips.
+
+    queries: the decoder's predictions (last set, earlier sets in `.aux`), for the loss.
+    clip_features: (B, C5, T, H/32, W/32) the frozen CLIP's last stage, for the ensemble.
+    text_embeddings: (C, S, D) the vocabulary's CLIP text embeddings used for the logits.
+    image_size: (H, W) of the input.
+    """
+
+    queries: QueryOutputs
+    clip_features: Tensor
+    text_embeddings: Tensor
+    image_size: tuple[int, int]
+
+
+@dataclass
+class ClipPrediction:
+    """Inference-ready predictions for one clip of T frames at input resolution (H, W).
+
+    class_probs: (Qo, C + 1) object queries' class probabilities (last column: void).
+    mask_logits: (Qo, T, H, W) object queries' tubes.
+    embeddings: (Qo, d) object queries' identity embeddings, to link tubes across clips.
+    prompt_mask_logits: (K, T, H, W) one tube per prompt, in the prompts' order.
+    """
+
+    class_probs: Tensor
+    mask_logits: Tensor
+    embeddings: Tensor
+    prompt_mask_logits: Tensor
+    vocabulary: Vocabulary
+
+
+class OMGSeg(nn.Module):
+    """The unified model. `config` fixes every size; the vocabulary is an input."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.backbone = ClipBackbone(config.clip_model, config.clip_checkpoint)
+        if config.decoder.text_dim != self.backbone.embed_dim:
+            raise ValueError(
+                f"model {config.name!r}: decoder.text_dim {config.decoder.text_dim} must equal the CLIP "
+                f"embedding width of {config.clip_model!r} ({self.backbone.embed_dim})"
+            )
+        channels = [spec.channels for spec in self.backbone.feature_specs]
+        self.pixel_decoder = build_pixel_decoder(config.pixel_decoder, channels)
+        self.decoder = build_decoder(config.decoder)
+        self.text = TextClassifier(self.backbone.tokenize, self.backbone.encode_text)
+        costs = config.matcher
+        self.criterion = SetCriterion(
+            HungarianMatcher(costs.cost_class, costs.cost_mask, costs.cost_dice, costs.num_points),
+            config.loss,
+            num_points=config.num_points,
+            oversample_ratio=config.oversample_ratio,
+            importance_sample_ratio=config.importance_sample_ratio,
+        )
+        # Class names seen in training: the ensemble trusts the trained head more on these.
+        # Saved in checkpoints (get_extra_state).
+        self.seen_names: set[str] = set()
+
+    # ----------------------------------------------------------------------------------------
+    # Training
+
+    def forward(
+        self,
+        images: Tensor,
+        vocabulary: Vocabulary,
+        prompts: list[PromptBatch] | None = None,
+    ) -> ModelOutputs:
+        """images: (B, T, 3, H, W) uint8 or float in [0, 1]; prompts: None or one PromptBatch per clip."""
+        if images.dim() != 5 or images.shape[2] != 3:
+            raise ValueError(f"images must be (B, T, 3, H, W), got {tuple(images.shape)}")
+        b, t, _, h, w = images.shape
+        features = self.backbone(images.flatten(0, 1))  # frames folded into the batch, clip-major
+        pixels = self.pixel_decoder(features)
+        text = self.text_embeddings(vocabulary)
+        queries = self.decoder(pixels.mask_features, pixels.multi_scale_memory, t, text, prompts)
+        clip = features.clip_dense
+        clip = clip.view(b, t, *clip.shape[1:]).transpose(1, 2)  # (B, C5, T, h, w)
+        return ModelOutputs(queries=queries, clip_features=clip, text_embeddings=text, image_size=(h, w))
+
+    def loss(self, outputs: ModelOutputs, targets: list[MatchTargets]) -> dict[str, Tensor]:
+        """Weighted loss terms of every prediction set (see SetCriterion); sum them to train."""
+        return self.criterion(outputs.queries, targets)
+
+    def text_embeddings(self, vocabulary: Vocabulary) -> Tensor:
+        """(C, S, D) CLIP text embeddings of the vocabulary (cached), on the model's device."""
+        return self.text.embeddings(vocabulary).to(self.backbone.device)
+
+    # ----------------------------------------------------------------------------------------
+    # Inference
+
+    @torch.no_grad()
+    def predict(
+        self,
+        images: Tensor,
+        vocabulary: Vocabulary,
+        prompts: list[PromptBatch] | None = None,
+    ) -> list[ClipPrediction]:
+        """Predictions of B clips at input resolution, with the CLIP ensemble applied."""
+        outputs = self(images, vocabulary, prompts)
+        queries = outputs.queries
+        num_obj = queries.num_object_queries
+        query_logits = queries.class_logits[:, :num_obj]  # (B, Qo, C + 1)
+        settings = self.config.inference
+        if settings.use_clip_ensemble:
+            clip_logits = self.clip_logits(outputs)  # (B, Qo, C)
+            seen = vocabulary.seen_mask(self.seen_names) if self.seen_names else torch.ones(len(vocabulary), dtype=torch.bool)
+            seen = seen.to(query_logits.device)
+            probs = torch.stack([
+                ensemble_probs(q, c, seen, alpha=settings.ensemble_alpha, beta=settings.ensemble_beta)
+                for q, c in zip(query_logits.float(), clip_logits.float())
+            ])
+        else:
+            probs = query_logits.float().softmax(-1)
+        masks = _upsample(queries.mask_logits, outputs.image_size)  # (B, Q, T, H, W)
+        predictions = []
+        for i in range(masks.shape[0]):
+            valid = queries.prompt_valid[i]
+            predictions.append(ClipPrediction(
+                class_probs=probs[i],
+                mask_logits=masks[i, :num_obj],
+                embeddings=queries.id_embeddings[i, :num_obj],
+                prompt_mask_logits=masks[i, num_obj:][valid],
+                vocabulary=vocabulary,
+            ))
+        return predictions
+
+    def clip_logits(self, outputs: ModelOutputs) -> Tensor:
+        """(B, Qo, C) the frozen CLIP's own class logits for each object query's mask: its last
+        stage mask-pooled over the tube, through CLIP's image head, against the text."""
+        queries = outputs.queries
+        num_obj = queries.num_object_queries
+        pooled = mask_pool(outputs.clip_features, queries.mask_logits[:, :num_obj].detach())  # (B, Qo, C5)
+        b, q, c5 = pooled.shape
+        image_emb = F.normalize(self.backbone.visual_head(pooled.reshape(b * q, c5)), dim=-1)  # (B*Qo, D)
+        text = outputs.text_embeddings  # (C, S, D), unit norm
+        c, s, d = text.shape
+        cosine = (image_emb @ text.reshape(c * s, d).t()).view(b, q, c, s).amax(-1)
+        return self.backbone.logit_scale * cosine
+
+    # ----------------------------------------------------------------------------------------
+    # Parameters and checkpoints
+
+    def checkpoint_state_dict(self) -> dict[str, Tensor]:
+        """What a checkpoint must hold to rebuild this model: everything but the frozen CLIP
+        when that comes from its own checkpoint file; everything when CLIP has random weights
+        (they could not be rebuilt otherwise)."""
+        state = self.state_dict()
+        if self.config.clip_checkpoint is None:
+            return state
+        return {k: v for k, v in state.items() if not k.startswith("backbone.")}
+
+    def get_extra_state(self) -> dict:
+        return {"seen_names": sorted(self.seen_names)}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.seen_names = set(state.get("seen_names", ()))
+
+
+def _upsample(mask_logits: Tensor, size: tuple[int, int]) -> Tensor:
+    """(B, Q, T, h, w) -> (B, Q, T, H, W), bilinear."""
+    b, q, t, h, w = mask_logits.shape
+    if (h, w) == tuple(size):
+        return mask_logits
+    up = F.interpolate(mask_logits.flatten(0, 2)[:, None], size=size, mode="bilinear", align_corners=False)
+    return up.view(b, q, t, *size)
+
+
+def save_checkpoint(model: OMGSeg, path: str | Path, extra: dict | None = None) -> Path:
+    """Write the config, the trainable weights and the seen class names to `path` (atomically:
+    a crash mid-write never leaves a truncated file under the final name)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "config": model.config.to_dict(),
+        "model": model.checkpoint_state_dict(),
+        "extra": extra or {},
+    }
+    partial = path.with_name(path.name + ".partial")
+    torch.save(payload, partial)
+    partial.replace(path)
+    return path
+
+
+def load_checkpoint(
+    path: str | Path, clip_checkpoint: str | None = None, map_location: str | torch.device = "cpu"
+) -> tuple[OMGSeg, dict]:
+    """An OMGSeg from `save_checkpoint`'s file, and the checkpoint's `extra`.
+
+    clip_checkpoint: where the frozen CLIP weights are on THIS machine (overrides the path
+    recorded at training time, which may not exist here).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    payload = torch.load(path, map_location=map_location, weights_only=False)
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: not an omgseg checkpoint (format {CHECKPOINT_FORMAT} expected)")
+    config = ModelConfig.from_dict(payload["config"])
+    if clip_checkpoint is not None:
+        config = config.replace(clip_checkpoint=clip_checkpoint)
+    model = OMGSeg(config)
+    missing, unexpected = model.load_state_dict(payload["model"], strict=False)
+    if config.clip_checkpoint is not None:  # the frozen CLIP came from its own file
+        missing = [k for k in missing if not k.startswith("backbone.")]
+    if missing or unexpected:
+        raise ValueError(
+            f"{path}: weights do not fit model {config.name!r}: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            + (" (a checkpoint saved with a CLIP checkpoint file needs clip_checkpoint=...)" if missing else "")
+        )
+    return model, payload["extra"]
+
+
+def parameter_counts(model: OMGSeg) -> dict[str, int]:
+    """Total, trainable and per-part parameter counts."""
+
+    def count(module: nn.Module, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+    decoder = model.decoder
+    layers = sum(count(m) for m in (decoder.cross_layers, decoder.self_layers, decoder.ffn_layers))
+    return {
+        "total": count(model),
+        "trainable": count(model, trainable_only=True),
+        "backbone_visual": count(model.backbone.clip.visual),
+        "backbone_text": count(model.backbone) - count(model.backbone.clip.visual),
+        "pixel_decoder": count(model.pixel_decoder),
+        "decoder_layers": layers,
+        "queries_and_heads": count(decoder) - layers - count(decoder.prompt_encoder),
+        "prompt_encoder": count(decoder.prompt_encoder),
+    }

@@ -1,0 +1,195 @@
+"""The assembled tiny OMG-Seg model: every task's outputs, freezing, isolation, checkpoints."""
+
+import json
+import subprocess
+import sys
+
+import open_clip
+import pytest
+import torch
+
+from omgseg.datasets.clip import Category
+from omgseg.model.config import ModelConfig, model_config, omgseg_convnext_large
+from omgseg.model.inference import instance_inference, panoptic_inference, prompt_inference, semantic_inference
+from omgseg.model.omgseg import OMGSeg, load_checkpoint, parameter_counts, save_checkpoint
+from omgseg.model.structures import MatchTargets, PromptBatch
+from omgseg.model.vocabulary import Vocabulary
+
+H, W = 64, 96
+
+
+@pytest.fixture(scope="module")
+def model() -> OMGSeg:
+    torch.manual_seed(0)
+    return OMGSeg(model_config("tiny"))
+
+
+@pytest.fixture(scope="module")
+def vocabulary() -> Vocabulary:
+    return Vocabulary.from_categories([
+        Category(1, "person", True, ("human",)), Category(2, "car", True), Category(7, "sky", False),
+    ])
+
+
+def _images(b: int, t: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 256, (b, t, 3, H, W), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+def _targets(t: int, prompts: int = 0) -> MatchTargets:
+    masks = torch.zeros(2, t, H, W, dtype=torch.bool)
+    masks[0, :, 5:30, 10:40] = True
+    masks[1, :, 35:60, 50:90] = True
+    return MatchTargets(
+        labels=torch.tensor([0, 2]), masks=masks, track_ids=torch.tensor([1, 2]),
+        prompt_masks=masks[:prompts] if prompts else None,
+    )
+
+
+@pytest.mark.parametrize("t", [1, 3])
+def test_forward_loss_and_predict_shapes(model, vocabulary, t):
+    prompts = [PromptBatch.from_points(torch.tensor([[20.0, 15.0], [70.0, 50.0]]), (H, W))]
+    outputs = model(_images(1, t), vocabulary, prompts)
+    q = outputs.queries
+    queries = model.config.decoder.num_object_queries
+    assert q.mask_logits.shape == (1, queries + 2, t, H // 4, W // 4)
+    assert q.class_logits.shape == (1, queries + 2, len(vocabulary) + 1)
+    assert len(q.aux) == model.config.decoder.num_layers
+    losses = model.loss(outputs, [_targets(t, prompts=2)])
+    assert {"loss_ce", "loss_mask", "loss_dice", "loss_prompt_mask", "loss_prompt_dice"} <= set(losses)
+    assert all(torch.isfinite(v) for v in losses.values())
+
+    (pred,) = model.predict(_images(1, t), vocabulary, prompts)
+    assert pred.class_probs.shape == (queries, len(vocabulary) + 1)
+    assert torch.allclose(pred.class_probs.sum(-1), torch.ones(queries), atol=1e-5)
+    assert pred.mask_logits.shape == (queries, t, H, W)
+    assert pred.prompt_mask_logits.shape == (2, t, H, W)
+    assert pred.embeddings.shape == (queries, model.config.decoder.d_model)
+    is_thing = torch.tensor(vocabulary.is_thing)
+    panoptic = panoptic_inference(pred.class_probs, pred.mask_logits, is_thing, object_mask_threshold=0.0)
+    assert panoptic.id_map.shape == (t, H, W) and panoptic.id_map.dtype == torch.int64
+    instance = instance_inference(pred.class_probs, pred.mask_logits, is_thing, top_k=5)
+    assert instance.masks.shape == (5, t, H, W)
+    assert set(instance.labels.tolist()) <= {0, 1}  # things only
+    semantic = semantic_inference(pred.class_probs, pred.mask_logits)
+    assert semantic.labels.shape == (t, H, W)
+    assert prompt_inference(pred.prompt_mask_logits).masks.shape == (2, t, H, W)
+
+
+def test_a_new_vocabulary_at_inference_needs_no_retraining(model):
+    vocab = Vocabulary.from_names(["zebra", "giraffe, camelopard", "tree", "road", "balloon"], [1, 1, 0, 0, 1])
+    (pred,) = model.predict(_images(1, 1), vocab)
+    assert pred.class_probs.shape == (model.config.decoder.num_object_queries, 6)
+
+
+def test_synonyms_score_as_their_best_member(model, vocabulary):
+    table = model.text_embeddings(vocabulary)  # (C, S, D)
+    assert table.shape[:2] == (3, 2)
+    assert torch.equal(table[1, 0], table[1, 1])  # 'car' has one synonym: padded by repeating it
+    person_only = Vocabulary.from_names(["person"])
+    human_only = Vocabulary.from_names(["human"])
+    outputs = model(_images(1, 1), vocabulary)
+    best = torch.maximum(
+        model(_images(1, 1), person_only).queries.class_logits[..., 0],
+        model(_images(1, 1), human_only).queries.class_logits[..., 0],
+    )
+    assert torch.allclose(outputs.queries.class_logits[..., 0], best, atol=1e-4)
+
+
+def test_prompt_queries_leave_object_queries_unchanged(model, vocabulary):
+    images = _images(1, 2)
+    plain = model(images, vocabulary).queries
+    prompts = [PromptBatch.from_points(torch.tensor([[20.0, 15.0]]), (H, W))]
+    prompted = model(images, vocabulary, prompts).queries
+    n = plain.num_object_queries
+    assert torch.allclose(plain.mask_logits, prompted.mask_logits[:, :n], atol=1e-5)
+    assert torch.allclose(plain.class_logits, prompted.class_logits[:, :n], atol=1e-5)
+
+
+def test_training_step_leaves_the_frozen_backbone_unchanged(vocabulary):
+    torch.manual_seed(1)
+    model = OMGSeg(model_config("tiny")).train()
+    assert not model.backbone.training
+    before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-3)
+    losses = model.loss(model(_images(1, 1), vocabulary), [_targets(1)])
+    sum(losses.values()).backward()
+    optimizer.step()
+    assert all(p.grad is None for p in model.backbone.parameters())
+    assert all(torch.equal(before[k], v) for k, v in model.backbone.state_dict().items())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.decoder.parameters())
+
+
+def test_checkpoint_round_trip_with_a_local_clip_checkpoint(tmp_path, vocabulary):
+    # A CLIP checkpoint written here, as a user's downloaded weights would be.
+    torch.manual_seed(3)
+    clip = open_clip.create_model("tiny_clip", pretrained=None)
+    clip_path = tmp_path / "tiny_clip.pt"
+    torch.save(clip.state_dict(), clip_path)
+    model = OMGSeg(model_config("tiny", clip_checkpoint=str(clip_path)))
+    assert torch.equal(model.backbone.clip.logit_scale, clip.logit_scale)
+    model.seen_names = {"person", "car"}
+    path = save_checkpoint(model, tmp_path / "run" / "model.pt", extra={"step": 7})
+    assert not (tmp_path / "run" / "model.pt.partial").exists()
+
+    loaded, extra = load_checkpoint(path)
+    assert extra == {"step": 7}
+    assert loaded.seen_names == {"person", "car"}
+    for key, value in model.state_dict().items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, loaded.state_dict()[key]), key
+    images = _images(1, 1)
+    assert torch.allclose(model.predict(images, vocabulary)[0].class_probs,
+                          loaded.predict(images, vocabulary)[0].class_probs)
+
+
+def test_bad_checkpoints_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere.pt"):
+        load_checkpoint(tmp_path / "nowhere.pt")
+    bad = tmp_path / "bad.pt"
+    torch.save({"something": 1}, bad)
+    with pytest.raises(ValueError, match="bad.pt: not an omgseg checkpoint"):
+        load_checkpoint(bad)
+    with pytest.raises(FileNotFoundError, match="missing_clip.pt"):
+        OMGSeg(model_config("tiny", clip_checkpoint=str(tmp_path / "missing_clip.pt")))
+
+
+def test_config_round_trip_and_errors():
+    config = model_config("tiny")
+    assert ModelConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError, match="unknown model config 'huge'"):
+        model_config("huge")
+    with pytest.raises(ValueError, match=r"unknown keys \['depth'\] in model config 'decoder'"):
+        ModelConfig.from_dict({**config.to_dict(), "decoder": {"depth": 3}})
+    with pytest.raises(ValueError, match="must equal decoder.d_model"):
+        config.replace(decoder=omgseg_convnext_large().decoder)
+
+
+def test_tiny_parameter_counts(model):
+    counts = parameter_counts(model)
+    assert counts["trainable"] == counts["pixel_decoder"] + counts["decoder_layers"] + counts[
+        "queries_and_heads"] + counts["prompt_encoder"]
+    assert counts["total"] == counts["trainable"] + counts["backbone_visual"] + counts["backbone_text"]
+    assert 0.3e6 < counts["trainable"] < 3e6
+
+
+def test_model_info_cli():
+    done = subprocess.run(
+        [sys.executable, "-m", "omgseg.platform.cli", "model-info", "tiny"], capture_output=True, text=True, check=True
+    )
+    info = json.loads(done.stdout.strip().splitlines()[-1])
+    assert info["config"] == "tiny" and info["input_size"] == [96, 128]
+    assert info["parameters"]["trainable"] < info["parameters"]["total"]
+    bad = subprocess.run([sys.executable, "-m", "omgseg.platform.cli", "model-info", "huge"], capture_output=True, text=True)
+    assert bad.returncode == 1 and "unknown model config 'huge'" in bad.stderr
+
+
+def test_checkpoint_of_a_random_weight_clip_keeps_the_backbone(tmp_path, vocabulary):
+    torch.manual_seed(4)
+    model = OMGSeg(model_config("tiny"))
+    path = save_checkpoint(model, tmp_path / "model.pt")
+    torch.manual_seed(5)  # a different random CLIP would be built without the saved weights
+    loaded, _ = load_checkpoint(path)
+    images = _images(1, 1)
+    assert torch.allclose(model.predict(images, vocabulary)[0].mask_logits,
+                          loaded.predict(images, vocabulary)[0].mask_logits, atol=1e-5)
