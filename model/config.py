@@ -28,7 +28,8 @@ class MatcherCosts:
 @dataclass(frozen=True)
 class InferenceConfig:
     """Post-processing thresholds (Mask2Former's panoptic and instance defaults) and the
-    FC-CLIP-style ensemble with frozen CLIP (alpha: classes seen in training, beta: unseen)."""
+    FC-CLIP-style ensemble with frozen CLIP (alpha: classes seen in training, beta: unseen),
+    used only when the CLIP weights come from a checkpoint (random CLIP weights classify noise)."""
 
     object_mask_threshold: float = 0.8
     overlap_threshold: float = 0.8

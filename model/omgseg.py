@@ -139,7 +139,8 @@ class OMGSeg(nn.Module):
         num_obj = queries.num_object_queries
         query_logits = queries.class_logits[:, :num_obj]  # (B, Qo, C + 1)
         settings = self.config.inference
-        if settings.use_clip_ensemble:
+        # With random CLIP weights (no checkpoint) CLIP's own classification is noise: no ensemble.
+        if settings.use_clip_ensemble and self.config.clip_checkpoint is not None:
             clip_logits = self.clip_logits(outputs)  # (B, Qo, C)
             seen = vocabulary.seen_mask(self.seen_names) if self.seen_names else torch.ones(len(vocabulary), dtype=torch.bool)
             seen = seen.to(query_logits.device)

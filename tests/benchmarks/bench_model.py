@@ -1,0 +1,182 @@
+"""Benchmark: OMG-Seg training step and inference against Hugging Face's Mask2Former.
+
+Both models are built with random weights at matching sizes (same backbone family and
+widths, same pixel-decoder and decoder depths, same number of queries, same input and
+number of loss points) and trained on the same random batch. OMG-Seg's CLIP backbone is
+frozen; Mask2Former trains its backbone, as it does by default. Each measurement runs in
+its own process so its peak resident memory is its own. Prints one JSON line.
+
+    python tests/benchmarks/bench_model.py [--sizes tiny mid] [--steps 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import resource
+import sys
+import time
+
+import torch
+
+NUM_CLASSES = 10
+BATCH = 2
+
+
+def _sizes(name: str) -> dict:
+    """Matching sizes for both models. tiny: our tiny preset; mid: a ConvNeXt-T backbone with
+    the paper's pixel decoder and decoder and 100 queries."""
+    if name == "tiny":
+        return dict(clip="tiny_clip", dims=[40, 80, 160, 320], depths=[2, 2, 6, 2], d=64, heads=4,
+                    enc_layers=2, enc_ffn=128, dec_layers=6, dec_ffn=256, queries=20, groups=8,
+                    points=1024, size=(96, 128))
+    if name == "mid":
+        return dict(clip="convnext_tiny", dims=[96, 192, 384, 768], depths=[3, 3, 9, 3], d=256, heads=8,
+                    enc_layers=6, enc_ffn=1024, dec_layers=9, dec_ffn=2048, queries=100, groups=32,
+                    points=12544, size=(256, 256))
+    raise ValueError(f"unknown size {name!r}")
+
+
+def _batch(size: tuple[int, int], seed: int = 0):
+    """Random images and 5 rectangular segments per image."""
+    g = torch.Generator().manual_seed(seed)
+    h, w = size
+    images = torch.randint(0, 256, (BATCH, 3, h, w), dtype=torch.uint8, generator=g)
+    masks, labels = [], []
+    for _ in range(BATCH):
+        m = torch.zeros(5, h, w, dtype=torch.bool)
+        for k in range(5):
+            y, x = int(torch.randint(0, h // 2, (), generator=g)), int(torch.randint(0, w // 2, (), generator=g))
+            m[k, y:y + h // 3, x:x + w // 3] = True
+        masks.append(m)
+        labels.append(torch.randint(0, NUM_CLASSES, (5,), generator=g))
+    return images, masks, labels
+
+
+def _ours(s: dict):
+    import open_clip
+
+    from omgseg.model.config import MatcherCosts, ModelConfig
+    from omgseg.model.decoder import DecoderConfig
+    from omgseg.model.omgseg import OMGSeg
+    from omgseg.model.pixel_decoder import PixelDecoderConfig
+    from omgseg.model.structures import MatchTargets
+    from omgseg.model.vocabulary import Vocabulary
+    embed = int(open_clip.get_model_config(s["clip"])["embed_dim"])  # tiny_clip registered by omgseg.model
+    config = ModelConfig(
+        name=f"bench_{s['clip']}", clip_model=s["clip"],
+        pixel_decoder=PixelDecoderConfig(d_model=s["d"], num_layers=s["enc_layers"], num_heads=s["heads"],
+                                         ffn_dim=s["enc_ffn"], num_groups=s["groups"]),
+        decoder=DecoderConfig(d_model=s["d"], num_heads=s["heads"], ffn_dim=s["dec_ffn"], num_layers=s["dec_layers"],
+                              num_object_queries=s["queries"], text_dim=embed),
+        matcher=MatcherCosts(num_points=s["points"]), num_points=s["points"], input_size=s["size"],
+    )
+    model = OMGSeg(config)
+    vocabulary = Vocabulary.from_names([f"class {i}" for i in range(NUM_CLASSES)])
+    images, masks, labels = _batch(s["size"])
+    targets = [MatchTargets(labels=lab, masks=m[:, None], track_ids=torch.arange(5)) for m, lab in zip(masks, labels)]
+
+    def train_step():
+        losses = model.loss(model(images[:, None], vocabulary), targets)
+        return sum(losses.values())
+
+    def infer():
+        return model.predict(images[:1, None], vocabulary)
+
+    return model, train_step, infer
+
+
+def _hf(s: dict):
+    from transformers import ConvNextConfig, Mask2FormerConfig, Mask2FormerForUniversalSegmentation
+
+    backbone = ConvNextConfig(hidden_sizes=s["dims"], depths=s["depths"], out_features=["stage1", "stage2", "stage3", "stage4"])
+    config = Mask2FormerConfig(
+        backbone_config=backbone, feature_size=s["d"], mask_feature_size=s["d"], hidden_dim=s["d"],
+        encoder_feedforward_dim=s["enc_ffn"], encoder_layers=s["enc_layers"],
+        decoder_layers=s["dec_layers"] + 1,  # HF counts the prediction from the initial queries as a layer
+        num_attention_heads=s["heads"], dim_feedforward=s["dec_ffn"], num_queries=s["queries"],
+        train_num_points=s["points"], num_labels=NUM_CLASSES,
+    )
+    model = Mask2FormerForUniversalSegmentation(config)
+    images, masks, labels = _batch(s["size"])
+    pixels = (images.float() / 255 - 0.45) / 0.27
+
+    def train_step():
+        out = model(pixel_values=pixels, mask_labels=[m.float() for m in masks], class_labels=labels)
+        return out.loss
+
+    def infer():
+        return model(pixel_values=pixels[:1])
+
+    return model, train_step, infer
+
+
+def _measure(which: str, size: str, steps: int, queue) -> None:
+    torch.manual_seed(0)
+    torch.set_num_threads(2)
+    s = _sizes(size)
+    model, train_step, infer = (_ours if which == "omgseg" else _hf)(s)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4)
+    model.train()
+    times = []
+    for i in range(steps + 1):  # the first step (allocations, caches) is not timed
+        start = time.perf_counter()
+        loss = train_step()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if i > 0:
+            times.append(time.perf_counter() - start)
+    model.eval()
+    with torch.no_grad():
+        infer()
+        start = time.perf_counter()
+        for _ in range(steps):
+            infer()
+        infer_s = (time.perf_counter() - start) / steps
+    queue.put({
+        "train_s_per_image": sorted(times)[len(times) // 2] / BATCH,
+        "infer_s_per_image": infer_s,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "params_total": sum(p.numel() for p in model.parameters()),
+        "params_trainable": sum(p.numel() for p in trainable),
+    })
+
+
+def run(which: str, size: str, steps: int) -> dict:
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_measure, args=(which, size, steps, queue))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    if proc.exitcode != 0:
+        raise RuntimeError(f"{which} {size} measurement failed (exit {proc.exitcode})")
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", nargs="+", default=["tiny", "mid"], choices=["tiny", "mid"])
+    parser.add_argument("--steps", type=int, default=5, help="timed training steps (and inference passes)")
+    args = parser.parse_args(argv)
+    results: dict[str, object] = {"benchmark": "bench_model", "batch": BATCH, "device": "cpu", "threads": 2}
+    for size in args.sizes:
+        ours = run("omgseg", size, args.steps)
+        theirs = run("mask2former_hf", size, args.steps)
+        print(f"{size}: omgseg {ours}\n{size}: mask2former {theirs}", file=sys.stderr)
+        results[size] = {
+            "input": list(_sizes(size)["size"]),
+            "omgseg": {k: round(v, 4) if isinstance(v, float) else v for k, v in ours.items()},
+            "mask2former_hf": {k: round(v, 4) if isinstance(v, float) else v for k, v in theirs.items()},
+            "train_time_ratio": round(ours["train_s_per_image"] / theirs["train_s_per_image"], 3),
+            "infer_time_ratio": round(ours["infer_s_per_image"] / theirs["infer_s_per_image"], 3),
+            "peak_rss_ratio": round(ours["peak_rss_mb"] / theirs["peak_rss_mb"], 3),
+        }
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
