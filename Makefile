@@ -41,6 +41,7 @@ test-all: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -e ".[test,bench]"
 	$(PY) tests/benchmarks/bench_data.py
+	$(PY) tests/benchmarks/bench_model.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
