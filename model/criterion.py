@@ -173,9 +173,14 @@ class SetCriterion:
         target_classes = torch.full(class_logits.shape[:2], num_classes, dtype=torch.long, device=class_logits.device)
         for i, ((rows, cols), tgt) in enumerate(zip(indices, targets)):
             target_classes[i, rows.to(class_logits.device)] = tgt.labels[cols].to(class_logits.device)
+            if not tgt.supervise_objects:
+                target_classes[i] = -100  # cross_entropy's ignore_index: no class loss at all
         class_weight = torch.ones(num_classes + 1, device=class_logits.device, dtype=class_logits.dtype)
         class_weight[-1] = w.void_class
-        loss_ce = F.cross_entropy(class_logits.transpose(1, 2), target_classes, weight=class_weight)
+        if bool((target_classes != -100).any()):
+            loss_ce = F.cross_entropy(class_logits.transpose(1, 2), target_classes, weight=class_weight)
+        else:
+            loss_ce = class_logits.sum() * 0.0  # no clip supervises objects: keep the graph connected
 
         # Masks of matched pairs.
         src = torch.cat([obj_masks[i, rows.to(obj_masks.device)] for i, (rows, _) in enumerate(indices)])

@@ -179,12 +179,16 @@ class MatchTargets:
     track_ids: (N,) int64 identities, stable across the clip and across clips of a video.
     prompt_masks: (K, T, H, W) bool, the mask prompt k must predict (no matching), or None
         when the clip has no prompts; K must equal that clip's PromptBatch.num_prompts.
+    supervise_objects: False for clips whose data set labels only prompted objects (video
+        object segmentation): their object queries get no loss at all, since calling every
+        unprompted object "void" would teach the model to miss objects.
     """
 
     labels: Tensor
     masks: Tensor
     track_ids: Tensor
     prompt_masks: Tensor | None = None
+    supervise_objects: bool = True
 
     def __post_init__(self) -> None:
         _check_shape("MatchTargets.labels", self.labels, (None,))
@@ -197,6 +201,8 @@ class MatchTargets:
             raise ValueError(f"MatchTargets.masks must be bool, got {self.masks.dtype}")
         if n > 0 and int(self.labels.min()) < 0:
             raise ValueError(f"MatchTargets.labels must be >= 0, got {self.labels.tolist()}")
+        if not self.supervise_objects and n > 0:
+            raise ValueError(f"MatchTargets with supervise_objects=False must have no object targets, got {n}")
         if self.prompt_masks is not None:
             _check_shape("MatchTargets.prompt_masks", self.prompt_masks, (None, *self.masks.shape[1:]))
             if self.prompt_masks.dtype != torch.bool:

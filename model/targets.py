@@ -15,7 +15,9 @@ from omgseg.datasets.transforms import Targets
 from omgseg.model.structures import MatchTargets, PromptBatch
 
 
-def match_targets(targets: Targets, label_map: dict[int, int], prompts: Sequence[Prompts] = ()) -> MatchTargets:
+def match_targets(
+    targets: Targets, label_map: dict[int, int], prompts: Sequence[Prompts] = (), *, objects: bool = True
+) -> MatchTargets:
     """The clip's object targets (crowd regions left out) and the mask each prompt must predict.
 
     label_map: {data set category id: class index of the vocabulary the model is given}
@@ -24,9 +26,10 @@ def match_targets(targets: Targets, label_map: dict[int, int], prompts: Sequence
     Crowd regions are not matched and not penalised, as in Mask2Former: a crowd is not one
     object, and calling it void would teach the model to ignore people in crowds.
     A prompt's mask is its segment's whole tube (for video, a first-frame prompt asks for the
-    object in every frame).
+    object in every frame). objects=False: the data set supervises prompts only (VOS), so
+    object queries get no targets and no loss.
     """
-    keep = ~targets.iscrowd
+    keep = ~targets.iscrowd if objects else torch.zeros_like(targets.iscrowd)
     masks = targets.masks
     prompt_masks = None
     if prompts:
@@ -43,6 +46,7 @@ def match_targets(targets: Targets, label_map: dict[int, int], prompts: Sequence
         masks=masks[keep],
         track_ids=targets.track_ids[keep],
         prompt_masks=prompt_masks,
+        supervise_objects=objects,
     )
 
 

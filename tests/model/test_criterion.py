@@ -124,3 +124,28 @@ def test_prompt_count_must_match_prompt_masks():
     class_logits, mask_logits = _perfect_logits(target, 3, num_classes=3)
     with pytest.raises(ValueError, match="2 prompt queries but 1 prompt masks"):
         _criterion()(_outputs(class_logits, mask_logits[:, [0, 1, 3, 3]], 2), [target])
+
+
+def test_clips_without_object_supervision_get_no_class_loss():
+    """A VOS clip (prompted objects only) must not push its object queries towards void."""
+    torch.manual_seed(0)
+    criterion = SetCriterion(HungarianMatcher(num_points=16), LossWeights(), num_points=16)
+    b, q, t, c = 1, 4, 1, 3
+    masks = torch.zeros(1, t, 8, 8, dtype=torch.bool)
+    masks[0, :, 2:6, 2:6] = True
+    targets = [MatchTargets(labels=torch.zeros(0, dtype=torch.long), masks=masks[:0],
+                            track_ids=torch.zeros(0, dtype=torch.long), supervise_objects=False)]
+    outputs = QueryOutputs(
+        mask_logits=torch.randn(b, q, t, 8, 8, requires_grad=True),
+        class_logits=torch.randn(b, q, c + 1, requires_grad=True),
+        id_embeddings=torch.randn(b, q, 8),
+        num_object_queries=q,
+        prompt_valid=torch.zeros(b, 0, dtype=torch.bool),
+    )
+    losses = criterion(outputs, targets)
+    assert float(losses["loss_ce"].detach()) == 0.0
+    sum(losses.values()).backward()
+    assert float(outputs.class_logits.grad.abs().sum()) == 0.0
+    with pytest.raises(ValueError, match="supervise_objects=False must have no object targets, got 1"):
+        MatchTargets(labels=torch.zeros(1, dtype=torch.long), masks=masks, track_ids=torch.zeros(1, dtype=torch.long),
+                     supervise_objects=False)
