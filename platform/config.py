@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 SPLITS = ("train", "val")
 
@@ -74,6 +74,102 @@ class DataConfig(StrictModel):
 
     def synth_dir(self) -> Path:
         return (self.root / "synth" / f"seed{self.synth_seed}").resolve()
+
+
+class ModelSpec(StrictModel):
+    """Which model to train: a preset of omgseg.model.config and its CLIP weights."""
+
+    preset: Literal["tiny", "omgseg_convnext_large"] = "tiny"
+    clip_checkpoint: Path | None = Field(
+        default=None, description="local open_clip checkpoint of the frozen CLIP; none = random weights"
+    )
+
+
+class BatchConfig(StrictModel):
+    """How samples become training clips and batches (per worker)."""
+
+    batch_size: int = Field(default=2, ge=1, description="clips per worker and step")
+    frames: int = Field(default=2, ge=1, description="frames per training clip; images are repeated")
+    crop: tuple[int, int] = Field(default=(96, 128), description="(height, width) of every clip")
+    scale_range: tuple[float, float] = (0.8, 1.25)
+    hflip_prob: float = Field(default=0.5, ge=0, le=1)
+    prompts_per_clip: int = Field(default=4, ge=0, description="prompts sampled for interactive and VOS data")
+    point_prob: float = Field(default=0.5, ge=0, le=1, description="share of point prompts (the rest are boxes)")
+    negative_points: int = Field(default=1, ge=0)
+    shuffle_buffer: int = Field(default=32, ge=0)
+
+
+class OptimizerConfig(StrictModel):
+    """AdamW with linear warm-up and step decay (the paper's schedule, shortened)."""
+
+    lr: float = Field(default=1e-4, gt=0)
+    weight_decay: float = Field(default=0.05, ge=0)
+    grad_clip: float = Field(default=0.01, gt=0, description="max L2 norm of all gradients")
+    warmup_steps: int = Field(default=500, ge=0)
+    milestones: tuple[float, ...] = Field(
+        default=(8 / 12, 11 / 12), description="fractions of the run where the lr is multiplied by gamma"
+    )
+    gamma: float = Field(default=0.1, gt=0)
+    amp: bool = Field(default=True, description="bfloat16 autocast where the device supports it (CUDA)")
+
+
+class ScalingSpec(StrictModel):
+    """Ray Train workers."""
+
+    workers: int = Field(default=2, ge=1)
+    cpus_per_worker: float = Field(default=1, gt=0)
+    use_gpu: bool = False
+
+
+class TrackingConfig(StrictModel):
+    """Where MLflow records runs: tracking_uri, else $MLFLOW_TRACKING_URI, else a SQLite file."""
+
+    tracking_uri: str | None = None
+    experiment: str = "omgseg"
+
+
+class TrainConfig(StrictModel):
+    """A co-training run: data, mix, model, schedule, scaling, checkpoints, evaluation."""
+
+    name: str
+    data: DataConfig
+    mix: dict[str, float] = Field(description="{dataset: ratio}; ratios are normalised, 0 drops a dataset")
+    model: ModelSpec = ModelSpec()
+    batch: BatchConfig = BatchConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    scaling: ScalingSpec = ScalingSpec()
+    tracking: TrackingConfig = TrackingConfig()
+    steps: int = Field(default=300, ge=1, description="optimizer steps")
+    seed: int = 0
+    log_every: int = Field(default=10, ge=1)
+    checkpoint_every: int = Field(default=100, ge=1)
+    keep_checkpoints: int = Field(default=2, ge=1)
+    max_failures: int = Field(default=2, ge=0, description="worker failures a run survives by resuming")
+    eval_every: int = Field(default=0, ge=0, description="0: evaluate at the end only")
+    eval_datasets: dict[str, list[str]] = Field(
+        default_factory=dict, description="{dataset: [task, ...]} evaluated on the val split"
+    )
+    eval_samples: int | None = Field(default=None, ge=1, description="cap on val samples per dataset")
+    output_dir: Path = Path("outputs/runs")
+
+    @model_validator(mode="after")
+    def _names_are_known(self) -> TrainConfig:
+        known = set(self.data.datasets)
+        for what, names in (("mix", self.mix), ("eval_datasets", self.eval_datasets)):
+            unknown = sorted(set(names) - known)
+            if unknown:
+                raise ValueError(f"{what} names datasets {unknown} that data.datasets does not define ({sorted(known)})")
+        bad = {k: v for k, v in self.mix.items() if not v >= 0}
+        if bad:
+            raise ValueError(f"mix ratios must be >= 0, got {bad}")
+        if not any(v > 0 for v in self.mix.values()):
+            raise ValueError(f"mix needs at least one ratio > 0, got {dict(self.mix)}")
+        from omgseg.datasets.clip import Task
+
+        for tasks in self.eval_datasets.values():
+            for task in tasks:
+                Task.parse(task)  # raises, listing the known tasks
+        return self
 
 
 class StudyConfig(StrictModel):

@@ -1,0 +1,130 @@
+"""Training batches from several data sets: every sample becomes a clip of the same T frames.
+
+Images become T-frame pseudo-videos (the frame repeated), videos give T consecutive frames
+from a random start; one random scale/crop/flip per clip keeps frames aligned. Data sets that
+supervise interactive segmentation or VOS get prompts sampled from their first-frame masks;
+VOS data sets supervise prompts only. Labels go through each data set's map into the merged
+co-training vocabulary, so one model vocabulary serves every data set of the batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from omgseg.datasets.clip import Task
+from omgseg.datasets.prompts import PromptKind, sample_prompts
+from omgseg.datasets.stream import ClipSample
+from omgseg.datasets.transforms import ClipTransform, build_targets
+from omgseg.model.structures import MatchTargets, PromptBatch
+from omgseg.model.targets import match_targets, prompt_batch
+from omgseg.platform.config import BatchConfig
+
+PROMPTED_TASKS = {Task.INTERACTIVE, Task.VOS}
+OBJECT_TASKS = {Task.PANOPTIC, Task.INSTANCE, Task.SEMANTIC, Task.VIDEO_PANOPTIC, Task.VIDEO_INSTANCE}
+
+
+@dataclass
+class TrainExample:
+    """One clip ready for the model: images (T, 3, H, W) uint8 and its supervision."""
+
+    dataset: str
+    images: Tensor
+    targets: MatchTargets
+    prompts: PromptBatch
+
+
+@dataclass
+class TrainBatch:
+    images: Tensor  # (B, T, 3, H, W) uint8
+    targets: list[MatchTargets]
+    prompts: list[PromptBatch]
+    datasets: tuple[str, ...]
+
+    def to(self, device: torch.device) -> TrainBatch:
+        return TrainBatch(
+            images=self.images.to(device, non_blocking=True),
+            targets=[_targets_to(t, device) for t in self.targets],
+            prompts=[_prompts_to(p, device) for p in self.prompts],
+            datasets=self.datasets,
+        )
+
+
+def _targets_to(t: MatchTargets, device: torch.device) -> MatchTargets:
+    return dataclasses.replace(
+        t, labels=t.labels.to(device), masks=t.masks.to(device), track_ids=t.track_ids.to(device),
+        prompt_masks=None if t.prompt_masks is None else t.prompt_masks.to(device),
+    )
+
+
+def _prompts_to(p: PromptBatch, device: torch.device) -> PromptBatch:
+    return dataclasses.replace(
+        p, boxes=p.boxes.to(device),
+        negative_points=None if p.negative_points is None else p.negative_points.to(device),
+        negative_valid=None if p.negative_valid is None else p.negative_valid.to(device),
+    )
+
+
+class ClipMaker:
+    """ClipSample of any data set -> TrainExample (see the module docstring)."""
+
+    def __init__(self, config: BatchConfig, label_maps: dict[str, dict[int, int]]) -> None:
+        self.config = config
+        self.label_maps = label_maps
+        self.transform = ClipTransform(crop_size=config.crop, scale_range=config.scale_range,
+                                       hflip_prob=config.hflip_prob)
+
+    def __call__(self, name: str, sample: ClipSample, generator: torch.Generator) -> TrainExample:
+        if name not in self.label_maps:
+            raise KeyError(f"no vocabulary map for data set {name!r} (known: {sorted(self.label_maps)})")
+        sample = self._frames(sample, generator)
+        sample = self.transform(sample, generator)
+        targets = build_targets(sample)
+        tasks = set(sample.tasks)
+        prompts = []
+        if tasks & PROMPTED_TASKS and self.config.prompts_per_clip > 0:
+            first = targets.masks[:, 0] & ~targets.iscrowd[:, None, None]  # prompts from frame 0
+            kind = PromptKind.POINT if torch.rand((), generator=generator) < self.config.point_prob else PromptKind.BOX
+            candidates = sample_prompts(first, kind, generator, num_positive=1,
+                                        num_negative=self.config.negative_points)
+            if len(candidates) > self.config.prompts_per_clip:
+                keep = torch.randperm(len(candidates), generator=generator)[: self.config.prompts_per_clip]
+                candidates = [candidates[i] for i in sorted(keep.tolist())]
+            prompts = candidates
+        objects = bool(tasks & OBJECT_TASKS)
+        return TrainExample(
+            dataset=name,
+            images=sample.images,
+            targets=match_targets(targets, self.label_maps[name], prompts, objects=objects),
+            prompts=prompt_batch(prompts, self.config.crop),
+        )
+
+    def _frames(self, sample: ClipSample, generator: torch.Generator) -> ClipSample:
+        """Exactly T frames: a random window of a longer clip, the frames repeated for a shorter one."""
+        t, want = sample.num_frames, self.config.frames
+        if t == want:
+            return sample
+        if t > want:
+            start = int(torch.randint(t - want + 1, (), generator=generator))
+            index = torch.arange(start, start + want)
+        else:
+            index = torch.arange(want).clamp(max=t - 1)
+        return dataclasses.replace(
+            sample,
+            images=sample.images[index],
+            id_maps=sample.id_maps[index],
+            frame_names=tuple(sample.frame_names[i] for i in index.tolist()),
+            segments=tuple(dataclasses.replace(s, area=tuple(s.area[i] for i in index.tolist())) for s in sample.segments),
+        )
+
+
+def collate(examples: list[TrainExample]) -> TrainBatch:
+    return TrainBatch(
+        images=torch.stack([e.images for e in examples]),
+        targets=[e.targets for e in examples],
+        prompts=[e.prompts for e in examples],
+        datasets=tuple(e.dataset for e in examples),
+    )
