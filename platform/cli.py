@@ -16,6 +16,7 @@ EPILOG = """examples:
   omgseg convert coco-panoptic --src outputs/synth/coco --out outputs/shards/coco/train --split train
   omgseg shards verify outputs/shards/coco/train
   omgseg prepare --config studies/configs/default.yaml
+  omgseg train --config studies/configs/train_tiny.yaml steps=100
   omgseg model-info omgseg_convnext_large
 """
 
@@ -65,6 +66,19 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     config = load_config(StudyConfig, args.config, args.overrides)
     dirs = prepare_data(config.data, progress=True)
     print(json.dumps({name: {s: str(p) for s, p in splits.items()} for name, splits in dirs.items()}))
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from omgseg.platform.config import TrainConfig, load_config
+    from omgseg.platform.train import run_training
+
+    config = load_config(TrainConfig, args.config, args.overrides)  # fails before any worker starts
+    result = run_training(config)
+    print(json.dumps({
+        "run_id": result.run_id, "checkpoint": str(result.checkpoint), "steps": result.steps,
+        "samples": result.samples, "realised_mix": result.realised_mix,
+    }))
     return 0
 
 
@@ -132,6 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="study config YAML")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     p.set_defaults(func=_cmd_prepare)
+
+    p = sub.add_parser("train", help="co-train the model on a mix of data sets (Ray Train, MLflow)")
+    p.add_argument("--config", required=True, help="training config YAML, e.g. studies/configs/train_tiny.yaml")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. steps=50")
+    p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("model-info", help="parameter counts of a model config, without weights")
     p.add_argument("config", help="model config preset: tiny or omgseg_convnext_large")

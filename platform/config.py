@@ -238,6 +238,8 @@ def validate_config(model: type[ConfigT], raw: dict, source: str) -> ConfigT:
             if e["type"] == "extra_forbidden":
                 allowed = _allowed_keys(model, e["loc"][:-1])
                 lines.append(f"  {key}: unknown key (allowed here: {', '.join(allowed)})")
+            elif not e["loc"]:  # a check across keys: the input is the whole config, not worth echoing
+                lines.append(f"  {e['msg'].removeprefix('Value error, ')}")
             else:
                 lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
         raise ConfigError(f"{source}: invalid {model.__name__}:\n" + "\n".join(lines)) from None
