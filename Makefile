@@ -42,6 +42,7 @@ bench: $(STAMP)
 	$(PY) -m pip install --quiet -e ".[test,bench]"
 	$(PY) tests/benchmarks/bench_data.py
 	$(PY) tests/benchmarks/bench_model.py
+	$(PY) tests/benchmarks/bench_train.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

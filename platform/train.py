@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -78,15 +79,40 @@ class WorkerState:
 
 
 def train_worker(loop_config: dict) -> None:
+    """Ray Train's entry point on every worker: the loop with DDP, resume and checkpoints."""
     import ray.train
     import ray.train.torch
 
     config = TrainConfig.model_validate(loop_config["config"])
     context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device()
-    torch.manual_seed(config.seed * 1009 + rank)
+    rank = context.get_world_rank()
+    saved = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            saved = torch.load(Path(folder) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+        if rank == 0:
+            print(f"[omgseg] resuming at step {saved['step']} from {checkpoint.path}", file=sys.stderr, flush=True)
+    logger = _MlflowStepLogger(loop_config.get("tracking_uri"), loop_config.get("run_id")) if rank == 0 else None
+    train_loop(config, rank, context.get_world_size(), ray.train.torch.get_device(), saved=saved,
+               wrap=ray.train.torch.prepare_model, checkpoint=True, logger=logger)
 
+
+def train_loop(
+    config: TrainConfig,
+    rank: int,
+    world: int,
+    device: torch.device,
+    *,
+    saved: dict | None = None,
+    wrap=lambda model: model,
+    checkpoint: bool = False,
+    logger: _MlflowStepLogger | None = None,
+) -> dict[str, float]:
+    """The training loop itself, with or without Ray: `wrap` makes the model distributed
+    (ray.train.torch.prepare_model), `saved` is a checkpoint's state to resume from, and with
+    `checkpoint` every worker reports to Ray Train. Returns the last logged metrics."""
+    torch.manual_seed(config.seed * 1009 + rank)
     names = [n for n, r in config.mix.items() if r > 0]
     vocabularies = dataset_vocabularies(config.data, names)
     vocabulary, label_maps = merge_vocabularies(vocabularies)
@@ -95,20 +121,15 @@ def train_worker(loop_config: dict) -> None:
     optimizer = build_optimizer(model, config)
 
     state = WorkerState(step=0, counts={n: 0 for n in names})
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            saved = torch.load(Path(folder) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+    if saved is not None:
         model.load_state_dict(saved["model"], strict=False)
         optimizer.load_state_dict(saved["optimizer"])
         state = WorkerState(step=saved["step"], counts=saved["counts"][rank] if rank < len(saved["counts"]) else state.counts)
         random.setstate(saved["python_random"])
         np.random.set_state(saved["numpy_random"])
         torch.set_rng_state(saved["torch_random"][rank % len(saved["torch_random"])])
-        if rank == 0:
-            print(f"[omgseg] resumed at step {state.step} from {checkpoint.path}", flush=True)
     core = model
-    model = ray.train.torch.prepare_model(model)
+    model = wrap(model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config), last_epoch=state.step - 1)
     for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
         group["lr"] = lr
@@ -128,8 +149,8 @@ def train_worker(loop_config: dict) -> None:
     trainable = [p for p in model.parameters() if p.requires_grad]
     autocast = device.type == "cuda" and config.optimizer.amp
 
-    logger = _MlflowStepLogger(loop_config.get("tracking_uri"), loop_config.get("run_id")) if rank == 0 else None
     index = {n: i for i, n in enumerate(names)}
+    metrics: dict[str, float] = {}
     window = torch.zeros(2 * len(names) + 1, dtype=torch.float64)  # per data set: loss sum, count; + samples
     window_start, window_steps = time.perf_counter(), 0
     term_sums: dict[str, float] = {}
@@ -169,16 +190,16 @@ def train_worker(loop_config: dict) -> None:
             metrics["samples_per_s"] = float(stats[-1]) / seconds
             if logger is not None:
                 logger.log(metrics, done)
+            if rank == 0:
                 losses_text = " ".join(f"{k.split('/')[-1]}={v:.3f}" for k, v in metrics.items() if k.startswith("loss/"))
                 print(f"[omgseg] step {done}/{config.steps} {losses_text} lr={metrics['lr']:.2e} "
-                      f"{metrics['samples_per_s']:.1f} samples/s", flush=True)
+                      f"{metrics['samples_per_s']:.1f} samples/s", file=sys.stderr, flush=True)
             window.zero_()
             term_sums = {}
             window_start, window_steps = time.perf_counter(), 0
-        if done % config.checkpoint_every == 0 or done == config.steps:
+        if checkpoint and (done % config.checkpoint_every == 0 or done == config.steps):
             _report_checkpoint(core, optimizer, done, state, rank, world, config)
-    if logger is not None:
-        logger.close()
+    return metrics
 
 
 def _all_reduce(values: torch.Tensor) -> torch.Tensor:
@@ -244,9 +265,6 @@ class _MlflowStepLogger:
         self.client.log_batch(self.run_id, metrics=[
             Metric(key=k, value=float(v), timestamp=now, step=step) for k, v in metrics.items() if math.isfinite(v)
         ])
-
-    def close(self) -> None:
-        self.client = None
 
 
 def _str(path: Path | None) -> str | None:
