@@ -78,6 +78,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     print(json.dumps({
         "run_id": result.run_id, "checkpoint": str(result.checkpoint), "steps": result.steps,
         "samples": result.samples, "realised_mix": result.realised_mix,
+        "metrics": {name: {task: {k: v for k, v in values.items() if k != "per_class"} for task, values in tasks.items()}
+                    for name, tasks in result.metrics.items()},
     }))
     return 0
 

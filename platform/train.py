@@ -9,9 +9,11 @@ schedule, step, mix counts, random state), logging into the same MLflow run.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
+import re
 import sys
 import tempfile
 import time
@@ -25,10 +27,11 @@ from omgseg.datasets.mixer import Mixer
 from omgseg.datasets.shards import read_meta
 from omgseg.datasets.stream import ShardStream, stream_seed
 from omgseg.model.config import model_config
-from omgseg.model.omgseg import OMGSeg, save_checkpoint
+from omgseg.model.omgseg import OMGSeg, load_checkpoint, save_checkpoint
 from omgseg.model.vocabulary import Vocabulary, merge_vocabularies
 from omgseg.platform.batches import ClipMaker, collate
 from omgseg.platform.config import DataConfig, TrainConfig
+from omgseg.platform.evaluate import check_tasks, evaluate_shards
 
 CHECKPOINT_FILE = "state.pt"
 MODEL_FILE = "model.pt"
@@ -282,6 +285,7 @@ class TrainResult:
     steps: int
     samples: dict[str, int]  # samples drawn per data set over all workers
     realised_mix: dict[str, float]
+    metrics: dict[str, dict[str, dict]]  # {eval data set: {task: metrics}}
 
 
 def tracking_uri(config: TrainConfig) -> str:
@@ -318,6 +322,10 @@ def run_training(config: TrainConfig, *, parent_run_id: str | None = None, tags:
     from omgseg.platform.config import flatten
     from omgseg.platform.data import prepare_data
 
+    for name, tasks in config.eval_datasets.items():
+        check_tasks(tasks, f"eval_datasets.{name}")
+    if config.eval_datasets and "val" not in config.data.splits:
+        raise ValueError(f"eval_datasets needs the val split, but data.splits is {list(config.data.splits)}")
     prepare_data(config.data, progress=True)
     check_inputs(config)
     uri = tracking_uri(config)
@@ -376,9 +384,42 @@ def run_training(config: TrainConfig, *, parent_run_id: str | None = None, tags:
     ])
     client.log_artifact(run_id, str(final))
     client.set_tag(run_id, "omgseg.checkpoint", str(final))
+
+    try:
+        evaluation = evaluate_checkpoint(config, final)
+        now = int(time.time() * 1000)
+        client.log_batch(run_id, metrics=[
+            mlflow.entities.Metric(mlflow_key(f"{name}/{task}/{key}"), float(value), now, int(result.metrics["step"]))
+            for name, tasks in evaluation.items() for task, values in tasks.items()
+            for key, value in values.items() if isinstance(value, (int, float))
+        ])
+        eval_file = out / "eval.json"
+        eval_file.write_text(json.dumps(evaluation, indent=2, sort_keys=True))
+        client.log_artifact(run_id, str(eval_file))
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
     client.set_terminated(run_id, "FINISHED")
     return TrainResult(run_id=run_id, checkpoint=final, steps=int(result.metrics["step"]), samples=samples,
-                       realised_mix=realised)
+                       realised_mix=realised, metrics=evaluation)
+
+
+def mlflow_key(name: str) -> str:
+    """A metric name MLflow accepts: the reference names' '@' (VPQ@4) becomes '_' (VPQ_4)."""
+    return re.sub(r"[^A-Za-z0-9_\-. :/]", "_", name)
+
+
+def evaluate_checkpoint(config: TrainConfig, checkpoint: Path) -> dict[str, dict[str, dict]]:
+    """The config's eval_datasets x tasks on their val shards, with the saved model."""
+    if not config.eval_datasets:
+        return {}
+    model, _ = load_checkpoint(checkpoint, clip_checkpoint=_str(config.model.clip_checkpoint))
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    return {
+        name: evaluate_shards(model, config.data.shard_dir(name, "val"), tasks, max_samples=config.eval_samples,
+                              progress=True)
+        for name, tasks in config.eval_datasets.items()
+    }
 
 
 def _git_commit() -> str:

@@ -132,3 +132,11 @@ def test_a_killed_worker_resumes_to_the_same_step_count_in_one_mlflow_run(tmp_pa
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     _, extra = load_checkpoint(result.checkpoint)
     assert extra["step"] == 40
+
+
+def test_evaluation_refuses_tasks_it_cannot_score_yet(tmp_path):
+    from omgseg.platform.evaluate import check_tasks
+
+    assert [t.value for t in check_tasks(["panoptic", "video_panoptic"], "x")] == ["panoptic", "video_panoptic"]
+    with pytest.raises(ValueError, match=r"eval_datasets.davis: evaluation of \['vos'\] is not available yet"):
+        run_training(_config(tmp_path, "eval_datasets.davis=[vos]"))

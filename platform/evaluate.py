@@ -1,0 +1,111 @@
+"""Evaluate a model on a data set's validation shards, for each requested task.
+
+Predictions go through the model's per-task inference and into the task's evaluator, with
+the data set's own vocabulary (so a co-trained model is scored on each data set's classes).
+Tasks evaluated so far: panoptic (PQ), instance (mask AP), semantic (mIoU) on images and
+video_panoptic (VPQ) on clips; any other task is refused with a clear error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from omgseg.datasets.clip import Task
+from omgseg.datasets.stream import ClipSample, ShardStream
+from omgseg.model.inference import instance_inference, panoptic_inference, semantic_inference
+from omgseg.model.omgseg import OMGSeg
+from omgseg.model.vocabulary import Vocabulary
+from omgseg.platform.metrics.instance import InstanceEvaluator
+from omgseg.platform.metrics.panoptic import GtSegment, PanopticEvaluator
+from omgseg.platform.metrics.semantic import SemanticEvaluator
+from omgseg.platform.metrics.video_panoptic import VideoPanopticEvaluator
+
+EVALUATED_TASKS = (Task.PANOPTIC, Task.INSTANCE, Task.SEMANTIC, Task.VIDEO_PANOPTIC)
+IGNORE = 255
+
+
+def check_tasks(tasks: Sequence[str], where: str) -> list[Task]:
+    parsed = [Task.parse(t) for t in tasks]
+    missing = [t.value for t in parsed if t not in EVALUATED_TASKS]
+    if missing:
+        raise ValueError(
+            f"{where}: evaluation of {missing} is not available yet; evaluated tasks: "
+            f"{[t.value for t in EVALUATED_TASKS]}"
+        )
+    return parsed
+
+
+@torch.no_grad()
+def evaluate_shards(
+    model: OMGSeg,
+    shard_dir: Path,
+    tasks: Sequence[str],
+    *,
+    max_samples: int | None = None,
+    video_windows: Sequence[int] = (1, 2, 4),
+    progress: bool = False,
+) -> dict[str, dict]:
+    """{task: metrics} of `model` on every sample of `shard_dir` (or the first max_samples)."""
+    wanted = check_tasks(tasks, str(shard_dir))
+    stream = ShardStream(Path(shard_dir))
+    categories = list(stream.meta.categories)
+    vocabulary = Vocabulary.from_categories(categories)
+    is_thing = torch.tensor(vocabulary.is_thing)
+    settings = model.config.inference
+    evaluators = {}
+    for task in wanted:
+        if task is Task.PANOPTIC:
+            evaluators[task] = PanopticEvaluator(categories)
+        elif task is Task.INSTANCE:
+            evaluators[task] = InstanceEvaluator(categories)
+        elif task is Task.SEMANTIC:
+            evaluators[task] = SemanticEvaluator(len(categories), IGNORE, [c.name for c in categories])
+        else:
+            evaluators[task] = VideoPanopticEvaluator(categories, video_windows)
+    device = next(model.parameters()).device
+    model.eval()
+    total = stream.manifest.total_samples if max_samples is None else min(max_samples, stream.manifest.total_samples)
+    for index, sample in enumerate(tqdm(stream, total=total, desc=f"eval {stream.dataset}", disable=not progress)):
+        if index >= total:
+            break
+        (pred,) = model.predict(sample.images[None].to(device), vocabulary)
+        probs, masks = pred.class_probs.cpu(), pred.mask_logits.cpu()
+        where = f"{shard_dir} sample {sample.key}"
+        gt_ids = sample.id_maps.numpy()
+        gt_info = {s.id: (s.category_id, s.iscrowd) for s in sample.segments}
+        for task, evaluator in evaluators.items():
+            if task in (Task.PANOPTIC, Task.VIDEO_PANOPTIC):
+                result = panoptic_inference(probs, masks, is_thing, object_mask_threshold=settings.object_mask_threshold,
+                                            overlap_threshold=settings.overlap_threshold)
+                pred_ids = result.id_map.numpy()
+                pred_segments = {s.id: vocabulary.category_ids[s.label] for s in result.segments}
+                if task is Task.PANOPTIC:
+                    gt_segments = {s.id: GtSegment(s.category_id, s.iscrowd, int(sum(s.area))) for s in sample.segments}
+                    evaluator.add(gt_ids[0], gt_segments, pred_ids[0], pred_segments, where)
+                else:
+                    evaluator.add(gt_ids, gt_info, pred_ids, pred_segments, where)
+            elif task is Task.INSTANCE:
+                result = instance_inference(probs, masks, is_thing, top_k=settings.instance_top_k)
+                gt_masks = np.stack([gt_ids[0] == s.id for s in sample.segments]) if sample.segments else \
+                    np.zeros((0, *gt_ids.shape[1:]), dtype=bool)
+                evaluator.add(index, gt_masks, [s.category_id for s in sample.segments], [s.iscrowd for s in sample.segments],
+                              result.masks[:, 0].numpy(), [vocabulary.category_ids[i] for i in result.labels.tolist()],
+                              result.scores.tolist(), where)
+            else:
+                evaluator.add(_semantic_labels(sample, vocabulary), semantic_inference(probs, masks).labels[0].numpy(), where)
+    return {task.value: evaluator.compute() for task, evaluator in evaluators.items()}
+
+
+def _semantic_labels(sample: ClipSample, vocabulary: Vocabulary) -> np.ndarray:
+    """Frame 0's class-index map (void -> IGNORE); crowd regions keep their class."""
+    index = vocabulary.label_map()
+    ids = sample.id_maps[0].numpy()
+    out = np.full(ids.shape, IGNORE, dtype=np.int64)
+    for s in sample.segments:
+        out[ids == s.id] = index[s.category_id]
+    return out
