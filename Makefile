@@ -43,6 +43,7 @@ bench: $(STAMP)
 	$(PY) tests/benchmarks/bench_data.py
 	$(PY) tests/benchmarks/bench_model.py
 	$(PY) tests/benchmarks/bench_train.py
+	$(PY) tests/benchmarks/bench_metrics.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -17,6 +17,7 @@ EPILOG = """examples:
   omgseg shards verify outputs/shards/coco/train
   omgseg prepare --config studies/configs/default.yaml
   omgseg train --config studies/configs/train_tiny.yaml steps=100
+  omgseg eval coco-panoptic --gt-json gt.json --gt-dir gt/ --pred-json pred.json --pred-dir pred/
   omgseg model-info omgseg_convnext_large
 """
 
@@ -82,6 +83,39 @@ def _cmd_train(args: argparse.Namespace) -> int:
                     for name, tasks in result.metrics.items()},
     }))
     return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    if args.task == "coco-panoptic":
+        from omgseg.platform.metrics.panoptic import evaluate_coco_panoptic
+
+        need(args, "gt_json", "gt_dir", "pred_json", "pred_dir")
+        result = evaluate_coco_panoptic(args.gt_json, args.gt_dir, args.pred_json, args.pred_dir)
+    elif args.task == "coco-instances":
+        from omgseg.platform.metrics.instance import evaluate_coco_instances
+
+        need(args, "gt_json", "pred_json")
+        result = evaluate_coco_instances(args.gt_json, args.pred_json)
+    else:
+        from omgseg.platform.metrics.semantic import evaluate_semantic_pngs
+
+        need(args, "gt_dir", "pred_dir", "num_classes")
+        result = evaluate_semantic_pngs(args.gt_dir, args.pred_dir, args.num_classes, args.ignore_label)
+    line = json.dumps(result)
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        partial = out.with_name(out.name + ".partial")
+        partial.write_text(line + "\n")
+        partial.replace(out)
+    print(line)
+    return 0
+
+
+def need(args: argparse.Namespace, *names: str) -> None:
+    missing = ["--" + n.replace("_", "-") for n in names if getattr(args, n) is None]
+    if missing:
+        raise ValueError(f"eval {args.task} needs {', '.join(missing)}")
 
 
 def _cmd_model_info(args: argparse.Namespace) -> int:
@@ -153,6 +187,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="training config YAML, e.g. studies/configs/train_tiny.yaml")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. steps=50")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("eval", help="score predictions in a public result format against ground truth")
+    p.add_argument("task", choices=("coco-panoptic", "coco-instances", "semantic"),
+                   help="coco-panoptic: --gt-json --gt-dir --pred-json --pred-dir; coco-instances: --gt-json "
+                   "--pred-json (COCO results, RLE + score); semantic: --gt-dir --pred-dir --num-classes")
+    p.add_argument("--gt-json")
+    p.add_argument("--gt-dir")
+    p.add_argument("--pred-json")
+    p.add_argument("--pred-dir")
+    p.add_argument("--num-classes", type=int)
+    p.add_argument("--ignore-label", type=int, default=255)
+    p.add_argument("--out", help="also write the JSON result to this file")
+    p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("model-info", help="parameter counts of a model config, without weights")
     p.add_argument("config", help="model config preset: tiny or omgseg_convnext_large")

@@ -154,3 +154,25 @@ def test_file_api_reads_coco_panoptic(tmp_path):
     (tmp_path / "pred" / "a.png").unlink()
     with pytest.raises(FileNotFoundError, match="pred/a.png does not exist"):
         evaluate_coco_panoptic(tmp_path / "gt.json", tmp_path / "gt", tmp_path / "pred.json", tmp_path / "pred")
+
+
+def test_eval_command_end_to_end(tmp_path, capsys):
+    from omgseg.platform.cli import main
+
+    gt = np.zeros((4, 4), dtype=np.int64)
+    gt[:2], gt[2:] = 10, 20
+    _write(tmp_path / "gt", "a.png", gt)
+    _write(tmp_path / "pred", "a.png", np.where(gt == 10, 3, 0))  # sky missed
+    (tmp_path / "gt.json").write_text(json.dumps({"categories": [c.to_json() for c in CATS], "annotations": [
+        {"image_id": 1, "file_name": "a.png", "segments_info": [{"id": 10, "category_id": 1, "iscrowd": 0, "area": 8},
+                                                                 {"id": 20, "category_id": 3, "iscrowd": 0, "area": 8}]}]}))
+    (tmp_path / "pred.json").write_text(json.dumps({"annotations": [
+        {"image_id": 1, "file_name": "a.png", "segments_info": [{"id": 3, "category_id": 1}]}]}))
+    args = ["eval", "coco-panoptic", "--gt-json", str(tmp_path / "gt.json"), "--gt-dir", str(tmp_path / "gt"),
+            "--pred-json", str(tmp_path / "pred.json"), "--pred-dir", str(tmp_path / "pred")]
+    assert main([*args, "--out", str(tmp_path / "out" / "pq.json")]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["PQ"] == pytest.approx(50.0) and result["PQ_th"] == 100 and result["PQ_st"] == 0
+    assert json.loads((tmp_path / "out" / "pq.json").read_text()) == result
+    assert main(["eval", "coco-panoptic", "--gt-json", str(tmp_path / "gt.json")]) == 1
+    assert "needs --gt-dir, --pred-json, --pred-dir" in capsys.readouterr().err
