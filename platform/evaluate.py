@@ -2,8 +2,9 @@
 
 Predictions go through the model's per-task inference and into the task's evaluator, with
 the data set's own vocabulary (so a co-trained model is scored on each data set's classes).
-Tasks evaluated so far: panoptic (PQ), instance (mask AP), semantic (mIoU) on images and
-video_panoptic (VPQ) on clips; any other task is refused with a clear error.
+Tasks evaluated so far: panoptic (PQ), instance (mask AP), semantic (mIoU) on images;
+video_panoptic (VPQ), video_instance (YouTube-VIS AP) and vos (J&F, the objects prompted
+by first-frame boxes) on clips; interactive is refused with a clear error for now.
 """
 
 from __future__ import annotations
@@ -16,16 +17,20 @@ import torch
 from tqdm import tqdm
 
 from omgseg.datasets.clip import Task
+from omgseg.datasets.prompts import PromptKind
 from omgseg.datasets.stream import ClipSample, ShardStream
-from omgseg.model.inference import instance_inference, panoptic_inference, semantic_inference
+from omgseg.model.inference import instance_inference, panoptic_inference, prompt_inference, semantic_inference
 from omgseg.model.omgseg import OMGSeg
+from omgseg.model.structures import PromptBatch
 from omgseg.model.vocabulary import Vocabulary
 from omgseg.platform.metrics.instance import InstanceEvaluator
 from omgseg.platform.metrics.panoptic import GtSegment, PanopticEvaluator
 from omgseg.platform.metrics.semantic import SemanticEvaluator
+from omgseg.platform.metrics.video_instance import VideoInstanceEvaluator
 from omgseg.platform.metrics.video_panoptic import VideoPanopticEvaluator
+from omgseg.platform.metrics.vos import VOSEvaluator
 
-EVALUATED_TASKS = (Task.PANOPTIC, Task.INSTANCE, Task.SEMANTIC, Task.VIDEO_PANOPTIC)
+EVALUATED_TASKS = (Task.PANOPTIC, Task.INSTANCE, Task.SEMANTIC, Task.VIDEO_PANOPTIC, Task.VIDEO_INSTANCE, Task.VOS)
 IGNORE = 255
 
 
@@ -65,8 +70,12 @@ def evaluate_shards(
             evaluators[task] = InstanceEvaluator(categories)
         elif task is Task.SEMANTIC:
             evaluators[task] = SemanticEvaluator(len(categories), IGNORE, [c.name for c in categories])
-        else:
+        elif task is Task.VIDEO_PANOPTIC:
             evaluators[task] = VideoPanopticEvaluator(categories, video_windows)
+        elif task is Task.VIDEO_INSTANCE:
+            evaluators[task] = VideoInstanceEvaluator(categories)
+        else:
+            evaluators[task] = VOSEvaluator()
     device = next(model.parameters()).device
     model.eval()
     total = stream.manifest.total_samples if max_samples is None else min(max_samples, stream.manifest.total_samples)
@@ -96,8 +105,16 @@ def evaluate_shards(
                 evaluator.add(index, gt_masks, [s.category_id for s in sample.segments], [s.iscrowd for s in sample.segments],
                               result.masks[:, 0].numpy(), [vocabulary.category_ids[i] for i in result.labels.tolist()],
                               result.scores.tolist(), where)
-            else:
+            elif task is Task.SEMANTIC:
                 evaluator.add(_semantic_labels(sample, vocabulary), semantic_inference(probs, masks).labels[0].numpy(), where)
+            elif task is Task.VIDEO_INSTANCE:
+                result = instance_inference(probs, masks, is_thing, top_k=settings.instance_top_k)
+                tubes = _tubes(gt_ids, sample.segments)
+                evaluator.add(index, tubes, [s.category_id for s in sample.segments], [s.iscrowd for s in sample.segments],
+                              result.masks.numpy(), [vocabulary.category_ids[i] for i in result.labels.tolist()],
+                              result.scores.tolist(), where)
+            else:
+                _add_vos(evaluator, model, sample, vocabulary, device, where)
     return {task.value: evaluator.compute() for task, evaluator in evaluators.items()}
 
 
@@ -109,3 +126,29 @@ def _semantic_labels(sample: ClipSample, vocabulary: Vocabulary) -> np.ndarray:
     for s in sample.segments:
         out[ids == s.id] = index[s.category_id]
     return out
+
+
+def _tubes(gt_ids: np.ndarray, segments) -> np.ndarray:
+    """(N, T, H, W) bool tubes of the clip's segments."""
+    if not segments:
+        return np.zeros((0, *gt_ids.shape), dtype=bool)
+    return np.stack([gt_ids == s.id for s in segments])
+
+
+def _add_vos(evaluator: VOSEvaluator, model: OMGSeg, sample: ClipSample, vocabulary: Vocabulary,
+             device: torch.device, where: str) -> None:
+    """Semi-supervised VOS: every non-crowd object visible in frame 0 is prompted with its
+    first-frame box; its prompt query's tube is the prediction for the whole clip."""
+    objects = [s for s in sample.segments if not s.iscrowd and s.area[0] > 0]
+    if not objects:
+        return
+    gt = np.stack([sample.id_maps.numpy() == s.id for s in objects])  # (N, T, H, W)
+    boxes = []
+    for tube in gt:
+        rows, cols = np.nonzero(tube[0])
+        boxes.append([cols.min(), rows.min(), cols.max() + 1, rows.max() + 1])
+    prompts = PromptBatch(torch.tensor(boxes, dtype=torch.float32), (PromptKind.BOX,) * len(boxes),
+                          (sample.height, sample.width))
+    (pred,) = model.predict(sample.images[None].to(device), vocabulary, [prompts])
+    masks = prompt_inference(pred.prompt_mask_logits.cpu(), mask_threshold=model.config.inference.prompt_mask_threshold).masks
+    evaluator.add(where, gt, masks.numpy())

@@ -138,5 +138,5 @@ def test_evaluation_refuses_tasks_it_cannot_score_yet(tmp_path):
     from omgseg.platform.evaluate import check_tasks
 
     assert [t.value for t in check_tasks(["panoptic", "video_panoptic"], "x")] == ["panoptic", "video_panoptic"]
-    with pytest.raises(ValueError, match=r"eval_datasets.davis: evaluation of \['vos'\] is not available yet"):
-        run_training(_config(tmp_path, "eval_datasets.davis=[vos]"))
+    with pytest.raises(ValueError, match=r"eval_datasets.coco: evaluation of \['interactive'\] is not available yet"):
+        run_training(_config(tmp_path, "eval_datasets.coco=[interactive]"))
