@@ -96,6 +96,16 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
         need(args, "gt_json", "pred_json")
         result = evaluate_coco_instances(args.gt_json, args.pred_json)
+    elif args.task == "ytvis":
+        from omgseg.platform.metrics.video_instance import evaluate_ytvis
+
+        need(args, "gt_json", "pred_json")
+        result = evaluate_ytvis(args.gt_json, args.pred_json)
+    elif args.task == "davis":
+        from omgseg.platform.metrics.vos import evaluate_davis
+
+        need(args, "gt_dir", "pred_dir")
+        result = evaluate_davis(args.gt_dir, args.pred_dir)
     else:
         from omgseg.platform.metrics.semantic import evaluate_semantic_pngs
 
@@ -189,9 +199,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("eval", help="score predictions in a public result format against ground truth")
-    p.add_argument("task", choices=("coco-panoptic", "coco-instances", "semantic"),
+    p.add_argument("task", choices=("coco-panoptic", "coco-instances", "semantic", "ytvis", "davis"),
                    help="coco-panoptic: --gt-json --gt-dir --pred-json --pred-dir; coco-instances: --gt-json "
-                   "--pred-json (COCO results, RLE + score); semantic: --gt-dir --pred-dir --num-classes")
+                   "--pred-json (COCO results, RLE + score); semantic: --gt-dir --pred-dir --num-classes; "
+                   "ytvis: --gt-json --pred-json (YouTube-VIS results); davis: --gt-dir --pred-dir "
+                   "(one folder of palette PNGs per sequence)")
     p.add_argument("--gt-json")
     p.add_argument("--gt-dir")
     p.add_argument("--pred-json")

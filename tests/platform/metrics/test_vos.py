@@ -70,3 +70,20 @@ def test_davis_folders(tmp_path):
     with pytest.raises(FileNotFoundError, match="pred/bear/00003.png does not exist"):
         evaluate_davis(tmp_path / "gt", tmp_path / "pred")
     assert not math.isnan(out["F-Mean"])
+
+
+def test_eval_command_for_davis(tmp_path, capsys):
+    import json
+
+    from omgseg.platform.cli import main
+
+    for who in ("gt", "pred"):
+        (tmp_path / who / "dog").mkdir(parents=True)
+        for t in range(3):
+            frame = np.zeros((12, 12), np.uint8)
+            frame[2:8, 2:8] = 1
+            Image.fromarray(frame, mode="P").save(tmp_path / who / "dog" / f"{t:05d}.png")
+    assert main(["eval", "davis", "--gt-dir", str(tmp_path / "gt"), "--pred-dir", str(tmp_path / "pred")]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["J&F"] == pytest.approx(100)
+    assert main(["eval", "davis", "--gt-dir", str(tmp_path / "nowhere"), "--pred-dir", str(tmp_path)]) == 1
+    assert "nowhere does not exist" in capsys.readouterr().err
