@@ -5,15 +5,17 @@ import torch
 from torchmetrics.detection import PanopticQuality
 
 from omgseg.datasets.convert import convert
+from omgseg.datasets.prompts import PromptKind, Prompts
 from omgseg.datasets.stream import ShardStream
 from omgseg.datasets.synth import SynthSizes, write_synthetic
 from omgseg.datasets.transforms import build_targets
 from omgseg.model.config import model_config
 from omgseg.model.inference import panoptic_inference
 from omgseg.model.omgseg import OMGSeg
-from omgseg.model.targets import match_targets
+from omgseg.model.targets import match_targets, prompt_batch
 from omgseg.model.vocabulary import Vocabulary
 from omgseg.platform.evaluate import evaluate_shards
+from omgseg.platform.metrics.interactive import interior_point
 
 STEPS = 300
 
@@ -36,14 +38,22 @@ def test_tiny_model_overfits_four_images(tmp_path):
     samples = list(stream)
     vocabulary = Vocabulary.from_categories(stream.meta.categories)
     images = torch.stack([s.images for s in samples])  # (4, 1, 3, 96, 128)
-    targets = [match_targets(build_targets(s), vocabulary.label_map()) for s in samples]
+    # Every non-crowd segment also gets a click at its interior-most point, as the
+    # interactive evaluation clicks: prompt queries are trained in the same steps.
+    targets, prompts = [], []
+    for sample in samples:
+        t = build_targets(sample)
+        clicks = [Prompts(PromptKind.POINT, i, torch.tensor([interior_point(t.masks[i, 0].numpy())], dtype=torch.float32),
+                          torch.tensor([1]), torch.zeros(0, 4)) for i in range(t.num_segments) if not t.iscrowd[i]]
+        targets.append(match_targets(t, vocabulary.label_map(), clicks))
+        prompts.append(prompt_batch(clicks, (sample.height, sample.width)))
 
     torch.manual_seed(0)
     model = OMGSeg(model_config("tiny")).train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.05)
     first = None
     for _ in range(STEPS):
-        loss = sum(model.loss(model(images, vocabulary), targets).values())
+        loss = sum(model.loss(model(images, vocabulary, prompts), targets).values())
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -70,6 +80,7 @@ def test_tiny_model_overfits_four_images(tmp_path):
     print(f"PQ on the training images: {pq:.3f} (torchmetrics)")
     assert pq > 0.8, pq
     # The same through our evaluation path (panopticapi's rules, void and crowd included).
-    ours = evaluate_shards(model, tmp_path / "shards", ["panoptic", "semantic"])
-    print(f"PQ {ours['panoptic']['PQ']:.1f}, mIoU {ours['semantic']['mIoU']:.1f} (omgseg.platform.metrics)")
-    assert ours["panoptic"]["PQ"] > 80 and ours["semantic"]["mIoU"] > 80
+    ours = evaluate_shards(model, tmp_path / "shards", ["panoptic", "semantic", "interactive"])
+    print(f"PQ {ours['panoptic']['PQ']:.1f}, mIoU {ours['semantic']['mIoU']:.1f}, "
+          f"click mIoU@1 {ours['interactive']['mIoU@1']:.1f} (omgseg.platform.metrics)")
+    assert ours["panoptic"]["PQ"] > 80 and ours["semantic"]["mIoU"] > 80 and ours["interactive"]["mIoU@1"] > 80
