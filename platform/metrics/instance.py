@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from omgseg.datasets.clip import Category
+from omgseg.platform.metrics.files import read_json
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
@@ -100,7 +100,7 @@ def evaluate_coco_instances(gt_json: Path, pred_json: Path) -> dict:
     for path in (gt_json, pred_json):
         if not path.is_file():
             raise FileNotFoundError(f"{path} does not exist")
-    gt, results = (_read_json(p) for p in (gt_json, pred_json))
+    gt, results = (read_json(p) for p in (gt_json, pred_json))
     if not isinstance(results, list):
         raise ValueError(f"{pred_json}: COCO results are a list of detections")
     known = {c["id"] for c in gt.get("categories", [])}
@@ -115,9 +115,3 @@ def evaluate_coco_instances(gt_json: Path, pred_json: Path) -> dict:
             raise ValueError(f"{pred_json}: result {k} refers to image {r['image_id']} not in {gt_json}")
     return coco_mask_ap(gt, results)
 
-
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None

@@ -13,7 +13,6 @@ and cannot take video volumes (VPQ applies the same rules to stacked frames).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from omgseg.datasets.clip import Category, decode_id_map_rgb
+from omgseg.platform.metrics.files import read_json
 
 OFFSET = 2**32  # id pairs are packed as gt * OFFSET + pred: ids are < 2**24 (RGB encoding)
 
@@ -177,12 +177,7 @@ class PanopticEvaluator:
 
 
 def _load_json(path: Path) -> dict:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    data = read_json(path)
     if not isinstance(data, dict) or "annotations" not in data:
         raise ValueError(f"{path}: a COCO panoptic JSON needs an 'annotations' list")
     return data

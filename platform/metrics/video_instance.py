@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from omgseg.datasets.clip import Category
+from omgseg.platform.metrics.files import read_json
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10")
 
@@ -151,7 +151,7 @@ def tube_ap(videos: list[dict], gt: list[dict], results: list[dict], categories:
 def evaluate_ytvis(gt_json: Path, pred_json: Path) -> dict:
     """AP of a YouTube-VIS results JSON against a YouTube-VIS annotation JSON."""
     gt_json, pred_json = Path(gt_json), Path(pred_json)
-    gt, results = (_read_json(p) for p in (gt_json, pred_json))
+    gt, results = (read_json(p) for p in (gt_json, pred_json))
     for key in ("videos", "annotations", "categories"):
         if key not in gt:
             raise ValueError(f"{gt_json}: a YouTube-VIS JSON needs {key!r}")
@@ -197,11 +197,3 @@ def _as_rle(segmentation, size: tuple[int, int], where: str) -> dict:
     counts = segmentation["counts"]
     return {"size": segmentation["size"], "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
 
-
-def _read_json(path: Path):
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
