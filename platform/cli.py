@@ -17,6 +17,7 @@ EPILOG = """examples:
   omgseg shards verify outputs/shards/coco/train
   omgseg prepare --config studies/configs/default.yaml
   omgseg train --config studies/configs/train_tiny.yaml steps=100
+  omgseg predict --checkpoint model.pt --task panoptic --input images/ --out predictions/
   omgseg eval coco-panoptic --gt-json gt.json --gt-dir gt/ --pred-json pred.json --pred-dir pred/
   omgseg model-info omgseg_convnext_large
 """
@@ -128,6 +129,16 @@ def need(args: argparse.Namespace, *names: str) -> None:
         raise ValueError(f"eval {args.task} needs {', '.join(missing)}")
 
 
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from omgseg.platform.predict import predict
+
+    summary = predict(Path(args.checkpoint), args.task, Path(args.input), Path(args.out), vocabulary=args.vocabulary,
+                      coco_json=Path(args.coco_json) if args.coco_json else None, clip_length=args.clip_length,
+                      clip_checkpoint=args.clip_checkpoint)
+    print(json.dumps({"task": summary.task, "inputs": summary.inputs, "outputs": summary.outputs}))
+    return 0
+
+
 def _cmd_model_info(args: argparse.Namespace) -> int:
     import torch
 
@@ -197,6 +208,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="training config YAML, e.g. studies/configs/train_tiny.yaml")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. steps=50")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("predict", help="run a checkpoint on images or a video; write result formats and overlays")
+    p.add_argument("--checkpoint", required=True, help="model.pt from omgseg train")
+    p.add_argument("--task", required=True, choices=("panoptic", "instance", "semantic", "video_instance"))
+    p.add_argument("--input", required=True, help="an image, a folder of images, or (video tasks) a folder of frames")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--vocabulary", help="shard folder or JSON with 'categories' (default: the training vocabulary)")
+    p.add_argument("--coco-json", help="COCO JSON whose 'images' give the image ids of the file names")
+    p.add_argument("--clip-length", type=int, default=4, help="frames per clip for video tasks")
+    p.add_argument("--clip-checkpoint", help="local CLIP weights, if the model was trained with a CLIP checkpoint")
+    p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("eval", help="score predictions in a public result format against ground truth")
     p.add_argument("task", choices=("coco-panoptic", "coco-instances", "semantic", "ytvis", "davis"),

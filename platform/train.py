@@ -69,6 +69,13 @@ def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.
     )
 
 
+def vocabulary_record(config: TrainConfig) -> dict:
+    """The merged training vocabulary, stored in checkpoints so `omgseg predict` needs no data."""
+    names = [n for n, r in config.mix.items() if r > 0]
+    merged, _ = merge_vocabularies(dataset_vocabularies(config.data, names))
+    return {"names": list(merged.names), "is_thing": list(merged.is_thing), "category_ids": list(merged.category_ids)}
+
+
 @dataclass
 class WorkerState:
     """What a checkpoint holds besides the model weights."""
@@ -244,7 +251,9 @@ def _report_checkpoint(model: OMGSeg, optimizer, step: int, state: WorkerState, 
             "numpy_random": np.random.get_state(),
             "torch_random": rng,
         }, Path(folder) / CHECKPOINT_FILE)
-        save_checkpoint(model, Path(folder) / MODEL_FILE, extra={"step": step, "config": config.model_dump(mode="json")})
+        save_checkpoint(model, Path(folder) / MODEL_FILE, extra={
+            "step": step, "config": config.model_dump(mode="json"), "vocabulary": vocabulary_record(config),
+        })
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 
