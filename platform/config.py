@@ -145,6 +145,7 @@ class TrainConfig(StrictModel):
     checkpoint_every: int = Field(default=100, ge=1)
     keep_checkpoints: int = Field(default=2, ge=1)
     max_failures: int = Field(default=2, ge=0, description="worker failures a run survives by resuming")
+    eval_every: int = Field(default=0, ge=0, description="evaluate every N steps as well (0: at the end only)")
     eval_datasets: dict[str, list[str]] = Field(
         default_factory=dict, description="{dataset: [task, ...]} evaluated on the val split"
     )

@@ -209,7 +209,23 @@ def train_loop(
             window_start, window_steps = time.perf_counter(), 0
         if checkpoint and (done % config.checkpoint_every == 0 or done == config.steps):
             _report_checkpoint(core, optimizer, done, state, rank, world, config)
+        if config.eval_every and config.eval_datasets and done % config.eval_every == 0 and done < config.steps:
+            _evaluate_during_training(core, config, done, rank, logger)
     return metrics
+
+
+def _evaluate_during_training(model: OMGSeg, config: TrainConfig, step: int, rank: int, logger) -> None:
+    """Rank 0 evaluates the current weights (the final evaluation runs in the driver); the
+    others wait at a barrier so that no collective times out meanwhile."""
+    if rank == 0:
+        results = evaluate_model(model, config)
+        model.train()
+        if logger is not None:
+            logger.log({mlflow_key(f"{name}/{task}/{key}"): float(value)
+                        for name, tasks in results.items() for task, values in tasks.items()
+                        for key, value in values.items() if isinstance(value, (int, float))}, step)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
 
 
 def _all_reduce(values: torch.Tensor) -> torch.Tensor:
@@ -423,10 +439,13 @@ def evaluate_checkpoint(config: TrainConfig, checkpoint: Path) -> dict[str, dict
     if not config.eval_datasets:
         return {}
     model, _ = load_checkpoint(checkpoint, clip_checkpoint=_str(config.model.clip_checkpoint))
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    return evaluate_model(model, config, progress=True)
+
+
+def evaluate_model(model: OMGSeg, config: TrainConfig, progress: bool = False) -> dict[str, dict[str, dict]]:
     return {
         name: evaluate_shards(model, config.data.shard_dir(name, "val"), tasks, max_samples=config.eval_samples,
-                              progress=True)
+                              progress=progress)
         for name, tasks in config.eval_datasets.items()
     }
 

@@ -61,7 +61,7 @@ def _runs(config: TrainConfig):
 
 
 def test_tiny_two_worker_run_is_tracked_and_reloads(tmp_path, local_ray):
-    config = _config(tmp_path)
+    config = _config(tmp_path, "eval_every=15", "eval_samples=2", "eval_datasets={coco: [panoptic], vipseg: [video_panoptic]}")
     result = run_training(config)
     assert result.steps == 30
     assert set(result.samples) == {"coco", "ade", "vipseg", "ytvis", "davis"}
@@ -81,6 +81,9 @@ def test_tiny_two_worker_run_is_tracked_and_reloads(tmp_path, local_ray):
     last = sum(h[-1] for h in history.values()) / len(history)
     assert last < 0.8 * first, history
     assert len(client.get_metric_history(result.run_id, "lr")) == 6
+    # Evaluated at step 15 by rank 0, then at the end by the driver.
+    assert [m.step for m in client.get_metric_history(result.run_id, "coco/panoptic/PQ")] == [15, 30]
+    assert "vipseg/video_panoptic/VPQ_1" in run.data.metrics
 
     model, extra = load_checkpoint(result.checkpoint)
     assert extra["step"] == 30
