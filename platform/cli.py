@@ -134,7 +134,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     summary = predict(Path(args.checkpoint), args.task, Path(args.input), Path(args.out), vocabulary=args.vocabulary,
                       coco_json=Path(args.coco_json) if args.coco_json else None, clip_length=args.clip_length,
-                      clip_checkpoint=args.clip_checkpoint)
+                      clip_checkpoint=args.clip_checkpoint, points=args.points,
+                      first_frame_mask=Path(args.first_frame_mask) if args.first_frame_mask else None)
     print(json.dumps({"task": summary.task, "inputs": summary.inputs, "outputs": summary.outputs}))
     return 0
 
@@ -211,13 +212,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="run a checkpoint on images or a video; write result formats and overlays")
     p.add_argument("--checkpoint", required=True, help="model.pt from omgseg train")
-    p.add_argument("--task", required=True, choices=("panoptic", "instance", "semantic", "video_instance"))
+    p.add_argument("--task", required=True, choices=("panoptic", "instance", "semantic", "interactive",
+                                                      "video_instance", "video_panoptic", "vos"))
     p.add_argument("--input", required=True, help="an image, a folder of images, or (video tasks) a folder of frames")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--vocabulary", help="shard folder or JSON with 'categories' (default: the training vocabulary)")
     p.add_argument("--coco-json", help="COCO JSON whose 'images' give the image ids of the file names")
     p.add_argument("--clip-length", type=int, default=4, help="frames per clip for video tasks")
     p.add_argument("--clip-checkpoint", help="local CLIP weights, if the model was trained with a CLIP checkpoint")
+    p.add_argument("--points", help="interactive: clicks 'x,y;x,y' in pixels, one object per click")
+    p.add_argument("--first-frame-mask", help="vos: palette PNG of object indices in the first frame")
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("eval", help="score predictions in a public result format against ground truth")

@@ -1,12 +1,15 @@
 """`omgseg predict`: run a checkpoint on images or a video and write the public result formats.
 
-Image tasks (panoptic, instance, semantic) take an image file or a folder of images; the
-video instance task takes a folder of frames (one video), cut into clips whose tubes are
-linked across clips by their query embeddings (MinVIS). Every frame also gets an overlay PNG.
+Image tasks (panoptic, instance, semantic, interactive with --points) take an image file or
+a folder of images; video tasks (video_instance, video_panoptic, vos with --first-frame-mask)
+take a folder of frames (one video), cut into clips whose tubes are linked across clips by
+their query embeddings (MinVIS), or, for VOS, re-prompted from the previous clip's last frame.
+Every frame also gets an overlay PNG.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,10 +29,12 @@ from omgseg.platform.writers import (
     SemanticWriter,
     YtvisWriter,
     save_overlay,
+    write_atomic,
 )
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-PREDICT_TASKS = ("panoptic", "instance", "semantic", "video_instance")
+PREDICT_TASKS = ("panoptic", "instance", "semantic", "interactive", "video_instance", "video_panoptic", "vos")
+STUFF_ID_BASE = 1_000_000  # video panoptic: stuff segments get a per-class id above every track id
 
 
 @dataclass
@@ -94,10 +99,18 @@ def predict(
     coco_json: Path | None = None,
     clip_length: int = 4,
     clip_checkpoint: str | None = None,
+    points: str | None = None,
+    first_frame_mask: Path | None = None,
     progress: bool = True,
 ) -> PredictSummary:
     if task not in PREDICT_TASKS:
         raise ValueError(f"unknown predict task {task!r}; available: {', '.join(PREDICT_TASKS)}")
+    if (task == "interactive") != (points is not None):
+        raise ValueError("--points goes with --task interactive, and interactive needs --points")
+    if (task == "vos") != (first_frame_mask is not None):
+        raise ValueError("--first-frame-mask goes with --task vos, and vos needs --first-frame-mask")
+    if clip_length < 1:
+        raise ValueError(f"clip_length must be >= 1, got {clip_length}")
     model, extra = load_checkpoint(checkpoint, clip_checkpoint=clip_checkpoint)
     vocab = load_vocabulary(vocabulary, extra)
     model.eval()
@@ -105,6 +118,12 @@ def predict(
     files = _images(Path(inputs))
     if Task(task) is Task.VIDEO_INSTANCE:
         return _predict_video(model, vocab, files, out, clip_length, progress)
+    if Task(task) is Task.VIDEO_PANOPTIC:
+        return _predict_video_panoptic(model, vocab, files, out, clip_length, progress)
+    if Task(task) is Task.VOS:
+        return _predict_vos(model, vocab, files, out, Path(first_frame_mask), clip_length, progress)
+    if Task(task) is Task.INTERACTIVE:
+        return _predict_clicks(model, vocab, files, out, parse_points(points))
     ids = _image_ids(coco_json)
     is_thing = torch.tensor(vocab.is_thing)
     settings = model.config.inference
@@ -138,8 +157,6 @@ def predict(
 
 def _predict_video(model, vocab: Vocabulary, frames: list[Path], out: Path, clip_length: int, progress: bool) -> PredictSummary:
     """Clips of clip_length frames; tubes linked across clips; one YouTube-VIS entry per track."""
-    if clip_length < 1:
-        raise ValueError(f"clip_length must be >= 1, got {clip_length}")
     linker = TubeLinker()
     tubes: dict[int, np.ndarray] = {}
     rgb0 = _read_rgb(frames[0])
@@ -174,3 +191,150 @@ def _predict_video(model, vocab: Vocabulary, frames: list[Path], out: Path, clip
         save_overlay(out / "overlays" / f"{path.stem}.png", _read_rgb(path), shown)
     written = writer.close()
     return PredictSummary(task="video_instance", inputs=total, outputs=[str(written), str(out / "overlays")])
+
+
+def parse_points(text: str) -> torch.Tensor:
+    """"x,y;x,y" -> (K, 2) float clicks in pixels."""
+    try:
+        points = [tuple(float(v) for v in item.split(",")) for item in text.split(";") if item.strip()]
+    except ValueError:
+        raise ValueError(f"--points must look like 'x,y;x,y', got {text!r}") from None
+    if not points or any(len(p) != 2 for p in points):
+        raise ValueError(f"--points must look like 'x,y;x,y', got {text!r}")
+    return torch.tensor(points, dtype=torch.float32)
+
+
+def _save_indices(path: Path, indices: np.ndarray) -> None:
+    """Object indices (0 = background) as a palette PNG, as DAVIS stores masks."""
+    from PIL import Image
+
+    from omgseg.datasets.synth import davis_palette
+
+    if indices.max(initial=0) > 255:
+        raise ValueError(f"{path}: more than 255 objects do not fit a palette PNG")
+    image = Image.fromarray(indices.astype(np.uint8), mode="P")
+    image.putpalette(davis_palette())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial.png")
+    image.save(partial)
+    partial.replace(path)
+
+
+def _indices(probs: np.ndarray, threshold: float) -> np.ndarray:
+    """(K, H, W) probabilities -> (H, W) index of the most likely object above threshold, else 0."""
+    if probs.shape[0] == 0:
+        return np.zeros(probs.shape[1:], dtype=np.int64)
+    best = probs.argmax(0)
+    return np.where(probs.max(0) > threshold, best + 1, 0)
+
+
+def _predict_clicks(model, vocab: Vocabulary, files: list[Path], out: Path, clicks: torch.Tensor) -> PredictSummary:
+    """One mask per click (the same clicks on every image given)."""
+    from omgseg.model.structures import PromptBatch
+
+    threshold = model.config.inference.prompt_mask_threshold
+    for path in files:
+        rgb = _read_rgb(path)
+        height, width = rgb.shape[:2]
+        outside = [(x, y) for x, y in clicks.tolist() if not (0 <= x < width and 0 <= y < height)]
+        if outside:
+            raise ValueError(f"{path}: clicks {outside} are outside the {width}x{height} image")
+        prompts = PromptBatch.from_points(clicks, (height, width))
+        (pred,) = model.predict(torch.from_numpy(rgb).permute(2, 0, 1)[None, None], vocab, [prompts])
+        indices = _indices(pred.prompt_mask_logits[:, 0].sigmoid().numpy(), threshold)
+        _save_indices(out / "interactive" / f"{path.stem}.png", indices)
+        save_overlay(out / "overlays" / f"{path.stem}.png", rgb, indices)
+    return PredictSummary(task="interactive", inputs=len(files), outputs=[str(out / "interactive"), str(out / "overlays")])
+
+
+def _box(mask: np.ndarray) -> list[float] | None:
+    rows, cols = np.nonzero(mask)
+    if rows.size == 0:
+        return None
+    return [float(cols.min()), float(rows.min()), float(cols.max() + 1), float(rows.max() + 1)]
+
+
+def _predict_vos(model, vocab: Vocabulary, frames: list[Path], out: Path, first_mask: Path, clip_length: int,
+                 progress: bool) -> PredictSummary:
+    """Semi-supervised VOS: objects of the first-frame mask are prompted by their boxes; each
+    later clip is prompted by the boxes of the previous clip's last predicted frame (an object
+    that vanished keeps its last box)."""
+    from PIL import Image
+
+    from omgseg.datasets.prompts import PromptKind
+    from omgseg.model.structures import PromptBatch
+
+    if not first_mask.is_file():
+        raise FileNotFoundError(f"first-frame mask {first_mask} does not exist")
+    with Image.open(first_mask) as image:
+        given = np.asarray(image)
+    rgb0 = _read_rgb(frames[0])
+    if given.shape != rgb0.shape[:2]:
+        raise ValueError(f"{first_mask}: mask is {given.shape}, frames are {rgb0.shape[:2]}")
+    objects = [int(i) for i in np.unique(given) if i not in (0, 255)]
+    if not objects:
+        raise ValueError(f"{first_mask}: no object indices (values other than 0 and 255)")
+    boxes = [_box(given == i) for i in objects]
+    threshold = model.config.inference.prompt_mask_threshold
+    video = out / "vos" / frames[0].parent.name
+    for start in tqdm(range(0, len(frames), clip_length), desc="predict vos", disable=not progress):
+        clip = [_read_rgb(p) for p in frames[start:start + clip_length]]
+        prompts = PromptBatch(torch.tensor(boxes), (PromptKind.BOX,) * len(boxes), rgb0.shape[:2])
+        (pred,) = model.predict(torch.from_numpy(np.stack(clip)).permute(0, 3, 1, 2)[None], vocab, [prompts])
+        probs = pred.prompt_mask_logits.sigmoid().numpy()  # (K, t, H, W)
+        for t, rgb in enumerate(clip):
+            path = frames[start + t]
+            if start + t == 0:
+                indices = given.copy()  # the given mask, as DAVIS expects for the first frame
+            else:
+                winner = _indices(probs[:, t], threshold)  # 0, or k + 1 for object k
+                indices = np.where(winner > 0, np.asarray(objects)[np.maximum(winner - 1, 0)], 0)
+            _save_indices(video / f"{path.stem}.png", indices)
+            save_overlay(out / "overlays" / f"{path.stem}.png", rgb, indices)
+        last = probs[:, -1] > threshold
+        boxes = [_box(m) or b for m, b in zip(last, boxes)]
+    return PredictSummary(task="vos", inputs=len(frames), outputs=[str(video), str(out / "overlays")])
+
+
+def _predict_video_panoptic(model, vocab: Vocabulary, frames: list[Path], out: Path, clip_length: int,
+                            progress: bool) -> PredictSummary:
+    """Per-clip panoptic fusion of tubes; thing ids follow the linked tracks across clips,
+    stuff ids follow the class. Per-frame RGB id PNGs + a VIPSeg-style JSON."""
+    from PIL import Image
+
+    from omgseg.datasets.clip import encode_id_map_rgb
+
+    settings = model.config.inference
+    is_thing = torch.tensor(vocab.is_thing)
+    linker = TubeLinker()
+    video = frames[0].parent.name
+    annotations = []
+    for start in tqdm(range(0, len(frames), clip_length), desc="predict video_panoptic", disable=not progress):
+        clip = [_read_rgb(p) for p in frames[start:start + clip_length]]
+        (pred,) = model.predict(torch.from_numpy(np.stack(clip)).permute(0, 3, 1, 2)[None], vocab)
+        tracks = linker.link(pred.embeddings).tolist()
+        result = panoptic_inference(pred.class_probs, pred.mask_logits, is_thing,
+                                    object_mask_threshold=settings.object_mask_threshold,
+                                    overlap_threshold=settings.overlap_threshold)
+        global_id = {s.id: (tracks[s.query] + 1 if s.isthing else STUFF_ID_BASE + s.label) for s in result.segments}
+        for t, rgb in enumerate(clip):
+            path = frames[start + t]
+            local = result.id_map[t].numpy()
+            ids = np.zeros_like(local)
+            for local_id, gid in global_id.items():
+                ids[local == local_id] = gid
+            png = out / "panoptic" / video / f"{path.stem}.png"
+            png.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(encode_id_map_rgb(ids.astype(np.uint32))).save(png)
+            present = set(np.unique(ids).tolist())
+            annotations.append({"file_name": png.name, "segments_info": [
+                {"id": gid, "category_id": vocab.category_ids[s.label]}
+                for s in result.segments for gid in [global_id[s.id]] if gid in present
+            ]})
+            save_overlay(out / "overlays" / f"{path.stem}.png", rgb, ids)
+    # Stuff segments of one class share an id: keep one entry per id and frame.
+    for ann in annotations:
+        ann["segments_info"] = list({s["id"]: s for s in ann["segments_info"]}.values())
+    path = out / "video_panoptic.json"
+    write_atomic(path, json.dumps({"annotations": [{"video_id": video, "annotations": annotations}]}).encode())
+    return PredictSummary(task="video_panoptic", inputs=len(frames), outputs=[str(path), str(out / "overlays")])

@@ -403,9 +403,10 @@ def run_training(config: TrainConfig, *, parent_run_id: str | None = None, tags:
     samples = {k.split("/", 1)[1]: int(v) for k, v in result.metrics.items() if k.startswith("samples/")}
     total = sum(samples.values())
     realised = {k: v / total for k, v in samples.items()} if total else {}
+    now, step = int(time.time() * 1000), int(result.metrics["step"])
     client.log_batch(run_id, metrics=[
-        mlflow.entities.Metric(f"mix_realised/{k}", v, int(time.time() * 1000), int(result.metrics["step"]))
-        for k, v in realised.items()
+        *(mlflow.entities.Metric(f"mix_realised/{k}", v, now, step) for k, v in realised.items()),
+        *(mlflow.entities.Metric(f"samples/{k}", v, now, step) for k, v in samples.items()),
     ])
     client.log_artifact(run_id, str(final))
     client.set_tag(run_id, "omgseg.checkpoint", str(final))

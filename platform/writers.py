@@ -20,7 +20,7 @@ from omgseg.model.vocabulary import Vocabulary
 from omgseg.platform.metrics.instance import encode
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
     partial.write_bytes(data)
@@ -54,7 +54,7 @@ class CocoPanopticWriter:
 
     def close(self) -> Path:
         path = self.out / "panoptic.json"
-        _write_atomic(path, json.dumps({"annotations": self.annotations}).encode())
+        write_atomic(path, json.dumps({"annotations": self.annotations}).encode())
         return path
 
 
@@ -73,7 +73,7 @@ class CocoInstancesWriter:
 
     def close(self) -> Path:
         path = self.out / "instances_results.json"
-        _write_atomic(path, json.dumps(self.results).encode())
+        write_atomic(path, json.dumps(self.results).encode())
         return path
 
 
@@ -111,7 +111,7 @@ class YtvisWriter:
 
     def close(self) -> Path:
         path = self.out / "ytvis_results.json"
-        _write_atomic(path, json.dumps(self.results).encode())
+        write_atomic(path, json.dumps(self.results).encode())
         return path
 
 

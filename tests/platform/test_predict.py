@@ -90,3 +90,54 @@ def test_predict_command_writes_files_that_eval_reads(synth, tmp_path, capsys):
     results = json.loads((tmp_path / "vid" / "ytvis_results.json").read_text())
     frames = len(list(video.iterdir()))
     assert all(len(r["segmentations"]) == frames for r in results)
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    return save_checkpoint(OMGSeg(model_config("tiny")), tmp_path_factory.mktemp("ckpt") / "model.pt")
+
+
+def test_predict_vos_interactive_and_video_panoptic(synth, tiny_checkpoint, tmp_path, capsys):
+    from PIL import Image
+
+    from omgseg.platform.metrics.vos import evaluate_davis
+
+    sizes = SynthSizes(coco_train=1, coco_val=1, ade_train=1, ade_val=1, video_train=1, video_val=1)
+    davis = write_synthetic(tmp_path / "d", ["davis"], seed=0, sizes=sizes)["davis"]
+    sequence = sorted((davis / "JPEGImages" / "480p").iterdir())[0]
+    annotations = davis / "Annotations" / "480p" / sequence.name
+    first_mask = sorted(annotations.iterdir())[0]
+    vocab = str(synth["ytvis"] / "valid.json")
+    base = ["predict", "--checkpoint", str(tiny_checkpoint), "--vocabulary", vocab]
+
+    assert main([*base, "--task", "vos", "--input", str(sequence), "--out", str(tmp_path / "vos"),
+                 "--first-frame-mask", str(first_mask), "--clip-length", "3"]) == 0
+    predicted = tmp_path / "vos" / "vos" / sequence.name
+    frames = sorted(predicted.glob("*.png"))
+    assert len(frames) == len(list(sequence.iterdir()))
+    with Image.open(frames[0]) as a, Image.open(first_mask) as b:
+        assert a.mode == "P" and np.array_equal(np.asarray(a), np.asarray(b))  # frame 0 is the given mask
+    import shutil
+
+    shutil.copytree(annotations, tmp_path / "gt" / sequence.name)  # a ground-truth folder of this sequence only
+    result = evaluate_davis(tmp_path / "gt", tmp_path / "vos" / "vos")
+    assert 0 <= result["J&F"] <= 100 and result["objects"] >= 1
+
+    image = sorted((synth["coco-panoptic"] / "val2017").iterdir())[0]
+    assert main([*base, "--task", "interactive", "--input", str(image), "--out", str(tmp_path / "clicks"),
+                 "--points", "10,20;60.5,40"]) == 0
+    with Image.open(tmp_path / "clicks" / "interactive" / f"{image.stem}.png") as mask:
+        assert set(np.unique(np.asarray(mask)).tolist()) <= {0, 1, 2}
+    assert main([*base, "--task", "interactive", "--input", str(image), "--out", str(tmp_path / "c2"),
+                 "--points", "5000,1"]) == 1
+    assert "outside" in capsys.readouterr().err
+    assert main([*base, "--task", "interactive", "--input", str(image), "--out", str(tmp_path / "c3")]) == 1
+    assert "interactive needs --points" in capsys.readouterr().err
+
+    video = sorted((synth["ytvis"] / "valid" / "JPEGImages").iterdir())[0]
+    assert main([*base, "--task", "video_panoptic", "--input", str(video), "--out", str(tmp_path / "vps"),
+                 "--clip-length", "2"]) == 0
+    record = json.loads((tmp_path / "vps" / "video_panoptic.json").read_text())["annotations"][0]
+    assert len(record["annotations"]) == len(list(video.iterdir()))
+    assert len(list((tmp_path / "vps" / "panoptic" / video.name).glob("*.png"))) == len(record["annotations"])

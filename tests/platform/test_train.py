@@ -85,14 +85,17 @@ def test_tiny_two_worker_run_is_tracked_and_reloads(tmp_path, local_ray):
     assert [m.step for m in client.get_metric_history(result.run_id, "coco/panoptic/PQ")] == [15, 30]
     assert "vipseg/video_panoptic/VPQ_1" in run.data.metrics
 
+    assert run.data.metrics["samples/coco"] == result.samples["coco"]
+    # The exported model predicts exactly as the weights of the run's last Ray checkpoint.
     model, extra = load_checkpoint(result.checkpoint)
-    assert extra["step"] == 30
-    again, _ = load_checkpoint(result.checkpoint)
+    assert extra["step"] == 30 and extra["vocabulary"]["names"]
+    (state_file,) = sorted((tmp_path / "runs" / "ray").glob(f"*/checkpoint_*/{CHECKPOINT_FILE}"))[-1:]
+    trained = OMGSeg(model.config)
+    trained.load_state_dict(torch.load(state_file, weights_only=False)["model"])
     vocab = Vocabulary.from_names(["triangle", "sky"], [True, False])
     images = torch.randint(0, 256, (1, 2, 3, 96, 128), dtype=torch.uint8)
-    first_pred, second_pred = model.predict(images, vocab)[0], again.predict(images, vocab)[0]
-    assert torch.equal(first_pred.mask_logits, second_pred.mask_logits)
-    assert isinstance(model, OMGSeg) and model.seen_names
+    assert torch.equal(model.predict(images, vocab)[0].mask_logits, trained.predict(images, vocab)[0].mask_logits)
+    assert model.seen_names
 
 
 def _train_workers() -> list[int]:
