@@ -201,23 +201,22 @@ class PromptEncoder(nn.Module):
     """Turns boxes and clicks into prompt queries: content (B, K, d) and position (B, K, d).
 
     - position: sine encoding of the box (cx, cy, w, h) / input size, through an MLP.
-    - content: a learned token per prompt kind, plus the MEAN over the prompt's valid negative
-      clicks of (learned 'negative' token + the same box MLP applied to the click's +-3 px
-      box). Negatives go into the content, not the position, because the position is added to
-      the attention query and should keep pointing at the object; the mean keeps the scale
-      independent of the number of clicks; the negative token tells a 'not here' click apart
-      from the positive box.
+    - content: a learned token per prompt kind, plus the MEAN over the prompt's further
+      clicks of (a learned positive or negative click token + the same box MLP applied to the
+      click's +-3 px box). Further clicks go into the content, not the position, because the
+      position is added to the attention query and should keep pointing at the first click
+      or box; the mean keeps the scale independent of the number of clicks.
     """
 
     def __init__(self, d_model: int) -> None:
         super().__init__()
         self.d_model = d_model
         self.kind_tokens = nn.Parameter(torch.zeros(len(PromptKind), d_model))
-        self.negative_token = nn.Parameter(torch.zeros(d_model))
+        self.click_tokens = nn.Parameter(torch.zeros(2, d_model))  # row 0: negative click, 1: positive
         # d/2 channels per box coordinate (as DAB-DETR) -> 2d in, d out.
         self.box_mlp = MLP(2 * d_model, d_model, d_model, num_layers=2)
         nn.init.normal_(self.kind_tokens, std=0.02)
-        nn.init.normal_(self.negative_token, std=0.02)
+        nn.init.normal_(self.click_tokens, std=0.02)
 
     def encode_boxes(self, boxes_cxcywh: Tensor) -> Tensor:
         """(..., 4) normalised cx, cy, w, h -> (..., d)."""
@@ -227,14 +226,12 @@ class PromptEncoder(nn.Module):
         """Pad the clips' prompts to the largest K; returns content, position (B, K, d), valid (B, K)."""
         b = len(prompts)
         k = max(p.num_prompts for p in prompts)
-        nn_max = max(
-            (p.negative_points.shape[1] for p in prompts if p.negative_points is not None), default=0
-        )
+        n_max = max((p.clicks.shape[1] for p in prompts if p.clicks is not None), default=0)
         boxes = torch.zeros(b, k, 4, device=device)  # normalised cx, cy, w, h
         kinds = torch.zeros(b, k, dtype=torch.long, device=device)
         valid = torch.zeros(b, k, dtype=torch.bool, device=device)
-        neg_boxes = torch.zeros(b, k, nn_max, 4, device=device)
-        neg_valid = torch.zeros(b, k, nn_max, dtype=torch.bool, device=device)
+        click_boxes = torch.zeros(b, k, n_max, 4, device=device)
+        click_labels = torch.full((b, k, n_max), -1, dtype=torch.long, device=device)
         for i, p in enumerate(prompts):
             n = p.num_prompts
             height, width = p.image_size
@@ -242,18 +239,17 @@ class PromptEncoder(nn.Module):
             boxes[i, :n] = _xyxy_to_cxcywh(p.boxes.to(device).float() / scale)
             kinds[i, :n] = p.kind_indices().to(device)
             valid[i, :n] = True
-            if p.negative_points is not None and p.negative_valid is not None:
-                m = p.negative_points.shape[1]
-                pts = PromptBatch.from_points(p.negative_points.reshape(-1, 2), p.image_size).boxes
-                pts = _xyxy_to_cxcywh(pts.to(device) / scale).view(n, m, 4)
-                neg_boxes[i, :n, :m] = pts
-                neg_valid[i, :n, :m] = p.negative_valid.to(device)
+            if p.clicks is not None and p.click_labels is not None:
+                m = p.clicks.shape[1]
+                pts = PromptBatch.from_points(p.clicks.reshape(-1, 2), p.image_size).boxes
+                click_boxes[i, :n, :m] = _xyxy_to_cxcywh(pts.to(device) / scale).view(n, m, 4)
+                click_labels[i, :n, :m] = p.click_labels.to(device)
         position = self.encode_boxes(boxes)  # (B, K, d)
-        negatives = self.encode_boxes(neg_boxes) + self.negative_token  # (B, K, Nn, d)
-        weights = neg_valid.float()
-        # Mean over valid negatives; 0 where a prompt has none (the tensors stay in the graph).
-        neg_mean = (negatives * weights[..., None]).sum(2) / weights.sum(2).clamp(min=1.0)[..., None]
-        content = self.kind_tokens[kinds] + neg_mean  # (B, K, d)
+        clicks = self.encode_boxes(click_boxes) + self.click_tokens[click_labels.clamp(min=0)]  # (B, K, N, d)
+        weights = (click_labels >= 0).float()
+        # Mean over real clicks; 0 where a prompt has none (the tensors stay in the graph).
+        click_mean = (clicks * weights[..., None]).sum(2) / weights.sum(2).clamp(min=1.0)[..., None]
+        content = self.kind_tokens[kinds] + click_mean  # (B, K, d)
         return content, position, valid
 
 

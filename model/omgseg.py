@@ -245,7 +245,8 @@ def load_checkpoint(
     if missing or unexpected:
         raise ValueError(
             f"{path}: weights do not fit model {config.name!r}: missing {missing[:5]}, unexpected {unexpected[:5]}"
-            + (" (a checkpoint saved with a CLIP checkpoint file needs clip_checkpoint=...)" if missing else "")
+            + (" (a checkpoint saved with a CLIP checkpoint file needs clip_checkpoint=...)"
+               if any(k.startswith("backbone.") for k in missing) else "")
         )
     return model, payload["extra"]
 

@@ -39,16 +39,17 @@ class PromptBatch:
     boxes: (K, 4) float, xyxy in input pixels (the frame size the model sees).
     kinds: K prompt kinds (a POINT is stored as its +-3 px box; the kind picks the token).
     image_size: (H, W) of the input, used to normalise the boxes.
-    negative_points: (K, Nn, 2) float xy in input pixels, or None for no negative clicks.
-    negative_valid: (K, Nn) bool, which negative points are real (prompts have different
-        numbers of them); required exactly when negative_points is given.
+    clicks: (K, N, 2) float xy in input pixels: further clicks on each prompt's object after
+        the first (corrections, as a user adds them), or None for none.
+    click_labels: (K, N) int64, 1 for a positive click (on the object), 0 for a negative one,
+        -1 for padding (prompts have different numbers of clicks); given exactly with clicks.
     """
 
     boxes: Tensor
     kinds: tuple[PromptKind, ...]
     image_size: tuple[int, int]
-    negative_points: Tensor | None = None
-    negative_valid: Tensor | None = None
+    clicks: Tensor | None = None
+    click_labels: Tensor | None = None
 
     def __post_init__(self) -> None:
         _check_shape("PromptBatch.boxes", self.boxes, (None, 4))
@@ -70,24 +71,24 @@ class PromptBatch:
                     f"PromptBatch.boxes must be xyxy with x1 <= x2 and y1 <= y2, got "
                     f"{self.boxes[flipped][:3].tolist()}"
                 )
-        if (self.negative_points is None) != (self.negative_valid is None):
-            raise ValueError("PromptBatch.negative_points and negative_valid go together")
-        if self.negative_points is not None and self.negative_valid is not None:
-            _check_shape("PromptBatch.negative_points", self.negative_points, (k, None, 2))
-            num_neg = self.negative_points.shape[1]
-            _check_shape("PromptBatch.negative_valid", self.negative_valid, (k, num_neg))
-            if self.negative_valid.dtype != torch.bool:
-                raise ValueError(
-                    f"PromptBatch.negative_valid must be bool, got {self.negative_valid.dtype}"
-                )
+        if (self.clicks is None) != (self.click_labels is None):
+            raise ValueError("PromptBatch.clicks and click_labels go together")
+        if self.clicks is not None and self.click_labels is not None:
+            _check_shape("PromptBatch.clicks", self.clicks, (k, None, 2))
+            _check_shape("PromptBatch.click_labels", self.click_labels, (k, self.clicks.shape[1]))
+            if self.click_labels.dtype != torch.long:
+                raise ValueError(f"PromptBatch.click_labels must be int64, got {self.click_labels.dtype}")
+            bad = set(self.click_labels.unique().tolist()) - {-1, 0, 1}
+            if bad:
+                raise ValueError(f"PromptBatch.click_labels must be 1, 0 or -1 (padding), got {sorted(bad)}")
 
     @classmethod
     def from_points(
         cls,
         points: Tensor,
         image_size: tuple[int, int],
-        negative_points: Tensor | None = None,
-        negative_valid: Tensor | None = None,
+        clicks: Tensor | None = None,
+        click_labels: Tensor | None = None,
     ) -> PromptBatch:
         """Point prompts: points (K, 2) xy in input pixels become +-3 px boxes, clipped to the image."""
         _check_shape("points", points, (None, 2))
@@ -102,8 +103,8 @@ class PromptBatch:
             boxes=boxes,
             kinds=(PromptKind.POINT,) * points.shape[0],
             image_size=image_size,
-            negative_points=negative_points,
-            negative_valid=negative_valid,
+            clicks=clicks,
+            click_labels=click_labels,
         )
 
     @property

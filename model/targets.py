@@ -51,43 +51,37 @@ def match_targets(
 
 
 def prompt_batch(prompts: Sequence[Prompts], image_size: tuple[int, int]) -> PromptBatch:
-    """Sampled prompts -> the model's PromptBatch (boxes as given; a click as its +-3 px box,
-    negative clicks kept per prompt).
-
-    The prompt encoder takes one positive click per prompt (as the reference model does):
-    sample point prompts with `num_positive=1`.
-    """
-    height, width = image_size
+    """Sampled prompts -> the model's PromptBatch: a box as given; clicks as the first positive
+    click's +-3 px box, every further click (positive or negative) kept as a click."""
     if not prompts:
         return PromptBatch(torch.zeros(0, 4), (), image_size)
     device = prompts[0].points.device
-    boxes, kinds, negatives = [], [], []
+    boxes, kinds, clicks, labels = [], [], [], []
     for p in prompts:
         if p.kind is PromptKind.BOX:
             boxes.append(p.boxes[0].float())
-            negatives.append(torch.zeros(0, 2, device=device))
+            clicks.append(p.points.float())
+            labels.append(p.point_labels.long())
         else:
-            positive = p.points[p.point_labels == 1]
-            if positive.shape[0] != 1:
-                raise ValueError(
-                    f"prompt for segment {p.segment_index} has {positive.shape[0]} positive clicks; the model "
-                    f"encodes exactly one per prompt (sample with num_positive=1)"
-                )
-            boxes.append(PromptBatch.from_points(positive.float(), image_size).boxes[0])
-            negatives.append(p.points[p.point_labels == 0].float())
+            positive = (p.point_labels == 1).nonzero().squeeze(1)
+            if positive.numel() == 0:
+                raise ValueError(f"point prompt for segment {p.segment_index} has no positive click")
+            first = int(positive[0])
+            boxes.append(PromptBatch.from_points(p.points[first:first + 1].float(), image_size).boxes[0])
+            rest = torch.ones(p.points.shape[0], dtype=torch.bool, device=device)
+            rest[first] = False
+            clicks.append(p.points[rest].float())
+            labels.append(p.point_labels[rest].long())
         kinds.append(p.kind)
-    most = max(n.shape[0] for n in negatives)
-    negative_points = negative_valid = None
+    most = max(c.shape[0] for c in clicks)
+    click_points = click_labels = None
     if most > 0:
-        negative_points = torch.zeros(len(prompts), most, 2, device=device)
-        negative_valid = torch.zeros(len(prompts), most, dtype=torch.bool, device=device)
-        for k, n in enumerate(negatives):
-            negative_points[k, : n.shape[0]] = n
-            negative_valid[k, : n.shape[0]] = True
+        click_points = torch.zeros(len(prompts), most, 2, device=device)
+        click_labels = torch.full((len(prompts), most), -1, dtype=torch.long, device=device)
+        for k, (c, lab) in enumerate(zip(clicks, labels)):
+            click_points[k, : c.shape[0]] = c
+            click_labels[k, : c.shape[0]] = lab
     return PromptBatch(
-        boxes=torch.stack(boxes),
-        kinds=tuple(kinds),
-        image_size=(height, width),
-        negative_points=negative_points,
-        negative_valid=negative_valid,
+        boxes=torch.stack(boxes), kinds=tuple(kinds), image_size=image_size,
+        clicks=click_points, click_labels=click_labels,
     )

@@ -63,8 +63,8 @@ def _targets_to(t: MatchTargets, device: torch.device) -> MatchTargets:
 def _prompts_to(p: PromptBatch, device: torch.device) -> PromptBatch:
     return dataclasses.replace(
         p, boxes=p.boxes.to(device),
-        negative_points=None if p.negative_points is None else p.negative_points.to(device),
-        negative_valid=None if p.negative_valid is None else p.negative_valid.to(device),
+        clicks=None if p.clicks is None else p.clicks.to(device),
+        click_labels=None if p.click_labels is None else p.click_labels.to(device),
     )
 
 
@@ -88,7 +88,8 @@ class ClipMaker:
         if tasks & PROMPTED_TASKS and self.config.prompts_per_clip > 0:
             first = targets.masks[:, 0] & ~targets.iscrowd[:, None, None]  # prompts from frame 0
             kind = PromptKind.POINT if torch.rand((), generator=generator) < self.config.point_prob else PromptKind.BOX
-            candidates = sample_prompts(first, kind, generator, num_positive=1,
+            positives = 1 + int(torch.randint(self.config.positive_points, (), generator=generator))
+            candidates = sample_prompts(first, kind, generator, num_positive=positives,
                                         num_negative=self.config.negative_points)
             if len(candidates) > self.config.prompts_per_clip:
                 keep = torch.randperm(len(candidates), generator=generator)[: self.config.prompts_per_clip]

@@ -95,6 +95,7 @@ class BatchConfig(StrictModel):
     hflip_prob: float = Field(default=0.5, ge=0, le=1)
     prompts_per_clip: int = Field(default=4, ge=0, description="prompts sampled for interactive and VOS data")
     point_prob: float = Field(default=0.5, ge=0, le=1, description="share of point prompts (the rest are boxes)")
+    positive_points: int = Field(default=2, ge=1, description="point prompts get 1 to this many positive clicks")
     negative_points: int = Field(default=1, ge=0)
     shuffle_buffer: int = Field(default=32, ge=0)
 

@@ -3,7 +3,7 @@
 Predictions go through the model's per-task inference and into the task's evaluator, with
 the data set's own vocabulary (so a co-trained model is scored on each data set's classes).
 Tasks evaluated so far: panoptic (PQ), instance (mask AP), semantic (mIoU) on images;
-interactive (mIoU@1, one interior click per segment); video_panoptic (VPQ), video_instance
+interactive (mIoU@1/3/5 and NoC@85/90 with simulated corrective clicks); video_panoptic (VPQ), video_instance
 (YouTube-VIS AP) and vos (J&F, the objects prompted by first-frame boxes) on clips.
 """
 
@@ -24,7 +24,7 @@ from omgseg.model.omgseg import OMGSeg
 from omgseg.model.structures import PromptBatch
 from omgseg.model.vocabulary import Vocabulary
 from omgseg.platform.metrics.instance import InstanceEvaluator
-from omgseg.platform.metrics.interactive import InteractiveEvaluator, interior_point
+from omgseg.platform.metrics.interactive import InteractiveEvaluator, interior_point, mask_iou, next_click
 from omgseg.platform.metrics.panoptic import GtSegment, PanopticEvaluator
 from omgseg.platform.metrics.semantic import SemanticEvaluator
 from omgseg.platform.metrics.video_instance import VideoInstanceEvaluator
@@ -157,14 +157,41 @@ def _add_vos(evaluator: VOSEvaluator, model: OMGSeg, sample: ClipSample, vocabul
 
 def _add_clicks(evaluator: InteractiveEvaluator, model: OMGSeg, sample: ClipSample, vocabulary: Vocabulary,
                 device: torch.device, where: str) -> None:
-    """COCO-SAM: one click at the interior-most point of every non-crowd segment of frame 0."""
+    """Simulated clicks on every non-crowd segment of frame 0 (all segments in one pass per
+    click round): the first at the interior-most point, then corrective clicks, up to the
+    evaluator's maximum or until every prediction is exact."""
     ids = sample.id_maps[0].numpy()
     masks = [ids == s.id for s in sample.segments if not s.iscrowd and s.area[0] > 0]
     if not masks:
         return
-    clicks = torch.tensor([interior_point(m) for m in masks], dtype=torch.float32)
-    prompts = PromptBatch.from_points(clicks, (sample.height, sample.width))
-    (pred,) = model.predict(sample.images[:1][None].to(device), vocabulary, [prompts])
-    predicted = prompt_inference(pred.prompt_mask_logits.cpu(), mask_threshold=model.config.inference.prompt_mask_threshold)
-    for k, gt in enumerate(masks):
-        evaluator.add(predicted.masks[k, 0].numpy(), gt, f"{where} segment {k}")
+    size = (sample.height, sample.width)
+    first = torch.tensor([interior_point(m) for m in masks], dtype=torch.float32)
+    extra: list[list[tuple[float, float, int]]] = [[] for _ in masks]  # further clicks per instance
+    curves: list[list[float]] = [[] for _ in masks]
+    active = list(range(len(masks)))
+    threshold = model.config.inference.prompt_mask_threshold
+    for _ in range(evaluator.max_clicks):
+        most = max(len(extra[k]) for k in active)
+        clicks = labels = None
+        if most:
+            clicks = torch.zeros(len(active), most, 2)
+            labels = torch.full((len(active), most), -1, dtype=torch.long)
+            for row, k in enumerate(active):
+                for j, (x, y, positive) in enumerate(extra[k]):
+                    clicks[row, j] = torch.tensor([x, y])
+                    labels[row, j] = positive
+        prompts = PromptBatch.from_points(first[active], size, clicks, labels)
+        (pred,) = model.predict(sample.images[:1][None].to(device), vocabulary, [prompts])
+        predicted = prompt_inference(pred.prompt_mask_logits.cpu(), mask_threshold=threshold).masks[:, 0].numpy()
+        still = []
+        for row, k in enumerate(active):
+            curves[k].append(mask_iou(predicted[row], masks[k]))
+            click = next_click(predicted[row], masks[k])
+            if click is not None:
+                extra[k].append((click[0], click[1], int(click[2])))
+                still.append(k)
+        active = still
+        if not active:
+            break
+    for k, curve in enumerate(curves):
+        evaluator.add(curve, f"{where} segment {k}")

@@ -61,7 +61,7 @@ def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        embedding = any(key in name for key in ("query_feat", "query_pos", "level_embed", "kind_tokens", "negative_token"))
+        embedding = any(key in name for key in ("query_feat", "query_pos", "level_embed", "kind_tokens", "click_tokens"))
         (no_decay if embedding or param.ndim <= 1 else decay).append(param)
     return torch.optim.AdamW(
         [{"params": decay, "weight_decay": config.optimizer.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],

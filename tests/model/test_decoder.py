@@ -35,12 +35,14 @@ def _inputs(b: int, t: int, seed: int = 1):
 
 
 def _points(xy: list[list[float]], negatives: bool = False) -> PromptBatch:
+    """Clicks; with negatives=True each prompt also gets a negative click and, for every
+    other prompt, a second positive one (padding where absent)."""
     k = len(xy)
     if not negatives:
         return PromptBatch.from_points(torch.tensor(xy), (SIZE, SIZE))
-    neg = torch.tensor([[[2.0, 2.0], [30.0, 3.0]]] * k)  # (K, 2, 2)
-    valid = torch.tensor([[True, i % 2 == 0] for i in range(k)])
-    return PromptBatch.from_points(torch.tensor(xy), (SIZE, SIZE), neg, valid)
+    clicks = torch.tensor([[[2.0, 2.0], [30.0, 3.0]]] * k)  # (K, 2, 2)
+    labels = torch.tensor([[0, 1 if i % 2 == 0 else -1] for i in range(k)])
+    return PromptBatch.from_points(torch.tensor(xy), (SIZE, SIZE), clicks, labels)
 
 
 def _box(xyxy: list[list[float]]) -> PromptBatch:

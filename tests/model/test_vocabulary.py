@@ -81,16 +81,19 @@ def test_match_targets_drops_crowds_maps_labels_and_takes_prompt_tubes():
     assert batch.boxes[0].tolist() == [0.0, 5.5 - r, 2.5 + r, 8.0]  # clipped to the image
     assert batch.boxes[1].tolist() == [0.0, 0.0, 8.0, 4.0]
     assert batch.kinds == (PromptKind.POINT, PromptKind.BOX)
-    assert batch.negative_valid.tolist() == [[True], [False]]
-    assert batch.negative_points[0, 0].tolist() == [1.5, 1.5]
+    assert batch.click_labels.tolist() == [[0], [-1]]  # a negative click, then padding
+    assert batch.clicks[0, 0].tolist() == [1.5, 1.5]
     assert prompt_batch([], (8, 8)).num_prompts == 0
 
 
 def test_prompt_glue_errors_name_the_problem():
     vocab = Vocabulary.from_categories(CATEGORIES)
     two = Prompts(PromptKind.POINT, 0, torch.tensor([[1.0, 1.0], [2.0, 2.0]]), torch.tensor([1, 1]), torch.zeros(0, 4))
-    with pytest.raises(ValueError, match="2 positive clicks; the model encodes exactly one"):
-        prompt_batch([two], (8, 8))
+    batch = prompt_batch([two], (8, 8))  # the second positive click is kept as a click
+    assert batch.clicks[0].tolist() == [[2.0, 2.0]] and batch.click_labels.tolist() == [[1]]
+    none = Prompts(PromptKind.POINT, 0, torch.tensor([[1.0, 1.0]]), torch.tensor([0]), torch.zeros(0, 4))
+    with pytest.raises(ValueError, match="has no positive click"):
+        prompt_batch([none], (8, 8))
     far = Prompts(PromptKind.POINT, 7, torch.tensor([[1.0, 1.0]]), torch.tensor([1]), torch.zeros(0, 4))
     with pytest.raises(ValueError, match=r"prompt segment indices \[7\] out of range for 3 segments"):
         match_targets(_targets(), vocab.label_map(), [far])
