@@ -364,10 +364,12 @@ def _write_frames(folder: Path, scene: VideoScene) -> list[str]:
 
 
 def _write_vipseg(root: Path, split: str, rng: np.random.Generator, sizes: SynthSizes, bar: tqdm) -> None:
+    """The release layout (raw 16-bit panomasks) plus the COCO-video ground truth VIPSeg's
+    create_panoptic_video_labels.py derives from it (panomasksRGB/ and the split's JSON)."""
     base = root / "VIPSeg_720P"
     things = [(lab, lab.look) for lab in VIPSEG_LABELS if lab.isthing]
     stuff = {lab.look: lab for lab in VIPSEG_LABELS if not lab.isthing}
-    videos = []
+    videos, video_entries, video_annotations = [], [], []
     for n in range(sizes.count("vipseg", split)):
         video = f"{split}_{n:04d}_vip"
         scene = video_scene(rng, things, list(stuff), sizes.height, sizes.width,
@@ -377,20 +379,37 @@ def _write_vipseg(root: Path, split: str, rng: np.random.Generator, sizes: Synth
         stuff_values = np.array([stuff[kind].id + 1 for kind in scene.background.kinds] + [0])
         background = stuff_values[scene.background.region]  # region -1 indexes the trailing 0
         thing_values = np.zeros(len(scene.tracks) + 1, dtype=np.int64)
+        value_category = {stuff[kind].id + 1: stuff[kind].id for kind in scene.background.kinds}
         for track in scene.tracks:
             thing_values[track.number] = (track.label.id + 1) * 100 + track.number
+            value_category[int(thing_values[track.number])] = track.label.id
         mask_dir = _fresh_dir(base / "panomasks" / video)
+        rgb_dir = _fresh_dir(base / "panomasksRGB" / video)
+        images, annotations = [], []
         for t, name in enumerate(names):
             values = np.where(scene.track_maps[t] > 0, thing_values[scene.track_maps[t]], background)
             if n == 0 and t == 0:
                 # The release's known bug: stray 200s, which readers must take as void.
                 values[1:3, 1:3] = VIPSEG_BUGGY_VOID
             _write_png(mask_dir / f"{name}.png", Image.fromarray(values.astype(np.uint16)))
+            # COCO-video ground truth: the raw value is the segment id (stable across the
+            # video), RGB-encoded; 200 is void here as in our reader.
+            ids = np.where(values == VIPSEG_BUGGY_VOID, 0, values)
+            _write_png(rgb_dir / f"{name}.png", Image.fromarray(encode_id_map_rgb(ids)))
+            labels, areas = np.unique(ids, return_counts=True)
+            segments = [{"id": int(v), "category_id": value_category[int(v)], "iscrowd": 0, "area": int(a)}
+                        for v, a in zip(labels.tolist(), areas.tolist()) if v != 0]
+            images.append({"id": name, "width": sizes.width, "height": sizes.height, "file_name": f"{name}.png"})
+            annotations.append({"image_id": name, "file_name": f"{name}.png", "segments_info": segments})
         videos.append(video)
+        video_entries.append({"video_id": video, "images": images})
+        video_annotations.append({"video_id": video, "annotations": annotations})
         bar.update(1)
     categories = [{"id": lab.id, "name": lab.name, "isthing": int(lab.isthing), "color": list(lab.colour)}
                   for lab in VIPSEG_LABELS]
     _write_json(base / "panoVIPSeg_categories.json", categories)
+    _write_json(base / f"panoptic_gt_VIPSeg_{split}.json",
+                {"videos": video_entries, "annotations": video_annotations, "categories": categories})
     (root / f"{split}.txt").write_text("".join(v + "\n" for v in videos))
 
 

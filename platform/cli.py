@@ -97,6 +97,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
         need(args, "gt_json", "pred_json")
         result = evaluate_coco_instances(args.gt_json, args.pred_json)
+    elif args.task == "vipseg":
+        from omgseg.platform.metrics.video_panoptic import evaluate_vipseg
+
+        need(args, "gt_json", "gt_dir", "pred_json", "pred_dir")
+        result = evaluate_vipseg(args.gt_json, args.gt_dir, args.pred_json, args.pred_dir)
     elif args.task == "ytvis":
         from omgseg.platform.metrics.video_instance import evaluate_ytvis
 
@@ -225,9 +230,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("eval", help="score predictions in a public result format against ground truth")
-    p.add_argument("task", choices=("coco-panoptic", "coco-instances", "semantic", "ytvis", "davis"),
+    p.add_argument("task", choices=("coco-panoptic", "coco-instances", "semantic", "vipseg", "ytvis", "davis"),
                    help="coco-panoptic: --gt-json --gt-dir --pred-json --pred-dir; coco-instances: --gt-json "
                    "--pred-json (COCO results, RLE + score); semantic: --gt-dir --pred-dir --num-classes; "
+                   "vipseg: --gt-json --gt-dir --pred-json --pred-dir (VPQ; panoptic_gt_VIPSeg_<split>.json "
+                   "and panomasksRGB/, pred.json and pan_pred/ with one folder of RGB id PNGs per video); "
                    "ytvis: --gt-json --pred-json (YouTube-VIS results); davis: --gt-dir --pred-dir "
                    "(one folder of palette PNGs per sequence)")
     p.add_argument("--gt-json")

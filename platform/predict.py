@@ -299,7 +299,10 @@ def _predict_vos(model, vocab: Vocabulary, frames: list[Path], out: Path, first_
 def _predict_video_panoptic(model, vocab: Vocabulary, frames: list[Path], out: Path, clip_length: int,
                             progress: bool) -> PredictSummary:
     """Per-clip panoptic fusion of tubes; thing ids follow the linked tracks across clips,
-    stuff ids follow the class. Per-frame RGB id PNGs + a VIPSeg-style JSON."""
+    stuff ids follow the class. Writes VIPSeg's result format, what `omgseg eval vipseg` and
+    VIPSeg's eval_vpq_vspw.py read: out/pan_pred/<video>/<frame stem>.png (RGB ids) and
+    out/pred.json {"annotations": [{"video_id", "annotations": [{"file_name", "segments_info":
+    [{"id", "category_id"}]}, ...one per frame]}]}."""
     from PIL import Image
 
     from omgseg.datasets.clip import encode_id_map_rgb
@@ -308,6 +311,9 @@ def _predict_video_panoptic(model, vocab: Vocabulary, frames: list[Path], out: P
     is_thing = torch.tensor(vocab.is_thing)
     linker = TubeLinker()
     video = frames[0].parent.name
+    # A segment id names one tube with one category: a track whose class changes between
+    # clips gets a new id for the new class.
+    thing_ids: dict[tuple[int, int], int] = {}
     annotations = []
     for start in tqdm(range(0, len(frames), clip_length), desc="predict video_panoptic", disable=not progress):
         clip = [_read_rgb(p) for p in frames[start:start + clip_length]]
@@ -316,14 +322,17 @@ def _predict_video_panoptic(model, vocab: Vocabulary, frames: list[Path], out: P
         result = panoptic_inference(pred.class_probs, pred.mask_logits, is_thing,
                                     object_mask_threshold=settings.object_mask_threshold,
                                     overlap_threshold=settings.overlap_threshold)
-        global_id = {s.id: (tracks[s.query] + 1 if s.isthing else STUFF_ID_BASE + s.label) for s in result.segments}
+        global_id = {s.id: (thing_ids.setdefault((tracks[s.query], s.label), len(thing_ids) + 1) if s.isthing
+                            else STUFF_ID_BASE + s.label) for s in result.segments}
+        if len(thing_ids) >= STUFF_ID_BASE:
+            raise ValueError(f"{frames[0].parent}: more than {STUFF_ID_BASE - 1} thing tubes do not fit below the stuff ids")
         for t, rgb in enumerate(clip):
             path = frames[start + t]
             local = result.id_map[t].numpy()
             ids = np.zeros_like(local)
             for local_id, gid in global_id.items():
                 ids[local == local_id] = gid
-            png = out / "panoptic" / video / f"{path.stem}.png"
+            png = out / "pan_pred" / video / f"{path.stem}.png"
             png.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(encode_id_map_rgb(ids.astype(np.uint32))).save(png)
             present = set(np.unique(ids).tolist())
@@ -335,6 +344,7 @@ def _predict_video_panoptic(model, vocab: Vocabulary, frames: list[Path], out: P
     # Stuff segments of one class share an id: keep one entry per id and frame.
     for ann in annotations:
         ann["segments_info"] = list({s["id"]: s for s in ann["segments_info"]}.values())
-    path = out / "video_panoptic.json"
+    path = out / "pred.json"
     write_atomic(path, json.dumps({"annotations": [{"video_id": video, "annotations": annotations}]}).encode())
-    return PredictSummary(task="video_panoptic", inputs=len(frames), outputs=[str(path), str(out / "overlays")])
+    return PredictSummary(task="video_panoptic", inputs=len(frames), outputs=[str(path), str(out / "pan_pred"),
+                                                                              str(out / "overlays")])

@@ -104,7 +104,8 @@ def test_predict_vos_interactive_and_video_panoptic(synth, tiny_checkpoint, tmp_
     from omgseg.platform.metrics.vos import evaluate_davis
 
     sizes = SynthSizes(coco_train=1, coco_val=1, ade_train=1, ade_val=1, video_train=1, video_val=1)
-    davis = write_synthetic(tmp_path / "d", ["davis"], seed=0, sizes=sizes)["davis"]
+    written = write_synthetic(tmp_path / "d", ["vipseg", "davis"], seed=0, sizes=sizes)
+    davis = written["davis"]
     sequence = sorted((davis / "JPEGImages" / "480p").iterdir())[0]
     annotations = davis / "Annotations" / "480p" / sequence.name
     first_mask = sorted(annotations.iterdir())[0]
@@ -135,9 +136,22 @@ def test_predict_vos_interactive_and_video_panoptic(synth, tiny_checkpoint, tmp_
     assert main([*base, "--task", "interactive", "--input", str(image), "--out", str(tmp_path / "c3")]) == 1
     assert "interactive needs --points" in capsys.readouterr().err
 
-    video = sorted((synth["ytvis"] / "valid" / "JPEGImages").iterdir())[0]
-    assert main([*base, "--task", "video_panoptic", "--input", str(video), "--out", str(tmp_path / "vps"),
-                 "--clip-length", "2"]) == 0
-    record = json.loads((tmp_path / "vps" / "video_panoptic.json").read_text())["annotations"][0]
-    assert len(record["annotations"]) == len(list(video.iterdir()))
-    assert len(list((tmp_path / "vps" / "panoptic" / video.name).glob("*.png"))) == len(record["annotations"])
+    # Video panoptic writes VIPSeg's result format, which `eval vipseg` scores against the
+    # ground truth VIPSeg's create_panoptic_video_labels.py layout gives (one val video here).
+    vipseg = written["vipseg"] / "VIPSeg_720P"
+    gt_json = vipseg / "panoptic_gt_VIPSeg_val.json"
+    (video_id,) = [v["video_id"] for v in json.loads(gt_json.read_text())["videos"]]
+    video = vipseg / "images" / video_id
+    names = [f"{p.stem}.png" for p in sorted(video.iterdir())]
+    assert main(["predict", "--checkpoint", str(tiny_checkpoint), "--vocabulary", str(gt_json), "--task", "video_panoptic",
+                 "--input", str(video), "--out", str(tmp_path / "vps"), "--clip-length", "3"]) == 0
+    capsys.readouterr()
+    (record,) = json.loads((tmp_path / "vps" / "pred.json").read_text())["annotations"]
+    assert record["video_id"] == video_id and [a["file_name"] for a in record["annotations"]] == names
+    assert sorted(p.name for p in (tmp_path / "vps" / "pan_pred" / video_id).iterdir()) == names
+    assert len(list((tmp_path / "vps" / "overlays").glob("*.png"))) == len(names)
+    assert main(["eval", "vipseg", "--gt-json", str(gt_json), "--gt-dir", str(vipseg / "panomasksRGB"),
+                 "--pred-json", str(tmp_path / "vps" / "pred.json"), "--pred-dir", str(tmp_path / "vps" / "pan_pred")]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["videos"] == 1 and result["frames"] == len(names) and 0 <= result["VPQ"] <= 100
+    assert {f"VPQ@{n}" for n in (1, 2, 4, 6, 8)} <= set(result)  # 8+ frames: every VIPSeg window
