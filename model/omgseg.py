@@ -26,7 +26,7 @@ from omgseg.model.criterion import SetCriterion
 from omgseg.model.decoder import build_decoder, mask_pool
 from omgseg.model.inference import ensemble_probs
 from omgseg.model.matcher import HungarianMatcher
-from omgseg.model.pixel_decoder import build_pixel_decoder
+from omgseg.model.pixel_decoder import PixelDecoderOutput, build_pixel_decoder
 from omgseg.model.structures import MatchTargets, PromptBatch, QueryOutputs
 from omgseg.model.vocabulary import TextClassifier, Vocabulary
 
@@ -46,6 +46,21 @@ class ModelOutputs:
     queries: QueryOutputs
     clip_features: Tensor
     text_embeddings: Tensor
+    image_size: tuple[int, int]
+
+
+@dataclass
+class EncodedClips:
+    """B clips through the frozen CLIP and the pixel decoder (`OMGSeg.encode`).
+
+    pixels: the pixel decoder's mask features and multi-scale memory, frames folded into the batch.
+    clip_features: (B, C5, T, H/32, W/32) the frozen CLIP's last stage, for the ensemble.
+    frames: T; image_size: (H, W) of the input.
+    """
+
+    pixels: PixelDecoderOutput
+    clip_features: Tensor
+    frames: int
     image_size: tuple[int, int]
 
 
@@ -97,23 +112,37 @@ class OMGSeg(nn.Module):
     # ----------------------------------------------------------------------------------------
     # Training
 
-    def forward(
-        self,
-        images: Tensor,
-        vocabulary: Vocabulary,
-        prompts: list[PromptBatch] | None = None,
-    ) -> ModelOutputs:
-        """images: (B, T, 3, H, W) uint8 or float in [0, 1]; prompts: None or one PromptBatch per clip."""
+    def encode(self, images: Tensor) -> EncodedClips:
+        """images: (B, T, 3, H, W) uint8 or float in [0, 1] -> the frozen CLIP's and the pixel
+        decoder's features. Separate from `forward` so that interactive segmentation, where
+        only the clicks change between rounds, runs the backbone once per image."""
         if images.dim() != 5 or images.shape[2] != 3:
             raise ValueError(f"images must be (B, T, 3, H, W), got {tuple(images.shape)}")
         b, t, _, h, w = images.shape
         features = self.backbone(images.flatten(0, 1))  # frames folded into the batch, clip-major
         pixels = self.pixel_decoder(features)
-        text = self.text_embeddings(vocabulary)
-        queries = self.decoder(pixels.mask_features, pixels.multi_scale_memory, t, text, prompts)
         clip = features.clip_dense
         clip = clip.view(b, t, *clip.shape[1:]).transpose(1, 2)  # (B, C5, T, h, w)
-        return ModelOutputs(queries=queries, clip_features=clip, text_embeddings=text, image_size=(h, w))
+        return EncodedClips(pixels=pixels, clip_features=clip, frames=t, image_size=(h, w))
+
+    def forward(
+        self,
+        images: Tensor | None,
+        vocabulary: Vocabulary,
+        prompts: list[PromptBatch] | None = None,
+        encoded: EncodedClips | None = None,
+    ) -> ModelOutputs:
+        """images: (B, T, 3, H, W) uint8 or float in [0, 1], or None with `encoded` (from
+        `encode`); prompts: None or one PromptBatch per clip."""
+        if encoded is None:
+            if images is None:
+                raise ValueError("forward needs images or encoded features")
+            encoded = self.encode(images)
+        text = self.text_embeddings(vocabulary)
+        pixels = encoded.pixels
+        queries = self.decoder(pixels.mask_features, pixels.multi_scale_memory, encoded.frames, text, prompts)
+        return ModelOutputs(queries=queries, clip_features=encoded.clip_features, text_embeddings=text,
+                            image_size=encoded.image_size)
 
     def loss(self, outputs: ModelOutputs, targets: list[MatchTargets]) -> dict[str, Tensor]:
         """Weighted loss terms of every prediction set (see SetCriterion); sum them to train."""
@@ -129,12 +158,14 @@ class OMGSeg(nn.Module):
     @torch.no_grad()
     def predict(
         self,
-        images: Tensor,
+        images: Tensor | None,
         vocabulary: Vocabulary,
         prompts: list[PromptBatch] | None = None,
+        encoded: EncodedClips | None = None,
     ) -> list[ClipPrediction]:
-        """Predictions of B clips at input resolution, with the CLIP ensemble applied."""
-        outputs = self(images, vocabulary, prompts)
+        """Predictions of B clips at input resolution, with the CLIP ensemble applied; pass
+        `encoded` (from `encode`) instead of images to reuse the features."""
+        outputs = self(images, vocabulary, prompts, encoded)
         queries = outputs.queries
         num_obj = queries.num_object_queries
         query_logits = queries.class_logits[:, :num_obj]  # (B, Qo, C + 1)

@@ -19,6 +19,7 @@ EPILOG = """examples:
   omgseg train --config studies/configs/train_tiny.yaml steps=100
   omgseg predict --checkpoint model.pt --task panoptic --input images/ --out predictions/
   omgseg eval coco-panoptic --gt-json gt.json --gt-dir gt/ --pred-json pred.json --pred-dir pred/
+  omgseg eval interactive --gt-json gt.json --gt-dir gt/ --image-dir val2017/ --checkpoint model.pt
   omgseg model-info omgseg_convnext_large
 """
 
@@ -112,6 +113,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
         need(args, "gt_dir", "pred_dir")
         result = evaluate_davis(args.gt_dir, args.pred_dir)
+    elif args.task == "interactive":
+        from omgseg.platform.evaluate import evaluate_interactive_files
+
+        need(args, "gt_json", "gt_dir", "image_dir", "checkpoint")
+        result = evaluate_interactive_files(Path(args.checkpoint), args.gt_json, args.gt_dir, args.image_dir,
+                                            max_clicks=args.max_clicks, clip_checkpoint=args.clip_checkpoint,
+                                            max_images=args.max_images)
     else:
         from omgseg.platform.metrics.semantic import evaluate_semantic_pngs
 
@@ -230,19 +238,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("eval", help="score predictions in a public result format against ground truth")
-    p.add_argument("task", choices=("coco-panoptic", "coco-instances", "semantic", "vipseg", "ytvis", "davis"),
+    p.add_argument("task", choices=("coco-panoptic", "coco-instances", "semantic", "vipseg", "ytvis", "davis", "interactive"),
                    help="coco-panoptic: --gt-json --gt-dir --pred-json --pred-dir; coco-instances: --gt-json "
                    "--pred-json (COCO results, RLE + score); semantic: --gt-dir --pred-dir --num-classes; "
                    "vipseg: --gt-json --gt-dir --pred-json --pred-dir (VPQ; panoptic_gt_VIPSeg_<split>.json "
                    "and panomasksRGB/, pred.json and pan_pred/ with one folder of RGB id PNGs per video); "
                    "ytvis: --gt-json --pred-json (YouTube-VIS results); davis: --gt-dir --pred-dir "
-                   "(one folder of palette PNGs per sequence)")
+                   "(one folder of palette PNGs per sequence); interactive: --gt-json --gt-dir --image-dir "
+                   "--checkpoint (COCO panoptic ground truth; clicks simulated on every non-crowd segment)")
     p.add_argument("--gt-json")
     p.add_argument("--gt-dir")
     p.add_argument("--pred-json")
     p.add_argument("--pred-dir")
     p.add_argument("--num-classes", type=int)
     p.add_argument("--ignore-label", type=int, default=255)
+    p.add_argument("--image-dir", help="interactive: folder of the images the ground-truth JSON names")
+    p.add_argument("--checkpoint", help="interactive: model.pt to click with")
+    p.add_argument("--clip-checkpoint", help="interactive: local CLIP weights, if the model was trained with them")
+    p.add_argument("--max-clicks", type=int, default=20, help="interactive: clicks per object (default 20, as RITM)")
+    p.add_argument("--max-images", type=int, help="interactive: only the first N images")
     p.add_argument("--out", help="also write the JSON result to this file")
     p.set_defaults(func=_cmd_eval)
 

@@ -2,9 +2,10 @@
 
 Predictions go through the model's per-task inference and into the task's evaluator, with
 the data set's own vocabulary (so a co-trained model is scored on each data set's classes).
-Tasks evaluated so far: panoptic (PQ), instance (mask AP), semantic (mIoU) on images;
-interactive (mIoU@1/3/5 and NoC@85/90 with simulated corrective clicks); video_panoptic (VPQ), video_instance
-(YouTube-VIS AP) and vos (J&F, the objects prompted by first-frame boxes) on clips.
+Tasks: panoptic (PQ), instance (mask AP), semantic (mIoU) on images; interactive (mIoU@1/3/5
+and NoC@85/90 with simulated corrective clicks); video_panoptic (VPQ), video_instance
+(YouTube-VIS AP) and vos (J&F, the objects prompted by first-frame boxes) on clips. Panoptic
+and semantic also report the classes seen and unseen in training apart (open vocabulary).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from omgseg.datasets.clip import Task
+from omgseg.datasets.clip import Category, Task
 from omgseg.datasets.prompts import PromptKind
 from omgseg.datasets.stream import ClipSample, ShardStream
 from omgseg.model.inference import instance_inference, panoptic_inference, prompt_inference, semantic_inference
@@ -59,14 +60,16 @@ def evaluate_shards(
     vocabulary = Vocabulary.from_categories(categories)
     is_thing = torch.tensor(vocabulary.is_thing)
     settings = model.config.inference
+    seen = open_vocabulary_split(model, vocabulary)
     evaluators = {}
     for task in wanted:
         if task is Task.PANOPTIC:
-            evaluators[task] = PanopticEvaluator(categories)
+            groups = {name: {vocabulary.category_ids[i] for i in index} for name, index in seen.items()}
+            evaluators[task] = PanopticEvaluator(categories, groups)
         elif task is Task.INSTANCE:
             evaluators[task] = InstanceEvaluator(categories)
         elif task is Task.SEMANTIC:
-            evaluators[task] = SemanticEvaluator(len(categories), IGNORE, [c.name for c in categories])
+            evaluators[task] = SemanticEvaluator(len(categories), IGNORE, [c.name for c in categories], seen)
         elif task is Task.VIDEO_PANOPTIC:
             evaluators[task] = VideoPanopticEvaluator(categories, video_windows)
         elif task is Task.VIDEO_INSTANCE:
@@ -119,6 +122,16 @@ def evaluate_shards(
     return {task.value: evaluator.compute() for task, evaluator in evaluators.items()}
 
 
+def open_vocabulary_split(model: OMGSeg, vocabulary: Vocabulary) -> dict[str, set[int]]:
+    """{"seen": class indices, "unseen": class indices} of `vocabulary`: a class is seen when one
+    of its synonyms was a class name of the model's training vocabulary (`model.seen_names`,
+    stored in checkpoints). Empty when the model records no training names."""
+    if not model.seen_names:
+        return {}
+    mask = vocabulary.seen_mask(model.seen_names).tolist()
+    return {"seen": {i for i, m in enumerate(mask) if m}, "unseen": {i for i, m in enumerate(mask) if not m}}
+
+
 def _semantic_labels(sample: ClipSample, vocabulary: Vocabulary) -> np.ndarray:
     """Frame 0's class-index map (void -> IGNORE); crowd regions keep their class."""
     index = vocabulary.label_map()
@@ -157,20 +170,36 @@ def _add_vos(evaluator: VOSEvaluator, model: OMGSeg, sample: ClipSample, vocabul
 
 def _add_clicks(evaluator: InteractiveEvaluator, model: OMGSeg, sample: ClipSample, vocabulary: Vocabulary,
                 device: torch.device, where: str) -> None:
-    """Simulated clicks on every non-crowd segment of frame 0 (all segments in one pass per
-    click round): the first at the interior-most point, then corrective clicks, up to the
-    evaluator's maximum or until every prediction is exact."""
+    """Every non-crowd segment of frame 0 is one instance of the click protocol."""
     ids = sample.id_maps[0].numpy()
     masks = [ids == s.id for s in sample.segments if not s.iscrowd and s.area[0] > 0]
+    for k, curve in enumerate(click_curves(model, sample.images[0], masks, vocabulary, evaluator.max_clicks, device)):
+        evaluator.add(curve, f"{where} segment {k}")
+
+
+# RITM / SimpleClick binarise the predicted probability at 0.49 (METRICS.md, Interactive).
+CLICK_THRESHOLD = 0.49
+
+
+@torch.no_grad()
+def click_curves(model: OMGSeg, image: torch.Tensor, masks: Sequence[np.ndarray], vocabulary: Vocabulary,
+                 max_clicks: int, device: torch.device) -> list[list[float]]:
+    """Simulated clicks on each object of one image: the IoU after click 1, 2, ... per object.
+
+    image: (3, H, W) uint8; masks: one (H, W) bool mask per object. The first click is at the
+    interior-most point of the mask, each next one at `next_click` of the current error; all
+    objects go through the decoder together in each round and the image is encoded once. An
+    object stops once its prediction is exact (the evaluator carries its last IoU forward).
+    """
     if not masks:
-        return
-    size = (sample.height, sample.width)
+        return []
+    size = tuple(image.shape[-2:])
+    encoded = model.encode(image[None, None].to(device))
     first = torch.tensor([interior_point(m) for m in masks], dtype=torch.float32)
-    extra: list[list[tuple[float, float, int]]] = [[] for _ in masks]  # further clicks per instance
+    extra: list[list[tuple[float, float, int]]] = [[] for _ in masks]  # further clicks per object
     curves: list[list[float]] = [[] for _ in masks]
     active = list(range(len(masks)))
-    threshold = model.config.inference.prompt_mask_threshold
-    for _ in range(evaluator.max_clicks):
+    for _ in range(max_clicks):
         most = max(len(extra[k]) for k in active)
         clicks = labels = None
         if most:
@@ -181,8 +210,8 @@ def _add_clicks(evaluator: InteractiveEvaluator, model: OMGSeg, sample: ClipSamp
                     clicks[row, j] = torch.tensor([x, y])
                     labels[row, j] = positive
         prompts = PromptBatch.from_points(first[active], size, clicks, labels)
-        (pred,) = model.predict(sample.images[:1][None].to(device), vocabulary, [prompts])
-        predicted = prompt_inference(pred.prompt_mask_logits.cpu(), mask_threshold=threshold).masks[:, 0].numpy()
+        (pred,) = model.predict(None, vocabulary, [prompts], encoded=encoded)
+        predicted = prompt_inference(pred.prompt_mask_logits.cpu(), mask_threshold=CLICK_THRESHOLD).masks[:, 0].numpy()
         still = []
         for row, k in enumerate(active):
             curves[k].append(mask_iou(predicted[row], masks[k]))
@@ -193,5 +222,50 @@ def _add_clicks(evaluator: InteractiveEvaluator, model: OMGSeg, sample: ClipSamp
         active = still
         if not active:
             break
-    for k, curve in enumerate(curves):
-        evaluator.add(curve, f"{where} segment {k}")
+    return curves
+
+
+def evaluate_interactive_files(checkpoint: Path, gt_json: Path, gt_dir: Path, image_dir: Path, *,
+                               max_clicks: int = 20, clip_checkpoint: str | None = None,
+                               max_images: int | None = None, progress: bool = True) -> dict:
+    """Simulated clicks of a checkpoint on COCO panoptic ground truth (every non-crowd segment,
+    stuff included, is an instance, as OMG-Seg's COCO-SAM protocol): mIoU@1/3/5, NoC@85/90, NoF.
+
+    gt_json / gt_dir: the panoptic JSON and its PNG folder; image_dir: the images its
+    `images[].file_name` name (e.g. val2017/)."""
+    from PIL import Image
+
+    from omgseg.model.omgseg import load_checkpoint
+    from omgseg.platform.metrics.files import read_id_png
+    from omgseg.platform.metrics.panoptic import read_panoptic_json
+
+    gt_json, gt_dir, image_dir = Path(gt_json), Path(gt_dir), Path(image_dir)
+    gt = read_panoptic_json(gt_json)
+    for key in ("images", "categories"):
+        if key not in gt:
+            raise ValueError(f"{gt_json}: needs an {key!r} list")
+    images = {i["id"]: i["file_name"] for i in gt["images"]}
+    categories = [Category.from_json(c, str(gt_json)) for c in gt["categories"]]
+    model, _ = load_checkpoint(checkpoint, clip_checkpoint=clip_checkpoint)
+    model.eval()
+    device = next(model.parameters()).device
+    vocabulary = Vocabulary.from_categories(categories)
+    evaluator = InteractiveEvaluator(max_clicks=max_clicks)
+    annotations = gt["annotations"][:max_images] if max_images is not None else gt["annotations"]
+    for ann in tqdm(annotations, desc="eval interactive", disable=not progress):
+        if ann["image_id"] not in images:
+            raise ValueError(f"{gt_json}: annotation of image {ann['image_id']!r} has no entry in 'images'")
+        image_path = image_dir / images[ann["image_id"]]
+        if not image_path.is_file():
+            raise FileNotFoundError(f"{gt_json}: image {image_path} does not exist")
+        with Image.open(image_path) as im:
+            rgb = torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)
+        png = gt_dir / ann["file_name"]
+        ids = read_id_png(png, f"{gt_json}: ground-truth")
+        if ids.shape != tuple(rgb.shape[1:]):
+            raise ValueError(f"{png}: ground truth is {ids.shape}, image {image_path} is {tuple(rgb.shape[1:])}")
+        masks = [ids == int(s["id"]) for s in ann["segments_info"] if not s.get("iscrowd", 0)]
+        masks = [m for m in masks if m.any()]
+        for k, curve in enumerate(click_curves(model, rgb, masks, vocabulary, max_clicks, device)):
+            evaluator.add(curve, f"{png} segment {k}")
+    return {**evaluator.compute(), "images": len(annotations)}

@@ -18,10 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
-from omgseg.datasets.clip import Category, decode_id_map_rgb
-from omgseg.platform.metrics.files import read_json
+from omgseg.datasets.clip import Category
+from omgseg.platform.metrics.files import read_id_png, read_json
 
 OFFSET = 2**32  # id pairs are packed as gt * OFFSET + pred: ids are < 2**24 (RGB encoding)
 
@@ -123,8 +122,11 @@ def pq_stats(
     return stats
 
 
-def pq_summary(stats: PQStats, categories: Sequence[Category]) -> dict:
-    """PQ/SQ/RQ in percent over all, thing and stuff classes, plus per-class values."""
+def pq_summary(stats: PQStats, categories: Sequence[Category], class_groups: Mapping[str, set[int]] | None = None) -> dict:
+    """PQ/SQ/RQ in percent over all, thing and stuff classes, plus per-class values.
+
+    class_groups: {name: category ids}, e.g. the classes seen and unseen in training; each
+    group adds PQ_<name>, SQ_<name>, RQ_<name> and N_<name> over its classes."""
     per_class = {}
     for c in categories:
         tp, fp, fn = stats.tp.get(c.id, 0), stats.fp.get(c.id, 0), stats.fn.get(c.id, 0)
@@ -136,9 +138,12 @@ def pq_summary(stats: PQStats, categories: Sequence[Category]) -> dict:
             "name": c.name, "isthing": c.isthing, "PQ": 100 * iou / denominator,
             "SQ": 100 * iou / tp if tp else 0.0, "RQ": 100 * tp / denominator, "TP": tp, "FP": fp, "FN": fn,
         }
+    subsets = {"": lambda k, r: True, "_th": lambda k, r: r["isthing"], "_st": lambda k, r: not r["isthing"]}
+    for name, ids in (class_groups or {}).items():
+        subsets[f"_{name}"] = lambda k, r, ids=ids: k in ids
     out: dict = {}
-    for suffix, keep in (("", lambda r: True), ("_th", lambda r: r["isthing"]), ("_st", lambda r: not r["isthing"])):
-        rows = [r for r in per_class.values() if keep(r)]
+    for suffix, keep in subsets.items():
+        rows = [r for k, r in per_class.items() if keep(k, r)]
         for metric in ("PQ", "SQ", "RQ"):
             out[f"{metric}{suffix}"] = sum(r[metric] for r in rows) / len(rows) if rows else 0.0
         out[f"N{suffix}"] = len(rows)
@@ -149,9 +154,11 @@ def pq_summary(stats: PQStats, categories: Sequence[Category]) -> dict:
 class PanopticEvaluator:
     """reset / add one image (or volume) / merge another worker's / compute."""
 
-    def __init__(self, categories: Sequence[Category]) -> None:
+    def __init__(self, categories: Sequence[Category], class_groups: Mapping[str, set[int]] | None = None) -> None:
+        """class_groups: optional {name: category ids} reported separately (see pq_summary)."""
         self.categories = list(categories)
         self._by_id = {c.id: c for c in self.categories}
+        self.class_groups = dict(class_groups or {})
         self.reset()
 
     def reset(self) -> None:
@@ -169,32 +176,25 @@ class PanopticEvaluator:
         return self
 
     def compute(self) -> dict:
-        return {**pq_summary(self.stats, self.categories), "images": self.count}
+        return {**pq_summary(self.stats, self.categories, self.class_groups), "images": self.count}
 
 
 # ---------------------------------------------------------------------------------------------
 # COCO panoptic files
 
 
-def _load_json(path: Path) -> dict:
+def read_panoptic_json(path: Path) -> dict:
     data = read_json(path)
     if not isinstance(data, dict) or "annotations" not in data:
         raise ValueError(f"{path}: a COCO panoptic JSON needs an 'annotations' list")
     return data
 
 
-def _read_ids(path: Path, where: str) -> np.ndarray:
-    if not path.is_file():
-        raise FileNotFoundError(f"{where}: PNG {path} does not exist")
-    with Image.open(path) as image:
-        return decode_id_map_rgb(np.asarray(image.convert("RGB")))
-
-
 def evaluate_coco_panoptic(gt_json: Path, gt_dir: Path, pred_json: Path, pred_dir: Path) -> dict:
     """PQ of prediction files against ground-truth files, both in the COCO panoptic format."""
     gt_json, gt_dir, pred_json, pred_dir = map(Path, (gt_json, gt_dir, pred_json, pred_dir))
-    gt = _load_json(gt_json)
-    pred = _load_json(pred_json)
+    gt = read_panoptic_json(gt_json)
+    pred = read_panoptic_json(pred_json)
     if "categories" not in gt:
         raise ValueError(f"{gt_json}: needs a 'categories' list")
     categories = [Category.from_json(c, str(gt_json)) for c in gt["categories"]]
@@ -210,8 +210,8 @@ def evaluate_coco_panoptic(gt_json: Path, gt_dir: Path, pred_json: Path, pred_di
         if image_id not in predictions:
             raise ValueError(f"{pred_json}: no prediction for image {image_id} ({ann['file_name']})")
         p = predictions[image_id]
-        gt_ids = _read_ids(gt_dir / ann["file_name"], str(gt_json))
-        pred_ids = _read_ids(pred_dir / p["file_name"], str(pred_json))
+        gt_ids = read_id_png(gt_dir / ann["file_name"], f"{gt_json}: ground-truth")
+        pred_ids = read_id_png(pred_dir / p["file_name"], f"{pred_json}: predicted")
         gt_segments = {int(s["id"]): GtSegment(int(s["category_id"]), bool(s.get("iscrowd", 0)), int(s["area"]))
                        for s in ann["segments_info"]}
         pred_segments = {int(s["id"]): int(s["category_id"]) for s in p["segments_info"]}

@@ -7,7 +7,7 @@ MulticlassJaccardIndex count a class that is only predicted as IoU 0 instead).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +17,10 @@ from PIL import Image
 class SemanticEvaluator:
     """reset / add label maps / merge / compute, over `num_classes` classes."""
 
-    def __init__(self, num_classes: int, ignore_label: int = 255, class_names: Sequence[str] | None = None) -> None:
+    def __init__(self, num_classes: int, ignore_label: int = 255, class_names: Sequence[str] | None = None,
+                 class_groups: Mapping[str, set[int]] | None = None) -> None:
+        """class_groups: optional {name: class indices}, e.g. the classes seen and unseen in
+        training; each adds mIoU_<name> over its classes present in the ground truth."""
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         if class_names is not None and len(class_names) != num_classes:
@@ -25,6 +28,11 @@ class SemanticEvaluator:
         self.num_classes = num_classes
         self.ignore_label = ignore_label
         self.class_names = list(class_names) if class_names is not None else [str(i) for i in range(num_classes)]
+        self.class_groups = dict(class_groups or {})
+        outside = {name: sorted(i for i in ids if not 0 <= i < num_classes) for name, ids in self.class_groups.items()}
+        outside = {name: ids for name, ids in outside.items() if ids}
+        if outside:
+            raise ValueError(f"class groups name classes outside 0..{num_classes - 1}: {outside}")
         self.reset()
 
     def reset(self) -> None:
@@ -61,6 +69,12 @@ class SemanticEvaluator:
             "mACC": 100 * float(acc[present].mean()) if present.any() else 0.0,
             "pACC": 100 * float(tp.sum() / gt.sum()) if gt.sum() else 0.0,
         }
+        for group, ids in self.class_groups.items():
+            member = np.zeros(self.num_classes, dtype=bool)
+            member[sorted(ids)] = True
+            chosen = member & present
+            out[f"mIoU_{group}"] = 100 * float(iou[chosen].mean()) if chosen.any() else 0.0
+            out[f"N_{group}"] = int(chosen.sum())
         for name, value, here in zip(self.class_names, iou, present):
             if here:
                 out[f"IoU-{name}"] = 100 * float(value)

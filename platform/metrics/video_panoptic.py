@@ -16,10 +16,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
-from omgseg.datasets.clip import Category, decode_id_map_rgb
-from omgseg.platform.metrics.files import read_json
+from omgseg.datasets.clip import Category
+from omgseg.platform.metrics.files import read_id_png, read_json
 from omgseg.platform.metrics.panoptic import GtSegment, PQStats, pq_stats, pq_summary
 
 VIPSEG_WINDOWS = (1, 2, 4, 6, 8)
@@ -113,14 +112,6 @@ def _by_video(data: dict, path: Path) -> dict[str, list]:
             raise ValueError(f"{where}: video {video_id!r} is listed twice")
         out[video_id] = frames
     return out
-
-
-def _read_ids(path: Path, what: str) -> np.ndarray:
-    """An RGB id PNG -> (H, W) uint32 ids."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} PNG {path} does not exist")
-    with Image.open(path) as image:
-        return decode_id_map_rgb(np.asarray(image.convert("RGB")))
 
 
 def _frame_segments(entry: dict, where: str, categories: Mapping[int, Category]) -> dict[int, dict]:
@@ -222,8 +213,8 @@ def evaluate_vipseg(gt_json: Path, gt_dir: Path, pred_json: Path, pred_dir: Path
                     raise ValueError(f"{path}: video {video_id!r} frame {t} is {entry['file_name']!r}, "
                                      f"but the ground-truth image there is {name!r} ({gt_json})")
             gt_png, pred_png = gt_dir / video_id / name, pred_dir / video_id / name
-            gt_ids = _read_ids(gt_png, f"{gt_json}: video {video_id!r} frame {t}: ground-truth")
-            pred_ids = _read_ids(pred_png, f"{pred_json}: video {video_id!r} frame {t}: predicted")
+            gt_ids = read_id_png(gt_png, f"{gt_json}: video {video_id!r} frame {t}: ground-truth")
+            pred_ids = read_id_png(pred_png, f"{pred_json}: video {video_id!r} frame {t}: predicted")
             if pred_ids.shape != gt_ids.shape:
                 raise ValueError(f"{pred_png}: prediction is {pred_ids.shape[1]}x{pred_ids.shape[0]} (WxH), "
                                  f"ground truth {gt_png} is {gt_ids.shape[1]}x{gt_ids.shape[0]}")

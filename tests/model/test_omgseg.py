@@ -105,6 +105,20 @@ def test_prompt_queries_leave_object_queries_unchanged(model, vocabulary):
     assert torch.allclose(plain.class_logits, prompted.class_logits[:, :n], atol=1e-5)
 
 
+def test_encoded_features_are_reused_exactly(model, vocabulary):
+    """Interactive rounds encode an image once and decode new clicks: same as a full pass."""
+    images = _images(1, 2, seed=3)
+    encoded = model.encode(images)
+    for clicks in ([[20.0, 15.0]], [[70.0, 50.0], [10.0, 10.0]]):
+        prompts = [PromptBatch.from_points(torch.tensor(clicks), (H, W))]
+        (full,) = model.predict(images, vocabulary, prompts)
+        (reused,) = model.predict(None, vocabulary, prompts, encoded=encoded)
+        assert torch.equal(full.prompt_mask_logits, reused.prompt_mask_logits)
+        assert torch.equal(full.class_probs, reused.class_probs)
+    with pytest.raises(ValueError, match="needs images or encoded features"):
+        model(None, vocabulary)
+
+
 def test_training_step_leaves_the_frozen_backbone_unchanged(vocabulary):
     torch.manual_seed(1)
     model = OMGSeg(model_config("tiny")).train()

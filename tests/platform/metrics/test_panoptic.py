@@ -176,3 +176,19 @@ def test_eval_command_end_to_end(tmp_path, capsys):
     assert json.loads((tmp_path / "out" / "pq.json").read_text()) == result
     assert main(["eval", "coco-panoptic", "--gt-json", str(tmp_path / "gt.json")]) == 1
     assert "needs --gt-dir, --pred-json, --pred-dir" in capsys.readouterr().err
+
+
+def test_seen_and_unseen_classes_are_averaged_apart():
+    # Same case as test_partial_match_by_hand: person PQ 200/3, car PQ 0; sky has no TP/FP/FN.
+    gt = np.zeros((4, 4), dtype=np.int64)
+    gt[:2] = 1
+    gt[2:] = 2
+    pred = np.zeros((4, 4), dtype=np.int64)
+    pred[:3] = 5
+    pred[3] = 6
+    evaluator = PanopticEvaluator(CATS, {"seen": {1, 3}, "unseen": {2}})
+    evaluator.add(gt, _areas(gt, {1: (1, False), 2: (2, False)}), pred, {5: 1, 6: 2})
+    out = evaluator.compute()
+    assert out["PQ_seen"] == pytest.approx(100 * 8 / 12) and out["N_seen"] == 1  # sky is left out
+    assert out["PQ_unseen"] == 0 and out["N_unseen"] == 1
+    assert out["PQ"] == pytest.approx((out["PQ_seen"] + out["PQ_unseen"]) / 2)

@@ -51,3 +51,16 @@ def test_merge_and_errors(tmp_path):
     Image.fromarray(np.array([[0, 1]], dtype=np.uint8)).save(tmp_path / "gt" / "b.png")
     with pytest.raises(FileNotFoundError, match="pred/b.png for b.png does not exist"):
         evaluate_semantic_pngs(tmp_path / "gt", tmp_path / "pred", 2)
+
+
+def test_seen_and_unseen_classes_are_averaged_apart():
+    gt = np.array([[0, 0, 1, 1], [0, 0, 1, 255]])
+    pred = np.array([[0, 1, 1, 1], [0, 0, 2, 0]])
+    ev = SemanticEvaluator(3, class_groups={"seen": {0}, "unseen": {1, 2}})
+    ev.add(gt, pred)
+    out = ev.compute()
+    # IoUs as in test_hand_computed_iou_accuracy_and_ignore: class 0 75, class 1 50, class 2 absent.
+    assert out["mIoU_seen"] == pytest.approx(75.0) and out["N_seen"] == 1
+    assert out["mIoU_unseen"] == pytest.approx(50.0) and out["N_unseen"] == 1
+    with pytest.raises(ValueError, match=r"outside 0..2: \{'x': \[3\]\}"):
+        SemanticEvaluator(3, class_groups={"x": {3}})
