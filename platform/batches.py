@@ -71,9 +71,13 @@ def _prompts_to(p: PromptBatch, device: torch.device) -> PromptBatch:
 class ClipMaker:
     """ClipSample of any data set -> TrainExample (see the module docstring)."""
 
-    def __init__(self, config: BatchConfig, label_maps: dict[str, dict[int, int]]) -> None:
+    def __init__(self, config: BatchConfig, label_maps: dict[str, dict[int, int]],
+                 supervised: dict[str, set[Task]] | None = None) -> None:
+        """label_maps: per data set, {category id: merged class index}; supervised: per data
+        set, the tasks to train (default: every task its samples carry)."""
         self.config = config
         self.label_maps = label_maps
+        self.supervised = supervised or {}
         self.transform = ClipTransform(crop_size=config.crop, scale_range=config.scale_range,
                                        hflip_prob=config.hflip_prob)
 
@@ -84,6 +88,8 @@ class ClipMaker:
         sample = self.transform(sample, generator)
         targets = build_targets(sample)
         tasks = set(sample.tasks)
+        if name in self.supervised:
+            tasks &= self.supervised[name]
         prompts = []
         if tasks & PROMPTED_TASKS and self.config.prompts_per_clip > 0:
             first = targets.masks[:, 0] & ~targets.iscrowd[:, None, None]  # prompts from frame 0

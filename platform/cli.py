@@ -20,6 +20,7 @@ EPILOG = """examples:
   omgseg predict --checkpoint model.pt --task panoptic --input images/ --out predictions/
   omgseg eval coco-panoptic --gt-json gt.json --gt-dir gt/ --pred-json pred.json --pred-dir pred/
   omgseg eval interactive --gt-json gt.json --gt-dir gt/ --image-dir val2017/ --checkpoint model.pt
+  omgseg study --config studies/configs/default.yaml
   omgseg model-info omgseg_convnext_large
 """
 
@@ -260,6 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="also write the JSON result to this file")
     p.set_defaults(func=_cmd_eval)
 
+    sub.add_parser("study", help="run a co-training study (Ray Tune trials, MLflow, influence tables); "
+                   "`omgseg study --help` for its options", add_help=False)
+
     p = sub.add_parser("model-info", help="parameter counts of a model config, without weights")
     p.add_argument("config", help="model config preset: tiny or omgseg_convnext_large")
     p.set_defaults(func=_cmd_model_info)
@@ -267,6 +271,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "study":  # its own parser: the same as python studies/cotrain_matrix.py
+        from omgseg.platform.study import main as study_main
+
+        return study_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

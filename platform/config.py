@@ -38,6 +38,11 @@ class DatasetSpec(StrictModel):
         default=None, ge=1, description="cut videos into clips of this many frames"
     )
     samples_per_shard: int = Field(default=64, ge=1)
+    tasks: tuple[str, ...] | None = Field(
+        default=None,
+        description="the tasks this data set supervises in training; omitted = every task its format "
+        "annotates (e.g. coco-panoptic: panoptic, instance, semantic, interactive)",
+    )
 
     @field_validator("format")
     @classmethod
@@ -46,6 +51,29 @@ class DatasetSpec(StrictModel):
 
         get_format(value)  # raises, listing the known formats
         return value
+
+    @model_validator(mode="after")
+    def _tasks_of_the_format(self) -> DatasetSpec:
+        if self.tasks is None:
+            return self
+        from omgseg.datasets.clip import Task
+        from omgseg.datasets.formats import get_format
+
+        annotated = {t.value for t in get_format(self.format).tasks}
+        for task in self.tasks:
+            Task.parse(task)  # raises, listing the known tasks
+        extra = sorted(set(self.tasks) - annotated)
+        if extra:
+            raise ValueError(f"format {self.format!r} does not annotate tasks {extra} (it annotates {sorted(annotated)})")
+        if not self.tasks:
+            raise ValueError("tasks must name at least one task (omit it for all the format annotates)")
+        return self
+
+    def supervised_tasks(self) -> tuple[str, ...]:
+        """The tasks training supervises on this data set."""
+        from omgseg.datasets.formats import get_format
+
+        return self.tasks if self.tasks is not None else tuple(t.value for t in get_format(self.format).tasks)
 
 
 class DataConfig(StrictModel):
@@ -129,6 +157,13 @@ class TrackingConfig(StrictModel):
     experiment: str = "omgseg"
 
 
+class AffinityConfig(StrictModel):
+    """Inter-task affinity (TAG look-ahead) between the mixed data sets, measured in training."""
+
+    every: int = Field(default=0, ge=0, description="probe every N steps (0: off)")
+    lookahead_lr: float | None = Field(default=None, gt=0, description="look-ahead step size; none = optimizer.lr")
+
+
 class TrainConfig(StrictModel):
     """A co-training run: data, mix, model, schedule, scaling, checkpoints, evaluation."""
 
@@ -151,6 +186,7 @@ class TrainConfig(StrictModel):
         default_factory=dict, description="{dataset: [task, ...]} evaluated on the val split"
     )
     eval_samples: int | None = Field(default=None, ge=1, description="cap on val samples per dataset")
+    affinity: AffinityConfig = AffinityConfig()
     output_dir: Path = Path("outputs/runs")
 
     @model_validator(mode="after")
@@ -173,12 +209,129 @@ class TrainConfig(StrictModel):
         return self
 
 
+COMBINATION_KINDS = ("singletons", "pairs", "leave_one_out", "all")
+
+# The metric of each task that influence and correlation tables use unless a study names others
+# (the headline numbers of OMG-Seg's tables; all are higher-is-better).
+HEADLINE_METRICS = {
+    "panoptic": ("PQ",), "instance": ("AP",), "semantic": ("mIoU",), "interactive": ("mIoU@1",),
+    "video_panoptic": ("VPQ",), "video_instance": ("AP",), "vos": ("J&F",),
+}
+
+
+class StudyTrainSpec(StrictModel):
+    """What every trial trains: the settings of `omgseg train` that do not vary between trials."""
+
+    model: ModelSpec = ModelSpec()
+    batch: BatchConfig = BatchConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    steps: int = Field(default=100, ge=1, description="optimizer steps per trial")
+    log_every: int = Field(default=10, ge=1)
+    checkpoint_every: int = Field(default=50, ge=1)
+    keep_checkpoints: int = Field(default=1, ge=1)
+    max_failures: int = Field(default=1, ge=0, description="worker failures a trial survives by resuming")
+    eval_samples: int | None = Field(default=8, ge=1, description="cap on val samples per evaluated data set")
+
+
+class MixingConfig(StrictModel):
+    """Mixing ratios of each combination: a policy, and explicit ratios for named combinations."""
+
+    policy: Literal["equal", "proportional"] = Field(
+        default="equal", description="equal ratios, or proportional to each data set's train samples")
+    explicit: dict[str, dict[str, float]] = Field(
+        default_factory=dict, description='{"coco+vipseg": {coco: 2, vipseg: 1}}: overrides the policy')
+
+
+class TrialResources(StrictModel):
+    """Resources of one trial, and how many trials run at once."""
+
+    workers: int = Field(default=1, ge=1, description="Ray Train workers per trial")
+    cpus_per_worker: float = Field(default=1, gt=0)
+    use_gpu: bool = Field(default=False, description="one GPU per worker")
+    max_concurrent_trials: int | None = Field(
+        default=None, ge=1, description="none = as many as the CPUs (or GPUs) hold: floor(total / per trial)")
+    max_retries: int = Field(default=1, ge=0, description="times Ray Tune retries a failed trial")
+    seconds_per_step: float | None = Field(
+        default=None, gt=0, description="measured or expected time of a step, for --dry-run's cost estimate")
+
+
+class StudyAffinityConfig(StrictModel):
+    """TAG look-ahead affinity, measured in the trials that co-train every study data set."""
+
+    enabled: bool = True
+    every: int = Field(default=5, ge=1, description="probe every N steps")
+    # An SGD look-ahead at Adam's learning rate overshoots on raw gradients (measured: the
+    # tiny model's own-batch loss rises at 1e-3 and falls at 1e-4), so this is set apart.
+    lookahead_lr: float | None = Field(default=1e-4, gt=0, description="look-ahead step; none = optimizer.lr")
+
+
 class StudyConfig(StrictModel):
-    """A co-training study. So far: its name and its data; training and trial settings join
-    when the training platform and the study runner land (issues 5 and 6)."""
+    """A co-training study: which data set combinations to train, how, and what to measure."""
 
     name: str
     data: DataConfig
+    train_datasets: list[str] | None = Field(
+        default=None, description="the data sets combined for training; none = all of data.datasets "
+        "(others are evaluated only, e.g. an open-vocabulary target)")
+    combinations: list[str | list[str]] = Field(
+        default_factory=lambda: ["singletons", "pairs"],
+        description="singletons, pairs, leave_one_out, all, or explicit lists of data set names")
+    mixing: MixingConfig = MixingConfig()
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    train: StudyTrainSpec = StudyTrainSpec()
+    evaluation: dict[str, list[str]] | None = Field(
+        default=None, description="{data set: [task, ...]} every trial is evaluated on (val split); "
+        "none = every train data set on the tasks it supervises")
+    metrics: dict[str, list[str]] = Field(
+        default_factory=lambda: {k: list(v) for k, v in HEADLINE_METRICS.items()},
+        description="{task or data set/task: [metric, ...]} used by the influence and correlation tables")
+    resources: TrialResources = TrialResources()
+    affinity: StudyAffinityConfig = StudyAffinityConfig()
+    tracking: TrackingConfig = TrackingConfig(experiment="omgseg-studies")
+
+    @model_validator(mode="after")
+    def _names_are_known(self) -> StudyConfig:
+        from omgseg.datasets.clip import Task
+
+        known = list(self.data.datasets)
+        unknown = sorted(set(self.train_datasets or ()) - set(known))
+        if unknown:
+            raise ValueError(f"train_datasets names {unknown} that data.datasets does not define ({sorted(known)})")
+        for item in self.combinations:
+            if isinstance(item, str):
+                if item not in COMBINATION_KINDS:
+                    raise ValueError(f"combinations: unknown kind {item!r}; use {', '.join(COMBINATION_KINDS)} or a list of data sets")
+                continue
+            bad = sorted(set(item) - set(self.trained()))
+            if bad or not item or len(set(item)) != len(item):
+                raise ValueError(f"combinations: {item} must name distinct train data sets ({self.trained()})")
+        for name, tasks in (self.evaluation or {}).items():
+            if name not in known:
+                raise ValueError(f"evaluation names data set {name!r} that data.datasets does not define ({sorted(known)})")
+            for task in tasks:
+                Task.parse(task)
+        for key in self.metrics:  # a task, or "<data set>/<task>" for one data set's targets
+            dataset, _, task = key.rpartition("/")
+            Task.parse(task)
+            if dataset and dataset not in known:
+                raise ValueError(f"metrics.{key}: unknown data set {dataset!r} ({sorted(known)})")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds repeat: {self.seeds}")
+        for combo, ratios in self.mixing.explicit.items():
+            names = combo.split("+")
+            if sorted(ratios) != sorted(names) or any(not r >= 0 for r in ratios.values()) or not any(ratios.values()):
+                raise ValueError(f"mixing.explicit.{combo}: needs a ratio >= 0 for each of {names} (not all 0), got {ratios}")
+        return self
+
+    def trained(self) -> list[str]:
+        """The data sets that take part in training combinations, in config order."""
+        return [n for n in self.data.datasets if self.train_datasets is None or n in self.train_datasets]
+
+    def evaluated(self) -> dict[str, list[str]]:
+        """{data set: tasks} every trial is evaluated on."""
+        if self.evaluation is not None:
+            return {k: list(v) for k, v in self.evaluation.items()}
+        return {n: list(self.data.datasets[n].supervised_tasks()) for n in self.trained()}
 
 
 ConfigT = TypeVar("ConfigT", bound=BaseModel)

@@ -11,30 +11,32 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
-import re
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from omgseg.datasets.clip import Task
 from omgseg.datasets.mixer import Mixer
 from omgseg.datasets.shards import read_meta
 from omgseg.datasets.stream import ShardStream, stream_seed
 from omgseg.model.config import model_config
-from omgseg.model.omgseg import OMGSeg, load_checkpoint, save_checkpoint
+from omgseg.model.omgseg import OMGSeg, save_checkpoint
 from omgseg.model.vocabulary import Vocabulary, merge_vocabularies
+from omgseg.platform.affinity import AffinityAverage, lookahead_affinity
 from omgseg.platform.batches import ClipMaker, collate
 from omgseg.platform.config import DataConfig, TrainConfig
 from omgseg.platform.evaluate import check_tasks, evaluate_shards
+from omgseg.platform.tracking import experiment_id, metric_values, mlflow_key, resolve_tracking_uri
 
 CHECKPOINT_FILE = "state.pt"
 MODEL_FILE = "model.pt"
+EVAL_FILE = "eval.json"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -78,10 +80,12 @@ def vocabulary_record(config: TrainConfig) -> dict:
 
 @dataclass
 class WorkerState:
-    """What a checkpoint holds besides the model weights."""
+    """What a checkpoint holds besides the model weights (per rank)."""
 
     step: int
     counts: dict[str, int]  # samples drawn per data set, all workers of this rank's history
+    seconds: dict[str, float] = field(default_factory=lambda: {"train": 0.0, "affinity": 0.0, "eval": 0.0})
+    affinity: dict | None = None  # AffinityAverage.state()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -121,7 +125,8 @@ def train_loop(
 ) -> dict[str, float]:
     """The training loop itself, with or without Ray: `wrap` makes the model distributed
     (ray.train.torch.prepare_model), `saved` is a checkpoint's state to resume from, and with
-    `checkpoint` every worker reports to Ray Train. Returns the last logged metrics."""
+    `checkpoint` every worker reports to Ray Train (the last report carries the evaluation
+    of `eval_datasets`, done by rank 0). Returns the last logged metrics."""
     torch.manual_seed(config.seed * 1009 + rank)
     names = [n for n, r in config.mix.items() if r > 0]
     vocabularies = dataset_vocabularies(config.data, names)
@@ -134,7 +139,9 @@ def train_loop(
     if saved is not None:
         model.load_state_dict(saved["model"], strict=False)
         optimizer.load_state_dict(saved["optimizer"])
-        state = WorkerState(step=saved["step"], counts=saved["counts"][rank] if rank < len(saved["counts"]) else state.counts)
+        mine = saved["ranks"][rank] if rank < len(saved["ranks"]) else {}
+        state = WorkerState(step=saved["step"], counts=mine.get("counts", state.counts),
+                            seconds=mine.get("seconds", state.seconds), affinity=mine.get("affinity"))
         random.setstate(saved["python_random"])
         np.random.set_state(saved["numpy_random"])
         torch.set_rng_state(saved["torch_random"][rank % len(saved["torch_random"])])
@@ -154,10 +161,12 @@ def train_loop(
         streams[name] = stream
     mixer = Mixer({n: config.mix[n] for n in names}, streams, seed=stream_seed(config.seed, state.step, rank, 0))
     samples = iter(mixer)
-    maker = ClipMaker(config.batch, label_maps)
+    supervised = {n: {Task.parse(t) for t in config.data.datasets[n].supervised_tasks()} for n in names}
+    maker = ClipMaker(config.batch, label_maps, supervised)
     generator = torch.Generator().manual_seed(stream_seed(config.seed, state.step, rank, 1))
     trainable = [p for p in model.parameters() if p.requires_grad]
     autocast = device.type == "cuda" and config.optimizer.amp
+    probe = _AffinityProbe(config, names, maker, state, rank) if config.affinity.every and len(names) > 1 else None
 
     index = {n: i for i, n in enumerate(names)}
     metrics: dict[str, float] = {}
@@ -166,6 +175,7 @@ def train_loop(
     term_sums: dict[str, float] = {}
     core.train()
     for step in range(state.step, config.steps):
+        started = time.perf_counter()
         examples = []
         for _ in range(config.batch.batch_size):
             name, sample = next(samples)
@@ -176,11 +186,15 @@ def train_loop(
             outputs = model(batch.images, vocabulary, batch.prompts)
             losses = core.loss(outputs, batch.targets)
         total = sum(losses.values())
+        if not torch.isfinite(total):
+            raise FloatingPointError(f"non-finite loss at step {step}: " + ", ".join(
+                f"{k}={float(v.detach()):.4g}" for k, v in losses.items()))
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         torch.nn.utils.clip_grad_norm_(trainable, config.optimizer.grad_clip)
         optimizer.step()
         scheduler.step()
+        state.seconds["train"] += time.perf_counter() - started
 
         for name in batch.datasets:
             window[2 * index[name]] += float(total.detach()) / len(batch.datasets)
@@ -191,6 +205,8 @@ def train_loop(
                 term_sums[key] = term_sums.get(key, 0.0) + float(value.detach())
         done = step + 1
         window_steps += 1
+        if probe is not None and done % config.affinity.every == 0:
+            probe(core, vocabulary, device, done, scheduler.get_last_lr()[0], autocast)
         if done % config.log_every == 0 or done == config.steps:
             stats = _all_reduce(window)
             seconds = time.perf_counter() - window_start
@@ -207,25 +223,74 @@ def train_loop(
             window.zero_()
             term_sums = {}
             window_start, window_steps = time.perf_counter(), 0
-        if checkpoint and (done % config.checkpoint_every == 0 or done == config.steps):
-            _report_checkpoint(core, optimizer, done, state, rank, world, config)
+        state.step = done
+        if checkpoint and done % config.checkpoint_every == 0 and done < config.steps:
+            _report_checkpoint(core, optimizer, state, rank, world, config, logger)
         if config.eval_every and config.eval_datasets and done % config.eval_every == 0 and done < config.steps:
             _evaluate_during_training(core, config, done, rank, logger)
+    if checkpoint:
+        # The last report: after the final evaluation (rank 0; the others wait), so its
+        # checkpoint holds the weights and their metrics. A run resumed at its last step
+        # only evaluates and reports again.
+        evaluation = None
+        if config.eval_datasets:
+            started = time.perf_counter()
+            evaluation = _evaluate_on_rank_0(core, config, rank)
+            state.seconds["eval"] += time.perf_counter() - started
+        _report_checkpoint(core, optimizer, state, rank, world, config, logger, evaluation=evaluation)
     return metrics
 
 
-def _evaluate_during_training(model: OMGSeg, config: TrainConfig, step: int, rank: int, logger) -> None:
-    """Rank 0 evaluates the current weights (the final evaluation runs in the driver); the
-    others wait at a barrier so that no collective times out meanwhile."""
+class _AffinityProbe:
+    """Every `affinity.every` steps: one batch per data set from streams of its own (the mix is
+    not drawn from), then TAG's look-ahead affinity (omgseg.platform.affinity) on the shared
+    weights. Sums live in the worker state, so they survive a resume."""
+
+    def __init__(self, config: TrainConfig, names: list[str], maker: ClipMaker, state: WorkerState, rank: int) -> None:
+        self.config = config
+        self.names = names
+        self.maker = maker
+        self.state = state
+        self.average = AffinityAverage.from_state(state.affinity) if state.affinity else AffinityAverage(names)
+        self.streams = {}
+        for k, name in enumerate(names):
+            stream = ShardStream(config.data.shard_dir(name, "train"), shuffle_buffer=config.batch.shuffle_buffer,
+                                 seed=stream_seed(config.seed, state.step, rank, 100 + k), resampled=True)
+            stream.set_epoch(state.step)
+            self.streams[name] = iter(stream)
+        self.generator = torch.Generator().manual_seed(stream_seed(config.seed, state.step, rank, 2))
+
+    def __call__(self, model: OMGSeg, vocabulary: Vocabulary, device: torch.device, step: int, lr: float,
+                 autocast: bool) -> None:
+        started = time.perf_counter()
+        batches = {
+            name: collate([self.maker(name, next(self.streams[name]), self.generator)
+                           for _ in range(self.config.batch.batch_size)]).to(device)
+            for name in self.names
+        }
+        size = self.config.affinity.lookahead_lr or lr
+        self.average.add(lookahead_affinity(model, vocabulary, batches, size, seed=step, autocast=autocast))
+        self.state.affinity = self.average.state()
+        self.state.seconds["affinity"] += time.perf_counter() - started
+
+
+def _evaluate_on_rank_0(model: OMGSeg, config: TrainConfig, rank: int) -> dict | None:
+    """Rank 0 evaluates `eval_datasets`; the other ranks wait at a barrier."""
+    results = None
     if rank == 0:
-        results = evaluate_model(model, config)
+        results = evaluate_model(model, config, progress=True)
         model.train()
-        if logger is not None:
-            logger.log({mlflow_key(f"{name}/{task}/{key}"): float(value)
-                        for name, tasks in results.items() for task, values in tasks.items()
-                        for key, value in values.items() if isinstance(value, (int, float))}, step)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
+    return results
+
+
+def _evaluate_during_training(model: OMGSeg, config: TrainConfig, step: int, rank: int, logger) -> None:
+    """Rank 0 evaluates the current weights and logs them at `step`; the others wait at a
+    barrier so that no collective times out meanwhile."""
+    results = _evaluate_on_rank_0(model, config, rank)
+    if results is not None and logger is not None:
+        logger.log(metric_values(results), step)
 
 
 def _all_reduce(values: torch.Tensor) -> torch.Tensor:
@@ -236,41 +301,61 @@ def _all_reduce(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
-def _report_checkpoint(model: OMGSeg, optimizer, step: int, state: WorkerState, rank: int, world: int,
-                       config: TrainConfig) -> None:
+def _report_checkpoint(model: OMGSeg, optimizer, state: WorkerState, rank: int, world: int, config: TrainConfig,
+                       logger: _MlflowStepLogger | None, evaluation: dict | None = None) -> None:
     """Every worker reports (a barrier); rank 0 attaches the checkpoint with every rank's
-    mix counts and random state."""
+    state (mix counts, seconds, affinity sums) and random state, and `evaluation` as eval.json."""
     import ray.train
 
-    counts = [None] * world
-    rng = [None] * world
-    mine = (dict(state.counts), torch.get_rng_state())
+    mine = ({"counts": dict(state.counts), "seconds": dict(state.seconds), "affinity": state.affinity},
+            torch.get_rng_state())
     if world > 1 and torch.distributed.is_initialized():
         gathered = [None] * world
         torch.distributed.all_gather_object(gathered, mine)
-        counts = [g[0] for g in gathered]
-        rng = [g[1] for g in gathered]
     else:
-        counts, rng = [mine[0]], [mine[1]]
-    total = {n: sum(c[n] for c in counts) for n in counts[0]}
-    metrics = {"step": step, **{f"samples/{n}": c for n, c in total.items()}}
+        gathered = [mine]
+    ranks = [g[0] for g in gathered]
+    rng = [g[1] for g in gathered]
+    metrics = {"step": state.step, **{f"samples/{n}": sum(r["counts"][n] for r in ranks) for n in ranks[0]["counts"]},
+               **{f"seconds/{k}": v for k, v in ranks[0]["seconds"].items()}}  # rank 0's time
+    affinity = _merged_affinity(ranks)
+    for source, row in affinity.items():
+        metrics.update({f"affinity/{source}/{target}": value for target, value in row.items()})
+    if affinity:
+        metrics["affinity_probes"] = sum(r["affinity"]["probes"] for r in ranks if r["affinity"])
     if rank != 0:
         ray.train.report(metrics, checkpoint=None)
         return
+    if logger is not None and affinity:
+        logger.log({mlflow_key(k): v for k, v in metrics.items() if k.startswith("affinity")}, state.step)
     with tempfile.TemporaryDirectory() as folder:
         torch.save({
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
-            "step": step,
-            "counts": counts,
+            "step": state.step,
+            "ranks": ranks,
             "python_random": random.getstate(),
             "numpy_random": np.random.get_state(),
             "torch_random": rng,
         }, Path(folder) / CHECKPOINT_FILE)
         save_checkpoint(model, Path(folder) / MODEL_FILE, extra={
-            "step": step, "config": config.model_dump(mode="json"), "vocabulary": vocabulary_record(config),
+            "step": state.step, "config": config.model_dump(mode="json"), "vocabulary": vocabulary_record(config),
         })
+        if evaluation is not None:
+            (Path(folder) / EVAL_FILE).write_text(json.dumps(evaluation, indent=2, sort_keys=True))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+
+def _merged_affinity(ranks: list[dict]) -> dict[str, dict[str, float]]:
+    """Mean Z over every rank's probes."""
+    states = [r["affinity"] for r in ranks if r["affinity"]]
+    if not states:
+        return {}
+    merged = AffinityAverage.from_state(states[0])
+    for other in states[1:]:
+        merged.sums += AffinityAverage.from_state(other).sums
+        merged.probes += other["probes"]
+    return merged.means()
 
 
 class _MlflowStepLogger:
@@ -311,15 +396,13 @@ class TrainResult:
     samples: dict[str, int]  # samples drawn per data set over all workers
     realised_mix: dict[str, float]
     metrics: dict[str, dict[str, dict]]  # {eval data set: {task: metrics}}
+    seconds: dict[str, float]  # rank 0's time in training steps, affinity probes, evaluation; "fit": Ray's whole run
+    affinity: dict[str, dict[str, float]]  # {source: {target: mean look-ahead affinity}}, if measured
 
 
 def tracking_uri(config: TrainConfig) -> str:
     """The config's URI, else $MLFLOW_TRACKING_URI, else a SQLite file in the output folder."""
-    if config.tracking.tracking_uri:
-        return config.tracking.tracking_uri
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    return f"sqlite:///{(config.output_dir / 'mlflow.db').resolve()}"
+    return resolve_tracking_uri(config.tracking, config.output_dir)
 
 
 def check_inputs(config: TrainConfig) -> dict[str, Path]:
@@ -337,8 +420,11 @@ def check_inputs(config: TrainConfig) -> dict[str, Path]:
     return dirs
 
 
-def run_training(config: TrainConfig, *, parent_run_id: str | None = None, tags: dict[str, str] | None = None) -> TrainResult:
-    """Prepare data, open the MLflow run, train on Ray, and record the result."""
+def run_training(config: TrainConfig, *, parent_run_id: str | None = None, tags: dict[str, str] | None = None,
+                 run_id: str | None = None, prepare: bool = True) -> TrainResult:
+    """Prepare data (unless `prepare` is False: the caller did), open the MLflow run, train on
+    Ray, and record the result. `run_id` continues an existing MLflow run (a study resuming a
+    trial): its Ray Train run has the same name, so Ray resumes it from its last checkpoint."""
     import mlflow
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -351,34 +437,35 @@ def run_training(config: TrainConfig, *, parent_run_id: str | None = None, tags:
         check_tasks(tasks, f"eval_datasets.{name}")
     if config.eval_datasets and "val" not in config.data.splits:
         raise ValueError(f"eval_datasets needs the val split, but data.splits is {list(config.data.splits)}")
-    prepare_data(config.data, progress=True)
+    if prepare:
+        prepare_data(config.data, progress=True)
     check_inputs(config)
     uri = tracking_uri(config)
     config.output_dir.mkdir(parents=True, exist_ok=True)
     client = mlflow.MlflowClient(uri)
-    experiment = client.get_experiment_by_name(config.tracking.experiment)
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment(config.tracking.experiment)
-    run_tags = {"omgseg.git_commit": _git_commit(), **(tags or {})}
-    if parent_run_id:
-        run_tags["mlflow.parentRunId"] = parent_run_id
-    run = client.create_run(experiment_id, run_name=config.name, tags=run_tags)
-    run_id = run.info.run_id
-    params = flatten(config)
-    client.log_batch(run_id, params=[mlflow.entities.Param(k, str(v)[:6000]) for k, v in sorted(params.items())])
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "config.json"
-        path.write_text(config.model_dump_json(indent=2))
-        client.log_artifact(run_id, str(path))
+    if run_id is None:
+        run_tags = {"omgseg.git_commit": _git_commit(), **(tags or {})}
+        if parent_run_id:
+            run_tags["mlflow.parentRunId"] = parent_run_id
+        run = client.create_run(experiment_id(client, config.tracking.experiment, uri), run_name=config.name, tags=run_tags)
+        run_id = run.info.run_id
+        params = flatten(config)
+        client.log_batch(run_id, params=[mlflow.entities.Param(k, str(v)[:6000]) for k, v in sorted(params.items())])
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / "config.json"
+            path.write_text(config.model_dump_json(indent=2))
+            client.log_artifact(run_id, str(path))
+    else:
+        client.update_run(run_id, status="RUNNING")
 
     if not ray.is_initialized():
         ray.init()  # RAY_ADDRESS selects a cluster; otherwise a local instance
+    resources = {"CPU": config.scaling.cpus_per_worker}
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"config": config.model_dump(mode="json"), "run_id": run_id, "tracking_uri": uri},
-        scaling_config=ScalingConfig(
-            num_workers=config.scaling.workers, use_gpu=config.scaling.use_gpu,
-            resources_per_worker={"CPU": config.scaling.cpus_per_worker},
-        ),
+        scaling_config=ScalingConfig(num_workers=config.scaling.workers, use_gpu=config.scaling.use_gpu,
+                                     resources_per_worker=resources),
         run_config=RunConfig(
             name=f"{config.name}-{run_id[:8]}",
             storage_path=str((config.output_dir / "ray").resolve()),
@@ -386,61 +473,53 @@ def run_training(config: TrainConfig, *, parent_run_id: str | None = None, tags:
             checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints),
         ),
     )
+    started = time.perf_counter()
     try:
         result = trainer.fit()
-    except Exception:
+    except BaseException:
         client.set_terminated(run_id, "FAILED")
         raise
+    fit_seconds = time.perf_counter() - started
     if result.error is not None or result.checkpoint is None:
         client.set_terminated(run_id, "FAILED")
         raise RuntimeError(f"training run {config.name!r} failed: {result.error}")
 
-    out = (config.output_dir / config.name / run_id).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    with result.checkpoint.as_directory() as folder:
-        final = out / MODEL_FILE
-        final.write_bytes((Path(folder) / MODEL_FILE).read_bytes())
-    samples = {k.split("/", 1)[1]: int(v) for k, v in result.metrics.items() if k.startswith("samples/")}
-    total = sum(samples.values())
-    realised = {k: v / total for k, v in samples.items()} if total else {}
-    now, step = int(time.time() * 1000), int(result.metrics["step"])
-    client.log_batch(run_id, metrics=[
-        *(mlflow.entities.Metric(f"mix_realised/{k}", v, now, step) for k, v in realised.items()),
-        *(mlflow.entities.Metric(f"samples/{k}", v, now, step) for k, v in samples.items()),
-    ])
-    client.log_artifact(run_id, str(final))
-    client.set_tag(run_id, "omgseg.checkpoint", str(final))
-
     try:
-        evaluation = evaluate_checkpoint(config, final)
-        now = int(time.time() * 1000)
-        client.log_batch(run_id, metrics=[
-            mlflow.entities.Metric(mlflow_key(f"{name}/{task}/{key}"), float(value), now, int(result.metrics["step"]))
-            for name, tasks in evaluation.items() for task, values in tasks.items()
-            for key, value in values.items() if isinstance(value, (int, float))
-        ])
-        eval_file = out / "eval.json"
-        eval_file.write_text(json.dumps(evaluation, indent=2, sort_keys=True))
-        client.log_artifact(run_id, str(eval_file))
+        out = (config.output_dir / config.name / run_id).resolve()
+        out.mkdir(parents=True, exist_ok=True)
+        final = out / MODEL_FILE
+        evaluation = {}
+        with result.checkpoint.as_directory() as folder:
+            final.write_bytes((Path(folder) / MODEL_FILE).read_bytes())
+            if (Path(folder) / EVAL_FILE).is_file():
+                evaluation = json.loads((Path(folder) / EVAL_FILE).read_text())
+        metrics = result.metrics
+        samples = {k.split("/", 1)[1]: int(v) for k, v in metrics.items() if k.startswith("samples/")}
+        total = sum(samples.values())
+        realised = {k: v / total for k, v in samples.items()} if total else {}
+        seconds = {k.split("/", 1)[1]: float(v) for k, v in metrics.items() if k.startswith("seconds/")}
+        seconds["fit"] = fit_seconds
+        affinity: dict[str, dict[str, float]] = {}
+        for key, value in metrics.items():
+            if key.startswith("affinity/"):
+                _, source, target = key.split("/")
+                affinity.setdefault(source, {})[target] = float(value)
+        now, step = int(time.time() * 1000), int(metrics["step"])
+        values = {**{f"mix_realised/{k}": v for k, v in realised.items()}, **{f"samples/{k}": v for k, v in samples.items()},
+                  **{f"seconds/{k}": v for k, v in seconds.items()}, **metric_values(evaluation)}
+        client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, float(v), now, step) for k, v in values.items()])
+        client.log_artifact(run_id, str(final))
+        client.set_tag(run_id, "omgseg.checkpoint", str(final))
+        if evaluation:
+            eval_file = out / EVAL_FILE
+            eval_file.write_text(json.dumps(evaluation, indent=2, sort_keys=True))
+            client.log_artifact(run_id, str(eval_file))
     except BaseException:
         client.set_terminated(run_id, "FAILED")
         raise
     client.set_terminated(run_id, "FINISHED")
-    return TrainResult(run_id=run_id, checkpoint=final, steps=int(result.metrics["step"]), samples=samples,
-                       realised_mix=realised, metrics=evaluation)
-
-
-def mlflow_key(name: str) -> str:
-    """A metric name MLflow accepts: the reference names' '@' (VPQ@4) becomes '_' (VPQ_4)."""
-    return re.sub(r"[^A-Za-z0-9_\-. :/]", "_", name)
-
-
-def evaluate_checkpoint(config: TrainConfig, checkpoint: Path) -> dict[str, dict[str, dict]]:
-    """The config's eval_datasets x tasks on their val shards, with the saved model."""
-    if not config.eval_datasets:
-        return {}
-    model, _ = load_checkpoint(checkpoint, clip_checkpoint=_str(config.model.clip_checkpoint))
-    return evaluate_model(model, config, progress=True)
+    return TrainResult(run_id=run_id, checkpoint=final, steps=step, samples=samples, realised_mix=realised,
+                       metrics=evaluation, seconds=seconds, affinity=affinity)
 
 
 def evaluate_model(model: OMGSeg, config: TrainConfig, progress: bool = False) -> dict[str, dict[str, dict]]:

@@ -81,7 +81,7 @@ def test_tiny_two_worker_run_is_tracked_and_reloads(tmp_path, local_ray):
     last = sum(h[-1] for h in history.values()) / len(history)
     assert last < 0.8 * first, history
     assert len(client.get_metric_history(result.run_id, "lr")) == 6
-    # Evaluated at step 15 by rank 0, then at the end by the driver.
+    # Evaluated at step 15 and at the end, by rank 0.
     assert [m.step for m in client.get_metric_history(result.run_id, "coco/panoptic/PQ")] == [15, 30]
     assert "vipseg/video_panoptic/VPQ_1" in run.data.metrics
 

@@ -1,0 +1,74 @@
+"""Benchmark: the default study end to end. Where does its wall time go?
+
+Runs `python studies/cotrain_matrix.py` (the embedded default study, or --config) into a fresh
+folder, then compares, in the same run, the time spent inside training steps (and the TAG
+probes and evaluation, measured in the workers) with the rest of each trial (Ray Train
+start-up, worker processes, checkpoints, scheduling). Prints one JSON line.
+
+    .venv/bin/python tests/benchmarks/bench_study.py [--config FILE] [--out DIR] [key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import polars as pl
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(ROOT / "studies" / "configs" / "default.yaml"))
+    parser.add_argument("--out", help="study folder (default: a new temporary folder)")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="bench_study_")) / "study"
+    env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, str(ROOT / "studies" / "cotrain_matrix.py"), "--config", args.config,
+                           "--out", str(out), *args.overrides], env=env, stdout=subprocess.PIPE, stderr=sys.stderr, text=True)
+    wall = time.perf_counter() - started
+    if done.returncode != 0:
+        print(f"bench_study: the study failed (exit {done.returncode})", file=sys.stderr)
+        return 1
+    runs = pl.read_parquet(out / "runs.parquet").filter(pl.col("status") == "finished")
+    summary = json.loads((out / "summary.json").read_text())
+    trial_wall = float(runs["wall_seconds"].sum())
+    steps = float(runs["train_seconds"].sum())
+    probes = float(runs["affinity_seconds"].sum())
+    evaluation = float(runs["eval_seconds"].sum())
+    overhead = trial_wall - steps - probes - evaluation
+    print(json.dumps({
+        "benchmark": "bench_study",
+        "config": str(Path(args.config).relative_to(ROOT)) if Path(args.config).is_relative_to(ROOT) else args.config,
+        "trials": runs.height,
+        "study_wall_s": round(wall, 1),
+        "trial_wall_s_sum": round(trial_wall, 1),
+        "concurrency": round(trial_wall / wall, 2),
+        "inside_steps_s": round(steps, 1),
+        "affinity_probes_s": round(probes, 1),
+        "evaluation_s": round(evaluation, 1),
+        "ray_startup_and_scheduling_s": round(overhead, 1),
+        "share_inside_steps": round(steps / trial_wall, 3),
+        "share_ray_overhead": round(overhead / trial_wall, 3),
+        "overhead_over_steps": round(overhead / steps, 2),
+        "driver_s": {k: round(v, 1) for k, v in summary["driver_seconds"].items()},
+        "trials_per_hour": round(runs.height / (wall / 3600), 1),
+        "spearman_affinity_vs_influence": summary["estimates"]["spearman"],
+        "exhaustive_trial_hours": round(summary["estimates"]["exhaustive_trial_hours"], 4),
+        "affinity_trial_hours": round(summary["estimates"]["affinity_trial_hours"], 4),
+        "out": str(out),
+    }))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""A small study on a local Ray: every table with its schema and exact row counts, an
+influence value recomputed by hand from the metrics table, MLflow parent and child runs, and
+a driver killed mid-study that resumes without re-running or duplicating finished trials."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import polars as pl
+import pytest
+
+from omgseg.platform.config import StudyConfig, load_config
+from omgseg.platform.results import SCHEMAS
+from omgseg.platform.study import STUDY_FILE, run_study
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "studies" / "cotrain_matrix.py"
+CONFIG = ROOT / "studies" / "configs" / "default.yaml"
+SMALL = [  # 2 data sets, singletons + pairs, 2 seeds: 6 trials of a few steps
+    "train_datasets=[coco, davis]", "seeds=[0, 1]", "train.steps=4", "train.log_every=2", "train.checkpoint_every=2",
+    "train.eval_samples=1", "evaluation={coco: [panoptic, semantic], davis: [vos]}", "affinity.every=2",
+    "combinations=[singletons, pairs]",
+]
+
+
+def _small(tmp_path: Path, data_root: Path) -> list[str]:
+    return [f"data.root={data_root}", *SMALL]
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("study_data")
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory, data_root):
+    """The uninterrupted small study, run in this process (Ray started and stopped here)."""
+    import ray
+
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    out = tmp_path_factory.mktemp("study") / "small"
+    config = load_config(StudyConfig, CONFIG, _small(out, data_root))
+    try:
+        result = run_study(config, out)
+    finally:
+        ray.shutdown()
+    return config, result
+
+
+def test_tables_have_their_schemas_and_exact_row_counts(study):
+    config, result = study
+    tables = {name: pl.read_parquet(path) for name, path in result.tables.items()}
+    for name, frame in tables.items():
+        assert dict(frame.schema) == SCHEMAS[name], name
+    runs = tables["runs"]
+    assert runs.height == 6 and runs["status"].to_list() == ["finished"] * 6
+    assert sorted(runs["trial_id"].to_list()) == ["coco+davis-s0", "coco+davis-s1", "coco-s0", "coco-s1", "davis-s0", "davis-s1"]
+    assert runs.filter(pl.col("measures_affinity"))["combination"].to_list() == ["coco+davis"] * 2
+    assert (runs["train_seconds"] > 0).all() and (runs["wall_seconds"] > runs["train_seconds"]).all()
+    metrics = tables["metrics"]
+    assert set(metrics["trial_id"].unique().to_list()) == set(runs["trial_id"].to_list())
+    # Targets: coco PQ, coco mIoU, davis J&F. pair: davis on coco x2, coco on davis x1;
+    # leave-one-out of {coco, davis} is the same three.
+    assert tables["influence"].height == 6
+    assert tables["correlation"].height == 9
+    assert tables["affinity"].height == 2 * 4  # 2 trials x (2 sources x 2 targets)
+    assert result.summary["estimates"]["n_pairs"] == 2
+
+
+def test_an_influence_value_recomputed_from_the_metrics_table(study):
+    _, result = study
+    metrics = pl.read_parquet(result.tables["metrics"])
+    influence = pl.read_parquet(result.tables["influence"])
+
+    def value(trial: str, dataset: str, task: str, metric: str) -> float:
+        return metrics.filter((pl.col("trial_id") == trial) & (pl.col("eval_dataset") == dataset) & (pl.col("task") == task)
+                              & (pl.col("metric") == metric))["value"].item()
+
+    deltas = [value(f"coco+davis-s{s}", "coco", "semantic", "mIoU") - value(f"coco-s{s}", "coco", "semantic", "mIoU")
+              for s in (0, 1)]
+    row = influence.filter((pl.col("kind") == "pair") & (pl.col("source_dataset") == "davis") & (pl.col("task") == "semantic"))
+    assert row["delta"].item() == pytest.approx(sum(deltas) / 2) and row["n_seeds"].item() == 2
+    baseline = (value("coco-s0", "coco", "semantic", "mIoU") + value("coco-s1", "coco", "semantic", "mIoU")) / 2
+    assert row["relative_delta"].item() == pytest.approx(sum(deltas) / 2 / baseline)
+
+
+def test_mlflow_holds_one_parent_and_a_child_per_trial(study):
+    config, result = study
+    client = mlflow.MlflowClient(result.tracking_uri)
+    parent = client.get_run(result.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{result.parent_run_id}'")
+    assert len(children) == 6 and all(c.info.status == "FINISHED" for c in children)
+    assert {c.data.tags["omgseg.trial_id"] for c in children} == {f"{c}-s{s}" for c in ("coco", "davis", "coco+davis")
+                                                                 for s in (0, 1)}
+    tables = {a.path for a in client.list_artifacts(result.parent_run_id, "tables")}
+    assert {f"tables/{t}.parquet" for t in SCHEMAS} | {"tables/summary.json"} <= tables
+    child = next(c for c in children if c.data.tags["omgseg.trial_id"] == "coco+davis-s0")
+    assert "affinity/coco/davis" in child.data.metrics and "coco/panoptic/PQ" in child.data.metrics
+
+
+def test_a_second_run_without_resume_refuses_and_keeps_the_study(study, capsys):
+    from omgseg.platform.study import main
+
+    _, result = study
+    before = {p: p.stat().st_mtime_ns for p in result.tables.values()}
+    assert main(["--out", str(result.out), *SMALL]) == 1
+    assert "pass --resume" in capsys.readouterr().err
+    assert {p: p.stat().st_mtime_ns for p in result.tables.values()} == before
+
+
+def _children(uri: str, parent: str) -> list:
+    client = mlflow.MlflowClient(uri)
+    experiment = client.get_experiment_by_name("omgseg-studies")
+    return client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent}'")
+
+
+def test_a_killed_driver_resumes_without_rerunning_finished_trials(study, tmp_path, data_root):
+    _, reference = study
+    out = tmp_path / "small"
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    args = [sys.executable, str(SCRIPT), "--out", str(out), *_small(out, data_root)]
+    driver = subprocess.Popen(args, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 600
+        finished = []
+        while time.time() < deadline and driver.poll() is None:
+            if (out / STUDY_FILE).is_file():
+                state = json.loads((out / STUDY_FILE).read_text())
+                finished = [c for c in _children(state["tracking_uri"], state["parent_run_id"]) if c.info.status == "FINISHED"]
+                if finished:
+                    break
+            time.sleep(1)
+        assert finished, "no trial finished before the deadline"
+        os.kill(driver.pid, signal.SIGKILL)  # the driver dies mid-study
+        driver.wait()
+    finally:
+        try:
+            os.killpg(driver.pid, signal.SIGKILL)  # and its local Ray with it, as a lost machine would
+        except ProcessLookupError:
+            pass
+    done_before = {c.data.tags["omgseg.trial_id"]: c.info.run_id for c in finished}
+    records = {t: (out / "trials" / t / "trial.json").stat().st_mtime_ns for t in done_before
+               if (out / "trials" / t / "trial.json").is_file()}
+
+    resumed = subprocess.run([*args, "--resume"], env=env, capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"{len(done_before)} already finished" in resumed.stderr or "already finished" in resumed.stderr
+    state = json.loads((out / STUDY_FILE).read_text())
+    children = _children(state["tracking_uri"], state["parent_run_id"])
+    assert len(children) == 6 and all(c.info.status == "FINISHED" for c in children)  # no duplicates
+    after = {c.data.tags["omgseg.trial_id"]: c.info.run_id for c in children}
+    assert all(after[t] == run for t, run in done_before.items())
+    assert all((out / "trials" / t / "trial.json").stat().st_mtime_ns == m for t, m in records.items())  # not re-run
+    for name in ("metrics", "influence", "correlation", "affinity"):
+        mine = pl.read_parquet(out / f"{name}.parquet").drop("study")
+        theirs = pl.read_parquet(reference.tables[name]).drop("study")
+        assert mine.equals(theirs), name
+    timing = ["wall_seconds", "train_seconds", "affinity_seconds", "eval_seconds", "fit_seconds", "mlflow_run_id"]
+    assert pl.read_parquet(out / "runs.parquet").drop(timing).equals(pl.read_parquet(reference.tables["runs"]).drop(timing))
