@@ -21,8 +21,20 @@ EPILOG = """examples:
   omgseg eval coco-panoptic --gt-json gt.json --gt-dir gt/ --pred-json pred.json --pred-dir pred/
   omgseg eval interactive --gt-json gt.json --gt-dir gt/ --image-dir val2017/ --checkpoint model.pt
   omgseg study --config studies/configs/default.yaml
+  omgseg report outputs/studies/default
+  omgseg query "SELECT * FROM influence WHERE kind = 'pair'" --tables outputs/studies/default
+  omgseg ui outputs/studies/default
   omgseg model-info omgseg_convnext_large
 """
+
+
+# Subcommands whose own module parses their arguments: {name: (module, help)}.
+PASSTHROUGH = {
+    "study": ("omgseg.platform.study", "run a co-training study (Ray Tune trials, MLflow, influence tables)"),
+    "report": ("omgseg.dashboards.report", "write a study's HTML report and PNG figures"),
+    "query": ("omgseg.dashboards.query", "SQL over study tables (Polars)"),
+    "ui": ("omgseg.dashboards.ui", "start the MLflow UI on a study's tracking store (127.0.0.1)"),
+}
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
@@ -261,8 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="also write the JSON result to this file")
     p.set_defaults(func=_cmd_eval)
 
-    sub.add_parser("study", help="run a co-training study (Ray Tune trials, MLflow, influence tables); "
-                   "`omgseg study --help` for its options", add_help=False)
+    for name, (_, text) in PASSTHROUGH.items():
+        sub.add_parser(name, help=f"{text}; `omgseg {name} --help` for its options", add_help=False)
 
     p = sub.add_parser("model-info", help="parameter counts of a model config, without weights")
     p.add_argument("config", help="model config preset: tiny or omgseg_convnext_large")
@@ -272,10 +284,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "study":  # its own parser: the same as python studies/cotrain_matrix.py
-        from omgseg.platform.study import main as study_main
+    if argv and argv[0] in PASSTHROUGH:  # commands with parsers of their own (also run as scripts)
+        import importlib
 
-        return study_main(argv[1:])
+        command = importlib.import_module(PASSTHROUGH[argv[0]][0])
+        return command.main(argv[1:], prog=f"omgseg {argv[0]}")
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

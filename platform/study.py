@@ -275,7 +275,7 @@ def _check_resume(out: Path, config: StudyConfig, resume: bool) -> dict | None:
     state_file = out / STUDY_FILE
     if not state_file.is_file():
         if resume:
-            raise FileNotFoundError(f"--resume: no study at {out} ({STUDY_FILE} is missing)")
+            _say(f"--resume: no study at {out} yet, starting it")
         return None
     if not resume:
         raise ValueError(f"a study already exists at {out}: pass --resume to continue it, or --out for a new folder")
@@ -499,7 +499,8 @@ def build_parser(prog: str = "omgseg study") -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="study config YAML (default: the embedded default study)")
     parser.add_argument("--out", help="study folder for the tables (default: outputs/studies/<study name>/)")
-    parser.add_argument("--resume", action="store_true", help="continue the study in --out: finished trials are kept")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the study in --out (finished trials are kept); starts it if there is none")
     parser.add_argument("--dry-run", action="store_true", help="print the plan (trials, resources, estimated hours) and stop")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. seeds=[0,1]")
     return parser

@@ -6,7 +6,8 @@ import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CODE_FOLDERS = {"platform": "omgseg.platform", "model": "omgseg.model", "datasets": "omgseg.datasets"}
+CODE_FOLDERS = {"platform": "omgseg.platform", "model": "omgseg.model", "datasets": "omgseg.datasets",
+                "dashboards": "omgseg.dashboards"}
 
 
 def _run_in_root(code: str) -> str:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -31,10 +30,9 @@ def main() -> int:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="bench_study_")) / "study"
-    env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
     started = time.perf_counter()
     done = subprocess.run([sys.executable, str(ROOT / "studies" / "cotrain_matrix.py"), "--config", args.config,
-                           "--out", str(out), *args.overrides], env=env, stdout=subprocess.PIPE, stderr=sys.stderr, text=True)
+                           "--out", str(out), *args.overrides], stdout=subprocess.PIPE, stderr=sys.stderr, text=True)
     wall = time.perf_counter() - started
     if done.returncode != 0:
         print(f"bench_study: the study failed (exit {done.returncode})", file=sys.stderr)

@@ -13,43 +13,18 @@ from pathlib import Path
 import mlflow
 import polars as pl
 import pytest
+from studyfixture import SMALL, small_overrides
 
-from omgseg.platform.config import StudyConfig, load_config
 from omgseg.platform.results import SCHEMAS
-from omgseg.platform.study import STUDY_FILE, run_study
+from omgseg.platform.study import STUDY_FILE
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "studies" / "cotrain_matrix.py"
-CONFIG = ROOT / "studies" / "configs" / "default.yaml"
-SMALL = [  # 2 data sets, singletons + pairs, 2 seeds: 6 trials of a few steps
-    "train_datasets=[coco, davis]", "seeds=[0, 1]", "train.steps=4", "train.log_every=2", "train.checkpoint_every=2",
-    "train.eval_samples=1", "evaluation={coco: [panoptic, semantic], davis: [vos]}", "affinity.every=2",
-    "combinations=[singletons, pairs]",
-]
-
-
-def _small(tmp_path: Path, data_root: Path) -> list[str]:
-    return [f"data.root={data_root}", *SMALL]
 
 
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    return tmp_path_factory.mktemp("study_data")
-
-
-@pytest.fixture(scope="module")
-def study(tmp_path_factory, data_root):
-    """The uninterrupted small study, run in this process (Ray started and stopped here)."""
-    import ray
-
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    out = tmp_path_factory.mktemp("study") / "small"
-    config = load_config(StudyConfig, CONFIG, _small(out, data_root))
-    try:
-        result = run_study(config, out)
-    finally:
-        ray.shutdown()
-    return config, result
+def study(small_study):
+    return small_study
 
 
 def test_tables_have_their_schemas_and_exact_row_counts(study):
@@ -120,11 +95,11 @@ def _children(uri: str, parent: str) -> list:
     return client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent}'")
 
 
-def test_a_killed_driver_resumes_without_rerunning_finished_trials(study, tmp_path, data_root):
+def test_a_killed_driver_resumes_without_rerunning_finished_trials(study, tmp_path, study_data_root):
     _, reference = study
     out = tmp_path / "small"
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    args = [sys.executable, str(SCRIPT), "--out", str(out), *_small(out, data_root)]
+    args = [sys.executable, str(SCRIPT), "--out", str(out), *small_overrides(study_data_root)]
     driver = subprocess.Popen(args, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 600
@@ -163,3 +138,39 @@ def test_a_killed_driver_resumes_without_rerunning_finished_trials(study, tmp_pa
         assert mine.equals(theirs), name
     timing = ["wall_seconds", "train_seconds", "affinity_seconds", "eval_seconds", "fit_seconds", "mlflow_run_id"]
     assert pl.read_parquet(out / "runs.parquet").drop(timing).equals(pl.read_parquet(reference.tables["runs"]).drop(timing))
+
+
+def test_a_failing_trial_is_retried_and_reported(tmp_path):
+    """One data set's train shard is damaged after conversion: its trial fails on every try and
+    is a 'failed' row with the error, in one MLflow run; the other trial finishes."""
+    import ray
+
+    from omgseg.platform.config import StudyConfig, load_config
+    from omgseg.platform.data import prepare_data
+    from omgseg.platform.study import run_study
+
+    overrides = [f"data.root={tmp_path / 'data'}", "data.datasets={coco: {format: coco-panoptic}, broken: {format: davis, "
+                 "clip_length: 4}}", "train_datasets=[coco, broken]", "metrics={panoptic: [PQ]}", "combinations=[singletons]",
+                 "seeds=[0]", "train.steps=2", "train.checkpoint_every=2",
+                 "train.eval_samples=1", "evaluation={coco: [panoptic]}", "affinity.enabled=false", "resources.max_retries=1"]
+    config = load_config(StudyConfig, ROOT / "studies" / "configs" / "default.yaml", overrides)
+    shard = sorted(prepare_data(config.data)["broken"]["train"].glob("*.tar"))[0]
+    data = bytearray(shard.read_bytes())
+    data[:1024] = b"\xff" * 1024  # the first tar header: same size, so the cached conversion is kept
+    shard.write_bytes(bytes(data))
+    try:
+        result = run_study(config, tmp_path / "study")
+    finally:
+        ray.shutdown()
+    runs = pl.read_parquet(result.tables["runs"]).sort("trial_id")
+    assert runs["trial_id"].to_list() == ["broken-s0", "coco-s0"]
+    assert runs["status"].to_list() == ["failed", "finished"]
+    assert runs["error"][0] and runs["error"][1] is None
+    assert result.summary["failed"][0]["trial_id"] == "broken-s0"
+    children = _children(result.tracking_uri, result.parent_run_id)
+    by_trial = {}
+    for child in children:
+        by_trial.setdefault(child.data.tags["omgseg.trial_id"], []).append(child.info.status)
+    assert by_trial == {"broken-s0": ["FAILED"], "coco-s0": ["FINISHED"]}  # the retry reused its run
+    metrics = pl.read_parquet(result.tables["metrics"])
+    assert set(metrics["trial_id"].unique().to_list()) == {"coco-s0"}
