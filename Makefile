@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STUDY_CONFIG ?= studies/configs/default.yaml
 PYTEST_ARGS ?=
 
-.PHONY: install study test test-slow test-all bench lint
+.PHONY: install study test test-slow test-cluster test-all bench lint
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -m slow $(PYTEST_ARGS)
+
+# The scale-out test: a two-node Ray cluster, an MLflow server and a shard server on loopback.
+test-cluster: $(STAMP)
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -m cluster $(PYTEST_ARGS)
 
 test-all: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)

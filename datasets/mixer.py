@@ -27,7 +27,7 @@ class Mixer(Generic[T]):
 
     When a finite stream runs out the mixer STOPS and records its name in `exhausted`: going
     on with the others would silently change the mix away from the ratios a study asked for.
-    Training streams should be resampled (infinite) and bounded by the caller instead.
+    Training streams should repeat (be infinite) and bounded by the caller instead.
     `counts` holds how many items each dataset gave in the current (or last) iteration.
     """
 

@@ -26,6 +26,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from omgseg.datasets.clip import Category, Clip, Task, encode_id_map_rgb
+from omgseg.datasets.location import ShardLocation
 
 # Bump when the bytes written for the same clips change, so old folders are rebuilt.
 CONVERTER_VERSION = "1"
@@ -152,25 +153,19 @@ class ShardMeta:
     categories: tuple[Category, ...]
 
 
-def _read_json(path: Path, what: str) -> object:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no {what} (is {path.parent} a shard folder written by omgseg convert?)")
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exn:
-        raise ValueError(f"{path}: not valid JSON ({exn})") from None
+def read_manifest(shard_dir: Path | str | ShardLocation) -> Manifest:
+    """The finished manifest of a shard folder (a path or URL, docs/datasets.md "Shard
+    locations"); errors name the file and the missing field."""
+    location = ShardLocation.parse(shard_dir)
+    return Manifest.from_json(location.read_json(MANIFEST, "manifest"), location.url(MANIFEST))
 
 
-def read_manifest(shard_dir: Path) -> Manifest:
-    """The finished manifest of `shard_dir`; errors name the file and the missing field."""
-    path = Path(shard_dir) / MANIFEST
-    return Manifest.from_json(_read_json(path, "manifest"), str(path))
-
-
-def read_meta(shard_dir: Path) -> ShardMeta:
-    """`meta.json` of `shard_dir` as a typed record; errors name the file and the field."""
-    path = Path(shard_dir) / META
-    obj = _read_json(path, "meta.json")
+def read_meta(shard_dir: Path | str | ShardLocation) -> ShardMeta:
+    """`meta.json` of a shard folder (a path or URL) as a typed record; errors name the file
+    and the field."""
+    location = ShardLocation.parse(shard_dir)
+    path = location.url(META)
+    obj = location.read_json(META, "meta.json")
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(obj).__name__}")
     for key in ("dataset", "format", "split", "tasks", "categories"):
@@ -450,31 +445,44 @@ class _TarContext:
 
 
 def read_shard_samples(
-    path: Path, *, expected: ShardInfo | None = None
+    path: Path | str, *, expected: ShardInfo | None = None
 ) -> Iterator[dict]:
-    """Raw samples of one shard: {"__key__", "__url__", field: bytes}, in file order.
+    """Raw samples of one shard (a local path, or a URL fsspec opens, read as a stream):
+    {"__key__", "__url__", field: bytes}, in file order.
 
-    With `expected`, a size or sample count different from the manifest's raises (tarfile
-    reads a corrupt header in mid-archive as the end of the archive, so only counting tells).
-    Errors are `ShardReadError` naming the shard and the sample reached.
+    With `expected`, a sample count (and, for a local file, a size) different from the
+    manifest's raises: tarfile reads a corrupt header in mid-archive as the end of the
+    archive, so only counting tells. Errors are `ShardReadError` naming the shard and the
+    sample reached.
     """
-    path = Path(path)
-    context = _TarContext(str(path))
-    if not path.is_file():
-        raise ShardReadError(f"shard {path} does not exist")
+    location = ShardLocation.parse(path)
+    name = str(path)
+    context = _TarContext(name)
+    if location.remote:
+        folder, _, file_name = name.rpartition("/")
+        try:
+            stream = ShardLocation(folder).open(file_name)
+        except FileNotFoundError as exn:
+            raise ShardReadError(f"shard {exn}") from None
+        files = wds.tariterators.tar_file_expander([{"stream": stream, "url": name}], handler=context.handler,
+                                                   rename_files=context.note_member)
+        samples = wds.tariterators.group_by_keys(files, handler=context.handler)
+    else:
+        if not Path(name).is_file():
+            raise ShardReadError(f"shard {name} does not exist")
+        samples = wds.tariterators.tarfile_samples([{"url": name}], handler=context.handler,
+                                                   rename_files=context.note_member)
     count = 0
     last_key = None
-    for sample in wds.tariterators.tarfile_samples(
-        [{"url": str(path)}], handler=context.handler, rename_files=context.note_member
-    ):
+    for sample in samples:
         count += 1
         last_key = sample["__key__"]
         yield sample
     if expected is not None:
-        size = path.stat().st_size
+        size = expected.bytes if location.remote else Path(name).stat().st_size
         if count != expected.samples or size != expected.bytes:
             raise ShardReadError(
-                f"shard {path}: read {count} samples ({size} bytes) but the manifest says "
+                f"shard {name}: read {count} samples ({size} bytes) but the manifest says "
                 f"{expected.samples} ({expected.bytes} bytes); last sample read: {last_key}; "
                 f"the shard is truncated or corrupt"
             )

@@ -1,14 +1,17 @@
-"""Reading shard folders for training and evaluation: decoded clips, split by rank and worker.
+"""Reading shard folders (local or remote, see omgseg.datasets.location) for training and
+evaluation: decoded clips, split by rank and worker.
 
-Training streams (`resampled=True`) draw shards with replacement and stop after
-`epoch_samples` per rank, so every rank yields the same number of samples whatever the
-shard counts (uneven counts make DDP hang at the next collective). Evaluation streams
-(`resampled=False`) read each shard exactly once across all ranks and workers.
+Training streams (`repeat=True`) run epoch after epoch; in each, the shards are split into
+disjoint parts, one per rank and worker, so no two workers read the same data in an epoch.
+With `epoch_samples` a rank stops after that many samples, so every rank yields the same
+number whatever the shard counts (uneven counts make DDP hang at the next collective).
+Evaluation streams (`repeat=False`) read each shard exactly once across all ranks and workers.
 """
 
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import random
 from collections.abc import Iterable, Iterator
@@ -21,6 +24,7 @@ import webdataset as wds
 from PIL import Image
 
 from omgseg.datasets.clip import Segment, Task, decode_id_map_rgb
+from omgseg.datasets.location import ShardLocation
 from omgseg.datasets.shards import (
     Manifest,
     ShardInfo,
@@ -153,56 +157,84 @@ def stream_seed(seed: int, epoch: int, rank: int, worker: int) -> int:
     return (int(state[0]) << 31) ^ int(state[1])
 
 
+def _order_seed(seed: int, epoch: int, e: int) -> int:
+    """The seed of repeat epoch `e`'s shard order: no rank or worker in it, so every one of
+    them shuffles alike and the parts stay disjoint."""
+    return int(np.random.SeedSequence([seed, epoch, e, 7919]).generate_state(1, dtype=np.uint32)[0])
+
+
 class ShardStream(torch.utils.data.IterableDataset):
     """Decoded `ClipSample`s of one shard folder, split across ranks and DataLoader workers.
 
-    resampled=True (training): each (rank, worker) draws shards with replacement from its own
-        seeded generator; with `epoch_samples` = n, a rank yields exactly n samples per epoch
-        (shared out between its DataLoader workers), so all ranks take the same number of steps.
-    resampled=False (evaluation): shards are split between ranks (`wds.split_by_node`, which
+    shard_dir: a local folder or a URL, optionally ending in a brace pattern of shard names
+        (omgseg.datasets.location); its manifest.json and meta.json are read first.
+    repeat=True (training): epoch after epoch, without end. In epoch e the shards are shuffled
+        with a seed of (seed, set_epoch, e) only, so every rank and worker has the same order,
+        and part k of P = ranks x workers takes shards k, k + P, ...: disjoint parts. With
+        fewer shards than parts, every part reads all shards and keeps every P-th sample
+        instead, still disjoint. `epoch_samples` = n: a rank yields exactly n samples (shared
+        out between its DataLoader workers), so all ranks take the same number of steps.
+        `reads` records which shards each epoch read (the first MAX_LOGGED_EPOCHS epochs).
+    repeat=False (evaluation): shards are split between ranks (`wds.split_by_node`, which
         reads RANK/WORLD_SIZE as Ray Train sets them, else torch.distributed) and workers
         (`wds.split_by_worker`); each shard is read exactly once over all of them. Ranks may
         then get different counts; evaluation must not run a collective per sample.
-    shuffle_buffer: samples held for shuffling (0: file order); with resampled=False the shard
+    shuffle_buffer: samples held for shuffling (0: file order); with repeat=False the shard
         order is shuffled as well, identically on every rank so the split stays a partition.
     seed: with the epoch (`set_epoch`), rank and worker it fixes every random choice.
     """
 
+    MAX_LOGGED_EPOCHS = 16
+
     def __init__(
         self,
-        shard_dir: Path,
+        shard_dir: Path | str | ShardLocation,
         *,
         shuffle_buffer: int = 0,
         seed: int = 0,
-        resampled: bool = False,
+        repeat: bool = False,
         epoch_samples: int | None = None,
     ) -> None:
         super().__init__()
-        self.shard_dir = Path(shard_dir)
+        self.location = ShardLocation.parse(shard_dir)
         # The manifest first: a folder without one is not (or not yet) a finished conversion.
-        self.manifest: Manifest = read_manifest(self.shard_dir)
-        self.meta: ShardMeta = read_meta(self.shard_dir)
+        self.manifest: Manifest = read_manifest(self.location)
+        self.meta: ShardMeta = read_meta(self.location)
         if not self.manifest.shards:
-            raise ValueError(f"{self.shard_dir / 'manifest.json'}: lists no shards")
-        missing = [s.name for s in self.manifest.shards if not (self.shard_dir / s.name).is_file()]
-        if missing:
-            raise FileNotFoundError(f"{self.shard_dir}: shards listed in manifest.json are missing: {missing}")
+            raise ValueError(f"{self.location.url('manifest.json')}: lists no shards")
+        self.shards = self._selected_shards()
+        if not self.location.remote:
+            missing = [s.name for s in self.shards if not self.location.exists(s.name)]
+            if missing:
+                raise FileNotFoundError(f"{self.location}: shards listed in manifest.json are missing: {missing}")
         if shuffle_buffer < 0:
             raise ValueError(f"shuffle_buffer must be >= 0, got {shuffle_buffer}")
         if seed < 0:
             raise ValueError(f"seed must be >= 0, got {seed}")
-        if epoch_samples is not None and not resampled:
+        if epoch_samples is not None and not repeat:
             raise ValueError(
-                "epoch_samples needs resampled=True: without resampling a rank cannot yield more "
+                "epoch_samples needs repeat=True: without repeating a rank cannot yield more "
                 "than its own shards hold, so per-rank counts would differ again"
             )
         if epoch_samples is not None and epoch_samples < 1:
             raise ValueError(f"epoch_samples must be at least 1, got {epoch_samples}")
         self.shuffle_buffer = shuffle_buffer
         self.seed = seed
-        self.resampled = resampled
+        self.repeat = repeat
         self.epoch_samples = epoch_samples
         self.epoch = 0
+        self.reads: dict[int, list[str]] = {}
+
+    def _selected_shards(self) -> list[ShardInfo]:
+        """The manifest's shards, or those a brace pattern names (each must be in the manifest)."""
+        wanted = self.location.names()
+        if wanted is None:
+            return list(self.manifest.shards)
+        by_name = {s.name: s for s in self.manifest.shards}
+        unknown = [n for n in wanted if n not in by_name]
+        if unknown:
+            raise ValueError(f"{self.location}: the pattern names shards that manifest.json does not list: {unknown[:5]}")
+        return [by_name[n] for n in wanted]
 
     @property
     def dataset(self) -> str:
@@ -213,12 +245,25 @@ class ShardStream(torch.utils.data.IterableDataset):
         so an internal counter would repeat epoch 0 forever)."""
         self.epoch = epoch
 
-    def _shards(self, rank: int, worker: int) -> Iterator[ShardInfo]:
-        shards = list(self.manifest.shards)
-        if self.resampled:
-            rng = random.Random(stream_seed(self.seed, self.epoch, rank, worker))
-            while True:
-                yield rng.choice(shards)
+    def _epoch_parts(self, part: int, parts: int) -> Iterator[dict]:
+        """Raw samples of this part, epoch after epoch (repeat=True)."""
+        for e in itertools.count():
+            order = list(self.shards)
+            random.Random(_order_seed(self.seed, self.epoch, e)).shuffle(order)
+            if len(order) >= parts:
+                mine = order[part::parts]
+                if e < self.MAX_LOGGED_EPOCHS:
+                    self.reads[e] = [s.name for s in mine]
+                yield from self._raw_samples(mine)
+            else:  # fewer shards than parts: split the epoch's samples instead
+                if e < self.MAX_LOGGED_EPOCHS:
+                    self.reads[e] = [s.name for s in order]
+                for i, raw in enumerate(self._raw_samples(order)):
+                    if i % parts == part:
+                        yield raw
+
+    def _shards(self) -> Iterator[ShardInfo]:
+        shards = list(self.shards)
         if self.shuffle_buffer > 0:
             # Same order on every rank and worker (no rank/worker in this seed): the split
             # below must stay a partition of the shards.
@@ -227,11 +272,14 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     def _raw_samples(self, shards: Iterable[ShardInfo]) -> Iterator[dict]:
         for info in shards:
-            yield from read_shard_samples(self.shard_dir / info.name, expected=info)
+            yield from read_shard_samples(self.location.url(info.name), expected=info)
 
     def __iter__(self) -> Iterator[ClipSample]:
         rank, world_size, worker, num_workers = wds.utils.pytorch_worker_info()
-        samples: Iterable[dict] = self._raw_samples(self._shards(rank, worker))
+        if self.repeat:
+            samples: Iterable[dict] = self._epoch_parts(rank * num_workers + worker, world_size * num_workers)
+        else:
+            samples = self._raw_samples(self._shards())
         if self.shuffle_buffer > 0:
             rng = random.Random(stream_seed(self.seed, self.epoch, rank, worker) + 1)
             initial = max(1, min(self.shuffle_buffer, 100))

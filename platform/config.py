@@ -34,6 +34,13 @@ class DatasetSpec(StrictModel):
         description="source directory in the format's public layout; omitted = the synthetic "
         "data set of that format, generated on first use",
     )
+    shards: str | None = Field(
+        default=None,
+        description="shards made already: a folder or URL with {split} in it (https://host/coco/{split}, "
+        "s3://bucket/coco/{split}), optionally ending in a brace pattern of shard names "
+        "(.../{split}/shard-{000000..000127}.tar); manifest.json and meta.json are read beside them. "
+        "Nothing is converted then; src must be omitted",
+    )
     clip_length: int | None = Field(
         default=None, ge=1, description="cut videos into clips of this many frames"
     )
@@ -54,6 +61,11 @@ class DatasetSpec(StrictModel):
 
     @model_validator(mode="after")
     def _tasks_of_the_format(self) -> DatasetSpec:
+        if self.shards is not None:
+            if self.src is not None:
+                raise ValueError("give src (convert here) or shards (converted already), not both")
+            if "{split}" not in self.shards:
+                raise ValueError(f"shards must contain {{split}} where the split name goes, got {self.shards!r}")
         if self.tasks is None:
             return self
         from omgseg.datasets.clip import Task
@@ -97,7 +109,13 @@ class DataConfig(StrictModel):
                 raise ValueError(f"dataset name {name!r} must be letters, digits and '_'")
         return value
 
-    def shard_dir(self, name: str, split: str) -> Path:
+    def shard_dir(self, name: str, split: str) -> Path | str:
+        """Where the shards of (data set, split) are: the data set's `shards` location with the
+        split filled in (a URL stays a string), else the conversion cache under root."""
+        spec = self.datasets[name]
+        if spec.shards is not None:
+            location = spec.shards.replace("{split}", split)
+            return location if "://" in location else Path(location).resolve()
         return (self.root / "shards" / name / split).resolve()
 
     def synth_dir(self) -> Path:
@@ -399,8 +417,9 @@ def validate_config(model: type[ConfigT], raw: dict, source: str) -> ConfigT:
         raise ConfigError(f"{source}: invalid {model.__name__}:\n" + "\n".join(lines)) from None
 
 
-def flatten(config: BaseModel) -> dict[str, object]:
-    """`{dotted.key: value}` of every leaf, for MLflow params."""
+def flatten(config: BaseModel | dict) -> dict[str, object]:
+    """`{dotted.key: value}` of every leaf (of a config, or of its JSON dict), for MLflow
+    params and for comparing configs key by key."""
     out: dict[str, object] = {}
 
     def walk(prefix: str, value: object) -> None:
@@ -410,7 +429,7 @@ def flatten(config: BaseModel) -> dict[str, object]:
         else:
             out[prefix] = value
 
-    walk("", config.model_dump(mode="json"))
+    walk("", config if isinstance(config, dict) else config.model_dump(mode="json"))
     return out
 
 

@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 from omgseg.datasets.convert import convert
+from omgseg.datasets.shards import read_manifest
 from omgseg.datasets.synth import SYNTH_FORMATS, write_synthetic
 from omgseg.platform.config import DataConfig
 
@@ -35,15 +36,19 @@ def ensure_synthetic(target: Path, seed: int, progress: bool = False) -> dict[st
 
 
 def prepare_data(config: DataConfig, progress: bool = False) -> dict[str, dict[str, Path]]:
-    """Shard folders of every dataset and split: {dataset name: {split: absolute path}}."""
+    """Shard locations of every dataset and split: {dataset name: {split: absolute path or URL}}.
+    Data sets with `shards` are only checked: their manifests must be readable."""
     synthetic: dict[str, Path] = {}
-    if any(spec.src is None for spec in config.datasets.values()):
+    if any(spec.src is None and spec.shards is None for spec in config.datasets.values()):
         synthetic = ensure_synthetic(config.synth_dir(), config.synth_seed, progress)
-    out: dict[str, dict[str, Path]] = {}
+    out: dict[str, dict[str, Path | str]] = {}
     for name, spec in config.datasets.items():
-        src = spec.src if spec.src is not None else synthetic[spec.format]
         for split in config.splits:
             shard_dir = config.shard_dir(name, split)
-            convert(spec.format, src, shard_dir, split, spec.samples_per_shard, spec.clip_length, progress)
+            if spec.shards is not None:
+                read_manifest(shard_dir)  # raises naming the location when it cannot be read
+            else:
+                src = spec.src if spec.src is not None else synthetic[spec.format]
+                convert(spec.format, src, shard_dir, split, spec.samples_per_shard, spec.clip_length, progress)
             out.setdefault(name, {})[split] = shard_dir
     return out

@@ -46,7 +46,7 @@ def check_tasks(tasks: Sequence[str], where: str) -> list[Task]:
 @torch.no_grad()
 def evaluate_shards(
     model: OMGSeg,
-    shard_dir: Path,
+    shard_dir: Path | str,
     tasks: Sequence[str],
     *,
     max_samples: int | None = None,
@@ -55,7 +55,7 @@ def evaluate_shards(
 ) -> dict[str, dict]:
     """{task: metrics} of `model` on every sample of `shard_dir` (or the first max_samples)."""
     wanted = check_tasks(tasks, str(shard_dir))
-    stream = ShardStream(Path(shard_dir))
+    stream = ShardStream(shard_dir)
     categories = list(stream.meta.categories)
     vocabulary = Vocabulary.from_categories(categories)
     is_thing = torch.tensor(vocabulary.is_thing)

@@ -43,6 +43,7 @@ class TrialRecord:
     seconds: dict[str, float] = field(default_factory=dict)  # "train" (inside steps), "affinity", "eval", "fit"
     metrics: dict[str, dict[str, dict]] = field(default_factory=dict)  # {data set: {task: {metric: value}}}
     affinity: dict[str, dict[str, float]] = field(default_factory=dict)  # {source: {target: mean Z}}
+    reads: list[dict] = field(default_factory=list)  # per rank: node, sample counts, shards read (train.READS_FILE)
 
     def to_json(self) -> dict:
         return asdict(self)

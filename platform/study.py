@@ -158,7 +158,7 @@ def run_trial(param: dict) -> None:
         trial_id=trial.trial_id, combination=trial.combination, datasets=list(trial.datasets), ratios=list(trial.ratios),
         seed=trial.seed, steps=result.steps, status="finished", mlflow_run_id=result.run_id,
         measures_affinity=trial.measures_affinity, wall_seconds=time.perf_counter() - started, seconds=result.seconds,
-        metrics=result.metrics, affinity=result.affinity,
+        metrics=result.metrics, affinity=result.affinity, reads=result.reads,
     )
     _log_record(spec["tracking_uri"], record, config.output_dir)
     tune.report({"record": json.dumps(record.to_json())})
@@ -239,29 +239,23 @@ def _concurrency(config: StudyConfig, total_cpus: float, total_gpus: float) -> i
 
 
 def _start_ray(config: StudyConfig) -> int:
-    """Connect to $RAY_ADDRESS or start a local Ray with `trial_slot` resources; returns how
-    many trials may run at once. On a cluster, the head node must offer trial_slot."""
+    """Connect to $RAY_ADDRESS (omgseg.platform.cluster ships the wheel) or start a local Ray
+    with `trial_slot` resources; returns how many trials may run at once. On a cluster, the
+    head node must offer trial_slot."""
     import ray
 
-    if os.environ.get("RAY_ADDRESS"):
-        if not ray.is_initialized():
-            ray.init()
-        slots = ray.cluster_resources().get(SLOT, 0)
-        if slots < 1:
-            raise RuntimeError(
-                f"the Ray cluster at {os.environ['RAY_ADDRESS']} has no {SLOT!r} resource: start its head node with "
-                f"`ray start --head --resources='{{\"{SLOT}\": N}}'` for N concurrent trials (studies/cluster/)")
-        return int(slots)
-    if ray.is_initialized():
-        slots = ray.cluster_resources().get(SLOT, 0)
-        if slots < 1:
-            raise RuntimeError(f"Ray is already running here without the {SLOT!r} resource the study needs")
-        return int(slots)
-    cpus = float(os.cpu_count() or 1)
-    gpus = float(_local_gpus())
-    slots = _concurrency(config, cpus, gpus)
-    ray.init(resources={SLOT: slots})
-    return slots
+    from omgseg.platform.cluster import connect
+
+    local = not os.environ.get("RAY_ADDRESS") and not ray.is_initialized()
+    slots = _concurrency(config, float(os.cpu_count() or 1), float(_local_gpus())) if local else 0
+    connect({SLOT: slots} if local else None)
+    found = int(ray.cluster_resources().get(SLOT, 0))
+    if found < 1:
+        where = f"the Ray cluster at {os.environ['RAY_ADDRESS']}" if os.environ.get("RAY_ADDRESS") else "this Ray"
+        raise RuntimeError(
+            f"{where} has no {SLOT!r} resource: start its head node with "
+            f"`ray start --head --resources='{{\"{SLOT}\": N}}'` for N concurrent trials (studies/cluster/)")
+    return found
 
 
 def _local_gpus() -> int:
@@ -280,22 +274,11 @@ def _check_resume(out: Path, config: StudyConfig, resume: bool) -> dict | None:
     if not resume:
         raise ValueError(f"a study already exists at {out}: pass --resume to continue it, or --out for a new folder")
     state = json.loads(state_file.read_text())
-    saved = state["config"]
-    now = json.loads(config.model_dump_json())
-    changed = sorted(k for k in set(flatten_json(saved)) | set(flatten_json(now))
-                     if flatten_json(saved).get(k) != flatten_json(now).get(k))
+    saved, now = flatten(state["config"]), flatten(json.loads(config.model_dump_json()))
+    changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
     if changed:
         raise ValueError(f"--resume: the config differs from the study's at {out} in {changed}")
     return state
-
-
-def flatten_json(value, prefix: str = "") -> dict:
-    if isinstance(value, dict):
-        out = {}
-        for k, v in value.items():
-            out.update(flatten_json(v, f"{prefix}.{k}" if prefix else str(k)))
-        return out
-    return {prefix: value}
 
 
 def _say(text: str) -> None:
@@ -381,11 +364,11 @@ def run_study(config: StudyConfig, out: Path | None = None, *, resume: bool = Fa
             else:
                 failed[spec["trial_id"]] = _one_line(result.error)
     records = []
+    runs = _child_runs(uri, parent_run_id) if len(done) < len(plan) else {}
     for trial in plan:
         if trial.trial_id in done:
             records.append(done[trial.trial_id])
         else:
-            runs = _child_runs(uri, parent_run_id)
             records.append(TrialRecord(
                 trial_id=trial.trial_id, combination=trial.combination, datasets=list(trial.datasets),
                 ratios=list(trial.ratios), seed=trial.seed, steps=config.train.steps, status="failed",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import socket
 import sys
 import tempfile
 import time
@@ -23,13 +24,14 @@ import torch
 
 from omgseg.datasets.clip import Task
 from omgseg.datasets.mixer import Mixer
-from omgseg.datasets.shards import read_meta
+from omgseg.datasets.shards import read_manifest, read_meta
 from omgseg.datasets.stream import ShardStream, stream_seed
 from omgseg.model.config import model_config
 from omgseg.model.omgseg import OMGSeg, save_checkpoint
 from omgseg.model.vocabulary import Vocabulary, merge_vocabularies
 from omgseg.platform.affinity import AffinityAverage, lookahead_affinity
 from omgseg.platform.batches import ClipMaker, collate
+from omgseg.platform.cluster import connect
 from omgseg.platform.config import DataConfig, TrainConfig
 from omgseg.platform.evaluate import check_tasks, evaluate_shards
 from omgseg.platform.tracking import experiment_id, metric_values, mlflow_key, resolve_tracking_uri
@@ -37,6 +39,7 @@ from omgseg.platform.tracking import experiment_id, metric_values, mlflow_key, r
 CHECKPOINT_FILE = "state.pt"
 MODEL_FILE = "model.pt"
 EVAL_FILE = "eval.json"
+READS_FILE = "reads.json"  # per rank: its node, sample counts, and the shards each stream epoch read
 
 
 # ---------------------------------------------------------------------------------------------
@@ -86,6 +89,9 @@ class WorkerState:
     counts: dict[str, int]  # samples drawn per data set, all workers of this rank's history
     seconds: dict[str, float] = field(default_factory=lambda: {"train": 0.0, "affinity": 0.0, "eval": 0.0})
     affinity: dict | None = None  # AffinityAverage.state()
+    # What this rank read, one entry per process life (a resume starts a new one):
+    # {"node", "from_step", "shards": {data set: {stream epoch: [shard names]}}}
+    reads: list[dict] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -108,8 +114,9 @@ def train_worker(loop_config: dict) -> None:
         if rank == 0:
             print(f"[omgseg] resuming at step {saved['step']} from {checkpoint.path}", file=sys.stderr, flush=True)
     logger = _MlflowStepLogger(loop_config.get("tracking_uri"), loop_config.get("run_id")) if rank == 0 else None
+    node = ray.get_runtime_context().get_node_id()
     train_loop(config, rank, context.get_world_size(), ray.train.torch.get_device(), saved=saved,
-               wrap=ray.train.torch.prepare_model, checkpoint=True, logger=logger)
+               wrap=ray.train.torch.prepare_model, checkpoint=True, logger=logger, node=node)
 
 
 def train_loop(
@@ -122,11 +129,13 @@ def train_loop(
     wrap=lambda model: model,
     checkpoint: bool = False,
     logger: _MlflowStepLogger | None = None,
+    node: str | None = None,
 ) -> dict[str, float]:
     """The training loop itself, with or without Ray: `wrap` makes the model distributed
     (ray.train.torch.prepare_model), `saved` is a checkpoint's state to resume from, and with
     `checkpoint` every worker reports to Ray Train (the last report carries the evaluation
-    of `eval_datasets`, done by rank 0). Returns the last logged metrics."""
+    of `eval_datasets`, done by rank 0). `node` names the machine in the read log (default:
+    the host name). Returns the last logged metrics."""
     torch.manual_seed(config.seed * 1009 + rank)
     names = [n for n, r in config.mix.items() if r > 0]
     vocabularies = dataset_vocabularies(config.data, names)
@@ -141,7 +150,8 @@ def train_loop(
         optimizer.load_state_dict(saved["optimizer"])
         mine = saved["ranks"][rank] if rank < len(saved["ranks"]) else {}
         state = WorkerState(step=saved["step"], counts=mine.get("counts", state.counts),
-                            seconds=mine.get("seconds", state.seconds), affinity=mine.get("affinity"))
+                            seconds=mine.get("seconds", state.seconds), affinity=mine.get("affinity"),
+                            reads=mine.get("reads", []))
         random.setstate(saved["python_random"])
         np.random.set_state(saved["numpy_random"])
         torch.set_rng_state(saved["torch_random"][rank % len(saved["torch_random"])])
@@ -156,9 +166,11 @@ def train_loop(
     streams = {}
     for name in names:
         stream = ShardStream(config.data.shard_dir(name, "train"), shuffle_buffer=config.batch.shuffle_buffer,
-                             seed=config.seed, resampled=True)
+                             seed=config.seed, repeat=True)
         stream.set_epoch(state.step)
         streams[name] = stream
+    state.reads.append({"node": node or socket.gethostname(), "from_step": state.step, "code": __file__,
+                        "shards": {name: stream.reads for name, stream in streams.items()}})  # filled as they read
     mixer = Mixer({n: config.mix[n] for n in names}, streams, seed=stream_seed(config.seed, state.step, rank, 0))
     samples = iter(mixer)
     supervised = {n: {Task.parse(t) for t in config.data.datasets[n].supervised_tasks()} for n in names}
@@ -255,7 +267,7 @@ class _AffinityProbe:
         self.streams = {}
         for k, name in enumerate(names):
             stream = ShardStream(config.data.shard_dir(name, "train"), shuffle_buffer=config.batch.shuffle_buffer,
-                                 seed=stream_seed(config.seed, state.step, rank, 100 + k), resampled=True)
+                                 seed=stream_seed(config.seed, state.step, rank, 100 + k), repeat=True)
             stream.set_epoch(state.step)
             self.streams[name] = iter(stream)
         self.generator = torch.Generator().manual_seed(stream_seed(config.seed, state.step, rank, 2))
@@ -307,8 +319,8 @@ def _report_checkpoint(model: OMGSeg, optimizer, state: WorkerState, rank: int, 
     state (mix counts, seconds, affinity sums) and random state, and `evaluation` as eval.json."""
     import ray.train
 
-    mine = ({"counts": dict(state.counts), "seconds": dict(state.seconds), "affinity": state.affinity},
-            torch.get_rng_state())
+    mine = ({"counts": dict(state.counts), "seconds": dict(state.seconds), "affinity": state.affinity,
+             "reads": json.loads(json.dumps(state.reads))}, torch.get_rng_state())
     if world > 1 and torch.distributed.is_initialized():
         gathered = [None] * world
         torch.distributed.all_gather_object(gathered, mine)
@@ -343,6 +355,8 @@ def _report_checkpoint(model: OMGSeg, optimizer, state: WorkerState, rank: int, 
         })
         if evaluation is not None:
             (Path(folder) / EVAL_FILE).write_text(json.dumps(evaluation, indent=2, sort_keys=True))
+        reads = [{"rank": r, "counts": ranks[r]["counts"], "reads": ranks[r]["reads"]} for r in range(len(ranks))]
+        (Path(folder) / READS_FILE).write_text(json.dumps(reads, indent=1))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 
@@ -398,6 +412,7 @@ class TrainResult:
     metrics: dict[str, dict[str, dict]]  # {eval data set: {task: metrics}}
     seconds: dict[str, float]  # rank 0's time in training steps, affinity probes, evaluation; "fit": Ray's whole run
     affinity: dict[str, dict[str, float]]  # {source: {target: mean look-ahead affinity}}, if measured
+    reads: list[dict]  # per rank: {"rank", "counts", "reads"} (WorkerState.reads): which node read which shards
 
 
 def tracking_uri(config: TrainConfig) -> str:
@@ -405,17 +420,19 @@ def tracking_uri(config: TrainConfig) -> str:
     return resolve_tracking_uri(config.tracking, config.output_dir)
 
 
-def check_inputs(config: TrainConfig) -> dict[str, Path]:
+def check_inputs(config: TrainConfig) -> dict[str, Path | str]:
     """Every mixed data set has train shards (after preparation); raises naming what is missing."""
     dirs = {}
     for name, ratio in config.mix.items():
         if ratio <= 0:
             continue
         folder = config.data.shard_dir(name, "train")
-        if not (folder / "manifest.json").is_file():
+        try:
+            read_manifest(folder)
+        except FileNotFoundError:
             raise FileNotFoundError(
                 f"data set {name!r}: no train shards at {folder} (run `omgseg prepare` or give data.datasets.{name}.src)"
-            )
+            ) from None
         dirs[name] = folder
     return dirs
 
@@ -426,7 +443,6 @@ def run_training(config: TrainConfig, *, parent_run_id: str | None = None, tags:
     Ray, and record the result. `run_id` continues an existing MLflow run (a study resuming a
     trial): its Ray Train run has the same name, so Ray resumes it from its last checkpoint."""
     import mlflow
-    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -458,8 +474,7 @@ def run_training(config: TrainConfig, *, parent_run_id: str | None = None, tags:
     else:
         client.update_run(run_id, status="RUNNING")
 
-    if not ray.is_initialized():
-        ray.init()  # RAY_ADDRESS selects a cluster; otherwise a local instance
+    connect()  # RAY_ADDRESS selects a cluster (the project shipped as a wheel); otherwise a local instance
     resources = {"CPU": config.scaling.cpus_per_worker}
     trainer = TorchTrainer(
         train_worker,
@@ -488,11 +503,13 @@ def run_training(config: TrainConfig, *, parent_run_id: str | None = None, tags:
         out = (config.output_dir / config.name / run_id).resolve()
         out.mkdir(parents=True, exist_ok=True)
         final = out / MODEL_FILE
-        evaluation = {}
+        evaluation, reads = {}, []
         with result.checkpoint.as_directory() as folder:
             final.write_bytes((Path(folder) / MODEL_FILE).read_bytes())
             if (Path(folder) / EVAL_FILE).is_file():
                 evaluation = json.loads((Path(folder) / EVAL_FILE).read_text())
+            if (Path(folder) / READS_FILE).is_file():
+                reads = json.loads((Path(folder) / READS_FILE).read_text())
         metrics = result.metrics
         samples = {k.split("/", 1)[1]: int(v) for k, v in metrics.items() if k.startswith("samples/")}
         total = sum(samples.values())
@@ -506,7 +523,9 @@ def run_training(config: TrainConfig, *, parent_run_id: str | None = None, tags:
                 affinity.setdefault(source, {})[target] = float(value)
         now, step = int(time.time() * 1000), int(metrics["step"])
         values = {**{f"mix_realised/{k}": v for k, v in realised.items()}, **{f"samples/{k}": v for k, v in samples.items()},
-                  **{f"seconds/{k}": v for k, v in seconds.items()}, **metric_values(evaluation)}
+                  **{f"seconds/{k}": v for k, v in seconds.items()}, **metric_values(evaluation),
+                  **{f"samples_by_node/{node[:12]}/{k}": v for node, counts in samples_by_node(reads).items()
+                     for k, v in counts.items()}}
         client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, float(v), now, step) for k, v in values.items()])
         client.log_artifact(run_id, str(final))
         client.set_tag(run_id, "omgseg.checkpoint", str(final))
@@ -514,12 +533,26 @@ def run_training(config: TrainConfig, *, parent_run_id: str | None = None, tags:
             eval_file = out / EVAL_FILE
             eval_file.write_text(json.dumps(evaluation, indent=2, sort_keys=True))
             client.log_artifact(run_id, str(eval_file))
+        if reads:
+            reads_file = out / READS_FILE
+            reads_file.write_text(json.dumps(reads, indent=1))
+            client.log_artifact(run_id, str(reads_file))
     except BaseException:
         client.set_terminated(run_id, "FAILED")
         raise
     client.set_terminated(run_id, "FINISHED")
     return TrainResult(run_id=run_id, checkpoint=final, steps=step, samples=samples, realised_mix=realised,
-                       metrics=evaluation, seconds=seconds, affinity=affinity)
+                       metrics=evaluation, seconds=seconds, affinity=affinity, reads=reads)
+
+
+def samples_by_node(reads: list[dict]) -> dict[str, dict[str, int]]:
+    """{node: {data set: samples}} summed over the ranks that ran there (their last node)."""
+    out: dict[str, dict[str, int]] = {}
+    for rank in reads:
+        node = rank["reads"][-1]["node"] if rank["reads"] else "unknown"
+        for name, count in rank["counts"].items():
+            out.setdefault(node, {})[name] = out.get(node, {}).get(name, 0) + count
+    return out
 
 
 def evaluate_model(model: OMGSeg, config: TrainConfig, progress: bool = False) -> dict[str, dict[str, dict]]:

@@ -20,7 +20,7 @@ RANK_SCRIPT = textwrap.dedent(
 
     shard_dir, epoch_samples, workers = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     dist.init_process_group("gloo")
-    stream = ShardStream(shard_dir, resampled=True, epoch_samples=epoch_samples, seed=3)
+    stream = ShardStream(shard_dir, repeat=True, epoch_samples=epoch_samples, seed=3)
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers,
                                          collate_fn=lambda x: x)
     steps, keys = 0, []

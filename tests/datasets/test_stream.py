@@ -45,7 +45,7 @@ def test_training_gives_every_rank_the_same_count_under_uneven_shards(uneven, mo
     counts = []
     for rank in range(2):
         as_rank(monkeypatch, rank, 2)
-        stream = ShardStream(uneven, resampled=True, epoch_samples=10, shuffle_buffer=4, seed=3)
+        stream = ShardStream(uneven, repeat=True, epoch_samples=10, shuffle_buffer=4, seed=3)
         counts.append(len(list(stream)))
     assert counts == [10, 10]
 
@@ -57,7 +57,7 @@ def test_two_dataloader_workers(uneven, monkeypatch):
     # Rank 1 owns shards 1 and 3; its two workers take one each.
     assert sorted(got) == [f"{i:09d}" for i in (3, 4, 5, 9, 10, 11)]
 
-    train = ShardStream(uneven, resampled=True, epoch_samples=7, seed=1)
+    train = ShardStream(uneven, repeat=True, epoch_samples=7, seed=1)
     loader = torch.utils.data.DataLoader(train, batch_size=None, num_workers=2, collate_fn=_identity)
     assert len(list(loader)) == 7  # the rank's total, shared between its workers
 
@@ -69,7 +69,7 @@ def _identity(x):
 def test_seeding_is_deterministic_per_seed_rank_worker_and_epoch(uneven, monkeypatch):
     def draw(seed, rank, epoch=0):
         as_rank(monkeypatch, rank, 2)
-        stream = ShardStream(uneven, resampled=True, epoch_samples=12, shuffle_buffer=5, seed=seed)
+        stream = ShardStream(uneven, repeat=True, epoch_samples=12, shuffle_buffer=5, seed=seed)
         stream.set_epoch(epoch)
         return keys(stream)
 
@@ -97,7 +97,7 @@ def test_decoded_sample_types(uneven):
 def test_bad_arguments_and_missing_manifest(uneven, tmp_path):
     with pytest.raises(FileNotFoundError, match="manifest.json"):
         ShardStream(tmp_path)
-    with pytest.raises(ValueError, match="epoch_samples needs resampled=True"):
+    with pytest.raises(ValueError, match="epoch_samples needs repeat=True"):
         ShardStream(uneven, epoch_samples=5)
 
 

@@ -83,3 +83,18 @@ def test_dry_run_prints_the_plan_and_cost(capsys):
     assert plan["estimated_gpu_hours"] > 0
     out = dry_run(_config())
     assert out["n_trials"] == 14 and out["estimated_gpu_hours"] is None
+
+
+def test_resume_refuses_a_changed_config_and_names_the_keys(tmp_path):
+    import json
+
+    from omgseg.platform.study import STUDY_FILE, _check_resume
+
+    config = _config()
+    (tmp_path / STUDY_FILE).write_text(json.dumps({"config": json.loads(config.model_dump_json()), "parent_run_id": "p"}))
+    assert _check_resume(tmp_path, config, resume=True)["parent_run_id"] == "p"
+    with pytest.raises(ValueError, match=r"differs from the study's .* in \['seeds', 'train.steps'\]"):
+        _check_resume(tmp_path, _config("seeds=[5]", "train.steps=7"), resume=True)
+    with pytest.raises(ValueError, match="pass --resume to continue it"):
+        _check_resume(tmp_path, config, resume=False)
+    assert _check_resume(tmp_path / "new", config, resume=True) is None  # nothing there yet: a new study

@@ -37,16 +37,20 @@ def test_perfect_and_empty_predictions():
     assert empty["PQ"] == 0 and empty["per_class"]["1"]["FN"] == 1
 
 
-def test_partial_match_by_hand():
-    # gt person rows 0-1 (8 px), gt car rows 2-3 (8 px). Pred person rows 0-2 (12 px):
-    # IoU 8 / 12. Pred car row 3 (4 px): IoU 4 / 8 = 0.5 exactly -> not a match.
+def _partial_case():
+    """gt person rows 0-1 (8 px), gt car rows 2-3 (8 px). Pred person rows 0-2 (12 px):
+    IoU 8 / 12. Pred car row 3 (4 px): IoU 4 / 8 = 0.5 exactly -> not a match."""
     gt = np.zeros((4, 4), dtype=np.int64)
     gt[:2] = 1
     gt[2:] = 2
     pred = np.zeros((4, 4), dtype=np.int64)
     pred[:3] = 5
     pred[3] = 6
-    out = _eval(gt, _areas(gt, {1: (1, False), 2: (2, False)}), pred, {5: 1, 6: 2})
+    return gt, _areas(gt, {1: (1, False), 2: (2, False)}), pred, {5: 1, 6: 2}
+
+
+def test_partial_match_by_hand():
+    out = _eval(*_partial_case())
     person, car = out["per_class"]["1"], out["per_class"]["2"]
     assert person["PQ"] == pytest.approx(100 * 8 / 12)
     assert (car["TP"], car["FP"], car["FN"]) == (0, 1, 1)
@@ -179,15 +183,9 @@ def test_eval_command_end_to_end(tmp_path, capsys):
 
 
 def test_seen_and_unseen_classes_are_averaged_apart():
-    # Same case as test_partial_match_by_hand: person PQ 200/3, car PQ 0; sky has no TP/FP/FN.
-    gt = np.zeros((4, 4), dtype=np.int64)
-    gt[:2] = 1
-    gt[2:] = 2
-    pred = np.zeros((4, 4), dtype=np.int64)
-    pred[:3] = 5
-    pred[3] = 6
+    # The partial case: person PQ 200/3, car PQ 0; sky has no TP/FP/FN.
     evaluator = PanopticEvaluator(CATS, {"seen": {1, 3}, "unseen": {2}})
-    evaluator.add(gt, _areas(gt, {1: (1, False), 2: (2, False)}), pred, {5: 1, 6: 2})
+    evaluator.add(*_partial_case())
     out = evaluator.compute()
     assert out["PQ_seen"] == pytest.approx(100 * 8 / 12) and out["N_seen"] == 1  # sky is left out
     assert out["PQ_unseen"] == 0 and out["N_unseen"] == 1
