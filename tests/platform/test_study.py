@@ -2,6 +2,7 @@
 influence value recomputed by hand from the metrics table, MLflow parent and child runs, and
 a driver killed mid-study that resumes without re-running or duplicating finished trials."""
 
+import contextlib
 import json
 import os
 import signal
@@ -115,10 +116,8 @@ def test_a_killed_driver_resumes_without_rerunning_finished_trials(study, tmp_pa
         os.kill(driver.pid, signal.SIGKILL)  # the driver dies mid-study
         driver.wait()
     finally:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(driver.pid, signal.SIGKILL)  # and its local Ray with it, as a lost machine would
-        except ProcessLookupError:
-            pass
     done_before = {c.data.tags["omgseg.trial_id"]: c.info.run_id for c in finished}
     records = {t: (out / "trials" / t / "trial.json").stat().st_mtime_ns for t in done_before
                if (out / "trials" / t / "trial.json").is_file()}
