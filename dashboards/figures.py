@@ -50,7 +50,8 @@ def influence_heatmap(influence: pl.DataFrame, kind: str) -> Figure | None:
         grid[i, j] = np.nan if rel is None else max(-1.0, min(1.0, rel))
         uncertain = r["ci_low"] is None or (r["ci_low"] <= 0 <= r["ci_high"])
         text = f"{r['delta']:+.1f}" + ("?" if uncertain else "")
-        axes.text(j, i, text, ha="center", va="center", fontsize=8, color="black")
+        dark = not np.isnan(grid[i, j]) and abs(grid[i, j]) > 0.6  # white on the saturated ends of the map
+        axes.text(j, i, text, ha="center", va="center", fontsize=8, color="white" if dark else "black")
         if uncertain:
             axes.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="///", edgecolor="0.55", lw=0))
     image = axes.imshow(np.ma.masked_invalid(grid), cmap=DIVERGING, vmin=-1, vmax=1, aspect="auto")
