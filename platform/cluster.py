@@ -1,9 +1,12 @@
 """Connecting to Ray: a local instance on this machine, or the cluster in $RAY_ADDRESS.
 
-On a cluster the driver builds the project's wheel and ships it to every worker in
-`runtime_env={"py_modules": [wheel]}`, so worker nodes need the dependencies but not the
-project (never the bare folders: a folder named `platform` would shadow the standard
-library there). Set OMGSEG_SHIP_WHEEL=0 when the cluster image has omgseg installed.
+On a cluster the driver builds the project's wheel and ships its package tree (`omgseg/`,
+unpacked from the wheel) to every worker in `runtime_env={"py_modules": [...]}`, so worker
+nodes need the dependencies but not the project. Never the bare source folders: a folder
+named `platform` would shadow the standard library there. Not the `.whl` file itself either:
+Ray pip-installs a wheel in py_modules together with all its dependencies (measured here:
+6.7 GB, torch included, into every node's runtime folder, over the image's own packages).
+Set OMGSEG_SHIP_WHEEL=0 when the cluster image has omgseg installed.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import zipfile
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -31,6 +35,16 @@ def build_wheel(out_dir: Path) -> Path:
     return wheels[-1]
 
 
+def shipped_package(wheel: Path, out_dir: Path) -> Path:
+    """The wheel's `omgseg/` package tree, unpacked under `out_dir` (what py_modules ships)."""
+    with zipfile.ZipFile(wheel) as archive:
+        archive.extractall(out_dir)
+    package = out_dir / "omgseg"
+    if not package.is_dir():
+        raise RuntimeError(f"{wheel} holds no omgseg/ package")
+    return package
+
+
 def connect(local_resources: dict[str, float] | None = None, *, quiet: bool = False) -> dict:
     """ray.init for this process: the cluster at $RAY_ADDRESS (the wheel shipped unless
     OMGSEG_SHIP_WHEEL=0), else a new local instance with `local_resources` as custom
@@ -47,10 +61,11 @@ def connect(local_resources: dict[str, float] | None = None, *, quiet: bool = Fa
     wheel = None
     runtime_env = {}
     if os.environ.get("OMGSEG_SHIP_WHEEL", "1") != "0":
-        wheel = build_wheel(Path(tempfile.mkdtemp(prefix="omgseg-wheel-")))
-        runtime_env["py_modules"] = [str(wheel)]
+        folder = Path(tempfile.mkdtemp(prefix="omgseg-wheel-"))
+        wheel = build_wheel(folder / "wheel")
+        runtime_env["py_modules"] = [str(shipped_package(wheel, folder / "package"))]
     if not quiet:
-        print(f"[omgseg] connecting to the Ray cluster at {address}" + (f", shipping {wheel.name}" if wheel else ""),
+        print(f"[omgseg] connecting to the Ray cluster at {address}" + (f", shipping {wheel.name}'s package" if wheel else ""),
               file=sys.stderr, flush=True)
     ray.init(address=address, runtime_env=runtime_env or None)
     return {"address": address, "wheel": str(wheel) if wheel else None}

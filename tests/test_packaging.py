@@ -53,3 +53,12 @@ def test_every_code_folder_is_a_listed_package():
             name = ".".join([package, *rel.parts])
             assert name in packages, f"{path} holds code but {name} is not in [tool.setuptools] packages"
             assert Path(package_dir[name]) == path.relative_to(ROOT), f"package-dir of {name}"
+
+
+def test_the_shipped_package_is_the_wheel_tree_without_top_level_platform(tmp_path):
+    from omgseg.platform.cluster import build_wheel, shipped_package
+
+    package = shipped_package(build_wheel(tmp_path / "wheel"), tmp_path / "package")
+    assert package.name == "omgseg" and not (package.parent / "platform").exists()
+    assert (package / "platform" / "study.py").is_file() and (package / "model" / "configs" / "tiny_clip.json").is_file()
+    assert not (package / "__init__.py").exists()  # a namespace package, as installed

@@ -4,7 +4,7 @@ SQLite, and a two-trial study driven through RAY_ADDRESS. Both nodes train, the 
 read in an epoch are disjoint, the tracking server holds the parent and child runs, and the
 workers ran the wheel the driver shipped. Everything is stopped afterwards, pass or fail.
 
-Slow (a few minutes): `make test-cluster` runs it, and `.ci/run` calls that.
+Slow (about 2 minutes): `make test-cluster` runs it, and `.ci/run` calls that.
 """
 
 import json
