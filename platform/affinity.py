@@ -79,6 +79,14 @@ class AffinityAverage:
         self.sums += z
         self.probes += 1
 
+    def merge(self, other: AffinityAverage) -> AffinityAverage:
+        """Add another worker's sums (same data sets, same order)."""
+        if other.names != self.names:
+            raise ValueError(f"cannot merge affinities of {other.names} into {self.names}")
+        self.sums += other.sums
+        self.probes += other.probes
+        return self
+
     def state(self) -> dict:
         return {"names": self.names, "sums": self.sums.tolist(), "probes": self.probes}
 
@@ -89,10 +97,9 @@ class AffinityAverage:
         out.probes = int(state["probes"])
         return out
 
-    def means(self, sums: Tensor | None = None, probes: int | None = None) -> dict[str, dict[str, float]]:
-        """{source: {target: mean Z}}; `sums` / `probes` override (e.g. all-reduced over workers)."""
-        sums = self.sums if sums is None else sums
-        probes = self.probes if probes is None else probes
-        if probes == 0:
+    def means(self) -> dict[str, dict[str, float]]:
+        """{source: {target: mean Z}} over the probes so far ({} before the first)."""
+        if self.probes == 0:
             return {}
-        return {s: {t: float(sums[i, j]) / probes for j, t in enumerate(self.names)} for i, s in enumerate(self.names)}
+        return {s: {t: float(self.sums[i, j]) / self.probes for j, t in enumerate(self.names)}
+                for i, s in enumerate(self.names)}

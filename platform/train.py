@@ -331,14 +331,14 @@ def _report_checkpoint(model: OMGSeg, optimizer, state: WorkerState, rank: int, 
     metrics = {"step": state.step, **{f"samples/{n}": sum(r["counts"][n] for r in ranks) for n in ranks[0]["counts"]},
                **{f"seconds/{k}": v for k, v in ranks[0]["seconds"].items()}}  # rank 0's time
     affinity = _merged_affinity(ranks)
-    for source, row in affinity.items():
-        metrics.update({f"affinity/{source}/{target}": value for target, value in row.items()})
-    if affinity:
-        metrics["affinity_probes"] = sum(r["affinity"]["probes"] for r in ranks if r["affinity"])
+    if affinity is not None:
+        for source, row in affinity.means().items():
+            metrics.update({f"affinity/{source}/{target}": value for target, value in row.items()})
+        metrics["affinity_probes"] = affinity.probes
     if rank != 0:
         ray.train.report(metrics, checkpoint=None)
         return
-    if logger is not None and affinity:
+    if logger is not None and affinity is not None:
         logger.log({mlflow_key(k): v for k, v in metrics.items() if k.startswith("affinity")}, state.step)
     with tempfile.TemporaryDirectory() as folder:
         torch.save({
@@ -360,16 +360,14 @@ def _report_checkpoint(model: OMGSeg, optimizer, state: WorkerState, rank: int, 
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 
-def _merged_affinity(ranks: list[dict]) -> dict[str, dict[str, float]]:
-    """Mean Z over every rank's probes."""
-    states = [r["affinity"] for r in ranks if r["affinity"]]
+def _merged_affinity(ranks: list[dict]) -> AffinityAverage | None:
+    """Every rank's affinity sums together; None when no rank probed."""
+    states = [AffinityAverage.from_state(r["affinity"]) for r in ranks if r["affinity"]]
     if not states:
-        return {}
-    merged = AffinityAverage.from_state(states[0])
+        return None
     for other in states[1:]:
-        merged.sums += AffinityAverage.from_state(other).sums
-        merged.probes += other["probes"]
-    return merged.means()
+        states[0].merge(other)
+    return states[0]
 
 
 class _MlflowStepLogger:

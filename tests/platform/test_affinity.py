@@ -68,3 +68,9 @@ def test_average_state_round_trip():
     means = again.means()
     assert means["a"] == pytest.approx({"a": 0.3, "b": 0.0}) and means["b"] == pytest.approx({"a": 0.1, "b": 0.2})
     assert AffinityAverage(["a"]).means() == {}
+    other = AffinityAverage(["a", "b"])
+    other.add(torch.tensor([[0.9, 0.0], [0.0, 0.0]], dtype=torch.float64))
+    merged = again.merge(other)  # two workers: 3 probes in all
+    assert merged.probes == 3 and merged.means()["a"]["a"] == pytest.approx((0.2 + 0.4 + 0.9) / 3)
+    with pytest.raises(ValueError, match=r"cannot merge affinities of \['b'\]"):
+        merged.merge(AffinityAverage(["b"]))
