@@ -51,6 +51,14 @@ def dataset_vocabularies(data: DataConfig, names: list[str]) -> dict[str, Vocabu
     return {name: Vocabulary.from_categories(read_meta(data.shard_dir(name, "train")).categories) for name in names}
 
 
+def train_stream(config: TrainConfig, name: str, seed: int, step: int) -> ShardStream:
+    """A data set's repeating train stream, its draws fixed by `seed` and the (resume) step."""
+    stream = ShardStream(config.data.shard_dir(name, "train"), shuffle_buffer=config.batch.shuffle_buffer, seed=seed,
+                         repeat=True)
+    stream.set_epoch(step)
+    return stream
+
+
 def lr_factor(step: int, config: TrainConfig) -> float:
     """Linear warm-up to 1, then x gamma at every milestone passed (fractions of the run)."""
     opt = config.optimizer
@@ -163,12 +171,7 @@ def train_loop(
 
     # Fresh, reproducible draws from the resume step on: the stream and mixer seeds depend on
     # (seed, resume step, rank), so a resumed run is as reproducible as an uninterrupted one.
-    streams = {}
-    for name in names:
-        stream = ShardStream(config.data.shard_dir(name, "train"), shuffle_buffer=config.batch.shuffle_buffer,
-                             seed=config.seed, repeat=True)
-        stream.set_epoch(state.step)
-        streams[name] = stream
+    streams = {name: train_stream(config, name, config.seed, state.step) for name in names}
     state.reads.append({"node": node or socket.gethostname(), "from_step": state.step, "code": __file__,
                         "shards": {name: stream.reads for name, stream in streams.items()}})  # filled as they read
     mixer = Mixer({n: config.mix[n] for n in names}, streams, seed=stream_seed(config.seed, state.step, rank, 0))
@@ -264,12 +267,8 @@ class _AffinityProbe:
         self.maker = maker
         self.state = state
         self.average = AffinityAverage.from_state(state.affinity) if state.affinity else AffinityAverage(names)
-        self.streams = {}
-        for k, name in enumerate(names):
-            stream = ShardStream(config.data.shard_dir(name, "train"), shuffle_buffer=config.batch.shuffle_buffer,
-                                 seed=stream_seed(config.seed, state.step, rank, 100 + k), repeat=True)
-            stream.set_epoch(state.step)
-            self.streams[name] = iter(stream)
+        self.streams = {name: iter(train_stream(config, name, stream_seed(config.seed, state.step, rank, 100 + k), state.step))
+                        for k, name in enumerate(names)}
         self.generator = torch.Generator().manual_seed(stream_seed(config.seed, state.step, rank, 2))
 
     def __call__(self, model: OMGSeg, vocabulary: Vocabulary, device: torch.device, step: int, lr: float,
