@@ -32,12 +32,12 @@ def target_label(dataset: str, task: str, metric: str) -> str:
     return f"{dataset}\n{task}\n{metric}"
 
 
-def influence_heatmap(influence: pl.DataFrame, kind: str) -> Figure | None:
+def influence_heatmap(influence: pl.DataFrame, kind: str, family: str = "primary") -> Figure | None:
     """Source data set (rows) x target (data set, task, metric) (columns); colour = relative
-    delta, clipped to +-100 %; the number is the absolute delta. A cell whose 95 % interval
-    crosses zero (or that has one seed, hence no interval) is hatched and its number is
-    followed by '?': the sign is not established."""
-    rows = influence.filter(pl.col("kind") == kind)
+    delta (positive helps), clipped to +-100 %; the number is the delta. A cell that is not
+    significant after correction is hatched and its number is followed by '?' (a flagged one
+    by its flag): the sign is not established."""
+    rows = influence.filter((pl.col("kind") == kind) & (pl.col("family") == family))
     if rows.height == 0:
         return None
     sources = sorted(rows["source_dataset"].unique().to_list())
@@ -48,8 +48,8 @@ def influence_heatmap(influence: pl.DataFrame, kind: str) -> Figure | None:
         i, j = sources.index(r["source_dataset"]), targets.index((r["target_dataset"], r["task"], r["metric"]))
         rel = r["relative_delta"]
         grid[i, j] = np.nan if rel is None else max(-1.0, min(1.0, rel))
-        uncertain = r["ci_low"] is None or (r["ci_low"] <= 0 <= r["ci_high"])
-        text = f"{r['delta']:+.1f}" + ("?" if uncertain else "")
+        uncertain = not r["significant"]
+        text = f"{r['delta']:+.2g}" + (f"\n{r['flag']}" if r["flag"] else "?" if uncertain else "")
         dark = not np.isnan(grid[i, j]) and abs(grid[i, j]) > 0.6  # white on the saturated ends of the map
         axes.text(j, i, text, ha="center", va="center", fontsize=8, color="white" if dark else "black")
         if uncertain:
@@ -60,7 +60,7 @@ def influence_heatmap(influence: pl.DataFrame, kind: str) -> Figure | None:
     axes.set_xlabel("target")
     axes.set_ylabel("source (added to training)")
     title = "pair: {source, target} minus {target}" if kind == "pair" else "leave-one-out: all minus all-but-source"
-    axes.set_title(f"Influence ({title})", fontsize=9)
+    axes.set_title(f"Influence on {family} targets ({title})", fontsize=9)
     bar = figure.colorbar(image, ax=axes, fraction=0.04)
     bar.set_label("relative delta (clipped to +-1)", fontsize=8)
     return figure

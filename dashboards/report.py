@@ -23,8 +23,9 @@ import polars as pl
 
 from omgseg.dashboards.figures import affinity_scatter, correlation_heatmap, influence_heatmap, metric_bars, png_bytes
 from omgseg.platform.config import StudyConfig
+from omgseg.platform.plan import targets
+from omgseg.platform.records import StudyState
 from omgseg.platform.results import TABLES
-from omgseg.platform.study import STUDY_FILE, targets
 
 SECTIONS = ("summary", "influence", "correlation", "metrics", "affinity", "runs", "samples")
 STYLE = """
@@ -48,11 +49,8 @@ class StudyTables:
 
     def __init__(self, folder: Path) -> None:
         self.folder = Path(folder)
-        state_file = self.folder / STUDY_FILE
-        if not state_file.is_file():
-            raise FileNotFoundError(f"{self.folder} is not a study folder: {state_file} does not exist")
-        self.state = json.loads(state_file.read_text())
-        self.config = StudyConfig.model_validate(self.state["config"])
+        self.state = StudyState.read(self.folder)
+        self.config = StudyConfig.model_validate(self.state.config)
         self.tables = {}
         for name in TABLES:
             path = self.folder / f"{name}.parquet"
@@ -93,14 +91,14 @@ def _mlflow_links(study: StudyTables, base_url: str) -> tuple[dict[str, str], st
 
     base = base_url.rstrip("/")
     try:
-        parent = mlflow.MlflowClient(study.state["tracking_uri"]).get_run(study.state["parent_run_id"])
+        parent = mlflow.MlflowClient(study.state.tracking_uri).get_run(study.state.parent_run_id)
     except Exception as err:  # the report still works without a reachable store; it says so
-        print(f"report: no MLflow links ({study.state['tracking_uri']}: {err})", file=sys.stderr)
+        print(f"report: no MLflow links ({study.state.tracking_uri}: {err})", file=sys.stderr)
         return {}, None
     experiment = parent.info.experiment_id
     url = lambda run: f"{base}/#/experiments/{experiment}/runs/{run}"  # noqa: E731
     runs = study.tables["runs"]["mlflow_run_id"].drop_nulls().to_list()
-    return {run: url(run) for run in runs}, url(study.state["parent_run_id"])
+    return {run: url(run) for run in runs}, url(study.state.parent_run_id)
 
 
 def _sample_trial(study: StudyTables) -> dict | None:
@@ -113,7 +111,7 @@ def _sample_trial(study: StudyTables) -> dict | None:
 
 
 def _checkpoint(study: StudyTables, trial: dict) -> Path:
-    path = study.folder / "trials" / trial["trial_id"] / trial["trial_id"] / trial["mlflow_run_id"] / "model.pt"
+    path = study.folder / "trials" / trial["trial_id"] / trial["mlflow_run_id"] / "model.pt"
     if not path.is_file():
         raise FileNotFoundError(f"trial {trial['trial_id']}: model checkpoint {path} does not exist")
     return path
@@ -157,10 +155,12 @@ def build_report(folder: Path, *, out: Path | None = None, mlflow_url: str = "ht
     rendered: dict[str, bytes] = {}
     estimates = study.summary.get("estimates", {})
     drawn = {
-        "influence_pair": influence_heatmap(tables["influence"], "pair"),
-        "influence_leave_one_out": influence_heatmap(tables["influence"], "leave_one_out"),
+        f"influence_{family}_{kind}": influence_heatmap(tables["influence"], kind, family)
+        for family in ("primary", "secondary") for kind in ("pair", "leave_one_out")
+    }
+    drawn |= {
         "correlation": correlation_heatmap(tables["correlation"]),
-        "metrics": metric_bars(tables["metrics"], targets(study.config)),
+        "metrics": metric_bars(tables["metrics"], [(t.dataset, t.task, t.metric) for t in targets(study.config)]),
         "affinity_vs_influence": affinity_scatter(estimates),
     }
     for name, figure in drawn.items():
@@ -178,15 +178,27 @@ def build_report(folder: Path, *, out: Path | None = None, mlflow_url: str = "ht
     runs = tables["runs"]
     finished = runs.filter(pl.col("status") == "finished").height
     rho = estimates.get("spearman")
+    significant = "; ".join(f"{key}: {v['significant_after_correction']} of {v['tested']} tested"
+                            for key, v in study.summary.get("significant", {}).items())
+    null = "; ".join(f"{family}: {v['significant_after_correction']} of {v['tests']} ({'passed' if v['passed'] else 'FAILED'})"
+                     for family, v in study.summary.get("null_check", {}).items() if v["tests"])
     summary_rows = [
         ("study", study.config.name), ("trials", f"{finished} finished of {runs.height}"),
         ("train data sets", ", ".join(study.config.trained())),
-        ("seeds", ", ".join(map(str, study.config.seeds))), ("steps per trial", str(study.config.train.steps)),
+        ("seeds", ", ".join(map(str, study.config.seeds))),
+        ("budget", f"{study.config.budget}: {study.config.train.steps} steps per data set" if study.config.budget == "per_dataset"
+         else f"total: {study.config.train.steps} steps per trial"),
+        ("rows significant after correction (BH, q <= 0.05)", significant or "n/a"),
+        ("A/A null check: split-seed contrasts significant", null or "n/a (needs 4 seeds)"),
         ("affinity vs influence (Spearman)", "n/a" if rho is None else f"{rho:.3f} over {estimates.get('n_pairs')} pairs"),
         ("cost: exhaustive / affinity trial-hours",
          f"{estimates.get('exhaustive_trial_hours', 0):.3f} / {estimates.get('affinity_trial_hours', 0):.3f}"),
-        ("MLflow", study.state["tracking_uri"]),
+        ("MLflow", study.state.tracking_uri),
     ]
+    if "planted" in study.summary:
+        planted = study.summary["planted"]
+        summary_rows.insert(6, ("planted effects recovered", f"{planted['agree']} of {planted['total']} agree; "
+                                f"{planted['false_positives_on_none']} false positives on 'none'"))
     summary_html = "<table>" + "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>"
                                        for k, v in summary_rows) + "</table>"
     if parent_url:
@@ -195,13 +207,15 @@ def build_report(folder: Path, *, out: Path | None = None, mlflow_url: str = "ht
     failed = runs.filter(pl.col("status") != "finished")
     if failed.height:
         summary_html += '<p class="failed">Failed trials: ' + html.escape(", ".join(failed["trial_id"].to_list())) + "</p>"
-    influence_caption = ("Colour: relative delta of the target metric when the source data set is added (blue helps, red "
-                         "hurts; clipped to +-100 %). Number: the absolute delta in points. Hatched cells marked '?': the "
-                         "95 % interval over seeds crosses zero, or there is one seed.")
+    influence_caption = ("Colour: relative delta of the target when the source data set is added, signed so that blue "
+                         "helps and red hurts whatever the metric's direction (clipped to +-100 %). Number: the delta "
+                         "(validation loss, or metric points). Hatched cells marked '?': not significant after "
+                         "Benjamini-Hochberg correction; 'floor'/'ceiling': the metric sits at its bound, untestable.")
     body = {
         "summary": summary_html,
-        "influence": figure_or_note("influence_pair", influence_caption)
-        + figure_or_note("influence_leave_one_out", influence_caption)
+        "influence": "".join(figure_or_note(f"influence_{family}_{kind}", influence_caption)
+                             for family in ("primary", "secondary") for kind in ("pair", "leave_one_out")
+                             if f"influence_{family}_{kind}" in rendered)
         + _table(tables["influence"].drop("study")),
         "correlation": figure_or_note("correlation", "Spearman correlation of two targets' values across trials; grey "
                                       "where fewer than 3 trials have both or a metric is constant."),
@@ -230,9 +244,9 @@ def build_report(folder: Path, *, out: Path | None = None, mlflow_url: str = "ht
 def _log(study: StudyTables, page: Path, figures: dict[str, Path]) -> None:
     import mlflow
 
-    client = mlflow.MlflowClient(study.state["tracking_uri"])
+    client = mlflow.MlflowClient(study.state.tracking_uri)
     for path in [page, *figures.values()]:
-        client.log_artifact(study.state["parent_run_id"], str(path), artifact_path="report")
+        client.log_artifact(study.state.parent_run_id, str(path), artifact_path="report")
 
 
 def build_parser(prog: str = "omgseg report") -> argparse.ArgumentParser:

@@ -8,14 +8,13 @@ run, and runs until interrupted.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
-from omgseg.platform.study import STUDY_FILE
+from omgseg.platform.records import StudyState
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -24,13 +23,10 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def ui_command(study_dir: Path, host: str, port: int) -> tuple[list[str], str, dict]:
+def ui_command(study_dir: Path, host: str, port: int) -> tuple[list[str], str, StudyState]:
     """The `mlflow ui` command for a study, its parent run's URL, and the study state."""
-    state_file = Path(study_dir) / STUDY_FILE
-    if not state_file.is_file():
-        raise FileNotFoundError(f"{study_dir} is not a study folder: {state_file} does not exist")
-    state = json.loads(state_file.read_text())
-    uri = state["tracking_uri"]
+    state = StudyState.read(Path(study_dir))
+    uri = state.tracking_uri
     if uri.startswith(("http://", "https://")):
         raise ValueError(f"the study tracks to the server {uri}: open its UI there instead")
     mlflow = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or shutil.which("mlflow")
@@ -52,7 +48,7 @@ def main(argv: list[str] | None = None, prog: str = "omgseg ui") -> int:
     except (FileNotFoundError, ValueError) as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 1
-    print(f"MLflow UI for study {state['name']!r}: {url} (parent run {state['parent_run_id']}); Ctrl-C stops it",
+    print(f"MLflow UI for study {state.name!r}: {url} (parent run {state.parent_run_id}); Ctrl-C stops it",
           flush=True)
     try:
         return subprocess.call(command)

@@ -23,6 +23,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from omgseg.core.seeds import derive_seed
 from omgseg.datasets.clip import Segment, Task, decode_id_map_rgb
 from omgseg.datasets.location import ShardLocation
 from omgseg.datasets.shards import (
@@ -150,19 +151,6 @@ def decode_sample(raw: dict) -> ClipSample:
         ) from exn
 
 
-def stream_seed(seed: int, epoch: int, rank: int, worker: int) -> int:
-    """A 63-bit seed for one (seed, epoch, rank, worker); stable across processes and runs
-    (Python's `hash` of strings is not, which is why SeedSequence mixes the numbers)."""
-    state = np.random.SeedSequence([seed, epoch, rank, worker]).generate_state(2, dtype=np.uint32)
-    return (int(state[0]) << 31) ^ int(state[1])
-
-
-def _order_seed(seed: int, epoch: int, e: int) -> int:
-    """The seed of repeat epoch `e`'s shard order: no rank or worker in it, so every one of
-    them shuffles alike and the parts stay disjoint."""
-    return int(np.random.SeedSequence([seed, epoch, e, 7919]).generate_state(1, dtype=np.uint32)[0])
-
-
 class ShardStream(torch.utils.data.IterableDataset):
     """Decoded `ClipSample`s of one shard folder, split across ranks and DataLoader workers.
 
@@ -182,6 +170,10 @@ class ShardStream(torch.utils.data.IterableDataset):
     shuffle_buffer: samples held for shuffling (0: file order); with repeat=False the shard
         order is shuffled as well, identically on every rank so the split stays a partition.
     seed: with the epoch (`set_epoch`), rank and worker it fixes every random choice.
+    skip: samples of this rank and worker to pass over (read but not decoded) before the first
+        one yielded: a resumed run's stream continues exactly where the interrupted one was.
+    split=False (repeat=False only): every shard in this process, whatever its rank: for an
+        evaluation that one rank does alone.
     """
 
     MAX_LOGGED_EPOCHS = 4  # enough to show the split; a long run's full log would be large
@@ -194,6 +186,8 @@ class ShardStream(torch.utils.data.IterableDataset):
         seed: int = 0,
         repeat: bool = False,
         epoch_samples: int | None = None,
+        skip: int = 0,
+        split: bool = True,
     ) -> None:
         super().__init__()
         self.location = ShardLocation.parse(shard_dir)
@@ -218,6 +212,12 @@ class ShardStream(torch.utils.data.IterableDataset):
             )
         if epoch_samples is not None and epoch_samples < 1:
             raise ValueError(f"epoch_samples must be at least 1, got {epoch_samples}")
+        if skip < 0:
+            raise ValueError(f"skip must be >= 0, got {skip}")
+        if not split and repeat:
+            raise ValueError("split=False is for evaluation streams (repeat=False): training streams are always split")
+        self.skip = skip
+        self.split = split
         self.shuffle_buffer = shuffle_buffer
         self.seed = seed
         self.repeat = repeat
@@ -249,7 +249,8 @@ class ShardStream(torch.utils.data.IterableDataset):
         """Raw samples of this part, epoch after epoch (repeat=True)."""
         for e in itertools.count():
             order = list(self.shards)
-            random.Random(_order_seed(self.seed, self.epoch, e)).shuffle(order)
+            # No rank or worker in this seed: every part shuffles alike, so the parts stay disjoint.
+            random.Random(derive_seed(self.seed, "shard-order", self.epoch, e)).shuffle(order)
             if len(order) >= parts:
                 mine = order[part::parts]
                 if e < self.MAX_LOGGED_EPOCHS:
@@ -267,8 +268,8 @@ class ShardStream(torch.utils.data.IterableDataset):
         if self.shuffle_buffer > 0:
             # Same order on every rank and worker (no rank/worker in this seed): the split
             # below must stay a partition of the shards.
-            random.Random(stream_seed(self.seed, self.epoch, 0, 0)).shuffle(shards)
-        yield from wds.split_by_worker(wds.split_by_node(shards))
+            random.Random(derive_seed(self.seed, "shard-order", self.epoch)).shuffle(shards)
+        yield from wds.split_by_worker(wds.split_by_node(shards)) if self.split else shards
 
     def _raw_samples(self, shards: Iterable[ShardInfo]) -> Iterator[dict]:
         for info in shards:
@@ -281,7 +282,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         else:
             samples = self._raw_samples(self._shards())
         if self.shuffle_buffer > 0:
-            rng = random.Random(stream_seed(self.seed, self.epoch, rank, worker) + 1)
+            rng = random.Random(derive_seed(self.seed, "shuffle", self.epoch, rank, worker))
             initial = max(1, min(self.shuffle_buffer, 100))
             samples = wds.shuffle(self.shuffle_buffer, initial=initial, rng=rng)(samples)
         if self.epoch_samples is not None:
@@ -289,7 +290,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             # between its workers so that the rank's count does not depend on num_workers.
             share = self.epoch_samples // num_workers + (worker < self.epoch_samples % num_workers)
             samples = _take(samples, share)
-        for raw in samples:
+        for raw in itertools.islice(samples, self.skip, None):
             yield decode_sample(raw)
 
 

@@ -63,6 +63,7 @@ from omgseg.datasets.synth_scenes import (
     COCO_LABELS,
     DAVIS_BACKGROUNDS,
     DAVIS_SHAPES,
+    PLANTED_LABELS,
     VIPSEG_LABELS,
     YTVIS_BACKGROUNDS,
     YTVIS_LABELS,
@@ -177,6 +178,32 @@ def write_synthetic(
     return {f: out / SUBFOLDERS[f] for f in requested}
 
 
+PLANTED_VARIANTS: tuple[str, ...] = tuple(PLANTED_LABELS)
+PLANTED_SIZES = SynthSizes(coco_train=48, coco_val=32)  # a larger val split: the targets are its losses
+
+
+def write_planted(out: Path, variants: Sequence[str] = PLANTED_VARIANTS, seed: int = 0,
+                  sizes: SynthSizes = PLANTED_SIZES, progress: bool = False) -> dict[str, Path]:
+    """The planted-relation data sets (synth_scenes.PLANTED_LABELS), each in COCO panoptic's
+    layout under out/<variant>/, without crowds; returns {variant: its source folder}. Every
+    variant draws from its own generator: the twin's images are new images, not copies."""
+    unknown = [v for v in variants if v not in PLANTED_LABELS]
+    if unknown:
+        raise ValueError(f"unknown planted variant(s) {unknown}; known: {', '.join(PLANTED_VARIANTS)}")
+    bar = tqdm(total=len(variants) * (sizes.coco_train + sizes.coco_val), desc="synth planted", unit="image",
+               disable=not progress)
+    try:
+        for variant in variants:
+            key = 100 + PLANTED_VARIANTS.index(variant)
+            for split_index, split in enumerate(SPLITS):
+                rng = np.random.default_rng(np.random.SeedSequence([seed, key, split_index]))
+                _write_coco(Path(out) / variant, split, rng, sizes, ["coco-panoptic"], bar,
+                            labels=PLANTED_LABELS[variant], crowds=False)
+    finally:
+        bar.close()
+    return {v: Path(out) / v for v in variants}
+
+
 # ---------------------------------------------------------------------------------------------
 # Shared helpers
 
@@ -267,7 +294,8 @@ def _distinct_ids(rng: np.random.Generator, n: int) -> list[int]:
 
 
 def _write_coco(
-    root: Path, split: str, rng: np.random.Generator, sizes: SynthSizes, requested: list[str], bar: tqdm
+    root: Path, split: str, rng: np.random.Generator, sizes: SynthSizes, requested: list[str], bar: tqdm,
+    labels: tuple[Label, ...] = COCO_LABELS, crowds: bool = True,
 ) -> None:
     first_id = 1 if split == "train" else sizes.coco_train + 1  # image ids unique across splits
     image_dir = root / f"{split}2017"
@@ -281,8 +309,8 @@ def _write_coco(
     for n in range(sizes.count("coco", split)):
         image_id = first_id + n
         name = f"{image_id:012d}"
-        crowd = n == 0 or bool(rng.random() < CROWD_PROBABILITY)
-        scene = image_scene(rng, COCO_LABELS, sizes.height, sizes.width, crowd, RLE_FRACTION)
+        crowd = crowds and (n == 0 or bool(rng.random() < CROWD_PROBABILITY))
+        scene = image_scene(rng, labels, sizes.height, sizes.width, crowd, RLE_FRACTION)
         _write_jpeg(image_dir / f"{name}.jpg", scene.rgb)
         images.append({"id": image_id, "file_name": f"{name}.jpg",
                        "height": sizes.height, "width": sizes.width})
@@ -310,11 +338,11 @@ def _write_coco(
     if want_panoptic:
         _write_json(
             root / "annotations" / f"panoptic_{split}2017.json",
-            {"images": images, "annotations": pan_anns, "categories": _panoptic_categories(COCO_LABELS)},
+            {"images": images, "annotations": pan_anns, "categories": _panoptic_categories(labels)},
         )
     if want_instances:
         categories = [{"id": lab.id, "name": lab.name, "supercategory": lab.supercategory}
-                      for lab in COCO_LABELS if lab.isthing]
+                      for lab in labels if lab.isthing]
         _write_json(
             root / "annotations" / f"instances_{split}2017.json",
             {"images": images, "annotations": inst_anns, "categories": categories},

@@ -136,6 +136,20 @@ YTVIS_LABELS: tuple[Label, ...] = (
     _thing(6, "triangle"),
 )
 YTVIS_BACKGROUNDS: tuple[str, ...] = ("sky", "grass", "water", "sand")  # drawn, not annotated
+
+# Planted relations (omgseg.datasets.synth.write_planted, docs/datasets.md): four data sets in
+# COCO panoptic's layout whose relations are known by construction.
+#   twin     = the anchor's appearances under the anchor's names (more of the same): helps;
+#   rival    = the anchor's appearances under permuted names (each look called another
+#              anchor class, each background the other one): hurts the anchor and the twin;
+#   stranger = appearances and names that no other one has: unrelated.
+PLANTED_LABELS: dict[str, tuple[Label, ...]] = {
+    "anchor": (_thing(1, "circle"), _thing(2, "square"), _thing(3, "triangle"), _stuff(4, "sky"), _stuff(5, "grass")),
+    "twin": (_thing(1, "circle"), _thing(2, "square"), _thing(3, "triangle"), _stuff(4, "sky"), _stuff(5, "grass")),
+    "rival": (_thing(1, "circle", "square"), _thing(2, "square", "triangle"), _thing(3, "triangle", "circle"),
+              _stuff(4, "sky", "grass"), _stuff(5, "grass", "sky")),
+    "stranger": (_thing(1, "star"), _thing(2, "cross"), _thing(3, "hexagon"), _stuff(4, "water"), _stuff(5, "road")),
+}
 DAVIS_SHAPES: tuple[str, ...] = tuple(SHAPE_COLOURS)  # class-agnostic: every shape
 DAVIS_BACKGROUNDS: tuple[str, ...] = tuple(TEXTURE_COLOURS)
 

@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from omgseg.model.matcher import HungarianMatcher
+from omgseg.model.matcher import HungarianMatcher, clip_generator
 from omgseg.model.structures import MatchTargets, QueryOutputs
 
 
@@ -37,22 +37,24 @@ class LossWeights:
 
 
 def sample_uncertain_points(
-    logits: Tensor, num_points: int, oversample_ratio: float, importance_sample_ratio: float
+    logits: Tensor, num_points: int, oversample_ratio: float, importance_sample_ratio: float,
+    generator: torch.Generator | None = None,
 ) -> Tensor:
     """PointRend's training points: mostly where the prediction is uncertain, the rest uniform.
 
     logits: (N, 1, h, w). Draws num_points * oversample_ratio uniform points, keeps the
     importance_sample_ratio * num_points with the highest uncertainty -|logit|, and adds
     uniform points up to num_points. Returns (N, num_points, 2) in [0, 1]^2 (x, y).
+    generator: where the uniform draws come from (None: the global generator).
     """
     n = logits.shape[0]
     num_sampled = int(num_points * oversample_ratio)
-    coords = torch.rand(n, num_sampled, 2, device=logits.device)
+    coords = torch.rand(n, num_sampled, 2, device=logits.device, generator=generator)
     uncertainty = -_sample(logits, coords).abs()  # (N, 1, num_sampled)
     num_uncertain = int(importance_sample_ratio * num_points)
     top = uncertainty[:, 0].topk(num_uncertain, dim=1).indices  # (N, num_uncertain)
     uncertain = torch.gather(coords, 1, top[..., None].expand(-1, -1, 2))
-    uniform = torch.rand(n, num_points - num_uncertain, 2, device=logits.device)
+    uniform = torch.rand(n, num_points - num_uncertain, 2, device=logits.device, generator=generator)
     return torch.cat([uncertain, uniform], dim=1)
 
 
@@ -81,10 +83,11 @@ def dice_loss(pred: Tensor, target: Tensor) -> Tensor:
     return (1 - (2 * inter + 1) / (prob.sum(-1) + target.sum(-1) + 1)).mean(-1)
 
 
-def _global_mean_count(count: int, device: torch.device) -> float:
-    """The per-worker average of a count across DDP workers (>= 1), as Mask2Former normalises."""
+def _global_mean_count(count: int, device: torch.device, across_workers: bool = True) -> float:
+    """The per-worker average of a count across DDP workers (>= 1), as Mask2Former normalises;
+    this worker's own count when not `across_workers`."""
     total = torch.tensor(float(count), device=device)
-    if dist.is_available() and dist.is_initialized():
+    if across_workers and dist.is_available() and dist.is_initialized():
         dist.all_reduce(total)
         total = total / dist.get_world_size()
     return max(float(total), 1.0)
@@ -120,8 +123,10 @@ class SetCriterion:
         self.oversample_ratio = oversample_ratio
         self.importance_sample_ratio = importance_sample_ratio
 
-    def __call__(self, outputs: QueryOutputs, targets: list[MatchTargets]) -> dict[str, Tensor]:
-        """Weighted losses of all prediction sets; raises FloatingPointError if their sum is not finite."""
+    def __call__(self, outputs: QueryOutputs, targets: list[MatchTargets], across_workers: bool = True) -> dict[str, Tensor]:
+        """Weighted losses of all prediction sets; raises FloatingPointError if their sum is not finite.
+        across_workers=False: no collective (a loss that one worker computes alone, such as a
+        validation loss on rank 0, must not wait for the others)."""
         b = outputs.mask_logits.shape[0]
         if len(targets) != b:
             raise ValueError(f"got {len(targets)} targets for {b} clips")
@@ -136,13 +141,13 @@ class SetCriterion:
                     f"clip {i}: {num_valid} prompt queries but {tgt.num_prompts} prompt masks"
                 )
         device = outputs.mask_logits.device
-        num_masks = _global_mean_count(sum(t.labels.numel() for t in targets), device)
-        num_prompts = _global_mean_count(sum(t.num_prompts for t in targets), device)
+        num_masks = _global_mean_count(sum(t.labels.numel() for t in targets), device, across_workers)
+        num_prompts = _global_mean_count(sum(t.num_prompts for t in targets), device, across_workers)
 
         losses: dict[str, Tensor] = {}
         sets = [(f"_aux{i}", aux) for i, aux in enumerate(outputs.aux)] + [("", outputs)]
-        for suffix, pred in sets:
-            for name, value in self._set_losses(pred, targets, num_masks, num_prompts).items():
+        for stage, (suffix, pred) in enumerate(sets):
+            for name, value in self._set_losses(pred, targets, num_masks, num_prompts, stage).items():
                 losses[name + suffix] = value
         # Zero-weighted term: outputs.unused_parameter_sum depends on the decoder parameters
         # no loss reaches in this pass (the prompt encoder in a batch without prompts). Under
@@ -159,14 +164,15 @@ class SetCriterion:
         return losses
 
     def _set_losses(
-        self, pred: QueryOutputs, targets: list[MatchTargets], num_masks: float, num_prompts: float
+        self, pred: QueryOutputs, targets: list[MatchTargets], num_masks: float, num_prompts: float, stage: int
     ) -> dict[str, Tensor]:
-        """Weighted losses of one prediction set (keys without suffix)."""
+        """Weighted losses of one prediction set (keys without suffix); `stage` numbers the set
+        in the clips' own random draws."""
         w = self.weights
         no = pred.num_object_queries
         class_logits = pred.class_logits[:, :no]  # (B, No, C+1)
         obj_masks = pred.mask_logits[:, :no]  # (B, No, T, h, w)
-        indices = self.matcher(class_logits, obj_masks, targets)
+        indices = self.matcher(class_logits, obj_masks, targets, stage=stage)
 
         # Classification: matched queries take their target's class, all others void.
         num_classes = class_logits.shape[-1] - 1
@@ -182,22 +188,21 @@ class SetCriterion:
         else:
             loss_ce = class_logits.sum() * 0.0  # no clip supervises objects: keep the graph connected
 
-        # Masks of matched pairs.
-        src = torch.cat([obj_masks[i, rows.to(obj_masks.device)] for i, (rows, _) in enumerate(indices)])
-        tgt = torch.cat([t.masks[cols.to(t.masks.device)] for t, (_, cols) in zip(targets, indices)])
-        loss_mask, loss_dice = self._mask_losses(src, tgt.to(src.device), num_masks)
+        # Masks of matched pairs, clip by clip (each clip samples its points from its own generator).
+        device = obj_masks.device
+        matched = [(obj_masks[i, rows.to(device)], t.masks[cols.to(t.masks.device)].to(device),
+                    clip_generator(t, device, "mask", stage)) for i, ((rows, cols), t) in enumerate(zip(indices, targets))]
+        loss_mask, loss_dice = self._mask_losses(matched, num_masks)
 
         # Prompt queries: query k is trained on prompt mask k, no matching, no class.
-        prompt_src, prompt_tgt = [], []
+        prompted = []
         for i, t in enumerate(targets):
             if t.prompt_masks is not None and t.num_prompts > 0:
                 valid = pred.prompt_valid[i].nonzero().squeeze(1)  # (K_i,) padded prompts are last
-                prompt_src.append(pred.mask_logits[i, no + valid])
-                prompt_tgt.append(t.prompt_masks.to(src.device))
-        if prompt_src:
-            loss_prompt_mask, loss_prompt_dice = self._mask_losses(
-                torch.cat(prompt_src), torch.cat(prompt_tgt), num_prompts
-            )
+                prompted.append((pred.mask_logits[i, no + valid], t.prompt_masks.to(device),
+                                 clip_generator(t, device, "prompt", stage)))
+        if prompted:
+            loss_prompt_mask, loss_prompt_dice = self._mask_losses(prompted, num_prompts)
         else:
             loss_prompt_mask = loss_prompt_dice = pred.mask_logits.new_zeros(())
 
@@ -209,20 +214,24 @@ class SetCriterion:
             "loss_prompt_dice": w.prompt_dice * loss_prompt_dice,
         }
 
-    def _mask_losses(self, src: Tensor, tgt: Tensor, normaliser: float) -> tuple[Tensor, Tensor]:
-        """src (M, T, h, w) logits, tgt (M, T, H, W) bool -> (BCE, dice) summed over M / normaliser."""
-        if src.shape[0] == 0:
-            zero = src.sum() * 0.0  # keeps the graph connected when a clip has no targets
-            return zero, zero
-        m, t, h, w = src.shape
-        src_frames = src.reshape(m * t, 1, h, w)
-        tgt_frames = tgt.reshape(m * t, 1, *tgt.shape[-2:]).to(src.dtype)
-        with torch.no_grad():
-            coords = sample_uncertain_points(
-                src_frames.detach(), self.num_points, self.oversample_ratio, self.importance_sample_ratio
-            )  # (M*T, K, 2)
-            tgt_points = _sample(tgt_frames, coords).view(m, t, -1)  # (M, T, K)
-        src_points = _sample(src_frames, coords).view(m, t, -1)  # (M, T, K)
-        bce = sigmoid_bce_loss(src_points, tgt_points).sum() / normaliser
-        dice = dice_loss(src_points, tgt_points).sum() / normaliser
+    def _mask_losses(
+        self, pairs: list[tuple[Tensor, Tensor, torch.Generator | None]], normaliser: float
+    ) -> tuple[Tensor, Tensor]:
+        """Per clip (src (M, T, h, w) logits, tgt (M, T, H, W) bool, its generator) -> (BCE,
+        dice) summed over all M / normaliser."""
+        bce = dice = pairs[0][0].sum() * 0.0  # keeps the graph connected when no clip has targets
+        for src, tgt, generator in pairs:
+            if src.shape[0] == 0:
+                continue
+            m, t, h, w = src.shape
+            src_frames = src.reshape(m * t, 1, h, w)
+            tgt_frames = tgt.reshape(m * t, 1, *tgt.shape[-2:]).to(src.dtype)
+            with torch.no_grad():
+                coords = sample_uncertain_points(
+                    src_frames.detach(), self.num_points, self.oversample_ratio, self.importance_sample_ratio, generator
+                )  # (M*T, K, 2)
+                tgt_points = _sample(tgt_frames, coords).view(m, t, -1)  # (M, T, K)
+            src_points = _sample(src_frames, coords).view(m, t, -1)  # (M, T, K)
+            bce = bce + sigmoid_bce_loss(src_points, tgt_points).sum() / normaliser
+            dice = dice + dice_loss(src_points, tgt_points).sum() / normaliser
         return bce, dice

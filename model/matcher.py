@@ -7,7 +7,16 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
+from omgseg.core.seeds import derive_seed
 from omgseg.model.structures import MatchTargets
+
+
+def clip_generator(target: MatchTargets, device: torch.device, *keys: int | str) -> torch.Generator | None:
+    """A generator of the clip's own (`target.seed`, then `keys`) on `device`; None when the
+    clip has no seed (the global generator is used then)."""
+    if target.seed is None:
+        return None
+    return torch.Generator(device=device).manual_seed(derive_seed(target.seed, *keys))
 
 
 def point_sample(masks: Tensor, points: Tensor) -> Tensor:
@@ -108,13 +117,14 @@ class HungarianMatcher:
         mask_logits: Tensor,
         targets: list[MatchTargets],
         points: Tensor | None = None,
-        generator: torch.Generator | None = None,
+        stage: int = 0,
     ) -> list[tuple[Tensor, Tensor]]:
         """Match B clips.
 
         class_logits (B, Q, C+1) and mask_logits (B, Q, T, h, w) of the OBJECT queries only.
         points: (K, 2) fixed points in [0, 1]^2 for every clip (tests, or exact costs with
-            pixel_centre_points); None samples num_points uniform points per clip.
+            pixel_centre_points); None samples num_points uniform points per clip, from the
+            clip's own generator (its seed and `stage`, the prediction set) when it has a seed.
         Returns per clip (query_indices, target_indices), int64 on CPU, sorted by query, of
         length min(Q, N).
         """
@@ -133,7 +143,8 @@ class HungarianMatcher:
             clip_points = points
             if clip_points is None:
                 clip_points = torch.rand(
-                    self.num_points, 2, device=mask_logits.device, generator=generator
+                    self.num_points, 2, device=mask_logits.device,
+                    generator=clip_generator(target, mask_logits.device, "match", stage),
                 )
             cost = self.cost_matrix(class_logits[i], mask_logits[i], target, clip_points.to(mask_logits.device))
             if not torch.isfinite(cost).all():

@@ -144,9 +144,10 @@ class OMGSeg(nn.Module):
         return ModelOutputs(queries=queries, clip_features=encoded.clip_features, text_embeddings=text,
                             image_size=encoded.image_size)
 
-    def loss(self, outputs: ModelOutputs, targets: list[MatchTargets]) -> dict[str, Tensor]:
-        """Weighted loss terms of every prediction set (see SetCriterion); sum them to train."""
-        return self.criterion(outputs.queries, targets)
+    def loss(self, outputs: ModelOutputs, targets: list[MatchTargets], across_workers: bool = True) -> dict[str, Tensor]:
+        """Weighted loss terms of every prediction set (see SetCriterion); sum them to train.
+        across_workers=False for a loss one worker computes alone (no collective)."""
+        return self.criterion(outputs.queries, targets, across_workers)
 
     def text_embeddings(self, vocabulary: Vocabulary) -> Tensor:
         """(C, S, D) CLIP text embeddings of the vocabulary (cached), on the model's device."""

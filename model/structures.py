@@ -183,6 +183,9 @@ class MatchTargets:
     supervise_objects: False for clips whose data set labels only prompted objects (video
         object segmentation): their object queries get no loss at all, since calling every
         unprompted object "void" would teach the model to miss objects.
+    seed: the clip's own seed for the loss's random point sampling (matcher and criterion), so
+        that a sample is treated the same whatever else is in its batch; None: the global
+        torch generator.
     """
 
     labels: Tensor
@@ -190,6 +193,7 @@ class MatchTargets:
     track_ids: Tensor
     prompt_masks: Tensor | None = None
     supervise_objects: bool = True
+    seed: int | None = None
 
     def __post_init__(self) -> None:
         _check_shape("MatchTargets.labels", self.labels, (None,))

@@ -3,103 +3,223 @@ Identifying Task Groupings", NeurIPS 2021).
 
 The look-ahead affinity of data set i on data set j at a step is
 
-    Z_ij = 1 - L_j(theta - lr * grad L_i(theta)) / L_j(theta)
+    Z_ij = (1 - L_j(theta'_i) / L_j(theta)) / lr,    theta'_i = the optimizer's step on i's batch
 
 over the shared parameters (in OMG-Seg every trainable parameter is shared by every task:
-there are no task heads). Z_ij > 0: a step on i's data lowers j's loss (i helps j). Averaged
-over the run, it is the cheap estimate that a study sets beside the exhaustive pair influence.
+there are no task heads). As the paper does it:
+- theta'_i is the step the optimizer itself would take: AdamW's preconditioned update from its
+  current moments, at the current learning rate, after the training step's gradient clipping
+  (a raw SGD step at a fixed rate measures another optimizer's geometry);
+- Z is divided by the learning rate, so probes early and late in a schedule are comparable;
+- L_j is the loss on a fixed held-out batch of j (its validation split, with j's own
+  vocabulary), the same at every probe, so Z_jj is not measured on the batch it stepped on.
+Z_ij > 0: a step on i's data lowers j's loss (i helps j). Averaged over the run, it is the
+cheap estimate that a study sets beside the exhaustive pair influence.
+
+Probing leaves training untouched: weights and optimizer state are copied back exactly, no
+gradient buffer is left behind, and every random draw comes from the probe's own samples.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from omgseg.core.seeds import derive_seed
 from omgseg.model.omgseg import OMGSeg
 from omgseg.model.vocabulary import Vocabulary
-from omgseg.platform.batches import TrainBatch
+from omgseg.platform.batches import TrainBatch, collate
+from omgseg.platform.evaluate import validation_examples
+from omgseg.platform.loop import TrainParts, WorkerState, train_stream
 
 
-@torch.no_grad()
-def _restore(params: list[Tensor], saved: list[Tensor]) -> None:
-    for p, s in zip(params, saved):
-        p.copy_(s)
+@dataclass(frozen=True)
+class HeldOut:
+    """A data set's fixed held-out batches and the vocabulary its loss is measured with."""
+
+    batches: Sequence[TrainBatch]
+    vocabulary: Vocabulary
 
 
-def lookahead_affinity(model: OMGSeg, vocabulary: Vocabulary, batches: Mapping[str, TrainBatch], lr: float,
-                       seed: int, autocast: bool = False) -> Tensor:
-    """(n, n) Z[i, j] for the n data sets of `batches` (one batch each, in their order).
+def final_loss(losses: Mapping[str, Tensor]) -> Tensor:
+    """The loss of the last prediction set (what inference uses): every term but the earlier
+    sets' (`_aux`) and the zero anchor."""
+    return sum(v for k, v in losses.items() if "_aux" not in k and k != "loss_zero_anchor")
 
-    The model's weights are the same after the call as before (a copy is restored, not a
-    subtraction undone). Every L_j is computed with the same seed for the criterion's random
-    point sampling before and after the look-ahead, so Z measures the step, not the sampling.
+
+def mean_loss(model: OMGSeg, vocabulary: Vocabulary, batches: Sequence[TrainBatch], *, final: bool,
+              autocast: bool = False) -> Tensor:
+    """The mean over `batches` of the training loss (all prediction sets) or of `final_loss`."""
+    device = next(model.parameters()).device
+    total = 0.0
+    for batch in batches:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            # No collective: every rank probes on its own batches, for its own estimate.
+            losses = model.loss(model(batch.images, vocabulary, batch.prompts), batch.targets, across_workers=False)
+        total = total + (final_loss(losses) if final else sum(losses.values()))
+    return total / len(batches)
+
+
+class _Snapshot:
+    """Exact copies of the trainable weights and of the optimizer's state for them."""
+
+    def __init__(self, params: list[Tensor], optimizer: torch.optim.Optimizer) -> None:
+        self.params = params
+        self.optimizer = optimizer
+        self.weights = [p.detach().clone() for p in params]
+        self.state = {p: {k: v.clone() if isinstance(v, Tensor) else v for k, v in optimizer.state[p].items()}
+                      for p in params if p in optimizer.state}
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for p, w in zip(self.params, self.weights):
+            p.copy_(w)
+            p.grad = None
+        for p in self.params:
+            saved = self.state.get(p)
+            if saved is None:
+                self.optimizer.state.pop(p, None)  # the look-ahead was this parameter's first step
+                continue
+            for k, v in saved.items():
+                current = self.optimizer.state[p][k]
+                if isinstance(v, Tensor):
+                    current.copy_(v)
+                else:
+                    self.optimizer.state[p][k] = v
+
+
+def lookahead_affinity(model: OMGSeg, optimizer: torch.optim.Optimizer, vocabulary: Vocabulary,
+                       probes: Mapping[str, Sequence[TrainBatch]], heldout: Mapping[str, HeldOut], *,
+                       grad_clip: float | None = None, autocast: bool = False) -> Tensor:
+    """(n, n) Z[i, j] over the n data sets of `probes` (sources, trained with the run's
+    `vocabulary`) and `heldout` (targets, in the same order and with the same names).
+
+    The look-ahead is `optimizer.step()` itself on the source's gradient, at the learning rate
+    its first parameter group has now; weights and optimizer state are restored afterwards.
     """
+    names = list(probes)
+    if list(heldout) != names:
+        raise ValueError(f"held-out batches are for {list(heldout)}, probes for {names}: they must match")
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+    lr = float(optimizer.param_groups[0]["lr"])
     if lr <= 0:
-        raise ValueError(f"look-ahead lr must be > 0, got {lr}")
-    names = list(batches)
-    params = [p for p in model.parameters() if p.requires_grad]
-    saved = [p.detach().clone() for p in params]
-    device = params[0].device
-    devices = [device] if device.type == "cuda" else []
+        raise ValueError(f"the optimizer's learning rate is {lr}: a look-ahead needs lr > 0")
 
-    def loss(name: str, k: int) -> Tensor:
-        batch = batches[name]
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed * 1000 + k)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                outputs = model(batch.images, vocabulary, batch.prompts)
-                return sum(model.loss(outputs, batch.targets).values())
-
-    with torch.no_grad():
-        base = [float(loss(name, j)) for j, name in enumerate(names)]
-    z = torch.zeros(len(names), len(names), dtype=torch.float64)
-    for i, name in enumerate(names):
-        grads = torch.autograd.grad(loss(name, i), params, allow_unused=True)
+    def target_losses() -> list[float]:
         with torch.no_grad():
-            for p, g in zip(params, grads):
-                if g is not None:
-                    p.sub_(lr * g)
-            for j, target in enumerate(names):
-                z[i, j] = 1.0 - float(loss(target, j)) / base[j] if base[j] > 0 else 0.0
-        _restore(params, saved)
+            return [float(mean_loss(model, heldout[j].vocabulary, heldout[j].batches, final=True, autocast=autocast))
+                    for j in names]
+
+    base = target_losses()
+    z = torch.zeros(len(names), len(names), dtype=torch.float64)
+    for i, source in enumerate(names):
+        grads = torch.autograd.grad(mean_loss(model, vocabulary, probes[source], final=False, autocast=autocast), params,
+                                    allow_unused=True)
+        snapshot = _Snapshot(params, optimizer)
+        for p, g in zip(params, grads):
+            p.grad = torch.zeros_like(p) if g is None else g.contiguous()  # autograd may hand out expanded views
+        if grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        optimizer.step()
+        after = target_losses()
+        snapshot.restore()
+        for j in range(len(names)):
+            z[i, j] = (1.0 - after[j] / base[j]) / lr if base[j] > 0 else 0.0
     return z
 
 
 class AffinityAverage:
-    """Running sums of Z over probes, per (source, target); summable across workers."""
+    """Every probe's Z per (source, target), and their mean; mergeable across workers."""
 
     def __init__(self, names: list[str]) -> None:
         self.names = list(names)
-        self.sums = torch.zeros(len(names), len(names), dtype=torch.float64)
-        self.probes = 0
+        self.history: list[Tensor] = []  # one (n, n) Z per probe, in order
+
+    @property
+    def probes(self) -> int:
+        return len(self.history)
 
     def add(self, z: Tensor) -> None:
-        self.sums += z
-        self.probes += 1
+        self.history.append(z.to(torch.float64).clone())
 
     def merge(self, other: AffinityAverage) -> AffinityAverage:
-        """Add another worker's sums (same data sets, same order)."""
+        """Add another worker's probes (same data sets, same order)."""
         if other.names != self.names:
             raise ValueError(f"cannot merge affinities of {other.names} into {self.names}")
-        self.sums += other.sums
-        self.probes += other.probes
+        self.history += other.history
         return self
 
     def state(self) -> dict:
-        return {"names": self.names, "sums": self.sums.tolist(), "probes": self.probes}
+        return {"names": self.names, "history": [z.tolist() for z in self.history]}
 
     @classmethod
     def from_state(cls, state: dict) -> AffinityAverage:
         out = cls(state["names"])
-        out.sums = torch.tensor(state["sums"], dtype=torch.float64)
-        out.probes = int(state["probes"])
+        out.history = [torch.tensor(z, dtype=torch.float64) for z in state["history"]]
         return out
 
-    def means(self) -> dict[str, dict[str, float]]:
-        """{source: {target: mean Z}} over the probes so far ({} before the first)."""
-        if self.probes == 0:
+    def _table(self, matrix: Tensor) -> dict[str, dict[str, float]]:
+        return {s: {t: float(matrix[i, j]) for j, t in enumerate(self.names)} for i, s in enumerate(self.names)}
+
+    def means(self, probes: slice = slice(None)) -> dict[str, dict[str, float]]:
+        """{source: {target: mean Z}} over the probes (or the `probes` slice of them; {} if none)."""
+        chosen = self.history[probes]
+        return self._table(torch.stack(chosen).mean(0)) if chosen else {}
+
+    def standard_errors(self) -> dict[str, dict[str, float]]:
+        """{source: {target: standard error of the mean Z over probes}} (needs 2 probes)."""
+        if self.probes < 2:
             return {}
-        return {s: {t: float(self.sums[i, j]) / self.probes for j, t in enumerate(self.names)}
-                for i, s in enumerate(self.names)}
+        return self._table(torch.stack(self.history).std(0) / self.probes ** 0.5)
+
+
+class AffinityProbe:
+    """A training hook: every `affinity.every` steps, Z over the run's data sets
+    (`lookahead_affinity`), from probe batches of their own streams (never the training mix)
+    and fixed held-out batches of their val splits. Sums live in the worker state, so they
+    survive a resume, and the probe streams continue where they were."""
+
+    def __init__(self, parts: TrainParts, state: WorkerState) -> None:
+        config = parts.config
+        self.settings = config.affinity
+        self.names = list(parts.batches.counts)
+        self.average = AffinityAverage.from_state(state.affinity) if state.affinity else AffinityAverage(self.names)
+        drawn = self.average.probes * self.settings.batch_size  # per data set, this rank
+        self.streams = {n: iter(train_stream(config, n, derive_seed(config.seed, "probe-stream", n, parts.rank), drawn))
+                        for n in self.names}
+        self.drawn = dict.fromkeys(self.names, drawn)
+        self.seed, self.rank = config.seed, parts.rank
+        self.heldout = {}
+        for name in self.names:
+            tasks = config.data.datasets[name].supervised_tasks()
+            vocabulary, examples = validation_examples(config.data.shard_dir(name, "val"), name, tasks, config.batch,
+                                                       self.settings.heldout_samples)
+            if not examples:
+                raise ValueError(f"affinity: data set {name!r} has no val samples for its held-out batch")
+            size = config.batch.batch_size
+            chunks = [collate(examples[k:k + size]) for k in range(0, len(examples), size)]
+            self.heldout[name] = HeldOut([c.to(parts.device) for c in chunks], vocabulary)
+
+    def _probe_batches(self, parts: TrainParts, name: str) -> list[TrainBatch]:
+        examples = []
+        for _ in range(self.settings.batch_size):
+            key = derive_seed(self.seed, "probe-sample", name, self.rank, self.drawn[name])
+            examples.append(parts.batches.maker(name, next(self.streams[name]), key))
+            self.drawn[name] += 1
+        size = parts.config.batch.batch_size
+        return [collate(examples[k:k + size]).to(parts.device) for k in range(0, len(examples), size)]
+
+    def __call__(self, parts: TrainParts, state: WorkerState, batch: TrainBatch, losses: dict[str, float]) -> None:
+        if state.step % self.settings.every:
+            return
+        started = time.perf_counter()
+        probes = {name: self._probe_batches(parts, name) for name in self.names}
+        z = lookahead_affinity(parts.model, parts.optimizer, parts.vocabulary, probes, self.heldout,
+                               grad_clip=parts.config.optimizer.grad_clip, autocast=parts.autocast)
+        self.average.add(z)
+        state.affinity = self.average.state()
+        state.seconds["affinity"] += time.perf_counter() - started

@@ -5,17 +5,26 @@ from a random start; one random scale/crop/flip per clip keeps frames aligned. D
 supervise interactive segmentation or VOS get prompts sampled from their first-frame masks;
 VOS data sets supervise prompts only. Labels go through each data set's map into the merged
 co-training vocabulary, so one model vocabulary serves every data set of the batch.
+
+Common random numbers: every random choice about a sample (frames, augmentation, prompts, and
+the loss's point sampling through `MatchTargets.seed`) comes from the sample's own key, a seed
+derived from (run seed, data set, rank, index of the sample in its data set's stream). The k-th
+COCO sample of a run is therefore treated identically whatever else the run mixes in, and a
+study's comparison of two mixes sees the mix, not a different draw of augmentations.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from omgseg.core.seeds import derive_seed
 from omgseg.datasets.clip import Task
+from omgseg.datasets.mixer import Mixer
 from omgseg.datasets.prompts import PromptKind, sample_prompts
 from omgseg.datasets.stream import ClipSample
 from omgseg.datasets.transforms import ClipTransform, build_targets
@@ -69,21 +78,28 @@ def _prompts_to(p: PromptBatch, device: torch.device) -> PromptBatch:
 
 
 class ClipMaker:
-    """ClipSample of any data set -> TrainExample (see the module docstring)."""
+    """ClipSample of any data set -> TrainExample (see the module docstring).
+
+    augment=False (validation): the first T frames, resized to fit the crop (no jitter, no
+    flip) and padded; prompts are still sampled, from the sample's key.
+    """
 
     def __init__(self, config: BatchConfig, label_maps: dict[str, dict[int, int]],
-                 supervised: dict[str, set[Task]] | None = None) -> None:
+                 supervised: dict[str, set[Task]] | None = None, *, augment: bool = True) -> None:
         """label_maps: per data set, {category id: merged class index}; supervised: per data
         set, the tasks to train (default: every task its samples carry)."""
         self.config = config
         self.label_maps = label_maps
         self.supervised = supervised or {}
-        self.transform = ClipTransform(crop_size=config.crop, scale_range=config.scale_range,
-                                       hflip_prob=config.hflip_prob)
+        self.augment = augment
+        self.transform = ClipTransform(crop_size=config.crop, scale_range=config.scale_range if augment else (1.0, 1.0),
+                                       hflip_prob=config.hflip_prob if augment else 0.0)
 
-    def __call__(self, name: str, sample: ClipSample, generator: torch.Generator) -> TrainExample:
+    def __call__(self, name: str, sample: ClipSample, key: int) -> TrainExample:
+        """The example of `sample` (from data set `name`), every random choice drawn from `key`."""
         if name not in self.label_maps:
             raise KeyError(f"no vocabulary map for data set {name!r} (known: {sorted(self.label_maps)})")
+        generator = torch.Generator().manual_seed(derive_seed(key, "augment"))
         sample = self._frames(sample, generator)
         sample = self.transform(sample, generator)
         targets = build_targets(sample)
@@ -102,10 +118,11 @@ class ClipMaker:
                 candidates = [candidates[i] for i in sorted(keep.tolist())]
             prompts = candidates
         objects = bool(tasks & OBJECT_TASKS)
+        supervision = match_targets(targets, self.label_maps[name], prompts, objects=objects)
         return TrainExample(
             dataset=name,
             images=sample.images,
-            targets=match_targets(targets, self.label_maps[name], prompts, objects=objects),
+            targets=dataclasses.replace(supervision, seed=derive_seed(key, "loss")),
             prompts=prompt_batch(prompts, self.config.crop),
         )
 
@@ -115,7 +132,7 @@ class ClipMaker:
         if t == want:
             return sample
         if t > want:
-            start = int(torch.randint(t - want + 1, (), generator=generator))
+            start = int(torch.randint(t - want + 1, (), generator=generator)) if self.augment else 0
             index = torch.arange(start, start + want)
         else:
             index = torch.arange(want).clamp(max=t - 1)
@@ -135,3 +152,45 @@ def collate(examples: list[TrainExample]) -> TrainBatch:
         prompts=[e.prompts for e in examples],
         datasets=tuple(e.dataset for e in examples),
     )
+
+
+class TrainBatches:
+    """The training batches of one rank, without end: each data set's repeating stream,
+    interleaved at `ratios` with exact exposure (omgseg.datasets.mixer), each sample made into
+    an example from its own key (see the module docstring).
+
+    streams: {data set: its repeating stream, already advanced past `counts[data set]` samples}.
+    counts: samples this rank drew from each data set before (a resumed run); the schedule
+        continues after their total and must agree with them.
+    `counts` is updated as batches are drawn; `state()` is what a checkpoint keeps.
+    """
+
+    def __init__(self, streams: dict[str, Iterable[ClipSample]], ratios: dict[str, float], maker: ClipMaker,
+                 batch_size: int, seed: int, rank: int = 0, counts: dict[str, int] | None = None) -> None:
+        self.maker = maker
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rank = rank
+        self.counts = {name: 0 for name in streams} | dict(counts or {})
+        drawn = sum(self.counts.values())
+        self.mixer = Mixer(ratios, streams, seed=derive_seed(seed, "interleave", rank), start=drawn)
+        expected = self.mixer.counts_after(drawn)
+        if drawn and expected != {n: self.counts[n] for n in expected}:
+            raise ValueError(f"resumed sample counts {self.counts} do not follow the mix schedule ({expected} "
+                             f"after {drawn} draws): the checkpoint belongs to another mix")
+        self._samples = iter(self.mixer)
+
+    def key(self, name: str, index: int) -> int:
+        """The key of the index-th sample of data set `name` on this rank."""
+        return derive_seed(self.seed, "sample", name, self.rank, index)
+
+    def __iter__(self) -> Iterator[TrainBatch]:
+        return self
+
+    def __next__(self) -> TrainBatch:
+        examples = []
+        for _ in range(self.batch_size):
+            name, sample = next(self._samples)
+            examples.append(self.maker(name, sample, self.key(name, self.counts[name])))
+            self.counts[name] += 1
+        return collate(examples)

@@ -76,10 +76,10 @@ def _cmd_shards(args: argparse.Namespace) -> int:
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
-    from omgseg.platform.config import StudyConfig, load_config
+    from omgseg.platform.config import load_run_or_study
     from omgseg.platform.data import prepare_data
 
-    config = load_config(StudyConfig, args.config, args.overrides)
+    config = load_run_or_study(args.config, args.overrides)
     dirs = prepare_data(config.data, progress=True)
     print(json.dumps({name: {s: str(p) for s, p in splits.items()} for name, splits in dirs.items()}))
     return 0
@@ -87,15 +87,19 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from omgseg.platform.config import TrainConfig, load_config
-    from omgseg.platform.train import run_training
+    from omgseg.platform.console import say
+    from omgseg.platform.train import run_training, tracking_uri
 
     config = load_config(TrainConfig, args.config, args.overrides)  # fails before any worker starts
     result = run_training(config)
+    report = result.report
+    say(f"model: {result.checkpoint}")
+    say(f"MLflow run {result.run_id}: mlflow ui --backend-store-uri {tracking_uri(config)}")
     print(json.dumps({
-        "run_id": result.run_id, "checkpoint": str(result.checkpoint), "steps": result.steps,
-        "samples": result.samples, "realised_mix": result.realised_mix,
+        "run_id": result.run_id, "checkpoint": str(result.checkpoint), "run_dir": str(result.run_dir),
+        "steps": report.steps, "samples": report.samples, "realised_mix": report.realised_mix,
         "metrics": {name: {task: {k: v for k, v in values.items() if k != "per_class"} for task, values in tasks.items()}
-                    for name, tasks in result.metrics.items()},
+                    for name, tasks in report.evaluation.items()},
     }))
     return 0
 
@@ -227,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_shards)
 
     p = sub.add_parser("prepare", help="generate (if synthetic) and convert a config's data sets, cached")
-    p.add_argument("--config", required=True, help="study config YAML")
+    p.add_argument("--config", required=True, help="study or training config YAML")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     p.set_defaults(func=_cmd_prepare)
 
@@ -289,10 +293,12 @@ def main(argv: list[str] | None = None) -> int:
 
         command = importlib.import_module(PASSTHROUGH[argv[0]][0])
         return command.main(argv[1:], prog=f"omgseg {argv[0]}")
+    from omgseg.platform.console import TrainingFailed
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, NotADirectoryError) as err:
+    except (ValueError, FileNotFoundError, NotADirectoryError, TrainingFailed) as err:
         # Bad input: one clear line, no traceback. Anything else is a bug and keeps its traceback.
         print(f"omgseg {args.command}: error: {err}", file=sys.stderr)
         return 1

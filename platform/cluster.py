@@ -45,18 +45,23 @@ def shipped_package(wheel: Path, out_dir: Path) -> Path:
     return package
 
 
-def connect(local_resources: dict[str, float] | None = None, *, quiet: bool = False) -> dict:
+def connect(local_resources: dict[str, float] | None = None, *, quiet: bool = False,
+            log_to_driver: bool = False) -> dict:
     """ray.init for this process: the cluster at $RAY_ADDRESS (the wheel shipped unless
     OMGSEG_SHIP_WHEEL=0), else a new local instance with `local_resources` as custom
     resources. Returns {"address", "wheel"} for the record. A Ray already initialised in this
-    process is used as it is."""
+    process is used as it is. Workers' output stays in their own log files (omgseg puts them
+    in the run or study folder) unless `log_to_driver`."""
+    import logging
+
     import ray
 
     if ray.is_initialized():
         return {"address": "already connected", "wheel": None}
     address = os.environ.get("RAY_ADDRESS")
+    level = logging.INFO if log_to_driver else logging.WARNING
     if not address:
-        ray.init(resources=local_resources or None)
+        ray.init(resources=local_resources or None, log_to_driver=log_to_driver, logging_level=level)
         return {"address": "local", "wheel": None}
     wheel = None
     runtime_env = {}
@@ -67,5 +72,5 @@ def connect(local_resources: dict[str, float] | None = None, *, quiet: bool = Fa
     if not quiet:
         print(f"[omgseg] connecting to the Ray cluster at {address}" + (f", shipping {wheel.name}'s package" if wheel else ""),
               file=sys.stderr, flush=True)
-    ray.init(address=address, runtime_env=runtime_env or None)
+    ray.init(address=address, runtime_env=runtime_env or None, log_to_driver=log_to_driver, logging_level=level)
     return {"address": address, "wheel": str(wheel) if wheel else None}

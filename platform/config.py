@@ -7,11 +7,13 @@ the wrong type fails with the file and the dotted key path. Configs flatten to a
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Annotated, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 SPLITS = ("train", "val")
 
@@ -20,21 +22,47 @@ class ConfigError(ValueError):
     """A config file or override is wrong; the message names the file and the key."""
 
 
+def absolute_path(path: Path) -> Path:
+    """`path` made absolute against the current working directory (`~` expanded), without
+    following symlinks. Configs are validated in the driver, where the user ran the command:
+    Ray workers run in folders of their own, so a relative path must never reach them."""
+    return Path(os.path.abspath(path.expanduser()))
+
+
+def absolute_location(location: str) -> str:
+    """A local folder (or brace pattern) made absolute; a URL (http, s3, gs, ...) as it is."""
+    return location if "://" in location else str(absolute_path(Path(location)))
+
+
+def absolute_tracking_uri(uri: str) -> str:
+    """`sqlite:///relative.db` made absolute (MLflow would resolve it in each process's own
+    working directory); any other URI as it is."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        return prefix + str(absolute_path(Path(uri.removeprefix(prefix))))
+    return uri
+
+
+# Paths in configs: absolute once validated (see absolute_path).
+LocalPath = Annotated[Path, AfterValidator(absolute_path)]
+
+
 class StrictModel(BaseModel):
-    # extra="forbid": a misspelled key must fail, not be ignored.
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # extra="forbid": a misspelled key must fail, not be ignored. validate_default: defaults
+    # go through the same checks (a default path is made absolute like a given one).
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
 
 class DatasetSpec(StrictModel):
     """One dataset of a study or training run: where it comes from and how it is sharded."""
 
     format: str = Field(description="source format name, as `omgseg convert` takes it")
-    src: Path | None = Field(
+    src: LocalPath | None = Field(
         default=None,
         description="source directory in the format's public layout; omitted = the synthetic "
         "data set of that format, generated on first use",
     )
-    shards: str | None = Field(
+    shards: Annotated[str, AfterValidator(absolute_location)] | None = Field(
         default=None,
         description="shards made already: a folder or URL with {split} in it (https://host/coco/{split}, "
         "s3://bucket/coco/{split}), optionally ending in a brace pattern of shard names "
@@ -51,6 +79,10 @@ class DatasetSpec(StrictModel):
         "annotates (e.g. coco-panoptic: panoptic, instance, semantic, interactive)",
     )
 
+    variant: Literal["anchor", "twin", "rival", "stranger"] | None = Field(
+        default=None, description="with no src: one of the synthetic planted-relation data sets instead of the "
+        "format's default synthetic data (coco-panoptic only; docs/datasets.md, 'Planted relations')")
+
     @field_validator("format")
     @classmethod
     def _known_format(cls, value: str) -> str:
@@ -66,6 +98,9 @@ class DatasetSpec(StrictModel):
                 raise ValueError("give src (convert here) or shards (converted already), not both")
             if "{split}" not in self.shards:
                 raise ValueError(f"shards must contain {{split}} where the split name goes, got {self.shards!r}")
+        if self.variant is not None and (self.src is not None or self.shards is not None or self.format != "coco-panoptic"):
+            raise ValueError(f"variant {self.variant!r} is synthetic coco-panoptic data: give it no src or shards, "
+                             f"and format coco-panoptic (got {self.format!r})")
         if self.tasks is None:
             return self
         from omgseg.datasets.clip import Task
@@ -91,7 +126,7 @@ class DatasetSpec(StrictModel):
 class DataConfig(StrictModel):
     """The datasets of a run and where their sources and shards are cached."""
 
-    root: Path = Field(
+    root: LocalPath = Field(
         default=Path("outputs/data"),
         description="cache folder: synthetic sources under synth/, shards under shards/",
     )
@@ -115,18 +150,18 @@ class DataConfig(StrictModel):
         spec = self.datasets[name]
         if spec.shards is not None:
             location = spec.shards.replace("{split}", split)
-            return location if "://" in location else Path(location).resolve()
-        return (self.root / "shards" / name / split).resolve()
+            return location if "://" in location else Path(location)
+        return self.root / "shards" / name / split
 
     def synth_dir(self) -> Path:
-        return (self.root / "synth" / f"seed{self.synth_seed}").resolve()
+        return self.root / "synth" / f"seed{self.synth_seed}"
 
 
 class ModelSpec(StrictModel):
     """Which model to train: a preset of omgseg.model.config and its CLIP weights."""
 
     preset: Literal["tiny", "omgseg_convnext_large"] = "tiny"
-    clip_checkpoint: Path | None = Field(
+    clip_checkpoint: LocalPath | None = Field(
         default=None, description="local open_clip checkpoint of the frozen CLIP; none = random weights"
     )
 
@@ -160,99 +195,118 @@ class OptimizerConfig(StrictModel):
     amp: bool = Field(default=True, description="bfloat16 autocast where the device supports it (CUDA)")
 
 
-class ScalingSpec(StrictModel):
-    """Ray Train workers."""
+class Resources(StrictModel):
+    """The workers of one training run (one study trial)."""
 
-    workers: int = Field(default=2, ge=1)
+    workers: int = Field(default=1, ge=1, description="Ray Train workers (a study runs a 1-worker trial in its own process)")
     cpus_per_worker: float = Field(default=1, gt=0)
-    use_gpu: bool = False
+    use_gpu: bool = Field(default=False, description="one GPU per worker")
 
 
 class TrackingConfig(StrictModel):
     """Where MLflow records runs: tracking_uri, else $MLFLOW_TRACKING_URI, else a SQLite file."""
 
-    tracking_uri: str | None = None
+    tracking_uri: Annotated[str, AfterValidator(absolute_tracking_uri)] | None = None
     experiment: str = "omgseg"
 
 
 class AffinityConfig(StrictModel):
-    """Inter-task affinity (TAG look-ahead) between the mixed data sets, measured in training."""
+    """TAG look-ahead affinity between the mixed data sets, measured during training
+    (omgseg.platform.affinity): the optimizer's own step on one data set's probe batch, and
+    its effect on every data set's fixed held-out batch."""
 
-    every: int = Field(default=0, ge=0, description="probe every N steps (0: off)")
-    lookahead_lr: float | None = Field(default=None, gt=0, description="look-ahead step size; none = optimizer.lr")
+    enabled: bool = Field(default=False, description="probe during training (a study: in the trials on every train data set)")
+    every: int = Field(default=10, ge=1, description="probe every N steps")
+    batch_size: int = Field(default=4, ge=1, description="clips of a source's probe batch (drawn fresh at every probe)")
+    heldout_samples: int = Field(default=8, ge=1, description="val clips of a target's fixed held-out batch")
 
 
-class TrainConfig(StrictModel):
-    """A co-training run: data, mix, model, schedule, scaling, checkpoints, evaluation."""
+class RunSpec(StrictModel):
+    """How one training run trains, whatever it mixes: the body of `omgseg train`'s config,
+    and a study's `train:` block (a study sets the mix, the seed and the steps per trial)."""
+
+    model: ModelSpec = ModelSpec()
+    batch: BatchConfig = BatchConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    resources: Resources = Resources()
+    steps: int = Field(default=100, ge=1, description="optimizer steps (a study: per data set, see its budget)")
+    seed: int = 0
+    log_every: int = Field(default=10, ge=1)
+    checkpoint_every: int = Field(default=50, ge=1)
+    keep_checkpoints: int = Field(default=2, ge=1)
+    max_failures: int = Field(default=1, ge=0, description="worker failures a run survives by resuming")
+    eval_every: int = Field(default=0, ge=0, description="evaluate every N steps as well (0: at the end only)")
+    eval_samples: int | None = Field(default=None, ge=1, description="cap on val samples per data set for the task metrics")
+    val_samples: int | None = Field(default=None, ge=1, description="cap on val samples per data set for the validation "
+                                    "loss; none = the whole val split")
+    affinity: AffinityConfig = AffinityConfig()
+    output_dir: LocalPath = Path("outputs/runs")
+
+
+def check_evaluation(evaluation: dict[str, list[str]], known: set[str], where: str = "evaluation") -> None:
+    """Every evaluated data set is defined and every task is known; raises naming the entry."""
+    from omgseg.datasets.clip import Task
+
+    for name, tasks in evaluation.items():
+        if name not in known:
+            raise ValueError(f"{where} names data set {name!r} that data.datasets does not define ({sorted(known)})")
+        for task in tasks:
+            try:
+                Task.parse(task)
+            except ValueError as err:
+                raise ValueError(f"{where}.{name}: {err}") from None
+
+
+class TrainConfig(RunSpec):
+    """A co-training run (`omgseg train`): its data, mix and evaluation, and how it trains."""
 
     name: str
     data: DataConfig
     mix: dict[str, float] = Field(description="{dataset: ratio}; ratios are normalised, 0 drops a dataset")
-    model: ModelSpec = ModelSpec()
-    batch: BatchConfig = BatchConfig()
-    optimizer: OptimizerConfig = OptimizerConfig()
-    scaling: ScalingSpec = ScalingSpec()
-    tracking: TrackingConfig = TrackingConfig()
-    steps: int = Field(default=300, ge=1, description="optimizer steps")
-    seed: int = 0
-    log_every: int = Field(default=10, ge=1)
-    checkpoint_every: int = Field(default=100, ge=1)
-    keep_checkpoints: int = Field(default=2, ge=1)
-    max_failures: int = Field(default=2, ge=0, description="worker failures a run survives by resuming")
-    eval_every: int = Field(default=0, ge=0, description="evaluate every N steps as well (0: at the end only)")
-    eval_datasets: dict[str, list[str]] = Field(
-        default_factory=dict, description="{dataset: [task, ...]} evaluated on the val split"
+    evaluation: dict[str, list[str]] = Field(
+        default_factory=dict, description="{dataset: [task, ...]} evaluated on the val split at the end"
     )
-    eval_samples: int | None = Field(default=None, ge=1, description="cap on val samples per dataset")
-    affinity: AffinityConfig = AffinityConfig()
-    output_dir: Path = Path("outputs/runs")
+    tracking: TrackingConfig = TrackingConfig()
 
     @model_validator(mode="after")
     def _names_are_known(self) -> TrainConfig:
         known = set(self.data.datasets)
-        for what, names in (("mix", self.mix), ("eval_datasets", self.eval_datasets)):
-            unknown = sorted(set(names) - known)
-            if unknown:
-                raise ValueError(f"{what} names datasets {unknown} that data.datasets does not define ({sorted(known)})")
+        unknown = sorted(set(self.mix) - known)
+        if unknown:
+            raise ValueError(f"mix names datasets {unknown} that data.datasets does not define ({sorted(known)})")
         bad = {k: v for k, v in self.mix.items() if not v >= 0}
         if bad:
             raise ValueError(f"mix ratios must be >= 0, got {bad}")
         if not any(v > 0 for v in self.mix.values()):
             raise ValueError(f"mix needs at least one ratio > 0, got {dict(self.mix)}")
-        from omgseg.datasets.clip import Task
-
-        for tasks in self.eval_datasets.values():
-            for task in tasks:
-                Task.parse(task)  # raises, listing the known tasks
+        check_evaluation(self.evaluation, known)
+        if self.evaluation and "val" not in self.data.splits:
+            raise ValueError(f"evaluation needs the val split, but data.splits is {list(self.data.splits)}")
         return self
 
 
 COMBINATION_KINDS = ("singletons", "pairs", "leave_one_out", "all")
 
-# The metric of each task that influence and correlation tables use unless a study names others
-# (the headline numbers of OMG-Seg's tables; all are higher-is-better).
+# The metric of each task that influence and correlation tables use as secondary targets
+# unless a study names others (the headline numbers of OMG-Seg's tables).
 HEADLINE_METRICS = {
     "panoptic": ("PQ",), "instance": ("AP",), "semantic": ("mIoU",), "interactive": ("mIoU@1",),
     "video_panoptic": ("VPQ",), "video_instance": ("AP",), "vos": ("J&F",),
 }
 
 
-class StudyTrainSpec(StrictModel):
-    """What every trial trains: the settings of `omgseg train` that do not vary between trials."""
-
-    model: ModelSpec = ModelSpec()
-    batch: BatchConfig = BatchConfig()
-    optimizer: OptimizerConfig = OptimizerConfig()
-    steps: int = Field(default=100, ge=1, description="optimizer steps per trial")
-    log_every: int = Field(default=10, ge=1)
-    checkpoint_every: int = Field(default=50, ge=1)
-    keep_checkpoints: int = Field(default=1, ge=1)
-    max_failures: int = Field(default=1, ge=0, description="worker failures a trial survives by resuming")
-    eval_samples: int | None = Field(default=8, ge=1, description="cap on val samples per evaluated data set")
+def metric_direction(metric: str) -> str | None:
+    """"higher" or "lower" (which is better) for a metric name the evaluators report, None for
+    one this project does not know. Lower is better for losses, clicks (NoC@t, NoF) and decays."""
+    if metric == "val_loss" or re.fullmatch(r"NoC@\d+|NoF|[JF]-Decay", metric):
+        return "lower"
+    known = (r"(PQ|SQ|RQ)(_th|_st|_seen|_unseen)?|VPQ(@\d+)?(_th|_st)?|AP(50|75|s|m|l)?|mIoU(_seen|_unseen)?|pACC|mACC"
+             r"|mIoU@\d+|J&F|[JF]-(Mean|Recall)|IoU-.+")
+    return "higher" if re.fullmatch(known, metric) else None
 
 
 class MixingConfig(StrictModel):
-    """Mixing ratios of each combination: a policy, and explicit ratios for named combinations."""
+    """How each combination's mix is made: a policy, and explicit ratios for named combinations."""
 
     policy: Literal["equal", "proportional"] = Field(
         default="equal", description="equal ratios, or proportional to each data set's train samples")
@@ -260,12 +314,9 @@ class MixingConfig(StrictModel):
         default_factory=dict, description='{"coco+vipseg": {coco: 2, vipseg: 1}}: overrides the policy')
 
 
-class TrialResources(StrictModel):
-    """Resources of one trial, and how many trials run at once."""
+class Scheduling(StrictModel):
+    """How a study runs its trials."""
 
-    workers: int = Field(default=1, ge=1, description="Ray Train workers per trial")
-    cpus_per_worker: float = Field(default=1, gt=0)
-    use_gpu: bool = Field(default=False, description="one GPU per worker")
     max_concurrent_trials: int | None = Field(
         default=None, ge=1, description="none = as many as the CPUs (or GPUs) hold: floor(total / per trial)")
     max_retries: int = Field(default=1, ge=0, description="times Ray Tune retries a failed trial")
@@ -273,21 +324,21 @@ class TrialResources(StrictModel):
         default=None, gt=0, description="measured or expected time of a step, for --dry-run's cost estimate")
 
 
-class StudyAffinityConfig(StrictModel):
-    """TAG look-ahead affinity, measured in the trials that co-train every study data set."""
+class PlantedEffect(StrictModel):
+    """A known effect of one train data set on another, by construction of the data."""
 
-    enabled: bool = True
-    every: int = Field(default=5, ge=1, description="probe every N steps")
-    # An SGD look-ahead at Adam's learning rate overshoots on raw gradients (measured: the
-    # tiny model's own-batch loss rises at 1e-3 and falls at 1e-4), so this is set apart.
-    lookahead_lr: float | None = Field(default=1e-4, gt=0, description="look-ahead step; none = optimizer.lr")
+    source: str
+    target: str
+    effect: Literal["helps", "hurts", "none"]
 
 
 class StudyConfig(StrictModel):
-    """A co-training study: which data set combinations to train, how, and what to measure."""
+    """A co-training study: one training spec (`train:`), and its variations (which data set
+    combinations, with which mixes, seeds and exposure budget), and what to measure."""
 
     name: str
     data: DataConfig
+    train: RunSpec = RunSpec()
     train_datasets: list[str] | None = Field(
         default=None, description="the data sets combined for training; none = all of data.datasets "
         "(others are evaluated only, e.g. an open-vocabulary target)")
@@ -295,16 +346,25 @@ class StudyConfig(StrictModel):
         default_factory=lambda: ["singletons", "pairs"],
         description="singletons, pairs, leave_one_out, all, or explicit lists of data set names")
     mixing: MixingConfig = MixingConfig()
-    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
-    train: StudyTrainSpec = StudyTrainSpec()
+    budget: Literal["per_dataset", "total"] = Field(
+        default="per_dataset", description="per_dataset: a trial on k data sets trains k x train.steps steps, so every "
+        "data set sees the same samples in every combination (the transfer question); total: every trial trains "
+        "train.steps steps (the substitution question: what replacing part of a data set's samples does)")
+    seeds: list[int] = Field(default_factory=lambda: [0, 1], min_length=1)
     evaluation: dict[str, list[str]] | None = Field(
         default=None, description="{data set: [task, ...]} every trial is evaluated on (val split); "
         "none = every train data set on the tasks it supervises")
     metrics: dict[str, list[str]] = Field(
         default_factory=lambda: {k: list(v) for k, v in HEADLINE_METRICS.items()},
-        description="{task or data set/task: [metric, ...]} used by the influence and correlation tables")
-    resources: TrialResources = TrialResources()
-    affinity: StudyAffinityConfig = StudyAffinityConfig()
+        description="secondary targets: {task or data set/task: [metric, ...]} (the primary targets are the "
+        "validation losses of every evaluated data set)")
+    affinity_seeds: int | None = Field(
+        default=None, ge=1, description="how many seeds (the first ones) probe TAG affinity (train.affinity) in their "
+        "trial on every train data set; none = every seed")
+    planted: list[PlantedEffect] | None = Field(
+        default=None, description="the known effect of every ordered pair of train data sets, for a study on data "
+        "made with them (docs/datasets.md, planted relations)")
+    scheduling: Scheduling = Scheduling()
     tracking: TrackingConfig = TrackingConfig(experiment="omgseg-studies")
 
     @model_validator(mode="after")
@@ -323,23 +383,48 @@ class StudyConfig(StrictModel):
             bad = sorted(set(item) - set(self.trained()))
             if bad or not item or len(set(item)) != len(item):
                 raise ValueError(f"combinations: {item} must name distinct train data sets ({self.trained()})")
-        for name, tasks in (self.evaluation or {}).items():
-            if name not in known:
-                raise ValueError(f"evaluation names data set {name!r} that data.datasets does not define ({sorted(known)})")
-            for task in tasks:
-                Task.parse(task)
-        for key in self.metrics:  # a task, or "<data set>/<task>" for one data set's targets
+        check_evaluation(self.evaluation or {}, set(known))
+        for key, metrics in self.metrics.items():  # a task, or "<data set>/<task>" for one data set's targets
             dataset, _, task = key.rpartition("/")
-            Task.parse(task)
+            try:
+                Task.parse(task)
+            except ValueError as err:
+                raise ValueError(f"metrics.{key}: {err}") from None
             if dataset and dataset not in known:
                 raise ValueError(f"metrics.{key}: unknown data set {dataset!r} ({sorted(known)})")
+            for metric in metrics:
+                if metric_direction(metric) is None:
+                    raise ValueError(f"metrics.{key}: metric {metric!r} has no known direction (higher or lower is "
+                                     "better); use a metric the evaluators report (docs/evaluation.md)")
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds repeat: {self.seeds}")
+        if len(self.seeds) < 2:
+            raise ValueError(f"seeds: the influence table's intervals need at least 2 seeds, got {self.seeds}")
         for combo, ratios in self.mixing.explicit.items():
             names = combo.split("+")
             if sorted(ratios) != sorted(names) or any(not r >= 0 for r in ratios.values()) or not any(ratios.values()):
                 raise ValueError(f"mixing.explicit.{combo}: needs a ratio >= 0 for each of {names} (not all 0), got {ratios}")
+        self._check_planted()
         return self
+
+    def _check_planted(self) -> None:
+        if self.planted is None:
+            return
+        trained = self.trained()
+        seen = {}
+        for k, item in enumerate(self.planted):
+            for role in ("source", "target"):
+                name = getattr(item, role)
+                if name not in trained:
+                    raise ValueError(f"planted[{k}].{role}: {name!r} is not a train data set ({trained})")
+            if item.source == item.target:
+                raise ValueError(f"planted[{k}]: source and target are both {item.source!r}")
+            if (item.source, item.target) in seen:
+                raise ValueError(f"planted[{k}]: the pair {item.source} -> {item.target} is stated twice")
+            seen[(item.source, item.target)] = item.effect
+        missing = [f"{a} -> {b}" for a in trained for b in trained if a != b and (a, b) not in seen]
+        if missing:
+            raise ValueError(f"planted must state every ordered pair of train data sets; missing: {missing}")
 
     def trained(self) -> list[str]:
         """The data sets that take part in training combinations, in config order."""
@@ -398,6 +483,14 @@ def load_config(model: type[ConfigT], path: Path | str, overrides: list[str] = (
         raise ConfigError(f"{path}: the top level must be a mapping, got {type(raw).__name__}")
     raw = apply_overrides(raw, list(overrides), str(path))
     return validate_config(model, raw, str(path))
+
+
+def load_run_or_study(path: Path | str, overrides: list[str] = ()) -> TrainConfig | StudyConfig:
+    """A training config (it has `mix`) or a study config, whichever the file is."""
+    path = Path(path)
+    raw = yaml.safe_load(path.read_text()) if path.is_file() else None
+    model = TrainConfig if isinstance(raw, dict) and "mix" in raw else StudyConfig
+    return load_config(model, path, overrides)
 
 
 def validate_config(model: type[ConfigT], raw: dict, source: str) -> ConfigT:

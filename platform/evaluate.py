@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from omgseg.core.seeds import derive_seed
 from omgseg.datasets.clip import Category, Task
 from omgseg.datasets.prompts import PromptKind
 from omgseg.datasets.stream import ClipSample, ShardStream
@@ -24,6 +25,8 @@ from omgseg.model.inference import instance_inference, panoptic_inference, promp
 from omgseg.model.omgseg import OMGSeg
 from omgseg.model.structures import PromptBatch
 from omgseg.model.vocabulary import Vocabulary
+from omgseg.platform.batches import ClipMaker, TrainExample, collate
+from omgseg.platform.config import BatchConfig, TrainConfig
 from omgseg.platform.metrics.instance import InstanceEvaluator
 from omgseg.platform.metrics.interactive import InteractiveEvaluator, interior_point, mask_iou, next_click
 from omgseg.platform.metrics.panoptic import GtSegment, PanopticEvaluator
@@ -31,8 +34,54 @@ from omgseg.platform.metrics.semantic import SemanticEvaluator
 from omgseg.platform.metrics.video_instance import VideoInstanceEvaluator
 from omgseg.platform.metrics.video_panoptic import VideoPanopticEvaluator
 from omgseg.platform.metrics.vos import VOSEvaluator
+from omgseg.platform.plan import LOSS_GROUPS, VAL_LOSS
 
 IGNORE = 255
+
+
+
+def validation_examples(shard_dir: Path | str, name: str, tasks: Sequence[str], batch: BatchConfig,
+                        limit: int | None = None) -> tuple[Vocabulary, list[TrainExample]]:
+    """The first `limit` (None: all) val clips of a data set as training examples, with its own
+    vocabulary: no augmentation (the first T frames, resized to the crop), prompts sampled from
+    keys of (data set, index) alone, so every run of every seed sees the very same examples."""
+    stream = ShardStream(shard_dir, split=False)
+    vocabulary = Vocabulary.from_categories(stream.meta.categories)
+    maker = ClipMaker(batch, {name: vocabulary.label_map()}, {name: set(check_tasks(tasks, str(shard_dir)))},
+                      augment=False)
+    examples = []
+    for index, sample in enumerate(stream):
+        if limit is not None and index >= limit:
+            break
+        examples.append(maker(name, sample, derive_seed("validation", name, index)))
+    return vocabulary, examples
+
+
+@torch.no_grad()
+def validation_losses(model: OMGSeg, vocabulary: Vocabulary, examples: Sequence[TrainExample],
+                      tasks: Sequence[str]) -> dict[str, dict[str, float]]:
+    """{group: {"val_loss": mean}} over `examples` (one forward pass each, the last prediction
+    set's weighted terms), for the query groups that serve `tasks`. A clip without prompts
+    does not count towards the prompt group's mean."""
+    wanted = set(check_tasks(tasks, "validation"))
+    groups = {g: terms for g, (served, terms) in LOSS_GROUPS.items() if served & wanted}
+    device = next(model.parameters()).device
+    sums = dict.fromkeys(groups, 0.0)
+    counts = dict.fromkeys(groups, 0)
+    was_training = model.training
+    model.train()  # the loss as training computes it (the frozen CLIP stays in eval mode regardless)
+    for example in examples:
+        batch = collate([example]).to(device)
+        losses = model.loss(model(batch.images, vocabulary, batch.prompts), batch.targets, across_workers=False)
+        for group, terms in groups.items():
+            if group == "prompt_queries" and example.targets.num_prompts == 0:
+                continue
+            if group == "object_queries" and not example.targets.supervise_objects:
+                continue
+            sums[group] += float(sum(losses[t] for t in terms))
+            counts[group] += 1
+    model.train(was_training)
+    return {g: {VAL_LOSS: sums[g] / counts[g]} for g in groups if counts[g]}
 
 
 def check_tasks(tasks: Sequence[str], where: str) -> list[Task]:
@@ -55,7 +104,7 @@ def evaluate_shards(
 ) -> dict[str, dict]:
     """{task: metrics} of `model` on every sample of `shard_dir` (or the first max_samples)."""
     wanted = check_tasks(tasks, str(shard_dir))
-    stream = ShardStream(shard_dir)
+    stream = ShardStream(shard_dir, split=False)  # one process evaluates: it reads every shard
     categories = list(stream.meta.categories)
     vocabulary = Vocabulary.from_categories(categories)
     is_thing = torch.tensor(vocabulary.is_thing)
@@ -269,3 +318,16 @@ def evaluate_interactive_files(checkpoint: Path, gt_json: Path, gt_dir: Path, im
         for k, curve in enumerate(click_curves(model, rgb, masks, vocabulary, max_clicks, device)):
             evaluator.add(curve, f"{png} segment {k}")
     return {**evaluator.compute(), "images": len(annotations)}
+
+
+def evaluate_run(model: OMGSeg, config: TrainConfig, progress: bool = False) -> dict[str, dict[str, dict]]:
+    """{data set: {task: metrics, loss group: {"val_loss": ...}}} on the val split of every
+    data set of `config.evaluation`: the task metrics on the first `eval_samples`, the
+    validation losses on the first `val_samples` (default: all)."""
+    out = {}
+    for name, tasks in config.evaluation.items():
+        shard_dir = config.data.shard_dir(name, "val")
+        out[name] = evaluate_shards(model, shard_dir, tasks, max_samples=config.eval_samples, progress=progress)
+        vocabulary, examples = validation_examples(shard_dir, name, tasks, config.batch, config.val_samples)
+        out[name].update(validation_losses(model, vocabulary, examples, tasks))
+    return out

@@ -1,139 +1,46 @@
-"""The co-training study: one Ray Tune trial per (data set combination, seed), each a Ray Train
-run of `omgseg train`, tracked as child runs of one MLflow parent run; then the result tables.
+"""The co-training study on Ray Tune: one trial per (data set combination, seed), each a
+training run (omgseg.platform.train) tracked as a child of one MLflow parent run; then the
+result tables, their statistics and the comparison of the cheap estimate.
 
-    plan_trials(config)   -> the trials (combinations x seeds), with mixing ratios
-    run_study(config, out) -> trains what is not finished yet, writes the tables, returns them
+    run_study(config, out)   -> trains what is not finished yet, writes the tables, returns them
 
-MLflow is the ledger: a trial is done when its child run (tag omgseg.trial_id) is FINISHED and
-holds trial.json. `--resume` therefore skips finished trials without re-running or duplicating
-them, and continues an interrupted one in its own MLflow run and Ray Train run (Ray resumes
-from the trial's last checkpoint).
+The plan (combinations, mixes, steps, targets) is omgseg.platform.plan; the records that cross
+process edges are omgseg.platform.records; MLflow is the ledger (omgseg.platform.tracking): a
+trial is done when its child run is FINISHED and holds trial.json, so `--resume` skips it
+without re-running or duplicating it, and continues an interrupted one in its own MLflow run
+from its last checkpoint.
+
+A trial of one worker runs the training loop in its own Tune actor, and actors are reused
+from trial to trial: a fresh Train controller and worker process per trial (about 29 s of
+start-up measured here) is paid only by multi-worker trials, which keep Ray Train.
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
+import logging
 import os
 import sys
-import tempfile
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
+import polars as pl
 from ray.tune import Callback
 
-from omgseg.platform.config import (
-    AffinityConfig,
-    ConfigError,
-    ScalingSpec,
-    StudyConfig,
-    TrainConfig,
-    flatten,
-    load_config,
-)
-from omgseg.platform.results import TABLES, TrialRecord, build_tables, compare_estimates, write_tables
+from omgseg.platform.config import ConfigError, StudyConfig, flatten, load_config
+from omgseg.platform.console import elapsed, error_line, redirect_output
+from omgseg.platform.plan import Trial, dry_run, plan_trials, targets, trial_config
+from omgseg.platform.records import STUDY_FILE, StudyState, TrialRecord, TrialSpec
 
-STUDY_FILE = "study.json"
-TRIAL_FILE = "trial.json"
-SLOT = "trial_slot"  # the custom Ray resource a trial holds instead of CPUs (FIELD-NOTES: no Tune/Train deadlock)
+SLOT = "trial_slot"  # the custom Ray resource a multi-worker trial holds instead of CPUs (no Tune/Train deadlock)
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "studies" / "configs" / "default.yaml"
 
 
-@dataclass(frozen=True)
-class Trial:
-    trial_id: str  # "<combination>-s<seed>"
-    datasets: tuple[str, ...]
-    ratios: tuple[float, ...]  # normalised, in the order of `datasets`
-    seed: int
-    measures_affinity: bool
-
-    @property
-    def combination(self) -> str:
-        return "+".join(self.datasets)
-
-
-def combinations(config: StudyConfig) -> list[tuple[str, ...]]:
-    """The study's combinations of train data sets, in config order, without repeats."""
-    names = config.trained()
-    out: list[tuple[str, ...]] = []
-    for item in config.combinations:
-        if item == "singletons":
-            found = [(n,) for n in names]
-        elif item == "pairs":
-            found = list(itertools.combinations(names, 2))
-        elif item == "leave_one_out":
-            found = [tuple(n for n in names if n != left) for left in names] if len(names) > 1 else []
-        elif item == "all":
-            found = [tuple(names)]
-        else:
-            found = [tuple(n for n in names if n in item)]  # config order, so names match the planner's
-        out += [c for c in found if c not in out]
-    return out
-
-
-def _ratios(config: StudyConfig, combo: tuple[str, ...], sizes: dict[str, int] | None) -> tuple[float, ...]:
-    name = "+".join(combo)
-    if name in config.mixing.explicit:
-        raw = [config.mixing.explicit[name][n] for n in combo]
-    elif config.mixing.policy == "proportional":
-        if sizes is None:
-            raise ValueError("proportional mixing needs the data sets' sizes (prepare the data first)")
-        raw = [float(sizes[n]) for n in combo]
-    else:
-        raw = [1.0] * len(combo)
-    total = sum(raw)
-    return tuple(r / total for r in raw)
-
-
-def plan_trials(config: StudyConfig, sizes: dict[str, int] | None = None) -> list[Trial]:
-    """Every (combination, seed). The trials on all train data sets measure TAG affinity; when
-    no combination trains on all of them, one such trial per seed is added for it."""
-    combos = combinations(config)
-    everything = tuple(config.trained())
-    if not combos:
-        raise ValueError("the study plans no trial: check combinations and train_datasets")
-    unknown = sorted(set(config.mixing.explicit) - {"+".join(c) for c in combos})
-    if unknown:
-        raise ValueError(f"mixing.explicit names combinations {unknown} that the study does not train "
-                         f"({['+'.join(c) for c in combos]})")
-    measuring = config.affinity.enabled and len(everything) > 1
-    if measuring and everything not in combos:
-        combos.append(everything)
-    return [
-        Trial(trial_id=f"{'+'.join(combo)}-s{seed}", datasets=combo, ratios=_ratios(config, combo, sizes), seed=seed,
-              measures_affinity=measuring and combo == everything)
-        for combo in combos for seed in config.seeds
-    ]
-
-
-def targets(config: StudyConfig) -> list[tuple[str, str, str]]:
-    """(eval data set, task, metric) of the influence and correlation tables."""
-    return [(name, task, metric) for name, tasks in config.evaluated().items() for task in tasks
-            for metric in config.metrics.get(f"{name}/{task}", config.metrics.get(task, []))]
-
-
-def trial_config(config: StudyConfig, trial: Trial, out: Path, uri: str) -> TrainConfig:
-    """The TrainConfig of one trial; every path absolute (Ray runs trials in folders of their
-    own) and MLflow at the study's tracking URI `uri`."""
-    data = config.data.model_copy(update={"root": config.data.root.resolve()})
-    model = config.train.model
-    if model.clip_checkpoint is not None:
-        model = model.model_copy(update={"clip_checkpoint": model.clip_checkpoint.resolve()})
-    spec = config.train
-    return TrainConfig(
-        name=trial.trial_id, data=data, mix=dict(zip(trial.datasets, trial.ratios)), model=model, batch=spec.batch,
-        optimizer=spec.optimizer, tracking=config.tracking.model_copy(update={"tracking_uri": uri}), steps=spec.steps,
-        seed=trial.seed,
-        scaling=ScalingSpec(workers=config.resources.workers, cpus_per_worker=config.resources.cpus_per_worker,
-                            use_gpu=config.resources.use_gpu),
-        log_every=spec.log_every, checkpoint_every=spec.checkpoint_every, keep_checkpoints=spec.keep_checkpoints,
-        max_failures=spec.max_failures, eval_datasets=config.evaluated(), eval_samples=spec.eval_samples,
-        affinity=AffinityConfig(every=config.affinity.every, lookahead_lr=config.affinity.lookahead_lr)
-        if trial.measures_affinity else AffinityConfig(),
-        output_dir=(out / "trials" / trial.trial_id).resolve(),
-    )
+def _say(text: str) -> None:
+    print(f"[study] {text}", file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,68 +48,48 @@ def trial_config(config: StudyConfig, trial: Trial, out: Path, uri: str) -> Trai
 
 
 def run_trial(param: dict) -> None:
-    """Ray Tune's function trainable: one Ray Train run, its record logged as trial.json."""
+    """Ray Tune's function trainable: one training run, its record logged as trial.json.
+    Everything the trial prints goes to its log file."""
     from ray import tune
 
-    from omgseg.platform.train import run_training
-
-    spec = param["trial"]
-    config = TrainConfig.model_validate(spec["config"])
-    trial = Trial(spec["trial_id"], tuple(spec["datasets"]), tuple(spec["ratios"]), spec["seed"], spec["measures_affinity"])
-    started = time.perf_counter()
-    # A retried or resumed trial continues its own MLflow run instead of opening a second one.
-    run_id = _child_runs(spec["tracking_uri"], spec["parent_run_id"]).get(trial.trial_id, (None, None))[0]
-    tags = {"omgseg.trial_id": trial.trial_id, "omgseg.study": spec["study"]}
-    result = run_training(config, parent_run_id=spec["parent_run_id"], tags=tags, run_id=run_id, prepare=False)
-    record = TrialRecord(
-        trial_id=trial.trial_id, combination=trial.combination, datasets=list(trial.datasets), ratios=list(trial.ratios),
-        seed=trial.seed, steps=result.steps, status="finished", mlflow_run_id=result.run_id,
-        measures_affinity=trial.measures_affinity, wall_seconds=time.perf_counter() - started, seconds=result.seconds,
-        metrics=result.metrics, affinity=result.affinity, reads=result.reads,
-    )
-    _log_record(spec["tracking_uri"], record, config.output_dir)
+    spec = TrialSpec.from_json(param["spec"])
+    with redirect_output(Path(spec.log)):
+        try:
+            record = _train_trial(spec)
+        except BaseException:
+            traceback.print_exc()  # into the trial's log: the console gets one line naming it
+            raise
     tune.report({"record": json.dumps(record.to_json())})
 
 
-def _log_record(uri: str, record: TrialRecord, folder: Path) -> None:
-    """trial.json next to the trial's outputs and as an artifact of its MLflow run (the ledger)."""
-    import mlflow
+def _train_trial(spec: TrialSpec) -> TrialRecord:
+    import torch
 
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / TRIAL_FILE
-    partial = folder / (TRIAL_FILE + ".partial")
-    partial.write_text(json.dumps(record.to_json(), indent=1, sort_keys=True))
-    partial.replace(path)
-    mlflow.MlflowClient(uri).log_artifact(record.mlflow_run_id, str(path))
+    from omgseg.platform.config import TrainConfig
+    from omgseg.platform.tracking import child_runs, log_record
+    from omgseg.platform.train import run_training
 
-
-def _child_runs(uri: str, parent_run_id: str) -> dict[str, tuple[str, str]]:
-    """{trial id: (run id, status)} of the parent's child runs (the newest per trial)."""
-    import mlflow
-
-    client = mlflow.MlflowClient(uri)
-    parent = client.get_run(parent_run_id)
-    runs = client.search_runs([parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
-                              max_results=10000, order_by=["attributes.start_time ASC"])
-    return {r.data.tags["omgseg.trial_id"]: (r.info.run_id, r.info.status) for r in runs if "omgseg.trial_id" in r.data.tags}
-
-
-def _finished_records(uri: str, parent_run_id: str) -> dict[str, TrialRecord]:
-    """The records of FINISHED child runs that hold trial.json (MLflow is the ledger)."""
-    import mlflow
-
-    client = mlflow.MlflowClient(uri)
-    out = {}
-    for trial_id, (run_id, status) in _child_runs(uri, parent_run_id).items():
-        if status != "FINISHED":
-            continue
-        with tempfile.TemporaryDirectory() as folder:
-            try:
-                path = client.download_artifacts(run_id, TRIAL_FILE, folder)
-            except (OSError, mlflow.exceptions.MlflowException):
-                continue  # finished training but killed before its record was logged: run it again
-            out[trial_id] = TrialRecord.from_json(json.loads(Path(path).read_text()))
-    return out
+    started = time.perf_counter()
+    config = TrainConfig.model_validate(spec.config)
+    trial = spec.trial
+    if spec.in_process:
+        torch.set_num_threads(max(1, int(config.resources.cpus_per_worker)))
+    # A retried or resumed trial continues its own MLflow run instead of opening a second one.
+    run_id = child_runs(spec.tracking_uri, spec.parent_run_id).get(trial.trial_id, (None, None))[0]
+    tags = {"omgseg.trial_id": trial.trial_id, "omgseg.study": spec.study}
+    print(f"[trial] {trial.trial_id}: {trial.steps} steps on {trial.combination}, seed {trial.seed}", flush=True)
+    result = run_training(config, parent_run_id=spec.parent_run_id, tags=tags, run_id=run_id, prepare=False,
+                          in_process=spec.in_process, quiet=True)
+    report = result.report
+    record = TrialRecord(
+        trial_id=trial.trial_id, combination=trial.combination, datasets=list(trial.datasets), ratios=list(trial.ratios),
+        seed=trial.seed, steps=report.steps, status="finished", mlflow_run_id=result.run_id, log=spec.log,
+        measures_affinity=trial.measures_affinity, wall_seconds=time.perf_counter() - started, seconds=report.seconds,
+        samples=report.samples, metrics=report.evaluation, affinity=report.affinity, affinity_se=report.affinity_se,
+        affinity_halves=report.affinity_halves, reads=report.reads,
+    )
+    log_record(spec.tracking_uri, record, config.output_dir / trial.trial_id)
+    return record
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,7 +106,7 @@ class StudyResult:
 
 
 def study_dir(config: StudyConfig, out: Path | None) -> Path:
-    return (Path(out) if out is not None else Path("outputs/studies") / config.name).resolve()
+    return (Path(out) if out is not None else Path("outputs/studies") / config.name).absolute()
 
 
 def tracking_uri(config: StudyConfig, out: Path) -> str:
@@ -229,26 +116,39 @@ def tracking_uri(config: StudyConfig, out: Path) -> str:
     return resolve_tracking_uri(config.tracking, out)
 
 
+def _per_trial(config: StudyConfig) -> dict[str, float]:
+    """The Ray resources one trial holds: its CPUs (and GPU) when it trains in its own process;
+    a trial slot when Ray Train workers hold them."""
+    res = config.train.resources
+    if res.workers == 1:
+        return {"CPU": res.cpus_per_worker, **({"GPU": 1.0} if res.use_gpu else {})}
+    return {SLOT: 1.0}
+
+
 def _concurrency(config: StudyConfig, total_cpus: float, total_gpus: float) -> int:
-    if config.resources.max_concurrent_trials:
-        return config.resources.max_concurrent_trials
-    res = config.resources
+    if config.scheduling.max_concurrent_trials:
+        return config.scheduling.max_concurrent_trials
+    res = config.train.resources
     by_cpu = total_cpus // (res.workers * res.cpus_per_worker)
     by_gpu = total_gpus // res.workers if res.use_gpu else by_cpu
     return max(1, int(min(by_cpu, by_gpu)))
 
 
-def _start_ray(config: StudyConfig) -> int:
-    """Connect to $RAY_ADDRESS (omgseg.platform.cluster ships the wheel) or start a local Ray
-    with `trial_slot` resources; returns how many trials may run at once. On a cluster, the
-    head node must offer trial_slot."""
+def _start_ray(config: StudyConfig, verbose: bool) -> int:
+    """Connect to $RAY_ADDRESS (omgseg.platform.cluster ships the wheel) or start a local Ray;
+    returns how many trials may run at once. Multi-worker trials need `trial_slot` resources,
+    which a local Ray gets and a cluster's head node must offer."""
     import ray
 
     from omgseg.platform.cluster import connect
 
     local = not os.environ.get("RAY_ADDRESS") and not ray.is_initialized()
     slots = _concurrency(config, float(os.cpu_count() or 1), float(_local_gpus())) if local else 0
-    connect({SLOT: slots} if local else None)
+    multi_worker = config.train.resources.workers > 1
+    connect({SLOT: slots} if local and multi_worker else None, log_to_driver=verbose)
+    if not multi_worker:
+        res = ray.cluster_resources()
+        return _concurrency(config, float(res.get("CPU", 1)), float(res.get("GPU", 0)))
     found = int(ray.cluster_resources().get(SLOT, 0))
     if found < 1:
         where = f"the Ray cluster at {os.environ['RAY_ADDRESS']}" if os.environ.get("RAY_ADDRESS") else "this Ray"
@@ -264,150 +164,187 @@ def _local_gpus() -> int:
     return torch.cuda.device_count()
 
 
-def _check_resume(out: Path, config: StudyConfig, resume: bool) -> dict | None:
+def _check_resume(out: Path, config: StudyConfig, resume: bool) -> StudyState | None:
     """The saved study state when resuming; raises when the folder and the flag disagree."""
-    state_file = out / STUDY_FILE
-    if not state_file.is_file():
+    if not (out / STUDY_FILE).is_file():
         if resume:
             _say(f"--resume: no study at {out} yet, starting it")
         return None
     if not resume:
         raise ValueError(f"a study already exists at {out}: pass --resume to continue it, or --out for a new folder")
-    state = json.loads(state_file.read_text())
-    saved, now = flatten(state["config"]), flatten(json.loads(config.model_dump_json()))
+    state = StudyState.read(out)
+    saved, now = flatten(state.config), flatten(json.loads(config.model_dump_json()))
     changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
     if changed:
         raise ValueError(f"--resume: the config differs from the study's at {out} in {changed}")
     return state
 
 
-def _say(text: str) -> None:
-    print(f"[study] {text}", file=sys.stderr, flush=True)
-
-
-def run_study(config: StudyConfig, out: Path | None = None, *, resume: bool = False, source: str = "config") -> StudyResult:
-    """Plan, prepare data, train every unfinished trial on Ray Tune, write the tables."""
+def _open_study(config: StudyConfig, out: Path, uri: str, state: StudyState | None, source: str) -> StudyState:
+    """The study's MLflow parent run (created with the config, or set RUNNING again) and study.json."""
     import mlflow
+
+    from omgseg.platform.tracking import experiment_id, log_config
+
+    client = mlflow.MlflowClient(uri)
+    if state is not None:
+        client.update_run(state.parent_run_id, status="RUNNING")
+        return state
+    parent = client.create_run(experiment_id(client, config.tracking.experiment, uri), run_name=config.name,
+                               tags={"omgseg.study": config.name, "omgseg.kind": "study"})
+    state = StudyState(name=config.name, parent_run_id=parent.info.run_id, tracking_uri=uri,
+                       config=json.loads(config.model_dump_json()), source=source)
+    (out / STUDY_FILE).write_text(json.dumps(state.to_json(), indent=1))
+    (out / "config.json").write_text(config.model_dump_json(indent=2))
+    log_config(client, parent.info.run_id, config)
+    return state
+
+
+def _quiet_libraries(log: Path) -> None:
+    """Ray's, Tune's and MLflow's Python loggers into the driver's log file, not the console,
+    and Tune's legacy reporter (silent at verbose=0) instead of its experiment box."""
+    import mlflow  # noqa: F401 - MLflow configures its loggers when imported: import first, then redirect
+
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    handler = logging.FileHandler(log)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    for name in ("ray", "ray.tune", "ray.train", "ray.data", "mlflow", "alembic", "open_clip", "urllib3"):
+        library = logging.getLogger(name)
+        library.handlers = [handler]
+        library.propagate = False
+
+
+def run_study(config: StudyConfig, out: Path | None = None, *, resume: bool = False, source: str = "config",
+              verbose: bool = False) -> StudyResult:
+    """Plan, prepare data, train every unfinished trial on Ray Tune, write the tables."""
     from ray import tune
 
     from omgseg.datasets.shards import read_manifest
     from omgseg.platform.data import prepare_data
-    from omgseg.platform.tracking import experiment_id
+    from omgseg.platform.tracking import child_runs, finished_records
 
     out = study_dir(config, out)
     clock = {"started": time.perf_counter()}
     plan_trials(config)  # a config that plans nothing fails before any data is made
     state = _check_resume(out, config, resume)
-    for name in config.data.datasets:  # a data set that cannot be read fails before any trial starts
-        spec = config.data.datasets[name]
+    for name, spec in config.data.datasets.items():  # a data set that cannot be read fails before any trial starts
         if spec.src is not None and not Path(spec.src).exists():
             raise FileNotFoundError(f"data set {name!r}: source folder {spec.src} does not exist")
-    dirs = prepare_data(config.data, progress=True)
+    logs = out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    if not verbose:
+        _quiet_libraries(logs / "driver.log")
+    dirs = prepare_data(config.data, progress=verbose)
     clock["prepared"] = time.perf_counter()
     sizes = {name: read_manifest(splits["train"]).total_samples for name, splits in dirs.items() if "train" in splits}
     plan = plan_trials(config, sizes)
     uri = tracking_uri(config, out)
-    out.mkdir(parents=True, exist_ok=True)
-    client = mlflow.MlflowClient(uri)
-    if state is None:
-        parent = client.create_run(experiment_id(client, config.tracking.experiment, uri), run_name=config.name,
-                                   tags={"omgseg.study": config.name, "omgseg.kind": "study"})
-        state = {"name": config.name, "parent_run_id": parent.info.run_id, "tracking_uri": uri,
-                 "config": json.loads(config.model_dump_json()), "source": source}
-        (out / STUDY_FILE).write_text(json.dumps(state, indent=1))
-        client.log_batch(parent.info.run_id, params=[
-            mlflow.entities.Param(k, str(v)[:6000]) for k, v in sorted(flatten(config).items())])
-        config_file = out / "config.json"
-        config_file.write_text(config.model_dump_json(indent=2))
-        client.log_artifact(parent.info.run_id, str(config_file))
-    else:
-        client.update_run(state["parent_run_id"], status="RUNNING")
-    parent_run_id = state["parent_run_id"]
-
-    done = _finished_records(uri, parent_run_id)
+    state = _open_study(config, out, uri, state, source)
+    done = finished_records(uri, state.parent_run_id)
     pending = [t for t in plan if t.trial_id not in done]
-    _say(f"{config.name}: {len(plan)} trials, {len(done)} already finished, {len(pending)} to run; "
-         f"tables go to {out}")
-    failed: dict[str, str] = {}
+    res = config.train.resources
+    _say(f"{config.name}: {len(plan)} trials ({len(plan) // len(config.seeds)} combinations x {len(config.seeds)} seeds, "
+         f"budget {config.budget}: {config.train.steps} steps per data set), {len(done)} already finished, "
+         f"{len(pending)} to run")
+    _say(f"each trial: {res.workers} worker(s) x {res.cpus_per_worker} CPU" + (" + 1 GPU" if res.use_gpu else "")
+         + (", in its own process" if res.workers == 1 else ", on Ray Train"))
+    _say(f"results: {out} (tables, summary.json); logs: {logs} (driver.log, one per trial)")
+    failed: dict[str, TrialRecord] = {}
+    slots = 0
     seconds = {"prepare": clock["prepared"] - clock["started"], "ray_init": 0.0, "trials": 0.0}
     if pending:
         started = time.perf_counter()
-        slots = _start_ray(config)
+        slots = _start_ray(config, verbose)
         seconds["ray_init"] = time.perf_counter() - started
-        _say(f"running up to {slots} trials at once ({config.resources.workers} worker(s) x "
-             f"{config.resources.cpus_per_worker} CPU each)")
-        specs = [{
-            "trial_id": t.trial_id, "datasets": list(t.datasets), "ratios": list(t.ratios), "seed": t.seed,
-            "measures_affinity": t.measures_affinity, "config": trial_config(config, t, out, uri).model_dump(mode="json"),
-            "tracking_uri": uri, "parent_run_id": parent_run_id, "study": config.name,
-        } for t in pending]
+        _say(f"running up to {slots} trials at once")
+        in_process = res.workers == 1
+        specs = [TrialSpec(trial=t, config=trial_config(config, t, out, uri).model_dump(mode="json"), tracking_uri=uri,
+                           parent_run_id=state.parent_run_id, study=config.name, log=str(logs / f"{t.trial_id}.log"),
+                           in_process=in_process).to_json() for t in pending]
+        progress = _Progress(len(pending), len(done), len(plan))
         tuner = tune.Tuner(
-            tune.with_resources(run_trial, {SLOT: 1}),
-            param_space={"trial": tune.grid_search(specs)},
-            tune_config=tune.TuneConfig(max_concurrent_trials=slots),
+            tune.with_resources(run_trial, _per_trial(config)),
+            param_space={"spec": tune.grid_search(specs)},
+            tune_config=tune.TuneConfig(max_concurrent_trials=slots, reuse_actors=in_process),
             run_config=tune.RunConfig(
                 name=f"tune-{int(time.time())}", storage_path=str(out / "ray"), verbose=0,
-                failure_config=tune.FailureConfig(max_failures=config.resources.max_retries),
-                callbacks=[_Progress(len(plan), len(done))],
+                failure_config=tune.FailureConfig(max_failures=config.scheduling.max_retries),
+                callbacks=[progress],
             ),
         )
         started = time.perf_counter()
         results = tuner.fit()
         seconds["trials"] = time.perf_counter() - started
         for result in results:
-            spec = result.config["trial"] if result.config else None
+            spec = TrialSpec.from_json(result.config["spec"]) if result.config else None
             if spec is None:
                 continue
             if result.error is None and result.metrics and "record" in result.metrics:
                 record = TrialRecord.from_json(json.loads(result.metrics["record"]))
                 done[record.trial_id] = record
             else:
-                failed[spec["trial_id"]] = _one_line(result.error)
+                failed[spec.trial.trial_id] = _failed_record(spec.trial, config, result.error, spec.log)
     records = []
-    runs = _child_runs(uri, parent_run_id) if len(done) < len(plan) else {}
+    runs = child_runs(uri, state.parent_run_id) if len(done) < len(plan) else {}
     for trial in plan:
         if trial.trial_id in done:
             records.append(done[trial.trial_id])
         else:
-            records.append(TrialRecord(
-                trial_id=trial.trial_id, combination=trial.combination, datasets=list(trial.datasets),
-                ratios=list(trial.ratios), seed=trial.seed, steps=config.train.steps, status="failed",
-                mlflow_run_id=runs.get(trial.trial_id, (None, None))[0], measures_affinity=trial.measures_affinity,
-                error=failed.get(trial.trial_id, "did not finish")))
-    return _finish(config, out, uri, parent_run_id, records, seconds)
+            record = failed.get(trial.trial_id) or _failed_record(trial, config, None, str(logs / f"{trial.trial_id}.log"))
+            record.mlflow_run_id = runs.get(trial.trial_id, (None, None))[0]
+            records.append(record)
+    return _finish(config, out, uri, state.parent_run_id, records, seconds, slots)
 
 
-def _one_line(error: BaseException | None) -> str:
-    text = str(error) if error is not None else "no result reported"
-    lines = [line for line in text.splitlines() if line.strip()]
-    return (lines[-1] if lines else text)[:500]
+def _failed_record(trial: Trial, config: StudyConfig, error: BaseException | None, log: str) -> TrialRecord:
+    return TrialRecord(trial_id=trial.trial_id, combination=trial.combination, datasets=list(trial.datasets),
+                       ratios=list(trial.ratios), seed=trial.seed, steps=trial.steps, status="failed",
+                       measures_affinity=trial.measures_affinity, log=log,
+                       error=error_line(str(error)) if error is not None else "did not finish")
 
 
 def _finish(config: StudyConfig, out: Path, uri: str, parent_run_id: str, records: list[TrialRecord],
-            seconds: dict[str, float]) -> StudyResult:
+            seconds: dict[str, float], slots: int) -> StudyResult:
     """Tables, summary.json, and both logged to the MLflow parent run (then closed)."""
     import mlflow
 
+    from omgseg.platform.estimates import compare_estimates, planted_check
+    from omgseg.platform.results import TABLES, build_tables, null_check, write_tables
+
     started = time.perf_counter()
-    tables = build_tables(config.name, records, config.trained(), targets(config))
+    goals = targets(config)
+    tables = build_tables(config.name, records, config.trained(), goals)
     paths = write_tables(tables, out)
-    seconds["tables"] = time.perf_counter() - started
+    influence = tables["influence"]
+    finished = [r for r in records if r.status == "finished"]
     summary = {
-        "study": config.name, "trials": len(records),
-        "finished": sum(r.status == "finished" for r in records),
-        "failed": [{"trial_id": r.trial_id, "error": r.error} for r in records if r.status != "finished"],
-        "estimates": compare_estimates(tables["influence"], tables["affinity"], tables["runs"]),
+        "study": config.name, "trials": len(records), "finished": len(finished),
+        "failed": [{"trial_id": r.trial_id, "error": r.error, "log": r.log} for r in records if r.status != "finished"],
+        "seeds": len(config.seeds), "budget": config.budget,
+        "significant": {f"{fam}/{kind}": {"rows": rows.height, "significant_after_correction": int(rows["significant"].sum()),
+                                          "tested": int(rows["p_value"].is_not_null().sum()),
+                                          "median_mde": rows["mde"].median()}
+                        for (fam, kind), rows in _groups(influence)},
+        "null_check": null_check(tables["metrics"], goals),
+        "pairing_ratio_median": influence.filter((pl.col("kind") == "pair") & (pl.col("family") == "primary"))[
+            "pairing_ratio"].median() if influence.height else None,
+        "estimates": compare_estimates(records, tables["metrics"], goals, config.trained(), config.seeds),
         "tables": {k: str(v) for k, v in paths.items()},
         "mlflow": {"tracking_uri": uri, "parent_run_id": parent_run_id},
         "driver_seconds": seconds,  # this driver run (a resumed study: the last run only)
+        "concurrent_trials": slots,
     }
+    if config.planted:
+        summary["planted"] = planted_check(influence, config.planted)
+    seconds["tables"] = time.perf_counter() - started
     summary_file = out / "summary.json"
     partial = out / "summary.json.partial"
     partial.write_text(json.dumps(summary, indent=1))
     partial.replace(summary_file)
     client = mlflow.MlflowClient(uri)
-    for path in [*paths.values(), summary_file]:
-        client.log_artifact(parent_run_id, str(path), artifact_path="tables")
+    for name in TABLES:
+        client.log_artifact(parent_run_id, str(paths[name]), artifact_path="tables")
+    client.log_artifact(parent_run_id, str(summary_file), artifact_path="tables")
     now = int(time.time() * 1000)
     estimates = summary["estimates"]
     values = {"trials_finished": summary["finished"], "trials_failed": len(summary["failed"]),
@@ -420,51 +357,76 @@ def _finish(config: StudyConfig, out: Path, uri: str, parent_run_id: str, record
     return StudyResult(out=out, parent_run_id=parent_run_id, tracking_uri=uri, tables=paths, summary=summary)
 
 
+def _groups(influence: pl.DataFrame):
+    """((family, kind), rows) of the influence table's non-empty groups."""
+    for family in ("primary", "secondary"):
+        for kind in ("pair", "leave_one_out"):
+            rows = influence.filter((pl.col("family") == family) & (pl.col("kind") == kind))
+            if rows.height:
+                yield (family, kind), rows
+
+
 class _Progress(Callback):
-    """A Tune callback that prints one line per trial that ends."""
+    """Ray Tune callback: the study's progress as one bar (a terminal) or one line per event,
+    one line per finished trial with its time and validation losses, and every failure with
+    its error and the path of its log."""
 
-    def __init__(self, total: int, already: int) -> None:
-        self.total = total
-        self.ended = already
+    def __init__(self, pending: int, already: int, total: int) -> None:
+        from tqdm import tqdm
+
+        self.total, self.already, self.pending = total, already, pending
+        self.done = self.failed = self.running = 0
         self.started = time.perf_counter()
+        self.bar = tqdm(total=total, initial=already, unit="trial", file=sys.stderr) if sys.stderr.isatty() else None
+        self.records: dict[str, dict] = {}
 
-    def _ended(self, trial, how: str) -> None:
-        self.ended += 1
-        _say(f"{self.ended}/{self.total} trials ended: {trial.config['trial']['trial_id']} {how} "
-             f"({time.perf_counter() - self.started:.0f} s into this run)")
+    def _status(self) -> str:
+        ended = self.done + self.failed
+        ran = time.perf_counter() - self.started
+        eta = f", ETA {elapsed(ran / ended * (self.pending - ended))}" if ended else ""
+        return (f"{self.already + ended}/{self.total} ended, {self.running} running, {self.failed} failed, "
+                f"{elapsed(ran)}{eta}")
+
+    def _line(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(f"[study] {text}")
+            self.bar.set_postfix_str(self._status())
+        else:
+            _say(f"{text} [{self._status()}]")
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.running += 1
+        self._line(f"started {trial.config['spec']['trial']['trial_id']}")
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if "record" in result:
+            self.records[trial.trial_id] = json.loads(result["record"])
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self._ended(trial, "finished")
+        self.running -= 1
+        self.done += 1
+        if self.bar is not None:
+            self.bar.update(1)
+        record = self.records.get(trial.trial_id, {})
+        losses = " ".join(f"{d}/{g.split('_')[0]}={v['val_loss']:.3f}" for d, groups in record.get("metrics", {}).items()
+                          for g, v in groups.items() if "val_loss" in v)
+        self._line(f"finished {record.get('trial_id', trial.config['spec']['trial']['trial_id'])} in "
+                   f"{elapsed(record.get('wall_seconds', 0))}: val loss {losses}")
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._ended(trial, "FAILED")
+        self.running -= 1
+        self.failed += 1
+        spec = trial.config["spec"]
+        self._line(f"FAILED {spec['trial']['trial_id']}: {error_line(str(trial.get_error() or 'failed'))} "
+                   f"(log: {spec['log']})")
+
+    def on_experiment_end(self, trials, **info):
+        if self.bar is not None:
+            self.bar.close()
 
 
 # ---------------------------------------------------------------------------------------------
-# Plan printing and the command line
-
-
-def dry_run(config: StudyConfig) -> dict:
-    """The plan without starting anything: trials, resources, estimated hours."""
-    plan = plan_trials(config)
-    res = config.resources
-    trial_hours = None
-    gpu_hours = None
-    if res.seconds_per_step:
-        trial_hours = len(plan) * config.train.steps * res.seconds_per_step / 3600
-        gpu_hours = trial_hours * res.workers if res.use_gpu else 0.0
-    return {
-        "study": config.name,
-        "trials": [{"trial_id": t.trial_id, "mix": dict(zip(t.datasets, [round(r, 4) for r in t.ratios])),
-                    "seed": t.seed, "measures_affinity": t.measures_affinity} for t in plan],
-        "n_trials": len(plan),
-        "per_trial": {"workers": res.workers, "cpus_per_worker": res.cpus_per_worker,
-                      "gpus_per_worker": 1 if res.use_gpu else 0, "steps": config.train.steps},
-        "max_concurrent_trials": res.max_concurrent_trials,
-        "estimated_trial_hours": trial_hours,
-        "estimated_gpu_hours": gpu_hours,
-        "evaluation": config.evaluated(),
-    }
+# The command line
 
 
 def build_parser(prog: str = "omgseg study") -> argparse.ArgumentParser:
@@ -472,7 +434,7 @@ def build_parser(prog: str = "omgseg study") -> argparse.ArgumentParser:
         prog=prog,
         description="Run a co-training study: one Ray Tune trial per (data set combination, seed), MLflow "
         "child runs under one parent, and the influence tables (runs, metrics, influence, correlation, "
-        "affinity) as Parquet.",
+        "affinity) as Parquet, with summary.json (significance, A/A check, cheap vs exhaustive estimate).",
         epilog="examples:\n  python studies/cotrain_matrix.py\n"
         "  python studies/cotrain_matrix.py --config studies/configs/default.yaml --out outputs/studies/mine\n"
         "  python studies/cotrain_matrix.py --resume            # after the driver was interrupted\n"
@@ -485,6 +447,7 @@ def build_parser(prog: str = "omgseg study") -> argparse.ArgumentParser:
     parser.add_argument("--resume", action="store_true",
                         help="continue the study in --out (finished trials are kept); starts it if there is none")
     parser.add_argument("--dry-run", action="store_true", help="print the plan (trials, resources, estimated hours) and stop")
+    parser.add_argument("--verbose", action="store_true", help="stream Ray's, Tune's and the trials' own logs to the console")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. seeds=[0,1]")
     return parser
 
@@ -496,22 +459,41 @@ def main(argv: list[str] | None = None, prog: str = "omgseg study") -> int:
         if args.dry_run:
             print(json.dumps(dry_run(config), indent=1))
             return 0
-        result = run_study(config, Path(args.out) if args.out else None, resume=args.resume, source=args.config)
+        result = run_study(config, Path(args.out) if args.out else None, resume=args.resume, source=args.config,
+                           verbose=args.verbose)
     except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 1
+    _print_summary(result)
+    return 0 if not result.summary["failed"] else 1
+
+
+def _print_summary(result: StudyResult) -> None:
+    from omgseg.platform.results import TABLES
+
     summary = result.summary
     estimates = summary["estimates"]
     _say(f"done: {summary['finished']}/{summary['trials']} trials finished"
          + (f", {len(summary['failed'])} failed: {[f['trial_id'] for f in summary['failed']]}" if summary["failed"] else ""))
-    _say(f"tables: {', '.join(str(result.tables[t]) for t in TABLES)}")
+    for key, counts in summary["significant"].items():
+        mde = counts["median_mde"]
+        _say(f"influence {key}: {counts['significant_after_correction']} of {counts['tested']} tested rows significant "
+             f"after correction (BH, q <= 0.05)" + (f"; median minimum detectable effect {mde:.3g}" if mde is not None else ""))
+    for family, check in summary["null_check"].items():
+        if check["tests"]:
+            _say(f"A/A null check ({family}): {check['significant_after_correction']} of {check['tests']} split-seed "
+                 f"contrasts significant after correction: {'passed' if check['passed'] else 'FAILED'}")
+    if "planted" in summary:
+        planted = summary["planted"]
+        _say(f"planted effects: {planted['agree']}/{planted['total']} agree (recovered {planted['recovered']}; "
+             f"{planted['false_positives_on_none']} false positives on 'none')")
     if estimates["spearman"] is not None:
-        _say(f"affinity vs influence: Spearman {estimates['spearman']:.3f} over {estimates['n_pairs']} pairs; "
-             f"cost {estimates['affinity_trial_hours']:.3f} vs {estimates['exhaustive_trial_hours']:.3f} trial-hours")
+        _say(f"affinity vs influence: Spearman {estimates['spearman']:.3f} over {estimates['n_pairs']} pairs "
+             f"(permutation p {estimates['permutation_p']:.3g}); cost {estimates['affinity_trial_hours']:.3f} vs "
+             f"{estimates['exhaustive_trial_hours']:.3f} trial-hours")
+    _say(f"tables: {', '.join(str(result.tables[t]) for t in TABLES)}")
     _say(f"MLflow UI: mlflow ui --backend-store-uri {result.tracking_uri}  (then http://127.0.0.1:5000, "
          f"parent run {result.parent_run_id})")
     print(json.dumps({"out": str(result.out), "parent_run_id": result.parent_run_id, "tracking_uri": result.tracking_uri,
                       "finished": summary["finished"], "failed": len(summary["failed"]),
                       "spearman_affinity_vs_influence": estimates["spearman"]}))
-    return 0 if not summary["failed"] else 1
-

@@ -7,7 +7,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CODE_FOLDERS = {"platform": "omgseg.platform", "model": "omgseg.model", "datasets": "omgseg.datasets",
-                "dashboards": "omgseg.dashboards"}
+                "dashboards": "omgseg.dashboards", "core": "omgseg.core"}
 
 
 def _run_in_root(code: str) -> str:

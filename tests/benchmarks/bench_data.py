@@ -26,10 +26,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from omgseg.core.seeds import derive_seed
 from omgseg.datasets.clip import Segment, Task, decode_id_map_rgb
 from omgseg.datasets.convert import convert
 from omgseg.datasets.shards import read_shard_samples
-from omgseg.datasets.stream import ClipSample, ShardStream, stream_seed
+from omgseg.datasets.stream import ClipSample, ShardStream
 from omgseg.datasets.synth import SynthSizes, write_synthetic
 from omgseg.datasets.transforms import ClipTransform
 
@@ -73,7 +74,7 @@ class DirectCocoPanoptic(torch.utils.data.Dataset):
             key=str(image["id"]),
             shard=ann["file_name"],
         )
-        generator = torch.Generator().manual_seed(stream_seed(self.seed, 0, 0, index))
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, "bench", index))
         return self.transform(sample, generator)
 
 
@@ -89,7 +90,7 @@ class TransformedStream(torch.utils.data.IterableDataset):
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         worker = info.id if info is not None else 0
-        generator = torch.Generator().manual_seed(stream_seed(self.seed, 0, 0, worker))
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, "bench-worker", worker))
         for sample in self.stream:
             yield self.transform(sample, generator)
 

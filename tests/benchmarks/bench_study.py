@@ -2,8 +2,9 @@
 
 Runs `python studies/cotrain_matrix.py` (the embedded default study, or --config) into a fresh
 folder, then compares, in the same run, the time spent inside training steps (and the TAG
-probes and evaluation, measured in the workers) with the rest of each trial (Ray Train
-start-up, worker processes, checkpoints, scheduling). Prints one JSON line.
+probes and evaluation, measured in the trials) with the rest: inside each trial (Ray start-up
+of the trial, model building, checkpoints, MLflow), and, in the trial slots, the time no trial
+ran (Tune's scheduling, actor start-up). Prints one JSON line.
 
     .venv/bin/python tests/benchmarks/bench_study.py [--config FILE] [--out DIR] [key=value ...]
 """
@@ -44,6 +45,11 @@ def main() -> int:
     probes = float(runs["affinity_seconds"].sum())
     evaluation = float(runs["eval_seconds"].sum())
     overhead = trial_wall - steps - probes - evaluation
+    slots = summary.get("concurrent_trials") or 1
+    slot_seconds = slots * summary["driver_seconds"]["trials"]
+    idle = max(0.0, slot_seconds - trial_wall)
+    estimates = summary["estimates"]
+    primary = {k: v for k, v in summary["significant"].items() if k.startswith("primary")}
     print(json.dumps({
         "benchmark": "bench_study",
         "config": str(Path(args.config).relative_to(ROOT)) if Path(args.config).is_relative_to(ROOT) else args.config,
@@ -57,12 +63,19 @@ def main() -> int:
         "ray_startup_and_scheduling_s": round(overhead, 1),
         "share_inside_steps": round(steps / trial_wall, 3),
         "share_ray_overhead": round(overhead / trial_wall, 3),
+        "idle_slot_s": round(idle, 1),
+        "share_ray_overhead_with_idle_slots": round((overhead + idle) / (trial_wall + idle), 3),
         "overhead_over_steps": round(overhead / steps, 2),
         "driver_s": {k: round(v, 1) for k, v in summary["driver_seconds"].items()},
         "trials_per_hour": round(runs.height / (wall / 3600), 1),
-        "spearman_affinity_vs_influence": summary["estimates"]["spearman"],
-        "exhaustive_trial_hours": round(summary["estimates"]["exhaustive_trial_hours"], 4),
-        "affinity_trial_hours": round(summary["estimates"]["affinity_trial_hours"], 4),
+        "seeds": summary["seeds"],
+        "significant_primary": {k: f"{v['significant_after_correction']}/{v['tested']}" for k, v in primary.items()},
+        "median_mde_primary_pair": primary.get("primary/pair", {}).get("median_mde"),
+        "null_check": {k: v["passed"] for k, v in summary["null_check"].items()},
+        "pairing_ratio_median": summary["pairing_ratio_median"],
+        "spearman_affinity_vs_influence": estimates["spearman"],
+        "exhaustive_trial_hours": round(estimates["exhaustive_trial_hours"], 4),
+        "affinity_trial_hours": round(estimates["affinity_trial_hours"], 4),
         "out": str(out),
     }))
     return 0

@@ -23,7 +23,8 @@ import torch
 
 from omgseg.platform.config import TrainConfig, load_config
 from omgseg.platform.data import prepare_data
-from omgseg.platform.train import run_training, tracking_uri, train_loop
+from omgseg.platform.loop import StepLog, build_parts, train_loop
+from omgseg.platform.train import run_training, tracking_uri
 
 CONFIG = Path(__file__).resolve().parents[2] / "studies" / "configs" / "train_tiny.yaml"
 
@@ -34,7 +35,7 @@ class _Recorder:
     def __init__(self) -> None:
         self.rates: list[float] = []
 
-    def log(self, metrics: dict[str, float], step: int) -> None:
+    def __call__(self, metrics: dict[str, float], step: int, steps: int) -> None:
         self.rates.append(metrics["samples_per_s"])
 
 
@@ -52,20 +53,21 @@ def main(argv: list[str] | None = None) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         base = [f"data.root={tmp}/data", f"output_dir={tmp}/runs", f"steps={args.steps}",
-                f"log_every={args.log_every}", f"checkpoint_every={args.steps}", "optimizer.warmup_steps=5"]
-        one = load_config(TrainConfig, CONFIG, [*base, "scaling.workers=1"])
+                f"log_every={args.log_every}", f"checkpoint_every={args.steps}", "optimizer.warmup_steps=5", "evaluation={}"]
+        one = load_config(TrainConfig, CONFIG, [*base, "resources.workers=1"])
         prepare_data(one.data)
 
         torch.set_num_threads(1)  # as a Ray worker with 1 CPU gets
         recorder = _Recorder()
-        train_loop(one, 0, 1, torch.device("cpu"), logger=recorder)
+        parts, state = build_parts(one, 0, 1, torch.device("cpu"))
+        train_loop(parts, state, [StepLog(parts, [recorder])])
         plain = _steady(recorder.rates)
         print(f"plain: {plain:.2f} samples/s", file=sys.stderr)
 
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         results = {}
         for workers in (1, 2):
-            config = load_config(TrainConfig, CONFIG, [*base, f"scaling.workers={workers}", f"name=bench_w{workers}"])
+            config = load_config(TrainConfig, CONFIG, [*base, f"resources.workers={workers}", f"name=bench_w{workers}"])
             result = run_training(config)
             import mlflow
 

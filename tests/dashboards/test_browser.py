@@ -82,7 +82,7 @@ def test_the_mlflow_ui_shows_the_study_runs(small_study, browser, tmp_path):
                 if time.time() > deadline:
                     pytest.fail("the MLflow UI did not answer on loopback within 120 s")
                 time.sleep(0.5)
-        experiment = mlflow.MlflowClient(result.tracking_uri).get_run(state["parent_run_id"]).info.experiment_id
+        experiment = mlflow.MlflowClient(result.tracking_uri).get_run(state.parent_run_id).info.experiment_id
         page = browser.new_page(viewport={"width": 1600, "height": 1000})
         page.goto(f"http://127.0.0.1:{port}/#/experiments/{experiment}/runs")
         page.get_by_text(re.compile(r"[1-9]\d* matching runs")).wait_for(timeout=60_000)

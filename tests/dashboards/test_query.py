@@ -4,7 +4,9 @@ import polars as pl
 import pytest
 
 from omgseg.dashboards.query import QueryError, load_tables, main, run_query
-from omgseg.platform.results import TrialRecord, build_tables, write_tables
+from omgseg.platform.plan import Target
+from omgseg.platform.records import TrialRecord
+from omgseg.platform.results import build_tables, write_tables
 
 
 def _study(folder, name: str, bonus: float) -> None:
@@ -15,7 +17,7 @@ def _study(folder, name: str, bonus: float) -> None:
                                    ratios=[1 / len(datasets)] * len(datasets), seed=seed, steps=5, status="finished",
                                    mlflow_run_id=f"{name}-{combo}-{seed}", wall_seconds=60.0, seconds={"train": 20.0},
                                    metrics={"a": {"panoptic": {"PQ": pq}}}))
-    write_tables(build_tables(name, records, ["a", "b"], [("a", "panoptic", "PQ")]), folder)
+    write_tables(build_tables(name, records, ["a", "b"], [Target("a", "panoptic", "PQ", "higher", False)]), folder)
 
 
 @pytest.fixture
@@ -35,7 +37,8 @@ def test_a_join_across_tables(studies):
 def test_several_studies_are_told_apart_by_the_study_column(studies):
     tables = load_tables(list(studies))
     out = run_query("SELECT study, delta FROM influence WHERE kind = 'pair' ORDER BY study", tables)
-    assert out.rows() == [("one", 4.0), ("two", 14.0)]
+    assert [r[0] for r in out.rows()] == ["one", "two"]
+    assert [r[1] for r in out.rows()] == pytest.approx([4.0, 14.0])
     assert run_query("SELECT count(*) AS n FROM runs", tables)["n"].item() == 8
 
 

@@ -66,11 +66,12 @@ def test_every_section_is_there_and_self_contained(report):
 
 def test_figures_are_pngs_that_are_not_blank(report):
     _, built = report
-    assert {"influence_pair", "influence_leave_one_out", "correlation", "metrics", "affinity_vs_influence"} <= set(built.figures)
+    expected = {"influence_primary_pair", "influence_primary_leave_one_out", "correlation", "metrics", "affinity_vs_influence"}
+    assert expected <= set(built.figures)
     for name, path in built.figures.items():
         pixels = np.asarray(Image.open(io.BytesIO(path.read_bytes())).convert("RGB")).astype(int)
         assert pixels.std() > 10, f"{name} looks blank"
-    heat = np.asarray(Image.open(built.figures["influence_pair"]).convert("RGB")).astype(int)
+    heat = np.asarray(Image.open(built.figures["influence_primary_pair"]).convert("RGB")).astype(int)
     coloured = (np.abs(heat[..., 0] - heat[..., 2]) > 60).sum()  # the diverging colour map's reds and blues
     assert coloured > 500
 
@@ -79,7 +80,7 @@ def test_the_report_is_logged_to_the_parent_run(report):
     result, built = report
     client = mlflow.MlflowClient(result.tracking_uri)
     logged = {a.path for a in client.list_artifacts(result.parent_run_id, "report")}
-    assert "report/index.html" in logged and "report/influence_pair.png" in logged
+    assert "report/index.html" in logged and "report/influence_primary_pair.png" in logged
 
 
 def test_not_a_study_folder(tmp_path, capsys):

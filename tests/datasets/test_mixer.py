@@ -1,10 +1,10 @@
-"""The mixer: realised mix matches the ratios, seeded, finite sources stop it, clear errors."""
+"""The mixer: exact exposure at any ratio, a shuffled round-robin, seeded, resumable, finite
+sources stop it, clear errors."""
 
 import itertools
 import random
 
 import pytest
-from scipy.stats import chisquare
 
 from omgseg.datasets.mixer import Mixer
 
@@ -18,21 +18,41 @@ def infinite(name):
     return (f"{name}{i}" for i in itertools.count())
 
 
-def test_realised_mix_matches_unnormalised_ratios():
+def test_every_block_ends_with_each_data_set_within_one_sample_of_its_share():
     ratios = {"coco": 3, "ade": 1.0, "ytvis": 0.5, "davis": 0}
     streams = {name: infinite(name) for name in ("coco", "ade", "ytvis")} | {"davis": NeverOpened()}
     mixer = Mixer(ratios, streams, seed=11)
-    n = 4000
-    drawn = list(itertools.islice(mixer, n))
-    assert len(drawn) == n and set(mixer.counts) == {"coco", "ade", "ytvis"}
-    observed = [mixer.counts[k] for k in ("coco", "ade", "ytvis")]
-    expected = [n * r / 4.5 for r in (3, 1, 0.5)]
-    assert chisquare(observed, expected).pvalue > 0.001
+    counts = dict.fromkeys(("coco", "ade", "ytvis"), 0)
+    drawn = list(itertools.islice(mixer, 4000))
+    for n, (name, _) in enumerate(drawn, start=1):
+        counts[name] += 1
+        off = max(abs(counts[k] - n * ratios[k] / 4.5) for k in counts)
+        assert off < (1 if n % 3 == 0 else 3), (n, counts)  # blocks of 3 draws, shuffled inside
+    assert mixer.counts == counts
     mix = mixer.realised_mix()
-    assert abs(sum(mix.values()) - 1) < 1e-9 and abs(mix["coco"] - 2 / 3) < 0.03
+    assert abs(sum(mix.values()) - 1) < 1e-9 and abs(mix["coco"] - 2 / 3) < 1e-3
     # Items come from their own stream, in that stream's order.
     coco = [item for name, item in drawn if name == "coco"]
     assert coco[:3] == ["coco0", "coco1", "coco2"]
+
+
+def test_equal_ratios_are_a_shuffled_round_robin():
+    mixer = Mixer({"a": 1, "b": 1, "c": 1}, {n: infinite(n) for n in "abc"}, seed=5)
+    names = [name for name, _ in itertools.islice(mixer, 300)]
+    blocks = [names[i:i + 3] for i in range(0, 300, 3)]
+    assert all(sorted(b) == ["a", "b", "c"] for b in blocks)  # each block: one of each
+    assert len({tuple(b) for b in blocks}) > 1  # in a shuffled order
+
+
+def test_start_resumes_the_same_schedule():
+    def run(start):
+        mixer = Mixer({"a": 2, "b": 1}, {"a": infinite("a"), "b": infinite("b")}, seed=3, start=start)
+        return mixer, [name for name, _ in itertools.islice(mixer, 20)]
+
+    _, whole = run(0)
+    mixer, rest = run(7)
+    assert rest[:13] == whole[7:]
+    assert mixer.counts_after(7) == {"a": whole[:7].count("a"), "b": whole[:7].count("b")}
 
 
 def test_seeded_and_independent_of_the_global_random_module():

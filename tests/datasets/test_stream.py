@@ -1,6 +1,7 @@
 """Shard streams: rank/worker splits, equal per-rank counts, seeding, and errors that name
 the shard and the sample."""
 
+import itertools
 import json
 import tarfile
 
@@ -9,8 +10,9 @@ import torch
 import webdataset as wds
 from toydata import META_JSON, SOURCE, tiny_clip
 
+from omgseg.core.seeds import derive_seed
 from omgseg.datasets.shards import MANIFEST, ShardReadError, sha256_file, write_shards
-from omgseg.datasets.stream import ClipSample, ShardStream, decode_sample, stream_seed
+from omgseg.datasets.stream import ClipSample, ShardStream, decode_sample
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +79,18 @@ def test_seeding_is_deterministic_per_seed_rank_worker_and_epoch(uneven, monkeyp
     assert draw(0, 0) != draw(0, 1)
     assert draw(0, 0) != draw(1, 0)
     assert draw(0, 0) != draw(0, 0, epoch=1)
-    assert stream_seed(1, 2, 3, 4) == stream_seed(1, 2, 3, 4) != stream_seed(1, 2, 4, 3)
+    assert derive_seed(1, 2, 3, 4) == derive_seed(1, 2, 3, 4) != derive_seed(1, 2, 4, 3)
+    assert derive_seed(1, "a") != derive_seed(1, "b") and derive_seed(7) != derive_seed("7")
+
+
+def test_skip_resumes_exactly_where_a_stream_left_off(uneven):
+    def stream(skip):
+        return ShardStream(uneven, repeat=True, shuffle_buffer=5, seed=3, skip=skip)
+
+    whole = [s.key for s in itertools.islice(stream(0), 40)]
+    assert [s.key for s in itertools.islice(stream(13), 27)] == whole[13:]
+    with pytest.raises(ValueError, match="skip must be >= 0"):
+        stream(-1)
 
 
 def test_eval_shuffle_still_reads_each_sample_once(uneven, monkeypatch):
@@ -205,3 +218,11 @@ def test_decode_sample_wraps_unexpected_errors():
         decode_sample({"__key__": "k", "__url__": "x.tar", "json": json.dumps(
             {"dataset": "d", "source_id": "s", "frames": 1, "frame_names": ["a"], "height": 2,
              "width": 2, "tasks": [], "segments": []}).encode(), "f000.seg.png": b""})
+
+
+def test_an_unsplit_eval_stream_reads_every_shard_on_any_rank(uneven, monkeypatch):
+    as_rank(monkeypatch, 1, 2)
+    assert len(keys(ShardStream(uneven, split=False))) == 13  # all of them, on rank 1 of 2
+    assert len(keys(ShardStream(uneven))) < 13  # the default: this rank's share
+    with pytest.raises(ValueError, match="split=False is for evaluation streams"):
+        ShardStream(uneven, repeat=True, split=False)

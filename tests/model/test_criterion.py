@@ -149,3 +149,24 @@ def test_clips_without_object_supervision_get_no_class_loss():
     with pytest.raises(ValueError, match="supervise_objects=False must have no object targets, got 1"):
         MatchTargets(labels=torch.zeros(1, dtype=torch.long), masks=masks, track_ids=torch.zeros(1, dtype=torch.long),
                      supervise_objects=False)
+
+
+def test_a_seeded_clip_draws_its_points_from_its_own_generator():
+    """Common random numbers: with `seed` set, the losses of a clip do not depend on the global
+    generator (what else ran before), and they change with the seed."""
+    import dataclasses
+
+    gen = torch.Generator().manual_seed(3)
+    target = dataclasses.replace(_boundary_free_targets(), seed=11)
+    class_logits = torch.randn(1, 4, 4, generator=gen)
+    mask_logits = torch.randn(1, 4, 2, 4, 4, generator=gen)
+    outputs = _outputs(class_logits, mask_logits, num_object_queries=3, num_sets=2)
+
+    def losses(target, global_seed):
+        torch.manual_seed(global_seed)
+        return {k: float(v) for k, v in _criterion()(outputs, [target]).items()}
+
+    assert losses(target, 0) == losses(target, 1)
+    assert losses(target, 0) != losses(dataclasses.replace(target, seed=12), 0)
+    unseeded = dataclasses.replace(target, seed=None)
+    assert losses(unseeded, 0) != losses(unseeded, 1)

@@ -1,5 +1,6 @@
 """The Hungarian matcher against slow, obviously-right references."""
 
+import dataclasses
 import itertools
 import math
 
@@ -91,9 +92,23 @@ def test_empty_targets_and_random_points():
         track_ids=torch.zeros(0, dtype=torch.long),
     )
     full = _targets(6, 2, 32, 32, 2, gen)  # more targets than queries: every query is used
-    (r0, c0), (r1, c1) = matcher(class_logits, mask_logits, [empty, full], generator=gen)
+    (r0, c0), (r1, c1) = matcher(class_logits, mask_logits, [empty, full])
     assert r0.numel() == c0.numel() == 0
     assert sorted(r1.tolist()) == [0, 1, 2, 3] and len(set(c1.tolist())) == 4
+
+
+def test_a_seeded_clip_samples_the_same_points_in_any_batch():
+    """With a seed, a clip's match does not depend on the other clips or the global generator."""
+    gen = torch.Generator().manual_seed(1)
+    matcher = HungarianMatcher(num_points=30)
+    seeded = dataclasses.replace(_targets(3, 2, 16, 16, 4, gen), seed=42)
+    other = _targets(2, 2, 16, 16, 4, gen)
+    logits, masks = torch.randn(2, 5, 5, generator=gen), 0.3 * torch.randn(2, 5, 2, 4, 4, generator=gen)
+    torch.manual_seed(0)
+    alone = matcher(logits[1:], masks[1:], [seeded])[0]
+    torch.manual_seed(1)
+    together = matcher(logits, masks, [other, seeded])[1]
+    assert all(torch.equal(a, b) for a, b in zip(alone, together))
 
 
 def test_label_out_of_vocabulary_is_reported():

@@ -1,36 +1,69 @@
-"""The result tables from hand-made trial records: influence, confidence intervals, correlation
-and the cheap-versus-exhaustive comparison, each against a hand computation or scipy."""
+"""The result tables from hand-made trial records: signed influence, the seed-blocked model's
+intervals against hand-computed ANOVA and scipy, BH q-values, floor flags, the A/A check,
+correlation, and the cheap-versus-exhaustive comparison."""
 
 import math
 
+import numpy as np
 import polars as pl
 import pytest
 from scipy import stats
 
-from omgseg.platform.results import SCHEMAS, TrialRecord, build_tables, compare_estimates, write_tables
+from omgseg.platform.estimates import compare_estimates, partitions, planted_check
+from omgseg.platform.plan import Target
+from omgseg.platform.records import TrialRecord
+from omgseg.platform.results import SCHEMAS, build_tables, null_check, write_tables
 
-TARGETS = [("a", "panoptic", "PQ"), ("b", "vos", "J&F"), ("z", "panoptic", "PQ")]  # z: evaluated only
+A_LOSS = Target("a", "object_queries", "val_loss", "lower", True)
+B_LOSS = Target("b", "prompt_queries", "val_loss", "lower", True)
+Z_LOSS = Target("z", "object_queries", "val_loss", "lower", True)  # z: evaluated only
+A_PQ = Target("a", "panoptic", "PQ", "higher", False)
+TARGETS = [A_LOSS, B_LOSS, Z_LOSS, A_PQ]
+SEEDS = [0, 1, 2, 3]
+
+# Validation losses per (combination, seed): a is helped by b (its loss drops by ~1), b is
+# hurt by a (its loss rises by ~0.5); each seed adds its own offset to every combination.
+OFFSET = {0: 0.0, 1: 0.7, 2: -0.4, 3: 0.2}
+_rng = np.random.default_rng(5)
+NOISE = {(c, s): float(_rng.normal(0, 0.06)) for c in ("a", "b", "a+b") for s in SEEDS}
 
 
-def _record(datasets, seed, a_pq, b_jf, z_pq, affinity=None, status="finished"):
+def _a_loss(combo, seed):
+    return (10.0 if combo == "a" else 9.0) + OFFSET[seed] + NOISE[(combo, seed)]
+
+
+def _b_loss(combo, seed):
+    return (5.0 if combo == "b" else 5.5) + OFFSET[seed] + NOISE[(combo, seed)] * 2
+
+
+def _z_loss(combo, seed):
+    return {"a": 8.0, "b": 8.5, "a+b": 7.6}[combo] + OFFSET[seed] - NOISE[(combo, seed)]
+
+
+def _record(datasets, seed, affinity=None, status="finished"):
     combo = "+".join(datasets)
+    if status != "finished":
+        return TrialRecord(trial_id=f"{combo}-s{seed}", combination=combo, datasets=list(datasets),
+                           ratios=[1 / len(datasets)] * len(datasets), seed=seed, steps=10 * len(datasets),
+                           status=status, error="killed")
+    metrics = {"z": {"object_queries": {"val_loss": _z_loss(combo, seed)}}}
+    if "a" in datasets:
+        metrics["a"] = {"object_queries": {"val_loss": _a_loss(combo, seed)},
+                        "panoptic": {"PQ": 0.0 if combo == "a" else 3.0 + seed, "N": 3, "per_class": {"1": {}}}}
+    if "b" in datasets:
+        metrics["b"] = {"prompt_queries": {"val_loss": _b_loss(combo, seed)}}
     return TrialRecord(
         trial_id=f"{combo}-s{seed}", combination=combo, datasets=list(datasets), ratios=[1 / len(datasets)] * len(datasets),
-        seed=seed, steps=10, status=status, mlflow_run_id=f"run-{combo}-{seed}", measures_affinity=affinity is not None,
-        wall_seconds=3600.0 if len(datasets) == 1 else 7200.0, seconds={"train": 1.0, "fit": 2.0},
-        metrics={} if status != "finished" else {"a": {"panoptic": {"PQ": a_pq, "N": 3, "per_class": {"1": {}}}},
-                                                  "b": {"vos": {"J&F": b_jf}}, "z": {"panoptic": {"PQ": z_pq}}},
-        affinity=affinity or {},
+        seed=seed, steps=10 * len(datasets), status=status, mlflow_run_id=f"run-{combo}-{seed}",
+        measures_affinity=affinity is not None, wall_seconds=3600.0 if len(datasets) == 1 else 7200.0,
+        seconds={"train": 1.0, "fit": 2.0}, samples={n: 20 for n in datasets},
+        metrics=metrics, affinity=affinity or {},
     )
 
 
-RECORDS = [
-    _record(["a"], 0, 10.0, 0.0, 1.0), _record(["a"], 1, 12.0, 0.0, 2.0),
-    _record(["b"], 0, 0.0, 40.0, 3.0), _record(["b"], 1, 0.0, 44.0, 5.0),
-    _record(["a", "b"], 0, 13.0, 38.0, 4.0, affinity={"a": {"a": 0.3, "b": -0.1}, "b": {"a": 0.2, "b": 0.4}}),
-    _record(["a", "b"], 1, 17.0, 42.0, 6.0, affinity={"a": {"a": 0.1, "b": -0.3}, "b": {"a": 0.0, "b": 0.2}}),
-    _record(["a", "b"], 2, 0, 0, 0, status="failed"),
-]
+RECORDS = [_record(d, s, affinity={"a": {"a": 3.0, "b": -2.0}, "b": {"a": 1.0, "b": 2.0}} if d == ("a", "b") and s == 0
+                   else None) for d in (("a",), ("b",), ("a", "b")) for s in SEEDS]
+RECORDS.append(_record(("a", "b"), 9, status="failed"))
 
 
 @pytest.fixture(scope="module")
@@ -38,56 +71,121 @@ def tables():
     return build_tables("s", RECORDS, ["a", "b"], TARGETS)
 
 
+def _row(tables, kind, source, target, metric="val_loss"):
+    frame = tables["influence"].filter((pl.col("kind") == kind) & (pl.col("source_dataset") == source)
+                                       & (pl.col("target_dataset") == target) & (pl.col("metric") == metric))
+    return frame.row(0, named=True)
+
+
 def test_schemas_and_row_counts(tables):
     for name, frame in tables.items():
         assert dict(frame.schema) == SCHEMAS[name], name
-    assert tables["runs"].height == 7 and tables["runs"].filter(pl.col("status") == "failed").height == 1
-    # 6 finished trials x 3 scalar metrics (PQ, N on a; J&F on b; PQ on z): 4 rows each.
-    assert tables["metrics"].height == 6 * 4
-    # pair: b on a, a on b; leave-one-out: b on a, a on b, a on z, b on z.
-    assert tables["influence"].height == 6
-    assert tables["correlation"].height == 9 and tables["affinity"].height == 8
+    runs = tables["runs"]
+    assert runs.height == 13 and runs.filter(pl.col("status") == "failed").height == 1
+    assert runs.filter(pl.col("trial_id") == "a+b-s0")["samples_per_dataset"].to_list() == [[20, 20]]
+    # pair: b on a (loss, PQ), a on b; leave-one-out: the same three, plus a and b on z.
+    assert tables["influence"].height == 8
+    assert tables["affinity"].height == 4
 
 
-def test_pair_influence_by_hand(tables):
-    row = tables["influence"].filter((pl.col("kind") == "pair") & (pl.col("target_dataset") == "a")).row(0, named=True)
-    # a alone: 10, 12; a with b: 13, 17 -> deltas 3, 5: mean 4, sd sqrt(2), t(0.975, 1) = 12.7062.
-    assert row["source_dataset"] == "b" and row["n_seeds"] == 2
-    assert row["delta"] == pytest.approx(4.0) and row["relative_delta"] == pytest.approx(4.0 / 11.0)
-    half = 12.706204736 * math.sqrt(2) / math.sqrt(2)
-    assert (row["ci_low"], row["ci_high"]) == pytest.approx((4.0 - half, 4.0 + half))
-    hurt = tables["influence"].filter((pl.col("kind") == "pair") & (pl.col("target_dataset") == "b")).row(0, named=True)
-    assert hurt["delta"] == pytest.approx(-2.0)
-    assert hurt["with_source"] == pytest.approx(40.0) and hurt["without_source"] == pytest.approx(42.0)
-    assert hurt["ci_low"] == pytest.approx(hurt["ci_high"])  # both deltas are -2: no spread
+def test_two_combinations_reduce_to_the_paired_t_test(tables):
+    """With only {a} and {a, b} holding a's loss, the blocked model is the paired test."""
+    row = _row(tables, "pair", "b", "a")
+    with_b = [_a_loss("a+b", s) for s in SEEDS]
+    alone = [_a_loss("a", s) for s in SEEDS]
+    diffs = np.subtract(alone, with_b)  # lower is better: positive = b helps a
+    assert row["direction"] == "lower" and row["family"] == "primary"
+    assert row["delta"] == pytest.approx(diffs.mean()) and row["delta"] > 0
+    assert row["df"] == 3 and row["se"] == pytest.approx(diffs.std(ddof=1) / 2)
+    assert row["p_value"] == pytest.approx(stats.ttest_rel(alone, with_b).pvalue)
+    half = stats.t.ppf(0.975, 3) * row["se"]
+    assert (row["ci_low"], row["ci_high"]) == pytest.approx((row["delta"] - half, row["delta"] + half))
+    assert row["mde"] == pytest.approx((stats.t.ppf(0.975, 3) + stats.t.ppf(0.8, 3)) * row["se"])
+    hurt = _row(tables, "pair", "a", "b")
+    assert hurt["delta"] == pytest.approx(-0.5, abs=0.1) and hurt["ci_high"] < 0
 
 
-def test_leave_one_out_reaches_evaluation_only_targets(tables):
-    z = tables["influence"].filter((pl.col("kind") == "leave_one_out") & (pl.col("target_dataset") == "z"))
-    by_source = {r["source_dataset"]: r for r in z.iter_rows(named=True)}
-    # all = a+b: 4, 6. Without a = b alone: 3, 5 -> +1; without b = a alone: 1, 2 -> +3.5.
-    assert by_source["a"]["delta"] == pytest.approx(1.0) and by_source["b"]["delta"] == pytest.approx(3.5)
+def test_three_combinations_pool_their_degrees_of_freedom(tables):
+    """z is in all three combinations: residuals of the two-way layout, (3 - 1)(4 - 1) = 6 df."""
+    y = np.array([[_z_loss(c, s) for s in SEEDS] for c in ("a", "b", "a+b")])
+    resid = y - y.mean(1, keepdims=True) - y.mean(0, keepdims=True) + y.mean()
+    sigma2 = (resid**2).sum() / 6
+    row = _row(tables, "leave_one_out", "a", "z")  # all (a+b) against without a (b alone)
+    assert row["df"] == 6 and row["se"] == pytest.approx(math.sqrt(2 * sigma2 / 4))
+    assert row["delta"] == pytest.approx(-(y[2] - y[1]).mean())  # 8.5 -> 7.6: a helps z
+    assert row["pairing_ratio"] == pytest.approx(np.var(y[2] - y[1], ddof=1) / (np.var(y[2], ddof=1) + np.var(y[1], ddof=1)))
+    assert row["pairing_ratio"] < 0.1  # the seed offsets cancel in the paired difference
+
+
+def test_q_values_are_benjamini_hochberg_and_adjusted_intervals_agree_with_them(tables):
+    primary_pair = tables["influence"].filter((pl.col("family") == "primary") & (pl.col("kind") == "pair"))
+    q = stats.false_discovery_control(primary_pair["p_value"].to_numpy(), method="bh")
+    assert primary_pair["q_value"].to_list() == pytest.approx(list(q))
+    for row in tables["influence"].filter(pl.col("p_value").is_not_null()).iter_rows(named=True):
+        excludes_zero = row["ci_low_adjusted"] > 0 or row["ci_high_adjusted"] < 0
+        assert row["significant"] == excludes_zero, row
+        assert row["ci_low_adjusted"] <= row["ci_low"] and row["ci_high_adjusted"] >= row["ci_high"]
+
+
+def test_a_metric_at_its_floor_is_flagged_not_given_a_zero_width_interval(tables):
+    row = _row(tables, "pair", "b", "a", metric="PQ")  # a alone: PQ 0 at every seed
+    assert row["flag"] == "floor" and row["ci_low"] is None and row["p_value"] is None and not row["significant"]
+    assert row["delta"] == pytest.approx(4.5)  # still reported: 0 -> 3 + seed
+
+
+def test_the_a_a_check_finds_nothing_in_seed_halves_and_finds_a_planted_split(tables):
+    check = null_check(tables["metrics"], TARGETS)
+    assert check["primary"]["tests"] == 7  # a: 2 combinations, b: 2, z: 3 (each has 4 seeds)
+    assert check["primary"]["significant_after_correction"] == 0 and check["primary"]["passed"]
+    assert check["secondary"]["tests"] == 0  # a's PQ is at its floor alone: not tested
+    # Seeds 2 and 3 of z's {a} runs shifted by +3: the halves now do differ, and the check says so.
+    shifted = tables["metrics"].with_columns(
+        pl.when((pl.col("combination") == "a") & (pl.col("eval_dataset") == "z") & (pl.col("seed") >= 2))
+        .then(pl.col("value") + 3.0).otherwise(pl.col("value")).alias("value"))
+    broken = null_check(shifted, [Z_LOSS])
+    assert broken["primary"]["significant_after_correction"] >= 1 and not broken["primary"]["passed"]
 
 
 def test_correlation_against_scipy(tables):
-    row = tables["correlation"].filter((pl.col("dataset_a") == "a") & (pl.col("dataset_b") == "z")).row(0, named=True)
-    a = [10.0, 12.0, 0.0, 0.0, 13.0, 17.0]
-    z = [1.0, 2.0, 3.0, 5.0, 4.0, 6.0]
-    assert row["n_trials"] == 6
+    row = tables["correlation"].filter((pl.col("dataset_a") == "a") & (pl.col("metric_a") == "val_loss")
+                                       & (pl.col("dataset_b") == "z")).row(0, named=True)
+    trials = [(c, s) for c in ("a", "a+b") for s in SEEDS]
+    a = [_a_loss(c, s) for c, s in trials]
+    z = [_z_loss(c, s) for c, s in trials]
+    assert row["n_trials"] == 8
     assert row["pearson"] == pytest.approx(stats.pearsonr(a, z).statistic)
     assert row["spearman"] == pytest.approx(stats.spearmanr(a, z).statistic)
-    diagonal = tables["correlation"].filter((pl.col("dataset_a") == "b") & (pl.col("dataset_b") == "b")).row(0, named=True)
-    assert diagonal["pearson"] == pytest.approx(1.0)
 
 
 def test_cheap_against_exhaustive(tables):
-    out = compare_estimates(tables["influence"], tables["affinity"], tables["runs"])
+    out = compare_estimates(RECORDS, tables["metrics"], TARGETS, ["a", "b"], SEEDS)
     assert out["n_pairs"] == 2 and out["spearman"] is None  # 2 pairs are too few for a rank correlation
     pairs = {(p["source_dataset"], p["target_dataset"]): p for p in out["pairs"]}
-    assert pairs[("a", "b")]["affinity"] == pytest.approx(-0.2) and pairs[("b", "a")]["affinity"] == pytest.approx(0.1)
-    assert pairs[("b", "a")]["influence"] == pytest.approx(4.0 / 11.0)
-    # Singletons (4 x 1 h) and pairs (2 x 2 h) are the exhaustive cost; the affinity trials 2 x 2 h.
-    assert out["exhaustive_trial_hours"] == pytest.approx(8.0) and out["affinity_trial_hours"] == pytest.approx(4.0)
+    assert pairs[("a", "b")]["affinity"] == pytest.approx(-2.0) and pairs[("b", "a")]["affinity"] == pytest.approx(1.0)
+    alone = np.mean([_a_loss("a", s) for s in SEEDS])
+    with_b = np.mean([_a_loss("a+b", s) for s in SEEDS])
+    assert pairs[("b", "a")]["influence"] == pytest.approx((alone - with_b) / alone)
+    # Singletons (8 x 1 h) and pairs (4 x 2 h) are the exhaustive cost; the affinity trial 2 h.
+    assert out["exhaustive_trial_hours"] == pytest.approx(16.0) and out["affinity_trial_hours"] == pytest.approx(2.0)
+    # Groupings of {a, b}: apart, or together (b helps a by 10 %, a hurts b by 10 %).
+    assert out["grouping"]["partitions"] == 2
+
+
+def test_planted_truth_is_checked_against_the_adjusted_intervals(tables):
+    from omgseg.platform.config import PlantedEffect
+
+    truth = [PlantedEffect(source="b", target="a", effect="helps"), PlantedEffect(source="a", target="b", effect="none")]
+    out = planted_check(tables["influence"], truth)
+    by_pair = {(p["source"], p["target"]): p for p in out["pairs"]}
+    assert by_pair[("b", "a")]["agrees"]
+    assert not by_pair[("a", "b")]["agrees"] and out["false_positives_on_none"] == 1  # a does hurt b
+    assert out["recovered"] == {"helps": "1/1", "hurts": "0/0", "none": "0/1"}
+
+
+def test_partitions_are_every_set_partition():
+    found = list(partitions(["a", "b", "c", "d"]))
+    assert len(found) == 15  # Bell(4)
+    assert len({tuple(sorted(tuple(sorted(g)) for g in p)) for p in found}) == 15
 
 
 def test_written_tables_read_back_equal(tables, tmp_path):
@@ -98,4 +196,6 @@ def test_written_tables_read_back_equal(tables, tmp_path):
 
 
 def test_record_json_round_trip():
-    assert TrialRecord.from_json(RECORDS[4].to_json()) == RECORDS[4]
+    assert TrialRecord.from_json(RECORDS[8].to_json()) == RECORDS[8]
+    with pytest.raises(ValueError, match=r"trial record: missing fields \['trial_id'"):
+        TrialRecord.from_json({"combination": "a"})

@@ -16,8 +16,8 @@ import polars as pl
 import pytest
 from studyfixture import SMALL, small_overrides
 
+from omgseg.platform.records import STUDY_FILE
 from omgseg.platform.results import SCHEMAS
-from omgseg.platform.study import STUDY_FILE
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "studies" / "cotrain_matrix.py"
@@ -38,14 +38,20 @@ def test_tables_have_their_schemas_and_exact_row_counts(study):
     assert sorted(runs["trial_id"].to_list()) == ["coco+davis-s0", "coco+davis-s1", "coco-s0", "coco-s1", "davis-s0", "davis-s1"]
     assert runs.filter(pl.col("measures_affinity"))["combination"].to_list() == ["coco+davis"] * 2
     assert (runs["train_seconds"] > 0).all() and (runs["wall_seconds"] > runs["train_seconds"]).all()
+    # Equal exposure: every data set gives 4 steps x 2 clips in every combination.
+    assert {r["trial_id"]: r["samples_per_dataset"] for r in runs.iter_rows(named=True)}["coco+davis-s0"] == [8, 8]
+    assert all(v == [8] for v in runs.filter(pl.col("n_datasets") == 1)["samples_per_dataset"].to_list())
     metrics = tables["metrics"]
     assert set(metrics["trial_id"].unique().to_list()) == set(runs["trial_id"].to_list())
-    # Targets: coco PQ, coco mIoU, davis J&F. pair: davis on coco x2, coco on davis x1;
-    # leave-one-out of {coco, davis} is the same three.
-    assert tables["influence"].height == 6
-    assert tables["correlation"].height == 9
+    # Targets: coco's object-query loss, davis's prompt-query loss (primary); coco PQ, coco mIoU,
+    # davis J&F (secondary). pair: davis on coco x3, coco on davis x2; leave-one-out of
+    # {coco, davis} is the same five.
+    assert tables["influence"].height == 10
+    assert set(tables["influence"].filter(pl.col("family") == "primary")["metric"].to_list()) == {"val_loss"}
+    assert tables["correlation"].height == 25
     assert tables["affinity"].height == 2 * 4  # 2 trials x (2 sources x 2 targets)
     assert result.summary["estimates"]["n_pairs"] == 2
+    assert {"primary/pair", "primary/leave_one_out"} <= set(result.summary["significant"])
 
 
 def test_an_influence_value_recomputed_from_the_metrics_table(study):
@@ -57,12 +63,13 @@ def test_an_influence_value_recomputed_from_the_metrics_table(study):
         return metrics.filter((pl.col("trial_id") == trial) & (pl.col("eval_dataset") == dataset) & (pl.col("task") == task)
                               & (pl.col("metric") == metric))["value"].item()
 
-    deltas = [value(f"coco+davis-s{s}", "coco", "semantic", "mIoU") - value(f"coco-s{s}", "coco", "semantic", "mIoU")
-              for s in (0, 1)]
-    row = influence.filter((pl.col("kind") == "pair") & (pl.col("source_dataset") == "davis") & (pl.col("task") == "semantic"))
+    loss = ("coco", "object_queries", "val_loss")
+    deltas = [value(f"coco-s{s}", *loss) - value(f"coco+davis-s{s}", *loss) for s in (0, 1)]  # lower is better
+    row = influence.filter((pl.col("kind") == "pair") & (pl.col("source_dataset") == "davis") & (pl.col("metric") == "val_loss"))
     assert row["delta"].item() == pytest.approx(sum(deltas) / 2) and row["n_seeds"].item() == 2
-    baseline = (value("coco-s0", "coco", "semantic", "mIoU") + value("coco-s1", "coco", "semantic", "mIoU")) / 2
+    baseline = (value("coco-s0", *loss) + value("coco-s1", *loss)) / 2
     assert row["relative_delta"].item() == pytest.approx(sum(deltas) / 2 / baseline)
+    assert row["direction"].item() == "lower" and row["df"].item() == 1
 
 
 def test_mlflow_holds_one_parent_and_a_child_per_trial(study):
@@ -135,13 +142,14 @@ def test_a_killed_driver_resumes_without_rerunning_finished_trials(study, tmp_pa
         mine = pl.read_parquet(out / f"{name}.parquet").drop("study")
         theirs = pl.read_parquet(reference.tables[name]).drop("study")
         assert mine.equals(theirs), name
-    timing = ["wall_seconds", "train_seconds", "affinity_seconds", "eval_seconds", "fit_seconds", "mlflow_run_id"]
+    timing = ["wall_seconds", "train_seconds", "affinity_seconds", "eval_seconds", "fit_seconds", "mlflow_run_id", "log"]
     assert pl.read_parquet(out / "runs.parquet").drop(timing).equals(pl.read_parquet(reference.tables["runs"]).drop(timing))
 
 
-def test_a_failing_trial_is_retried_and_reported(tmp_path):
-    """One data set's train shard is damaged after conversion: its trial fails on every try and
-    is a 'failed' row with the error, in one MLflow run; the other trial finishes."""
+def test_a_failing_trial_is_retried_and_reported(tmp_path, capfd):
+    """One data set's train shard is damaged after conversion: its trials fail on every try and
+    are 'failed' rows with the error and their log, one MLflow run each; the console names the
+    error and the log; the other data set's trials finish."""
     import ray
 
     from omgseg.platform.config import StudyConfig, load_config
@@ -150,8 +158,8 @@ def test_a_failing_trial_is_retried_and_reported(tmp_path):
 
     overrides = [f"data.root={tmp_path / 'data'}", "data.datasets={coco: {format: coco-panoptic}, broken: {format: davis, "
                  "clip_length: 4}}", "train_datasets=[coco, broken]", "metrics={panoptic: [PQ]}", "combinations=[singletons]",
-                 "seeds=[0]", "train.steps=2", "train.checkpoint_every=2",
-                 "train.eval_samples=1", "evaluation={coco: [panoptic]}", "affinity.enabled=false", "resources.max_retries=1"]
+                 "seeds=[0, 1]", "train.steps=2", "train.checkpoint_every=2", "train.eval_samples=1", "train.val_samples=2",
+                 "evaluation={coco: [panoptic]}", "train.affinity.enabled=false", "scheduling.max_retries=1"]
     config = load_config(StudyConfig, ROOT / "studies" / "configs" / "default.yaml", overrides)
     shard = sorted(prepare_data(config.data)["broken"]["train"].glob("*.tar"))[0]
     data = bytearray(shard.read_bytes())
@@ -162,14 +170,20 @@ def test_a_failing_trial_is_retried_and_reported(tmp_path):
     finally:
         ray.shutdown()
     runs = pl.read_parquet(result.tables["runs"]).sort("trial_id")
-    assert runs["trial_id"].to_list() == ["broken-s0", "coco-s0"]
-    assert runs["status"].to_list() == ["failed", "finished"]
-    assert runs["error"][0] and runs["error"][1] is None
-    assert result.summary["failed"][0]["trial_id"] == "broken-s0"
+    assert runs["trial_id"].to_list() == ["broken-s0", "broken-s1", "coco-s0", "coco-s1"]
+    assert runs["status"].to_list() == ["failed", "failed", "finished", "finished"]
+    assert "ShardReadError" in runs["error"][0] and runs["error"][2] is None
+    log = Path(runs["log"][0])
+    assert log.is_file() and "Traceback" in log.read_text()  # the whole story is in the trial's log
+    assert {f["trial_id"] for f in result.summary["failed"]} == {"broken-s0", "broken-s1"}
+    console = capfd.readouterr().err
+    failures = [line for line in console.splitlines() if "FAILED broken-s0" in line]
+    assert failures and "ShardReadError" in failures[0] and str(log) in failures[0]
     children = _children(result.tracking_uri, result.parent_run_id)
     by_trial = {}
     for child in children:
         by_trial.setdefault(child.data.tags["omgseg.trial_id"], []).append(child.info.status)
-    assert by_trial == {"broken-s0": ["FAILED"], "coco-s0": ["FINISHED"]}  # the retry reused its run
+    assert by_trial == {"broken-s0": ["FAILED"], "broken-s1": ["FAILED"], "coco-s0": ["FINISHED"],
+                        "coco-s1": ["FINISHED"]}  # the retry reused its run
     metrics = pl.read_parquet(result.tables["metrics"])
-    assert set(metrics["trial_id"].unique().to_list()) == {"coco-s0"}
+    assert set(metrics["trial_id"].unique().to_list()) == {"coco-s0", "coco-s1"}

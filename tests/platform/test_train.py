@@ -14,7 +14,8 @@ import torch
 from omgseg.model.omgseg import OMGSeg, load_checkpoint
 from omgseg.model.vocabulary import Vocabulary
 from omgseg.platform.config import ConfigError, TrainConfig, load_config
-from omgseg.platform.train import CHECKPOINT_FILE, lr_factor, run_training
+from omgseg.platform.loop import lr_factor
+from omgseg.platform.train import CHECKPOINT_FILE, run_training
 
 CONFIG = Path(__file__).resolve().parents[2] / "studies" / "configs" / "train_tiny.yaml"
 
@@ -61,11 +62,15 @@ def _runs(config: TrainConfig):
 
 
 def test_tiny_two_worker_run_is_tracked_and_reloads(tmp_path, local_ray):
-    config = _config(tmp_path, "eval_every=15", "eval_samples=2", "eval_datasets={coco: [panoptic], vipseg: [video_panoptic]}")
+    config = _config(tmp_path, "eval_every=15", "eval_samples=2", "evaluation={coco: [panoptic], vipseg: [video_panoptic]}")
     result = run_training(config)
-    assert result.steps == 30
-    assert set(result.samples) == {"coco", "ade", "vipseg", "ytvis", "davis"}
-    assert sum(result.samples.values()) == 30 * 2 * 2  # steps x workers x batch
+    report = result.report
+    assert report.steps == 30
+    assert set(report.samples) == {"coco", "ade", "vipseg", "ytvis", "davis"}
+    assert sum(report.samples.values()) == 30 * 2 * 2  # steps x workers x batch
+    assert set(report.samples.values()) == {24}  # exact exposure: 120 samples in fifths
+    assert report.evaluation["coco"]["object_queries"]["val_loss"] > 0
+    assert (result.run_dir / "logs" / "rank0.log").is_file() and (result.run_dir / "logs" / "rank1.log").is_file()
 
     client, runs = _runs(config)
     assert len(runs) == 1 and runs[0].info.run_id == result.run_id and runs[0].info.status == "FINISHED"
@@ -74,9 +79,9 @@ def test_tiny_two_worker_run_is_tracked_and_reloads(tmp_path, local_ray):
     assert run.data.tags["omgseg.checkpoint"] == str(result.checkpoint)
     artifacts = {a.path for a in client.list_artifacts(result.run_id)}
     assert {"config.json", "model.pt"} <= artifacts
-    assert {f"mix_realised/{n}" for n in result.samples} <= set(run.data.metrics)
+    assert {f"mix_realised/{n}" for n in report.samples} <= set(run.data.metrics)
     # Loss goes down: the mean over data sets of the first logged window against the last.
-    history = {n: [m.value for m in client.get_metric_history(result.run_id, f"loss/{n}")] for n in result.samples}
+    history = {n: [m.value for m in client.get_metric_history(result.run_id, f"loss/{n}")] for n in report.samples}
     first = sum(h[0] for h in history.values()) / len(history)
     last = sum(h[-1] for h in history.values()) / len(history)
     assert last < 0.8 * first, history
@@ -85,13 +90,14 @@ def test_tiny_two_worker_run_is_tracked_and_reloads(tmp_path, local_ray):
     assert [m.step for m in client.get_metric_history(result.run_id, "coco/panoptic/PQ")] == [15, 30]
     assert "vipseg/video_panoptic/VPQ_1" in run.data.metrics
 
-    assert run.data.metrics["samples/coco"] == result.samples["coco"]
+    assert run.data.metrics["samples/coco"] == report.samples["coco"]
+    assert "coco/object_queries/val_loss" in run.data.metrics
     # The exported model predicts exactly as the weights of the run's last Ray checkpoint.
     model, extra = load_checkpoint(result.checkpoint)
     assert extra["step"] == 30 and extra["vocabulary"]["names"]
     (state_file,) = sorted((tmp_path / "runs" / "ray").glob(f"*/checkpoint_*/{CHECKPOINT_FILE}"))[-1:]
     trained = OMGSeg(model.config)
-    trained.load_state_dict(torch.load(state_file, weights_only=False)["model"])
+    trained.load_state_dict(torch.load(state_file, weights_only=True)["model"])
     vocab = Vocabulary.from_names(["triangle", "sky"], [True, False])
     images = torch.randint(0, 256, (1, 2, 3, 96, 128), dtype=torch.uint8)
     assert torch.equal(model.predict(images, vocab)[0].mask_logits, trained.predict(images, vocab)[0].mask_logits)
@@ -132,8 +138,8 @@ def test_a_killed_worker_resumes_to_the_same_step_count_in_one_mlflow_run(tmp_pa
     thread.join(timeout=600)
     assert restarted, "no new training worker appeared after the kill"
     result = outcome["result"]
-    assert result.steps == 40
-    assert sum(result.samples.values()) == 40 * 2 * 2
+    assert result.report.steps == 40
+    assert sum(result.report.samples.values()) == 40 * 2 * 2
     _, runs = _runs(config)
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     _, extra = load_checkpoint(result.checkpoint)

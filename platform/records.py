@@ -1,0 +1,153 @@
+"""The typed records that cross process edges, each with `to_json` / `from_json`:
+
+- RunReport: what a finished training run reports (rank 0 writes it beside the final
+  checkpoint; the driver reads it back).
+- TrainResult: a RunReport with where the run went (MLflow run, folder, model file).
+- TrialRecord: what a study trial leaves behind (trial.json, the MLflow ledger's entry).
+- StudyState: study.json, what --resume, the report and the UI read.
+
+- TrialSpec: what the study driver sends to a trial.
+
+No Ray and no MLflow here: dashboards import these without either.
+"""
+
+from __future__ import annotations
+
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+
+from omgseg.platform.plan import Trial
+
+REPORT_FILE = "report.json"
+TRIAL_FILE = "trial.json"
+STUDY_FILE = "study.json"
+
+
+def _known(cls, data: dict, where: str) -> dict:
+    """`data` restricted to the fields of `cls`, with a clear error for missing required ones."""
+    names = {f.name for f in fields(cls)}
+    missing = [f.name for f in fields(cls) if f.name not in data and f.default is MISSING and f.default_factory is MISSING]
+    if missing:
+        raise ValueError(f"{where}: missing fields {missing}")
+    return {k: v for k, v in data.items() if k in names}
+
+
+@dataclass
+class RunReport:
+    """What one training run measured, summed over its ranks."""
+
+    steps: int
+    samples: dict[str, int]  # samples drawn per data set, all ranks
+    seconds: dict[str, float]  # rank 0's time: "train" (inside steps), "affinity", "eval"; the driver adds "fit"
+    evaluation: dict[str, dict[str, dict]] = field(default_factory=dict)  # {data set: {task or loss group: metrics}}
+    affinity: dict[str, dict[str, float]] = field(default_factory=dict)  # {source: {target: mean Z}}
+    affinity_se: dict[str, dict[str, float]] = field(default_factory=dict)  # standard error over probes
+    affinity_probes: int = 0
+    affinity_halves: list[dict] = field(default_factory=list)  # mean Z of the even and of the odd probes
+    reads: list[dict] = field(default_factory=list)  # per rank: {"rank", "counts", "reads"}: which node read which shards
+
+    @property
+    def realised_mix(self) -> dict[str, float]:
+        total = sum(self.samples.values())
+        return {k: v / total for k, v in self.samples.items()} if total else {}
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> RunReport:
+        return cls(**_known(cls, data, "run report"))
+
+
+@dataclass
+class TrainResult:
+    """A finished training run: its report, its MLflow run and its files."""
+
+    run_id: str
+    run_dir: Path
+    checkpoint: Path  # the final model (load with omgseg.model.omgseg.load_checkpoint)
+    report: RunReport
+
+
+@dataclass
+class TrialRecord:
+    """What a finished (or failed) trial leaves behind; stored as trial.json with its MLflow run."""
+
+    trial_id: str
+    combination: str  # "coco+vipseg"
+    datasets: list[str]
+    ratios: list[float]  # normalised, in the order of `datasets`
+    seed: int
+    steps: int
+    status: str  # "finished" or "failed"
+    mlflow_run_id: str | None = None
+    error: str | None = None
+    log: str | None = None  # the trial's log file
+    measures_affinity: bool = False
+    wall_seconds: float = 0.0  # the trial function, start to end
+    seconds: dict[str, float] = field(default_factory=dict)  # "train" (inside steps), "affinity", "eval", "setup"
+    samples: dict[str, int] = field(default_factory=dict)  # realised samples per data set
+    metrics: dict[str, dict[str, dict]] = field(default_factory=dict)  # {data set: {task: {metric: value}}}
+    affinity: dict[str, dict[str, float]] = field(default_factory=dict)  # {source: {target: mean Z}}
+    affinity_se: dict[str, dict[str, float]] = field(default_factory=dict)
+    affinity_halves: list[dict] = field(default_factory=list)  # mean Z of the even and of the odd probes
+    reads: list[dict] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> TrialRecord:
+        return cls(**_known(cls, data, "trial record"))
+
+
+@dataclass
+class StudyState:
+    """study.json: the study's MLflow parent run and its resolved config."""
+
+    name: str
+    parent_run_id: str
+    tracking_uri: str
+    config: dict  # StudyConfig.model_dump(mode="json")
+    source: str = "config"  # the config file it was read from
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> StudyState:
+        return cls(**_known(cls, data, STUDY_FILE))
+
+    @classmethod
+    def read(cls, folder: Path) -> StudyState:
+        import json
+
+        path = Path(folder) / STUDY_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"{folder} is not a study folder: {path} does not exist")
+        try:
+            return cls.from_json(json.loads(path.read_text()))
+        except (json.JSONDecodeError, TypeError, ValueError) as err:
+            raise ValueError(f"{path}: not a study state ({err})") from None
+
+
+@dataclass
+class TrialSpec:
+    """What the study driver sends to a trial: the trial, the config it trains, and where it
+    records (the MLflow parent run, its own log file)."""
+
+    trial: Trial
+    config: dict  # TrainConfig.model_dump(mode="json")
+    tracking_uri: str
+    parent_run_id: str
+    study: str
+    log: str  # the trial's log file: everything it prints
+    in_process: bool  # one worker: the loop runs in the trial's own process
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "trial": self.trial.to_json()}
+
+    @classmethod
+    def from_json(cls, data: dict) -> TrialSpec:
+        fields_ = _known(cls, data, "trial spec")
+        return cls(**{**fields_, "trial": Trial.from_json(fields_["trial"])})
