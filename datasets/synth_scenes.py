@@ -144,6 +144,11 @@ YTVIS_BACKGROUNDS: tuple[str, ...] = ("sky", "grass", "water", "sand")  # drawn,
 #              anchor class, each background the other one): hurts the anchor and the twin;
 #   stranger = appearances and names that no other one has: unrelated.
 PLANTED_LABELS: dict[str, tuple[Label, ...]] = {
+    # The common start: every shape and every background, under names of their own. A model
+    # trained on it has the generic skills (masks of these shapes and regions, void), so the
+    # four's effects on each other are about what the four bind to their names.
+    "base": (*(_thing(k + 1, f"object {k + 1}", look) for k, look in enumerate(SHAPE_COLOURS)),
+             *(_stuff(20 + k, f"region {k + 1}", look) for k, look in enumerate(TEXTURE_COLOURS))),
     "anchor": (_thing(1, "circle"), _thing(2, "square"), _thing(3, "triangle"), _stuff(4, "sky"), _stuff(5, "grass")),
     "twin": (_thing(1, "circle"), _thing(2, "square"), _thing(3, "triangle"), _stuff(4, "sky"), _stuff(5, "grass")),
     "rival": (_thing(1, "circle", "square"), _thing(2, "square", "triangle"), _thing(3, "triangle", "circle"),

@@ -283,6 +283,28 @@ def load_checkpoint(
     return model, payload["extra"]
 
 
+def load_weights(model: OMGSeg, path: str | Path) -> dict:
+    """Load a `save_checkpoint` file's weights into `model` (a warm start) and return its
+    `extra`; raises naming the file and the keys that do not fit. The frozen CLIP keeps the
+    model's own weights when the checkpoint does not hold them."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: not an omgseg checkpoint (format {CHECKPOINT_FORMAT} expected)")
+    state = model.state_dict()
+    wrong = sorted(k for k, v in payload["model"].items()
+                   if isinstance(v, torch.Tensor) and k in state and tuple(state[k].shape) != tuple(v.shape))
+    missing, unexpected = model.load_state_dict(
+        {k: v for k, v in payload["model"].items() if k not in wrong}, strict=False)
+    missing = [k for k in missing if not k.startswith("backbone.")]
+    if wrong or missing or unexpected:
+        raise ValueError(f"{path}: weights do not fit model {model.config.name!r}: shapes differ for {wrong[:5]}, "
+                         f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return payload["extra"]
+
+
 def parameter_counts(model: OMGSeg) -> dict[str, int]:
     """Total, trainable and per-part parameter counts."""
 

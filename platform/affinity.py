@@ -3,13 +3,17 @@ Identifying Task Groupings", NeurIPS 2021).
 
 The look-ahead affinity of data set i on data set j at a step is
 
-    Z_ij = (1 - L_j(theta'_i) / L_j(theta)) / lr,    theta'_i = the optimizer's step on i's batch
+    Z_ij = (1 - L_j(theta'_i) / L_j(theta'_0)) / lr,    theta'_i = the optimizer's step on i's batch
 
 over the shared parameters (in OMG-Seg every trainable parameter is shared by every task:
 there are no task heads). As the paper does it:
 - theta'_i is the step the optimizer itself would take: AdamW's preconditioned update from its
   current moments, at the current learning rate, after the training step's gradient clipping
   (a raw SGD step at a fixed rate measures another optimizer's geometry);
+- theta'_0, where the paper has theta, is the same step with no new gradient: Adam's update is
+  mostly its momentum (beta1 = 0.9), which lowers or raises every loss whatever the source, so
+  the reference is that step and Z is what the source's gradient adds to it (under SGD,
+  theta'_0 = theta and this is the paper's formula; docs/studies.md has the measurement);
 - Z is divided by the learning rate, so probes early and late in a schedule are comparable;
 - L_j is the loss on a fixed held-out batch of j (its validation split, with j's own
   vocabulary), the same at every probe, so Z_jj is not measured on the batch it stepped on.
@@ -92,43 +96,82 @@ class _Snapshot:
                     self.optimizer.state[p][k] = v
 
 
+@dataclass(frozen=True)
+class Lookahead:
+    """How a look-ahead is taken. The defaults are the study's; the others exist to measure
+    what each choice changes (tests/benchmarks/bench_affinity.py).
+
+    step: "optimizer" (the run's own optimizer.step(): AdamW from its current moments, at the
+        current learning rate) or "sgd" (a raw gradient step of `sgd_lr`, the first version).
+    baseline: "momentum": L_j after the optimizer's step with no new gradient (Adam's momentum
+        alone), so Z measures what the source's gradient adds to the step the optimizer takes
+        anyway (under SGD this is theta itself); "weights": L_j at theta, as the paper writes it.
+    per_lr: divide Z by the learning rate (by sgd_lr for "sgd").
+    """
+
+    step: str = "optimizer"
+    baseline: str = "momentum"
+    per_lr: bool = True
+    sgd_lr: float = 1e-4
+
+    def __post_init__(self) -> None:
+        if self.step not in ("optimizer", "sgd") or self.baseline not in ("momentum", "weights"):
+            raise ValueError(f"look-ahead step must be optimizer or sgd and baseline momentum or weights, got {self}")
+
+
 def lookahead_affinity(model: OMGSeg, optimizer: torch.optim.Optimizer, vocabulary: Vocabulary,
                        probes: Mapping[str, Sequence[TrainBatch]], heldout: Mapping[str, HeldOut], *,
-                       grad_clip: float | None = None, autocast: bool = False) -> Tensor:
+                       grad_clip: float | None = None, autocast: bool = False,
+                       lookahead: Lookahead = Lookahead()) -> Tensor:
     """(n, n) Z[i, j] over the n data sets of `probes` (sources, trained with the run's
     `vocabulary`) and `heldout` (targets, in the same order and with the same names).
 
-    The look-ahead is `optimizer.step()` itself on the source's gradient, at the learning rate
-    its first parameter group has now; weights and optimizer state are restored afterwards.
+    Each look-ahead is taken as `lookahead` says (by default `optimizer.step()` itself on the
+    source's gradient, at the learning rate its first parameter group has now, against the
+    same step without the source's gradient); weights and optimizer state are restored after
+    every one.
     """
     names = list(probes)
     if list(heldout) != names:
         raise ValueError(f"held-out batches are for {list(heldout)}, probes for {names}: they must match")
     params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
-    lr = float(optimizer.param_groups[0]["lr"])
+    lr = float(optimizer.param_groups[0]["lr"]) if lookahead.step == "optimizer" else lookahead.sgd_lr
     if lr <= 0:
-        raise ValueError(f"the optimizer's learning rate is {lr}: a look-ahead needs lr > 0")
+        raise ValueError(f"the look-ahead's learning rate is {lr}: it needs lr > 0")
 
     def target_losses() -> list[float]:
         with torch.no_grad():
             return [float(mean_loss(model, heldout[j].vocabulary, heldout[j].batches, final=True, autocast=autocast))
                     for j in names]
 
-    base = target_losses()
+    def look(grads: Sequence[Tensor | None] | None) -> list[float]:
+        """The targets' losses after one step on `grads` (None: no new gradient)."""
+        snapshot = _Snapshot(params, optimizer)
+        if lookahead.step == "sgd":
+            with torch.no_grad():
+                for p, g in zip(params, grads or ()):
+                    if g is not None:
+                        p.sub_(lr * g)
+        else:
+            for k, p in enumerate(params):
+                g = None if grads is None else grads[k]
+                p.grad = torch.zeros_like(p) if g is None else g.contiguous()  # autograd may hand out expanded views
+            if grad_clip is not None and grads is not None:
+                torch.nn.utils.clip_grad_norm_(params, grad_clip)
+            optimizer.step()
+        losses = target_losses()
+        snapshot.restore()
+        return losses
+
+    base = look(None) if lookahead.baseline == "momentum" else target_losses()
+    scale = lr if lookahead.per_lr else 1.0
     z = torch.zeros(len(names), len(names), dtype=torch.float64)
     for i, source in enumerate(names):
         grads = torch.autograd.grad(mean_loss(model, vocabulary, probes[source], final=False, autocast=autocast), params,
                                     allow_unused=True)
-        snapshot = _Snapshot(params, optimizer)
-        for p, g in zip(params, grads):
-            p.grad = torch.zeros_like(p) if g is None else g.contiguous()  # autograd may hand out expanded views
-        if grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(params, grad_clip)
-        optimizer.step()
-        after = target_losses()
-        snapshot.restore()
+        after = look(grads)
         for j in range(len(names)):
-            z[i, j] = (1.0 - after[j] / base[j]) / lr if base[j] > 0 else 0.0
+            z[i, j] = (1.0 - after[j] / base[j]) / scale if base[j] > 0 else 0.0
     return z
 
 

@@ -79,7 +79,7 @@ class DatasetSpec(StrictModel):
         "annotates (e.g. coco-panoptic: panoptic, instance, semantic, interactive)",
     )
 
-    variant: Literal["anchor", "twin", "rival", "stranger"] | None = Field(
+    variant: Literal["base", "anchor", "twin", "rival", "stranger"] | None = Field(
         default=None, description="with no src: one of the synthetic planted-relation data sets instead of the "
         "format's default synthetic data (coco-panoptic only; docs/datasets.md, 'Planted relations')")
 
@@ -164,6 +164,9 @@ class ModelSpec(StrictModel):
     clip_checkpoint: LocalPath | None = Field(
         default=None, description="local open_clip checkpoint of the frozen CLIP; none = random weights"
     )
+    init_checkpoint: LocalPath | None = Field(
+        default=None, description="a model.pt of the same preset whose weights every run starts from (a warm start); "
+        "none = the seed's random initial weights")
 
 
 class BatchConfig(StrictModel):
@@ -332,6 +335,14 @@ class PlantedEffect(StrictModel):
     effect: Literal["helps", "hurts", "none"]
 
 
+class PretrainSpec(StrictModel):
+    """A run a study trains once, before its trials, with the `train:` spec; every trial then
+    starts from its weights (model.init_checkpoint)."""
+
+    mix: dict[str, float] = Field(description="{dataset: ratio} of data sets of data.datasets that are not train data sets")
+    steps: int = Field(ge=1, description="its optimizer steps")
+
+
 class StudyConfig(StrictModel):
     """A co-training study: one training spec (`train:`), and its variations (which data set
     combinations, with which mixes, seeds and exposure budget), and what to measure."""
@@ -364,6 +375,9 @@ class StudyConfig(StrictModel):
     planted: list[PlantedEffect] | None = Field(
         default=None, description="the known effect of every ordered pair of train data sets, for a study on data "
         "made with them (docs/datasets.md, planted relations)")
+    pretrain: PretrainSpec | None = Field(
+        default=None, description="train once on other data sets first and start every trial from that model: "
+        "the trials then measure what the train data sets add to skills every data set teaches")
     scheduling: Scheduling = Scheduling()
     tracking: TrackingConfig = TrackingConfig(experiment="omgseg-studies")
 
@@ -405,6 +419,16 @@ class StudyConfig(StrictModel):
             if sorted(ratios) != sorted(names) or any(not r >= 0 for r in ratios.values()) or not any(ratios.values()):
                 raise ValueError(f"mixing.explicit.{combo}: needs a ratio >= 0 for each of {names} (not all 0), got {ratios}")
         self._check_planted()
+        if self.pretrain is not None:
+            bad = sorted(set(self.pretrain.mix) - set(known))
+            if bad:
+                raise ValueError(f"pretrain.mix names data sets {bad} that data.datasets does not define ({sorted(known)})")
+            shared = sorted(set(self.pretrain.mix) & set(self.trained()))
+            if shared:
+                raise ValueError(f"pretrain.mix: {shared} are train data sets; pretrain on data sets the trials do not "
+                                 "combine (set train_datasets)")
+            if self.train.model.init_checkpoint is not None:
+                raise ValueError("give pretrain or train.model.init_checkpoint, not both")
         return self
 
     def _check_planted(self) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from omgseg.datasets.convert import convert
 from omgseg.datasets.shards import read_manifest
-from omgseg.datasets.synth import PLANTED_VARIANTS, SYNTH_FORMATS, write_planted, write_synthetic
+from omgseg.datasets.synth import PLANTED_VARIANTS, PLANTED_VERSION, SYNTH_FORMATS, write_planted, write_synthetic
 from omgseg.platform.config import DataConfig
 
 _SYNTH_INDEX = "synth.json"
@@ -60,8 +60,8 @@ def _prepare(config: DataConfig, progress: bool) -> dict[str, dict[str, Path]]:
     if any(spec.src is None and spec.shards is None and spec.variant is None for spec in config.datasets.values()):
         synthetic = ensure_synthetic(config.synth_dir(), config.synth_seed, progress)
     if any(spec.variant is not None for spec in config.datasets.values()):
-        planted = ensure_synthetic(config.synth_dir().with_name(f"planted-seed{config.synth_seed}"), config.synth_seed,
-                                   progress, planted=True)
+        folder = config.synth_dir().with_name(f"planted{PLANTED_VERSION}-seed{config.synth_seed}")
+        planted = ensure_synthetic(folder, config.synth_seed, progress, planted=True)
     out: dict[str, dict[str, Path | str]] = {}
     for name, spec in config.datasets.items():
         for split in config.splits:

@@ -22,7 +22,7 @@ from omgseg.datasets.clip import Task
 from omgseg.datasets.shards import read_meta
 from omgseg.datasets.stream import ShardStream
 from omgseg.model.config import model_config
-from omgseg.model.omgseg import OMGSeg
+from omgseg.model.omgseg import OMGSeg, load_weights
 from omgseg.model.vocabulary import Vocabulary, merge_vocabularies
 from omgseg.platform.batches import ClipMaker, TrainBatch, TrainBatches
 from omgseg.platform.config import DataConfig, TrainConfig
@@ -111,10 +111,14 @@ def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.
 
 def build_model(config: TrainConfig) -> OMGSeg:
     """The model of the run, its initial weights a function of the run's seed only (not of the
-    mix or the rank), so every trial of one seed starts from the same weights."""
+    mix or the rank), so every trial of one seed starts from the same weights; or, with
+    `model.init_checkpoint`, that checkpoint's weights (a warm start, the same for every seed)."""
     torch.manual_seed(derive_seed(config.seed, "init"))
     clip = None if config.model.clip_checkpoint is None else str(config.model.clip_checkpoint)
-    return OMGSeg(model_config(config.model.preset, clip))
+    model = OMGSeg(model_config(config.model.preset, clip))
+    if config.model.init_checkpoint is not None:
+        load_weights(model, config.model.init_checkpoint)
+    return model
 
 
 def train_stream(config: TrainConfig, name: str, seed: int, skip: int = 0) -> ShardStream:

@@ -146,13 +146,26 @@ def targets(config: StudyConfig) -> list[Target]:
     return out
 
 
-def trial_config(config: StudyConfig, trial: Trial, out: Path, uri: str) -> TrainConfig:
-    """The TrainConfig of one trial: the study's `train:` spec with the trial's mix, seed and
-    steps, evaluated on the study's evaluation sets, tracked at the study's URI `uri`."""
+def pretrain_config(config: StudyConfig, out: Path, uri: str) -> TrainConfig:
+    """The TrainConfig of the study's pretraining run (`pretrain:`), seed 0, not evaluated."""
     spec = config.train
-    affinity = spec.affinity.model_copy(update={"enabled": trial.measures_affinity})
     return TrainConfig(
         **spec.model_dump(exclude={"steps", "seed", "affinity", "output_dir"}),
+        name="pretrain", data=config.data, mix=dict(config.pretrain.mix), steps=config.pretrain.steps, seed=0,
+        evaluation={}, tracking=TrackingConfig(tracking_uri=uri, experiment=config.tracking.experiment),
+        output_dir=out / "pretrain",
+    )
+
+
+def trial_config(config: StudyConfig, trial: Trial, out: Path, uri: str, init: Path | None = None) -> TrainConfig:
+    """The TrainConfig of one trial: the study's `train:` spec with the trial's mix, seed and
+    steps (and the pretrained `init` weights), evaluated on the study's evaluation sets,
+    tracked at the study's URI `uri`."""
+    spec = config.train
+    affinity = spec.affinity.model_copy(update={"enabled": trial.measures_affinity})
+    model = spec.model if init is None else spec.model.model_copy(update={"init_checkpoint": init})
+    return TrainConfig(
+        **spec.model_dump(exclude={"steps", "seed", "affinity", "output_dir", "model"}), model=model,
         name=trial.trial_id, data=config.data, mix=dict(zip(trial.datasets, trial.ratios)), steps=trial.steps,
         seed=trial.seed, affinity=affinity, evaluation=config.evaluated(),
         tracking=TrackingConfig(tracking_uri=uri, experiment=config.tracking.experiment),
@@ -166,7 +179,7 @@ def dry_run(config: StudyConfig) -> dict:
     res = config.train.resources
     seconds_per_step = config.scheduling.seconds_per_step
     trial_hours = gpu_hours = None
-    steps = sum(t.steps for t in plan)
+    steps = sum(t.steps for t in plan) + (config.pretrain.steps if config.pretrain else 0)
     if seconds_per_step:
         trial_hours = steps * seconds_per_step / 3600
         gpu_hours = trial_hours * res.workers if res.use_gpu else 0.0

@@ -257,8 +257,10 @@ def run_study(config: StudyConfig, out: Path | None = None, *, resume: bool = Fa
         slots = _start_ray(config, verbose)
         seconds["ray_init"] = time.perf_counter() - started
         _say(f"running up to {slots} trials at once")
+        init = _pretrain(config, out, uri, state.parent_run_id, logs) if config.pretrain else None
+        seconds["pretrain"] = time.perf_counter() - started - seconds["ray_init"]
         in_process = res.workers == 1
-        specs = [TrialSpec(trial=t, config=trial_config(config, t, out, uri).model_dump(mode="json"), tracking_uri=uri,
+        specs = [TrialSpec(trial=t, config=trial_config(config, t, out, uri, init).model_dump(mode="json"), tracking_uri=uri,
                            parent_run_id=state.parent_run_id, study=config.name, log=str(logs / f"{t.trial_id}.log"),
                            in_process=in_process).to_json() for t in pending]
         progress = _Progress(len(pending), len(done), len(plan))
@@ -294,6 +296,25 @@ def run_study(config: StudyConfig, out: Path | None = None, *, resume: bool = Fa
             record.mlflow_run_id = runs.get(trial.trial_id, (None, None))[0]
             records.append(record)
     return _finish(config, out, uri, state.parent_run_id, records, seconds, slots)
+
+
+def _pretrain(config: StudyConfig, out: Path, uri: str, parent_run_id: str, logs: Path) -> Path:
+    """The study's pretrained model: trained once (in this process for one worker, else on Ray
+    Train), as a child run tagged omgseg.kind=pretrain; a resumed study reuses it."""
+    from omgseg.platform.plan import pretrain_config
+    from omgseg.platform.train import run_training
+
+    pretrain = pretrain_config(config, out, uri)
+    done = pretrain.output_dir / pretrain.name / "latest" / "model.pt"
+    if done.is_file():
+        _say(f"pretrained model: {done} (from an earlier run of this study)")
+        return done
+    _say(f"pretraining {pretrain.steps} steps on {', '.join(pretrain.mix)} (log: {logs / 'pretrain.log'})")
+    with redirect_output(logs / "pretrain.log"):
+        result = run_training(pretrain, parent_run_id=parent_run_id, tags={"omgseg.kind": "pretrain"}, prepare=False,
+                              in_process=config.train.resources.workers == 1, quiet=True)
+    _say(f"pretrained model: {result.checkpoint}")
+    return result.checkpoint
 
 
 def _failed_record(trial: Trial, config: StudyConfig, error: BaseException | None, log: str) -> TrialRecord:
@@ -375,7 +396,8 @@ class _Progress(Callback):
         from tqdm import tqdm
 
         self.total, self.already, self.pending = total, already, pending
-        self.done = self.failed = self.running = 0
+        self.done = self.failed = 0
+        self.running: set[str] = set()
         self.started = time.perf_counter()
         self.bar = tqdm(total=total, initial=already, unit="trial", file=sys.stderr) if sys.stderr.isatty() else None
         self.records: dict[str, dict] = {}
@@ -384,7 +406,7 @@ class _Progress(Callback):
         ended = self.done + self.failed
         ran = time.perf_counter() - self.started
         eta = f", ETA {elapsed(ran / ended * (self.pending - ended))}" if ended else ""
-        return (f"{self.already + ended}/{self.total} ended, {self.running} running, {self.failed} failed, "
+        return (f"{self.already + ended}/{self.total} ended, {len(self.running)} running, {self.failed} failed, "
                 f"{elapsed(ran)}{eta}")
 
     def _line(self, text: str) -> None:
@@ -395,15 +417,21 @@ class _Progress(Callback):
             _say(f"{text} [{self._status()}]")
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        self.running += 1
+        self.running.add(trial.trial_id)
         self._line(f"started {trial.config['spec']['trial']['trial_id']}")
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        self.running.discard(trial.trial_id)
+        spec = trial.config["spec"]
+        self._line(f"retrying {spec['trial']['trial_id']} after: {error_line(str(trial.get_error() or 'a failure'))} "
+                   f"(log: {spec['log']})")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if "record" in result:
             self.records[trial.trial_id] = json.loads(result["record"])
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self.running -= 1
+        self.running.discard(trial.trial_id)
         self.done += 1
         if self.bar is not None:
             self.bar.update(1)
@@ -414,7 +442,7 @@ class _Progress(Callback):
                    f"{elapsed(record.get('wall_seconds', 0))}: val loss {losses}")
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self.running -= 1
+        self.running.discard(trial.trial_id)
         self.failed += 1
         spec = trial.config["spec"]
         self._line(f"FAILED {spec['trial']['trial_id']}: {error_line(str(trial.get_error() or 'failed'))} "

@@ -284,3 +284,29 @@ def test_sizes_are_validated():
         SynthSizes(min_frames=9, max_frames=8)
     with pytest.raises(ValueError, match="at least one"):
         SynthSizes(coco_val=0)
+
+
+def test_planted_data_sets_share_and_conflict_as_documented(tmp_path):
+    import json
+
+    from omgseg.datasets.synth import PLANTED_VARIANTS, write_planted
+    from omgseg.datasets.synth_scenes import PLANTED_LABELS
+
+    written = write_planted(tmp_path, PLANTED_VARIANTS)
+    names = {v: {c["name"] for c in json.loads((written[v] / "annotations/panoptic_val2017.json").read_text())["categories"]}
+             for v in PLANTED_VARIANTS}
+    looks = {v: {(lab.name, lab.look) for lab in PLANTED_LABELS[v]} for v in PLANTED_VARIANTS}
+    assert looks["twin"] == looks["anchor"]  # the same looks under the same names
+    assert names["rival"] == names["anchor"] and not looks["rival"] & looks["anchor"]  # same names, permuted looks
+    assert {lab.look for lab in PLANTED_LABELS["rival"]} == {lab.look for lab in PLANTED_LABELS["anchor"]}
+    for other in ("anchor", "twin", "rival"):  # the stranger shares no name and no look
+        assert not names["stranger"] & names[other]
+        assert not {lab.look for lab in PLANTED_LABELS["stranger"]} & {lab.look for lab in PLANTED_LABELS[other]}
+    base_looks = {lab.look for lab in PLANTED_LABELS["base"]}
+    assert all({lab.look for lab in PLANTED_LABELS[v]} <= base_looks for v in PLANTED_VARIANTS)  # every look pretrained
+    twin = json.loads((written["twin"] / "annotations/panoptic_train2017.json").read_text())
+    anchor = json.loads((written["anchor"] / "annotations/panoptic_train2017.json").read_text())
+    assert twin["annotations"] != anchor["annotations"] and len(twin["images"]) == 48  # new images, not copies
+    again = write_planted(tmp_path / "again", ["rival"])
+    assert (again["rival"] / "annotations/panoptic_val2017.json").read_bytes() == \
+        (written["rival"] / "annotations/panoptic_val2017.json").read_bytes()

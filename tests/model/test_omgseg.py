@@ -207,3 +207,23 @@ def test_checkpoint_of_a_random_weight_clip_keeps_the_backbone(tmp_path, vocabul
     images = _images(1, 1)
     assert torch.allclose(model.predict(images, vocabulary)[0].mask_logits,
                           loaded.predict(images, vocabulary)[0].mask_logits, atol=1e-5)
+
+
+def test_a_warm_start_loads_the_weights_and_refuses_another_model(tmp_path):
+    import dataclasses
+
+    from omgseg.model.omgseg import load_weights, save_checkpoint
+
+    torch.manual_seed(0)
+    trained = OMGSeg(model_config("tiny"))
+    path = save_checkpoint(trained, tmp_path / "model.pt")
+    torch.manual_seed(1)
+    fresh = OMGSeg(model_config("tiny"))
+    load_weights(fresh, path)
+    assert all(torch.equal(a, b) for a, b in zip(trained.parameters(), fresh.parameters()))
+    other = model_config("tiny")
+    other = dataclasses.replace(other, decoder=dataclasses.replace(other.decoder, num_object_queries=7))
+    with pytest.raises(ValueError, match=r"model.pt: weights do not fit model 'tiny': shapes differ for \['decoder.query"):
+        load_weights(OMGSeg(other), path)
+    with pytest.raises(FileNotFoundError, match="nowhere.pt does not exist"):
+        load_weights(fresh, tmp_path / "nowhere.pt")

@@ -12,7 +12,7 @@ from omgseg.model.config import model_config
 from omgseg.model.omgseg import OMGSeg
 from omgseg.model.structures import MatchTargets, PromptBatch
 from omgseg.model.vocabulary import Vocabulary
-from omgseg.platform.affinity import AffinityAverage, HeldOut, final_loss, lookahead_affinity
+from omgseg.platform.affinity import AffinityAverage, HeldOut, Lookahead, final_loss, lookahead_affinity
 from omgseg.platform.batches import TrainBatch
 
 H, W = 64, 64
@@ -63,20 +63,38 @@ def test_affinity_equals_an_adamw_step_on_a_copy_and_leaves_weights_and_moments_
     assert torch.equal(z, lookahead_affinity(model, optimizer, vocabulary, probes, heldout, grad_clip=CLIP))
 
     lr = optimizer.param_groups[0]["lr"]
-    for i, source in enumerate(probes):
+
+    def stepped_copy(source):
+        """A copy of the model stepped by AdamW from the same moments (no new gradient: None)."""
         stepped = copy.deepcopy(model)
         step = _optimizer(stepped)
         step.load_state_dict(copy.deepcopy(moments))
-        loss = sum(_loss(stepped, vocabulary, b, final=False) for b in probes[source]) / len(probes[source])
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for p in stepped.parameters() if p.requires_grad], CLIP)
+        trainable = [p for p in stepped.parameters() if p.requires_grad]
+        if source is None:
+            for p in trainable:
+                p.grad = torch.zeros_like(p)
+        else:
+            loss = sum(_loss(stepped, vocabulary, b, final=False) for b in probes[source]) / len(probes[source])
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trainable, CLIP)
         step.step()
+        return stepped
+
+    def held_out_loss(m, target):
+        with torch.no_grad():
+            return float(_loss(m, vocabulary, heldout[target].batches[0]))
+
+    momentum_only = stepped_copy(None)
+    paper = lookahead_affinity(model, optimizer, vocabulary, probes, heldout, grad_clip=CLIP,
+                               lookahead=Lookahead(baseline="weights"))
+    for i, source in enumerate(probes):
+        stepped = stepped_copy(source)
         for j, target in enumerate(heldout):
-            with torch.no_grad():
-                base = float(_loss(model, vocabulary, heldout[target].batches[0]))
-                moved = float(_loss(stepped, vocabulary, heldout[target].batches[0]))
-            assert float(z[i, j]) == pytest.approx((1 - moved / base) / lr, rel=1e-4, abs=1e-3)
-    assert float(z[0, 0]) > 0 and float(z[1, 1]) > 0  # a step on a data set lowers its own held-out loss
+            moved = held_out_loss(stepped, target)
+            reference = held_out_loss(momentum_only, target)
+            assert float(z[i, j]) == pytest.approx((1 - moved / reference) / lr, rel=1e-4, abs=1e-3)
+            assert float(paper[i, j]) == pytest.approx((1 - moved / held_out_loss(model, target)) / lr, rel=1e-4, abs=1e-3)
+    assert float(z[0, 0]) > 0 and float(z[1, 1]) > 0  # a source's gradient lowers its own held-out loss
     with pytest.raises(ValueError, match="held-out batches are for"):
         lookahead_affinity(model, optimizer, vocabulary, probes, {"a": heldout["a"]})
 

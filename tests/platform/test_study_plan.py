@@ -120,3 +120,35 @@ def test_resume_refuses_a_changed_config_and_names_the_keys(tmp_path):
     with pytest.raises(ValueError, match="pass --resume to continue it"):
         _check_resume(tmp_path, config, resume=False)
     assert _check_resume(tmp_path / "new", config, resume=True) is None  # nothing there yet: a new study
+
+
+PLANTED = Path(__file__).resolve().parents[2] / "studies" / "configs" / "planted.yaml"
+
+
+def test_the_planted_study_states_every_pair_and_pretrains(tmp_path):
+    config = load_config(StudyConfig, PLANTED)
+    pairs = {(p.source, p.target): p.effect for p in config.planted}
+    assert len(pairs) == 12 and set(pairs.values()) == {"helps", "hurts", "none"}
+    assert config.trained() == ["anchor", "twin", "rival", "stranger"] and config.pretrain.mix == {"base": 1}
+    from omgseg.platform.plan import pretrain_config
+
+    pretrain = pretrain_config(config, tmp_path, f"sqlite:///{tmp_path}/x.db")
+    assert pretrain.mix == {"base": 1} and pretrain.steps == config.pretrain.steps and pretrain.evaluation == {}
+    init = tmp_path / "pretrain.pt"
+    trial = trial_config(config, plan_trials(config)[0], tmp_path, f"sqlite:///{tmp_path}/x.db", init)
+    assert trial.model.init_checkpoint == init
+    assert dry_run(config)["total_steps"] == sum(t.steps for t in plan_trials(config)) + config.pretrain.steps
+
+
+@pytest.mark.parametrize("override, message", [
+    ("planted=[{source: twin, target: nobody, effect: helps}]", r"planted\[0\]\.target: 'nobody' is not a train data set"),
+    ("planted=[{source: twin, target: anchor, effect: maybe}]", r"planted\.0\.effect: Input should be 'helps', 'hurts' or 'none'"),
+    ("planted=[{source: twin, target: anchor, effect: helps}]", r"planted must state every ordered pair .* missing: \['anchor -> twin'"),
+    ("planted=[{source: twin, target: twin, effect: helps}]", r"planted\[0\]: source and target are both 'twin'"),
+    ("pretrain.mix={anchor: 1}", r"pretrain.mix: \['anchor'\] are train data sets"),
+    ("pretrain.mix={kitti: 1}", r"pretrain.mix names data sets \['kitti'\]"),
+    ("data.datasets.base.variant=planet", r"data.datasets.base.variant: Input should be 'base', 'anchor'"),
+])
+def test_bad_planted_configs_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(StudyConfig, PLANTED, [override])
