@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STUDY_CONFIG ?= studies/configs/default.yaml
 PYTEST_ARGS ?=
 
-.PHONY: install study test test-slow test-cluster test-all bench lint
+.PHONY: install study test test-slow test-cluster test-docs test-all bench lint
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,10 @@ test-slow: $(STAMP)
 test-cluster: $(STAMP)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -m cluster $(PYTEST_ARGS)
 
+# Every command the README and docs/ show, run from a fresh folder (about 8 minutes).
+test-docs: $(STAMP)
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest tests/test_docs_commands.py $(PYTEST_ARGS)
+
 test-all: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
@@ -49,6 +53,8 @@ bench: $(STAMP)
 	$(PY) tests/benchmarks/bench_train.py
 	$(PY) tests/benchmarks/bench_metrics.py
 	$(PY) tests/benchmarks/bench_study.py
+	$(PY) tests/benchmarks/bench_study.py --config studies/configs/planted.yaml --out outputs/studies/planted
+	$(PY) tests/benchmarks/bench_affinity.py --study outputs/studies/planted
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
