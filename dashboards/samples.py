@@ -15,8 +15,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from omgseg.datasets.clip import Task
-from omgseg.datasets.prompts import PromptKind
+from omgseg.core.structures import PromptKind, Task
 from omgseg.datasets.stream import ClipSample, ShardStream
 from omgseg.model.inference import instance_inference, panoptic_inference, prompt_inference, semantic_inference
 from omgseg.model.omgseg import OMGSeg

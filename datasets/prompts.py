@@ -8,18 +8,12 @@ Every draw comes from the caller's seeded `torch.Generator`.
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-
-class PromptKind(str, enum.Enum):
-    """How the user points at the object: clicks or a box."""
-
-    POINT = "point"
-    BOX = "box"
+from omgseg.core.structures import PromptKind
 
 
 @dataclass

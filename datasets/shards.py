@@ -25,7 +25,8 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
-from omgseg.datasets.clip import Category, Clip, Task, encode_id_map_rgb
+from omgseg.core.structures import Category, Task
+from omgseg.datasets.clip import Clip, encode_id_map_rgb
 from omgseg.datasets.location import ShardLocation
 
 # Bump when the bytes written for the same clips change, so old folders are rebuilt.

@@ -24,7 +24,8 @@ import webdataset as wds
 from PIL import Image
 
 from omgseg.core.seeds import derive_seed
-from omgseg.datasets.clip import Segment, Task, decode_id_map_rgb
+from omgseg.core.structures import Task
+from omgseg.datasets.clip import Segment, decode_id_map_rgb
 from omgseg.datasets.location import ShardLocation
 from omgseg.datasets.shards import (
     Manifest,

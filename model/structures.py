@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from omgseg.datasets.prompts import PromptKind
+from omgseg.core.structures import PromptKind
 
 # A point prompt becomes a box of +-3 input pixels around the click (MODEL-NOTES), so points
 # and boxes share one encoding and one code path.

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from omgseg.datasets.clip import Category
+from omgseg.core.structures import Category
 
 # Prompt templates for class names: a photo-style context helps CLIP's text tower, and
 # averaging over several removes the quirks of any single wording. Our own wording, in the

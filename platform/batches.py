@@ -23,14 +23,14 @@ import torch
 from torch import Tensor
 
 from omgseg.core.seeds import derive_seed
-from omgseg.datasets.clip import Task
+from omgseg.core.structures import PromptKind, Task
 from omgseg.datasets.mixer import Mixer
-from omgseg.datasets.prompts import PromptKind, sample_prompts
+from omgseg.datasets.prompts import sample_prompts
 from omgseg.datasets.stream import ClipSample
 from omgseg.datasets.transforms import ClipTransform, build_targets
 from omgseg.model.structures import MatchTargets, PromptBatch
-from omgseg.model.targets import match_targets, prompt_batch
 from omgseg.platform.config import BatchConfig
+from omgseg.platform.targets import match_targets, prompt_batch
 
 PROMPTED_TASKS = {Task.INTERACTIVE, Task.VOS}
 OBJECT_TASKS = {Task.PANOPTIC, Task.INSTANCE, Task.SEMANTIC, Task.VIDEO_PANOPTIC, Task.VIDEO_INSTANCE}

@@ -103,7 +103,7 @@ class DatasetSpec(StrictModel):
                              f"and format coco-panoptic (got {self.format!r})")
         if self.tasks is None:
             return self
-        from omgseg.datasets.clip import Task
+        from omgseg.core.structures import Task
         from omgseg.datasets.formats import get_format
 
         annotated = {t.value for t in get_format(self.format).tasks}
@@ -248,7 +248,7 @@ class RunSpec(StrictModel):
 
 def check_evaluation(evaluation: dict[str, list[str]], known: set[str], where: str = "evaluation") -> None:
     """Every evaluated data set is defined and every task is known; raises naming the entry."""
-    from omgseg.datasets.clip import Task
+    from omgseg.core.structures import Task
 
     for name, tasks in evaluation.items():
         if name not in known:
@@ -383,7 +383,7 @@ class StudyConfig(StrictModel):
 
     @model_validator(mode="after")
     def _names_are_known(self) -> StudyConfig:
-        from omgseg.datasets.clip import Task
+        from omgseg.core.structures import Task
 
         known = list(self.data.datasets)
         unknown = sorted(set(self.train_datasets or ()) - set(known))

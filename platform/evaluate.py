@@ -18,8 +18,7 @@ import torch
 from tqdm import tqdm
 
 from omgseg.core.seeds import derive_seed
-from omgseg.datasets.clip import Category, Task
-from omgseg.datasets.prompts import PromptKind
+from omgseg.core.structures import Category, PromptKind, Task
 from omgseg.datasets.stream import ClipSample, ShardStream
 from omgseg.model.inference import instance_inference, panoptic_inference, prompt_inference, semantic_inference
 from omgseg.model.omgseg import OMGSeg

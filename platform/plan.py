@@ -12,7 +12,7 @@ import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
-from omgseg.datasets.clip import Task
+from omgseg.core.structures import Task
 from omgseg.platform.config import StudyConfig, TrackingConfig, TrainConfig, metric_direction
 
 # Validation losses are reported per query group: object queries serve the object tasks,

@@ -62,3 +62,15 @@ def test_the_shipped_package_is_the_wheel_tree_without_top_level_platform(tmp_pa
     assert package.name == "omgseg" and not (package.parent / "platform").exists()
     assert (package / "platform" / "study.py").is_file() and (package / "model" / "configs" / "tiny_clip.json").is_file()
     assert not (package / "__init__.py").exists()  # a namespace package, as installed
+
+
+def test_the_arrows_go_one_way():
+    """The model needs no data package, and the dashboards no Ray (docs/architecture.md)."""
+    out = _run_in_root(
+        "import sys; import omgseg.model.omgseg, omgseg.model.inference; "
+        "print(sorted(m for m in sys.modules if m.startswith('omgseg.datasets')))")
+    assert out == "[]", out
+    out = _run_in_root(
+        "import sys; import omgseg.dashboards.report, omgseg.dashboards.query, omgseg.dashboards.ui; "
+        "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))")
+    assert out == "[]", out

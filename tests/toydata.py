@@ -5,7 +5,8 @@ import io
 import numpy as np
 from PIL import Image
 
-from omgseg.datasets.clip import Clip, Segment, Task
+from omgseg.core.structures import Task
+from omgseg.datasets.clip import Clip, Segment
 
 META_JSON = {
     "dataset": "toy",

@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from omgseg.datasets.clip import Clip, Segment, Task
+from omgseg.core.structures import Task
+from omgseg.datasets.clip import Clip, Segment
 
 # Ids live in 24-bit RGB id maps once written to shards (docs/datasets.md).
 MAX_SEGMENT_ID = 256**3 - 1

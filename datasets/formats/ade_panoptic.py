@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from omgseg.datasets.clip import Task
+from omgseg.core.structures import Task
 from omgseg.datasets.formats.coco_panoptic import PanopticLayout, panoptic_format
 
 _IMAGE_FOLDERS = {"train": "training", "val": "validation"}

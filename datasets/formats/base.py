@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from omgseg.datasets.clip import Category, Clip, Task
+from omgseg.core.structures import Category, Task
+from omgseg.datasets.clip import Clip
 
 
 class ClipReader(Protocol):

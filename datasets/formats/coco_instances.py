@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 import pycocotools.mask as mask_utils
 
-from omgseg.datasets.clip import Category, Clip, Task
+from omgseg.core.structures import Category, Task
+from omgseg.datasets.clip import Clip
 from omgseg.datasets.formats._common import (
     assign_segment_ids,
     build_clip,

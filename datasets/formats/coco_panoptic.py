@@ -17,7 +17,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from omgseg.datasets.clip import Category, Clip, Task, decode_id_map_rgb
+from omgseg.core.structures import Category, Task
+from omgseg.datasets.clip import Clip, decode_id_map_rgb
 from omgseg.datasets.formats._common import (
     MAX_SEGMENT_ID,
     build_clip,

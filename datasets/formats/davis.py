@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from omgseg.datasets.clip import Category, Clip, Task
+from omgseg.core.structures import Category, Task
+from omgseg.datasets.clip import Clip
 from omgseg.datasets.formats._common import clip_ranges, id_counts, mask_video_clips, read_name_list
 from omgseg.datasets.formats.base import SourceFormat
 

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from omgseg.datasets.clip import Category, Clip, Task
+from omgseg.core.structures import Category, Task
+from omgseg.datasets.clip import Clip
 from omgseg.datasets.formats._common import (
     clip_ranges,
     id_counts,

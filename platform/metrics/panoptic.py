@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from omgseg.datasets.clip import Category
+from omgseg.core.structures import Category
 from omgseg.platform.metrics.files import read_id_png, read_json
 
 OFFSET = 2**32  # id pairs are packed as gt * OFFSET + pred: ids are < 2**24 (RGB encoding)

@@ -20,7 +20,7 @@ import pycocotools.mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from omgseg.datasets.clip import Category
+from omgseg.core.structures import Category
 from omgseg.platform.metrics.files import read_json
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from omgseg.datasets.clip import Category
+from omgseg.core.structures import Category
 from omgseg.platform.metrics.files import read_id_png, read_json
 from omgseg.platform.metrics.panoptic import GtSegment, PQStats, pq_stats, pq_summary
 

@@ -27,7 +27,8 @@ import torch
 from PIL import Image
 
 from omgseg.core.seeds import derive_seed
-from omgseg.datasets.clip import Segment, Task, decode_id_map_rgb
+from omgseg.core.structures import Task
+from omgseg.datasets.clip import Segment, decode_id_map_rgb
 from omgseg.datasets.convert import convert
 from omgseg.datasets.shards import read_shard_samples
 from omgseg.datasets.stream import ClipSample, ShardStream

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torchmetrics.detection import PanopticQuality
 
-from omgseg.datasets.clip import Category
+from omgseg.core.structures import Category
 from omgseg.platform.metrics.panoptic import GtSegment, PanopticEvaluator
 
 CATEGORIES = [Category(i, f"class{i}", True) for i in range(1, 11)]

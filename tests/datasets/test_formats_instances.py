@@ -10,7 +10,8 @@ import pycocotools.mask as mask_utils
 import pytest
 from PIL import Image
 
-from omgseg.datasets.clip import Category, Segment, Task
+from omgseg.core.structures import Category, Task
+from omgseg.datasets.clip import Segment
 from omgseg.datasets.formats import get_format
 from omgseg.datasets.formats.coco_instances import resolve_overlaps
 

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from omgseg.datasets.clip import Category, Segment, Task, encode_id_map_rgb
+from omgseg.core.structures import Category, Task
+from omgseg.datasets.clip import Segment, encode_id_map_rgb
 from omgseg.datasets.formats import FORMATS, get_format
 
 H, W = 6, 8

@@ -11,7 +11,7 @@ import pycocotools.mask as mask_utils
 import pytest
 from PIL import Image
 
-from omgseg.datasets.clip import Category, Task
+from omgseg.core.structures import Category, Task
 from omgseg.datasets.formats import get_format
 
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
+from omgseg.core.structures import PromptKind
 from omgseg.datasets.prompts import (
-    PromptKind,
     Prompts,
     negative_band,
     sample_prompt,

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from omgseg.datasets.clip import Clip, Segment, Task, segment_areas
+from omgseg.core.structures import Task
+from omgseg.datasets.clip import Clip, Segment, segment_areas
 from omgseg.datasets.shards import (
     CONVERTER_VERSION,
     MANIFEST,

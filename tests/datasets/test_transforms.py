@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from omgseg.datasets.clip import Segment, Task
+from omgseg.core.structures import Task
+from omgseg.datasets.clip import Segment
 from omgseg.datasets.stream import ClipSample
 from omgseg.datasets.transforms import (
     ClipTransform,

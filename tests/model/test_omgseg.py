@@ -8,7 +8,7 @@ import open_clip
 import pytest
 import torch
 
-from omgseg.datasets.clip import Category
+from omgseg.core.structures import Category
 from omgseg.model.config import ModelConfig, model_config, omgseg_convnext_large
 from omgseg.model.inference import instance_inference, panoptic_inference, prompt_inference, semantic_inference
 from omgseg.model.omgseg import OMGSeg, load_checkpoint, parameter_counts, save_checkpoint

@@ -6,18 +6,19 @@ import dataclasses
 import torch
 from torchmetrics.detection import PanopticQuality
 
+from omgseg.core.structures import PromptKind
 from omgseg.datasets.convert import convert
-from omgseg.datasets.prompts import PromptKind, Prompts, sample_prompt
+from omgseg.datasets.prompts import Prompts, sample_prompt
 from omgseg.datasets.stream import ShardStream
 from omgseg.datasets.synth import SynthSizes, write_synthetic
 from omgseg.datasets.transforms import build_targets
 from omgseg.model.config import model_config
 from omgseg.model.inference import panoptic_inference
 from omgseg.model.omgseg import OMGSeg
-from omgseg.model.targets import match_targets, prompt_batch
 from omgseg.model.vocabulary import Vocabulary
 from omgseg.platform.evaluate import evaluate_shards
 from omgseg.platform.metrics.interactive import interior_point
+from omgseg.platform.targets import match_targets, prompt_batch
 
 STEPS = 300
 

@@ -3,13 +3,13 @@
 import pytest
 import torch
 
-from omgseg.datasets.clip import Category
-from omgseg.datasets.prompts import PromptKind, Prompts
+from omgseg.core.structures import Category, PromptKind
+from omgseg.datasets.prompts import Prompts
 from omgseg.datasets.transforms import Targets
 from omgseg.model.backbone import TINY_MODEL_NAME, ClipBackbone
 from omgseg.model.structures import POINT_BOX_HALF_SIZE
-from omgseg.model.targets import match_targets, prompt_batch
 from omgseg.model.vocabulary import PROMPT_TEMPLATES, TextClassifier, Vocabulary, merge_vocabularies
+from omgseg.platform.targets import match_targets, prompt_batch
 
 CATEGORIES = [Category(3, "person", True, ("human", "person")), Category(9, "sky", False)]
 

@@ -147,7 +147,7 @@ def test_a_killed_worker_resumes_to_the_same_step_count_in_one_mlflow_run(tmp_pa
 
 
 def test_every_task_has_an_evaluation():
-    from omgseg.datasets.clip import Task
+    from omgseg.core.structures import Task
     from omgseg.platform.evaluate import check_tasks
 
     assert [t.value for t in check_tasks([t.value for t in Task], "x")] == [t.value for t in Task]

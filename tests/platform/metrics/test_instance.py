@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from omgseg.datasets.clip import Category
+from omgseg.core.structures import Category
 from omgseg.platform.metrics.instance import InstanceEvaluator, encode, evaluate_coco_instances
 
 CATS = [Category(1, "person", True), Category(2, "car", True), Category(3, "sky", False)]

@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 from torchmetrics.detection import PanopticQuality
 
-from omgseg.datasets.clip import Category, encode_id_map_rgb
+from omgseg.core.structures import Category
+from omgseg.datasets.clip import encode_id_map_rgb
 from omgseg.platform.metrics.panoptic import GtSegment, PanopticEvaluator, evaluate_coco_panoptic
 
 CATS = [Category(1, "person", True), Category(2, "car", True), Category(3, "sky", False)]

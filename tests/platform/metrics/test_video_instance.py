@@ -4,7 +4,7 @@ import numpy as np
 import pycocotools.mask as mask_utils
 import pytest
 
-from omgseg.datasets.clip import Category
+from omgseg.core.structures import Category
 from omgseg.platform.metrics.video_instance import VideoInstanceEvaluator, tube_iou
 
 CATS = [Category(1, "person", True), Category(2, "car", True)]

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from omgseg.datasets.clip import Category
+from omgseg.core.structures import Category
 from omgseg.platform.metrics.video_panoptic import VideoPanopticEvaluator
 
 CATS = [Category(1, "person", True), Category(2, "sky", False)]

@@ -10,7 +10,8 @@ from collections.abc import Sequence
 
 import torch
 
-from omgseg.datasets.prompts import PromptKind, Prompts
+from omgseg.core.structures import PromptKind
+from omgseg.datasets.prompts import Prompts
 from omgseg.datasets.transforms import Targets
 from omgseg.model.structures import MatchTargets, PromptBatch
 
