@@ -18,7 +18,7 @@ from typing import Protocol
 import torch
 
 from omgseg.core.seeds import derive_seed
-from omgseg.datasets.clip import Task
+from omgseg.core.structures import Task
 from omgseg.datasets.shards import read_meta
 from omgseg.datasets.stream import ShardStream
 from omgseg.model.config import model_config
@@ -37,7 +37,7 @@ class WorkerState:
     seconds: dict[str, float] = field(default_factory=lambda: {"train": 0.0, "affinity": 0.0, "eval": 0.0})
     affinity: dict | None = None  # AffinityAverage.state()
     # What this rank read, one entry per process life (a resume starts a new one):
-    # {"node", "from_step", "shards": {data set: {stream epoch: [shard names]}}}
+    # {"node", "from_step", "code" (the omgseg file that ran), "shards": {data set: {stream epoch: [shard names]}}}
     reads: list[dict] = field(default_factory=list)
 
     def to_json(self) -> dict:
@@ -152,7 +152,7 @@ def build_parts(config: TrainConfig, rank: int, world: int, device: torch.device
     # sample is the same in every mix (a resumed run skips what it already read).
     streams = {name: train_stream(config, name, derive_seed(config.seed, "stream", name), state.counts[name])
                for name in names}
-    state.reads.append({"node": node or socket.gethostname(), "from_step": state.step,
+    state.reads.append({"node": node or socket.gethostname(), "from_step": state.step, "code": __file__,
                         "shards": {name: stream.reads for name, stream in streams.items()}})  # filled as they read
     supervised = {n: {Task.parse(t) for t in config.data.datasets[n].supervised_tasks()} for n in names}
     batches = TrainBatches(streams, {n: config.mix[n] for n in names}, ClipMaker(config.batch, label_maps, supervised),

@@ -417,8 +417,10 @@ class _Progress(Callback):
             _say(f"{text} [{self._status()}]")
 
     def on_trial_start(self, iteration, trials, trial, **info):
+        # A start is shown in the terminal's bar only: a log keeps one line per trial, its end.
         self.running.add(trial.trial_id)
-        self._line(f"started {trial.config['spec']['trial']['trial_id']}")
+        if self.bar is not None:
+            self.bar.set_postfix_str(self._status())
 
     def on_trial_recover(self, iteration, trials, trial, **info):
         self.running.discard(trial.trial_id)

@@ -103,8 +103,8 @@ def test_a_two_trial_study_on_a_two_node_cluster(services, tmp_path):
         "davis: {format: davis, shards: '" + shards + "/davis/{split}'}}",
         "train_datasets=[coco, davis]", "combinations=[all]", "seeds=[0, 1]", "train.steps=6", "train.log_every=2",
         "train.checkpoint_every=3", "train.eval_samples=1", "evaluation={coco: [panoptic], davis: [vos]}",
-        "metrics={panoptic: [PQ], vos: [J&F]}", "affinity.every=3",
-        "resources={workers: 2, cpus_per_worker: 1, max_retries: 0}",
+        "metrics={panoptic: [PQ], vos: [J&F]}", "train.affinity={enabled: true, every: 3}",
+        "train.resources={workers: 2, cpus_per_worker: 1}", "scheduling.max_retries=0",
     ]
     env = {**services["env"], "RAY_ADDRESS": services["ray"], "MLFLOW_TRACKING_URI": services["mlflow"]}
     out = tmp_path / "study"

@@ -187,3 +187,23 @@ def test_a_failing_trial_is_retried_and_reported(tmp_path, capfd):
                         "coco-s1": ["FINISHED"]}  # the retry reused its run
     metrics = pl.read_parquet(result.tables["metrics"])
     assert set(metrics["trial_id"].unique().to_list()) == {"coco-s0", "coco-s1"}
+
+
+def test_the_console_is_one_line_per_trial_and_a_short_frame(tmp_path, study_data_root):
+    """Not a terminal (CI, a log file): the plan, one end line per trial, the summary; the
+    libraries' logs are in the study's logs/ folder, named at the top."""
+    out = tmp_path / "console"
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    done = subprocess.run([sys.executable, str(SCRIPT), "--out", str(out), *small_overrides(study_data_root)],
+                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900)
+    console = done.stdout.splitlines()
+    assert done.returncode == 0, done.stdout[-3000:]
+    trials = sorted(p.name for p in (out / "trials").iterdir() if (p / "trial.json").is_file())
+    assert len(trials) == 6
+    assert len(console) < 60 + len(trials), "\n".join(console)
+    for trial in trials:
+        assert sum(line.startswith(f"[study] finished {trial} in ") for line in console) == 1, trial
+    assert str(out / "logs") in "\n".join(console[:5])  # where everything else went, said first
+    assert json.loads(console[-1])["finished"] == 6  # stdout's one JSON line, for scripts
+    assert all(line.startswith("[study] ") for line in console[:-1]), [x for x in console if not x.startswith("[study] ")]
+    assert (out / "logs" / "driver.log").is_file() and len(list((out / "logs").glob("*.log"))) > len(trials)
