@@ -165,7 +165,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     summary = predict(Path(args.checkpoint), args.task, Path(args.input), Path(args.out), vocabulary=args.vocabulary,
                       coco_json=Path(args.coco_json) if args.coco_json else None, clip_length=args.clip_length,
                       clip_checkpoint=args.clip_checkpoint, points=args.points,
-                      first_frame_mask=Path(args.first_frame_mask) if args.first_frame_mask else None)
+                      first_frame_mask=Path(args.first_frame_mask) if args.first_frame_mask else None,
+                      videos=Path(args.videos) if args.videos else None)
     print(json.dumps({"task": summary.task, "inputs": summary.inputs, "outputs": summary.outputs}))
     return 0
 
@@ -252,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip-checkpoint", help="local CLIP weights, if the model was trained with a CLIP checkpoint")
     p.add_argument("--points", help="interactive: clicks 'x,y;x,y' in pixels, one object per click")
     p.add_argument("--first-frame-mask", help="vos: palette PNG of object indices in the first frame")
+    p.add_argument("--videos", help="video_panoptic with a folder of video folders: a text file of the videos to "
+                   "predict, one name a line (VIPSeg's val.txt)")
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("eval", help="score predictions in a public result format against ground truth")

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from omgseg.datasets.clip import Category, Task
+from omgseg.core.structures import Category, Task
 from omgseg.datasets.shards import read_meta
 from omgseg.model.inference import TubeLinker, instance_inference, panoptic_inference, semantic_inference
 from omgseg.model.omgseg import load_checkpoint
@@ -75,6 +75,26 @@ def _images(path: Path) -> list[Path]:
     return files
 
 
+def _videos(path: Path, listing: Path | None = None) -> list[list[Path]]:
+    """The frames of each video under `path`: itself a folder of frames, or a folder of such
+    folders (VIPSeg's images/<video>/ layout), in name order; with `listing` (a text file of
+    video names, one per line, as VIPSeg's val.txt), only those."""
+    if not path.is_dir():
+        raise FileNotFoundError(f"input {path} does not exist or is not a folder of frames")
+    folders = sorted(p for p in path.iterdir() if p.is_dir())
+    if listing is not None:
+        if not Path(listing).is_file():
+            raise FileNotFoundError(f"video list {listing} does not exist")
+        wanted = [line.strip() for line in Path(listing).read_text().splitlines() if line.strip()]
+        missing = [v for v in wanted if not (path / v).is_dir()]
+        if missing:
+            raise ValueError(f"{listing}: videos {missing[:5]} have no folder in {path}")
+        return [_images(path / v) for v in wanted]
+    if folders and not any(p.suffix.lower() in IMAGE_SUFFIXES for p in path.iterdir() if p.is_file()):
+        return [_images(f) for f in folders]
+    return [_images(path)]
+
+
 def _read_rgb(path: Path) -> np.ndarray:
     from PIL import Image
 
@@ -101,6 +121,7 @@ def predict(
     clip_checkpoint: str | None = None,
     points: str | None = None,
     first_frame_mask: Path | None = None,
+    videos: Path | None = None,
     progress: bool = True,
 ) -> PredictSummary:
     if task not in PREDICT_TASKS:
@@ -115,11 +136,13 @@ def predict(
     vocab = load_vocabulary(vocabulary, extra)
     model.eval()
     out = Path(out)
+    if videos is not None and Task(task) is not Task.VIDEO_PANOPTIC:
+        raise ValueError("--videos goes with --task video_panoptic")
+    if Task(task) is Task.VIDEO_PANOPTIC:  # one video (a folder of frames) or a folder of videos
+        return _predict_video_panoptic(model, vocab, _videos(Path(inputs), videos), out, clip_length, progress)
     files = _images(Path(inputs))
     if Task(task) is Task.VIDEO_INSTANCE:
         return _predict_video(model, vocab, files, out, clip_length, progress)
-    if Task(task) is Task.VIDEO_PANOPTIC:
-        return _predict_video_panoptic(model, vocab, files, out, clip_length, progress)
     if Task(task) is Task.VOS:
         return _predict_vos(model, vocab, files, out, Path(first_frame_mask), clip_length, progress)
     if Task(task) is Task.INTERACTIVE:
@@ -261,7 +284,7 @@ def _predict_vos(model, vocab: Vocabulary, frames: list[Path], out: Path, first_
     that vanished keeps its last box)."""
     from PIL import Image
 
-    from omgseg.datasets.prompts import PromptKind
+    from omgseg.core.structures import PromptKind
     from omgseg.model.structures import PromptBatch
 
     if not first_mask.is_file():
@@ -296,13 +319,25 @@ def _predict_vos(model, vocab: Vocabulary, frames: list[Path], out: Path, first_
     return PredictSummary(task="vos", inputs=len(frames), outputs=[str(video), str(out / "overlays")])
 
 
-def _predict_video_panoptic(model, vocab: Vocabulary, frames: list[Path], out: Path, clip_length: int,
+def _predict_video_panoptic(model, vocab: Vocabulary, videos: list[list[Path]], out: Path, clip_length: int,
                             progress: bool) -> PredictSummary:
-    """Per-clip panoptic fusion of tubes; thing ids follow the linked tracks across clips,
-    stuff ids follow the class. Writes VIPSeg's result format, what `omgseg eval vipseg` and
-    VIPSeg's eval_vpq_vspw.py read: out/pan_pred/<video>/<frame stem>.png (RGB ids) and
-    out/pred.json {"annotations": [{"video_id", "annotations": [{"file_name", "segments_info":
-    [{"id", "category_id"}]}, ...one per frame]}]}."""
+    """Every video (a list of frames, named by their folder), as VIPSeg's result format, what
+    `omgseg eval vipseg` and VIPSeg's eval_vpq_vspw.py read: out/pan_pred/<video>/<frame
+    stem>.png (RGB ids) and out/pred.json {"annotations": [{"video_id", "annotations":
+    [{"file_name", "segments_info": [{"id", "category_id"}]}, ...one per frame]}, ...one per video]}."""
+    entries = [{"video_id": frames[0].parent.name,
+                "annotations": _video_panoptic(model, vocab, frames, out, clip_length, progress, len(videos) > 1)}
+               for frames in videos]
+    path = out / "pred.json"
+    write_atomic(path, json.dumps({"annotations": entries}).encode())
+    return PredictSummary(task="video_panoptic", inputs=sum(len(f) for f in videos),
+                          outputs=[str(path), str(out / "pan_pred"), str(out / "overlays")])
+
+
+def _video_panoptic(model, vocab: Vocabulary, frames: list[Path], out: Path, clip_length: int, progress: bool,
+                    overlay_per_video: bool) -> list[dict]:
+    """One video's frames: per-clip panoptic fusion of tubes; thing ids follow the linked tracks
+    across clips, stuff ids follow the class. Writes its PNGs; returns its frame annotations."""
     from PIL import Image
 
     from omgseg.datasets.clip import encode_id_map_rgb
@@ -315,7 +350,7 @@ def _predict_video_panoptic(model, vocab: Vocabulary, frames: list[Path], out: P
     # clips gets a new id for the new class.
     thing_ids: dict[tuple[int, int], int] = {}
     annotations = []
-    for start in tqdm(range(0, len(frames), clip_length), desc="predict video_panoptic", disable=not progress):
+    for start in tqdm(range(0, len(frames), clip_length), desc=f"predict video_panoptic {video}", disable=not progress):
         clip = [_read_rgb(p) for p in frames[start:start + clip_length]]
         (pred,) = model.predict(torch.from_numpy(np.stack(clip)).permute(0, 3, 1, 2)[None], vocab)
         tracks = linker.link(pred.embeddings).tolist()
@@ -340,11 +375,8 @@ def _predict_video_panoptic(model, vocab: Vocabulary, frames: list[Path], out: P
                 {"id": gid, "category_id": vocab.category_ids[s.label]}
                 for s in result.segments for gid in [global_id[s.id]] if gid in present
             ]})
-            save_overlay(out / "overlays" / f"{path.stem}.png", rgb, ids)
+            save_overlay(out / "overlays" / (video if overlay_per_video else "") / f"{path.stem}.png", rgb, ids)
     # Stuff segments of one class share an id: keep one entry per id and frame.
     for ann in annotations:
         ann["segments_info"] = list({s["id"]: s for s in ann["segments_info"]}.values())
-    path = out / "pred.json"
-    write_atomic(path, json.dumps({"annotations": [{"video_id": video, "annotations": annotations}]}).encode())
-    return PredictSummary(task="video_panoptic", inputs=len(frames), outputs=[str(path), str(out / "pan_pred"),
-                                                                              str(out / "overlays")])
+    return annotations

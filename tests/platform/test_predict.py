@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from omgseg.datasets.clip import Category
+from omgseg.core.structures import Category
 from omgseg.datasets.synth import SynthSizes, write_synthetic
 from omgseg.model.config import model_config
 from omgseg.model.inference import PanopticResult, PredictedSegment
@@ -155,3 +155,28 @@ def test_predict_vos_interactive_and_video_panoptic(synth, tiny_checkpoint, tmp_
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["videos"] == 1 and result["frames"] == len(names) and 0 <= result["VPQ"] <= 100
     assert {f"VPQ@{n}" for n in (1, 2, 4, 6, 8)} <= set(result)  # 8+ frames: every VIPSeg window
+
+
+def test_predict_video_panoptic_on_a_folder_of_videos_writes_one_pred_json(tiny_checkpoint, tmp_path, capsys):
+    from omgseg.platform.cli import main
+
+    sizes = SynthSizes(coco_train=1, coco_val=1, ade_train=1, ade_val=1, video_train=1, video_val=2)
+    vipseg = write_synthetic(tmp_path / "d", ["vipseg"], seed=0, sizes=sizes)["vipseg"] / "VIPSeg_720P"
+    gt_json = vipseg / "panoptic_gt_VIPSeg_val.json"
+    videos = [v["video_id"] for v in json.loads(gt_json.read_text())["videos"]]
+    listing = tmp_path / "val.txt"  # images/ holds both splits: predict the val videos
+    listing.write_text("\n".join(videos) + "\n")
+    assert main(["predict", "--checkpoint", str(tiny_checkpoint), "--vocabulary", str(gt_json), "--task", "video_panoptic",
+                 "--input", str(vipseg / "images"), "--videos", str(listing), "--out", str(tmp_path / "vps"),
+                 "--clip-length", "4"]) == 0
+    records = json.loads((tmp_path / "vps" / "pred.json").read_text())["annotations"]
+    assert [r["video_id"] for r in records] == videos
+    assert all((tmp_path / "vps" / "overlays" / v).is_dir() for v in videos)
+    capsys.readouterr()
+    assert main(["eval", "vipseg", "--gt-json", str(gt_json), "--gt-dir", str(vipseg / "panomasksRGB"),
+                 "--pred-json", str(tmp_path / "vps" / "pred.json"), "--pred-dir", str(tmp_path / "vps" / "pan_pred")]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["videos"] == len(videos)
+    listing.write_text("val_9999_vip\n")
+    assert main(["predict", "--checkpoint", str(tiny_checkpoint), "--vocabulary", str(gt_json), "--task", "video_panoptic",
+                 "--input", str(vipseg / "images"), "--videos", str(listing), "--out", str(tmp_path / "x")]) == 1
+    assert "val_9999_vip" in capsys.readouterr().err
