@@ -11,8 +11,8 @@ trajectory serves them all):
     adam       + the optimizer's own step (AdamW from its moments, at the current lr)
     per_lr     + Z divided by the learning rate
     heldout    + L_j on a fixed held-out val batch of j, with j's vocabulary
-    batch      + the configured probe batch (affinity.batch_size clips)
-    momentum   + the reference is the step without the source's gradient (the study's default)
+    batch      + the configured probe batch (affinity.batch_size clips): the study's look-ahead
+    momentum   + the reference is the step without the source's gradient (an option, not the default)
 
 Each variant's mean Z over probes is ranked against the pair influence (Spearman over the
 ordered pairs). Then, at a few probe steps, each source's probe batch is drawn several times
