@@ -13,6 +13,8 @@ ensemble with the frozen CLIP's own classification of each mask and returns one 
 
 from __future__ import annotations
 
+import pickle
+
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -264,7 +266,11 @@ def load_checkpoint(
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    payload = torch.load(path, map_location=map_location, weights_only=False)
+    try:  # weights only: a checkpoint from elsewhere cannot run code when it is read
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(f"{path}: not an omgseg checkpoint (it holds objects other than weights: "
+                         f"{str(err).splitlines()[0]})") from None
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path}: not an omgseg checkpoint (format {CHECKPOINT_FORMAT} expected)")
     config = ModelConfig.from_dict(payload["config"])

@@ -164,6 +164,10 @@ def test_bad_checkpoints_are_named(tmp_path):
     torch.save({"something": 1}, bad)
     with pytest.raises(ValueError, match="bad.pt: not an omgseg checkpoint"):
         load_checkpoint(bad)
+    code = tmp_path / "code.pt"
+    torch.save({"format": 1, "hook": subprocess.Popen}, code)  # a pickle that would name a callable
+    with pytest.raises(ValueError, match="code.pt: not an omgseg checkpoint .*objects other than weights"):
+        load_checkpoint(code)
     with pytest.raises(FileNotFoundError, match="missing_clip.pt"):
         OMGSeg(model_config("tiny", clip_checkpoint=str(tmp_path / "missing_clip.pt")))
 
