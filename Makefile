@@ -39,7 +39,7 @@ test-slow: $(STAMP)
 test-cluster: $(STAMP)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -m cluster $(PYTEST_ARGS)
 
-# Every command the README and docs/ show, run from a fresh folder (about 8 minutes).
+# Every command the README and docs/ show, run from a fresh folder (about 14 minutes).
 test-docs: $(STAMP)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest tests/test_docs_commands.py $(PYTEST_ARGS)
 
