@@ -8,7 +8,7 @@ speed-ups named in the rule appended, and check its outputs) or NOT_HERE (with t
 cannot or need not run here). A command the docs show that no rule knows fails the test, and so
 does a rule that no doc shows any more: docs and test move together.
 
-Slow (about 8 minutes): `make test-docs`, also run by CI.
+Slow (about 14 minutes on 2 cores): `make test-docs`, also run by CI.
 """
 
 from __future__ import annotations
