@@ -18,15 +18,13 @@ import os
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from localserver import free_port, wait_for_http
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "studies" / "cluster" / "README.md"]
@@ -175,26 +173,12 @@ def test_every_shown_command_has_a_rule_and_every_rule_a_command():
     assert not unused, f"rules no doc shows a command for any more: {unused}"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _serve(command: str, folder: Path, env: dict) -> None:
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(f"{command} --port {port}", shell=True, cwd=folder, env=env, start_new_session=True,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2)
-                return
-            except OSError:
-                if server.poll() is not None or time.time() > deadline:
-                    pytest.fail(f"{command}: no answer on 127.0.0.1:{port}")
-                time.sleep(0.5)
+        wait_for_http(f"http://127.0.0.1:{port}/", command, process=server)
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)

@@ -10,14 +10,12 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
-import time
-import urllib.request
 
 import mlflow
 import numpy as np
 import pytest
+from localserver import free_port, wait_for_http
 from PIL import Image
 
 from omgseg.dashboards.report import build_report
@@ -38,12 +36,6 @@ def browser():
         chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         yield chromium
         chromium.close()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _not_blank(path) -> float:
@@ -69,19 +61,11 @@ def test_the_report_renders_its_heatmap(small_study, browser, tmp_path):
 
 def test_the_mlflow_ui_shows_the_study_runs(small_study, browser, tmp_path):
     _, result = small_study
-    port = _free_port()
+    port = free_port()
     command, _, state = ui_command(result.out, "127.0.0.1", port)
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-                break
-            except OSError:
-                if time.time() > deadline:
-                    pytest.fail("the MLflow UI did not answer on loopback within 120 s")
-                time.sleep(0.5)
+        wait_for_http(f"http://127.0.0.1:{port}/health", "the MLflow UI", process=server)
         experiment = mlflow.MlflowClient(result.tracking_uri).get_run(state.parent_run_id).info.experiment_id
         page = browser.new_page(viewport={"width": 1600, "height": 1000})
         page.goto(f"http://127.0.0.1:{port}/#/experiments/{experiment}/runs")

@@ -10,15 +10,13 @@ Slow (about 2 minutes): `make test-cluster` runs it, and `.ci/run` calls that.
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import mlflow
 import pytest
+from localserver import free_port, wait_for_http
 
 from omgseg.platform.config import DataConfig, DatasetSpec
 from omgseg.platform.data import prepare_data
@@ -27,24 +25,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_http(url: str, what: str, seconds: float = 120) -> None:
-    deadline = time.time() + seconds
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            return
-        except OSError:
-            if time.time() > deadline:
-                pytest.fail(f"{what} did not answer at {url} within {seconds:.0f} s")
-            time.sleep(0.5)
 
 
 def _ray(*args: str, env: dict) -> None:
@@ -65,24 +45,24 @@ def services(tmp_path):
     started: list[subprocess.Popen] = []
     ray_started = False
     try:
-        http_port = _free_port()
+        http_port = free_port()
         started.append(subprocess.Popen([sys.executable, "-m", "http.server", str(http_port), "--bind", "127.0.0.1",
                                          "--directory", str(tmp_path / "data" / "shards")],
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
-        mlflow_port = _free_port()
+        mlflow_port = free_port()
         started.append(subprocess.Popen([str(BIN / "mlflow"), "server", "--backend-store-uri",
                                          f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination",
                                          str(tmp_path / "server-artifacts"), "--host", "127.0.0.1", "--port",
                                          str(mlflow_port), "--workers", "1"],
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
-        ray_port = _free_port()
+        ray_port = free_port()
         ray_started = True
         _ray("start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(ray_port), "--num-cpus", "1",
              "--resources", json.dumps({"trial_slot": 1}), "--disable-usage-stats", env=env)
         _ray("start", "--address", f"127.0.0.1:{ray_port}", "--node-ip-address", "127.0.0.1", "--num-cpus", "1",
              "--disable-usage-stats", env=env)
-        _wait_http(f"http://127.0.0.1:{http_port}/coco/train/manifest.json", "the shard server")
-        _wait_http(f"http://127.0.0.1:{mlflow_port}/health", "the MLflow server")
+        wait_for_http(f"http://127.0.0.1:{http_port}/coco/train/manifest.json", "the shard server")
+        wait_for_http(f"http://127.0.0.1:{mlflow_port}/health", "the MLflow server")
         yield {"ray": f"127.0.0.1:{ray_port}", "shards": f"http://127.0.0.1:{http_port}",
                "mlflow": f"http://127.0.0.1:{mlflow_port}", "env": env}
     finally:
