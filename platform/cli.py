@@ -296,12 +296,13 @@ def main(argv: list[str] | None = None) -> int:
 
         command = importlib.import_module(PASSTHROUGH[argv[0]][0])
         return command.main(argv[1:], prog=f"omgseg {argv[0]}")
+    from omgseg.datasets.shards import ShardReadError
     from omgseg.platform.console import TrainingFailed
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, NotADirectoryError, TrainingFailed) as err:
+    except (ValueError, FileNotFoundError, NotADirectoryError, ShardReadError, TrainingFailed) as err:
         # Bad input: one clear line, no traceback. Anything else is a bug and keeps its traceback.
         print(f"omgseg {args.command}: error: {err}", file=sys.stderr)
         return 1
