@@ -26,7 +26,7 @@ from omgseg.model.structures import MatchTargets, QueryOutputs
 
 @dataclass(frozen=True)
 class LossWeights:
-    """Weights of the loss terms (MODEL-NOTES, 'Training')."""
+    """Weights of the loss terms (docs/reference.md, 'Training')."""
 
     class_ce: float = 2.0
     mask_bce: float = 5.0
@@ -123,10 +123,13 @@ class SetCriterion:
         self.oversample_ratio = oversample_ratio
         self.importance_sample_ratio = importance_sample_ratio
 
-    def __call__(self, outputs: QueryOutputs, targets: list[MatchTargets], across_workers: bool = True) -> dict[str, Tensor]:
+    def __call__(self, outputs: QueryOutputs, targets: list[MatchTargets], across_workers: bool = True, *,
+                 final_only: bool = False) -> dict[str, Tensor]:
         """Weighted losses of all prediction sets; raises FloatingPointError if their sum is not finite.
         across_workers=False: no collective (a loss that one worker computes alone, such as a
-        validation loss on rank 0, must not wait for the others)."""
+        validation loss on rank 0, must not wait for the others). final_only=True: only the last
+        set's terms (what inference uses), with the same values: each set draws its own points,
+        so skipping the earlier sets changes nothing in the last one, and saves their matching."""
         b = outputs.mask_logits.shape[0]
         if len(targets) != b:
             raise ValueError(f"got {len(targets)} targets for {b} clips")
@@ -147,6 +150,8 @@ class SetCriterion:
         losses: dict[str, Tensor] = {}
         sets = [(f"_aux{i}", aux) for i, aux in enumerate(outputs.aux)] + [("", outputs)]
         for stage, (suffix, pred) in enumerate(sets):
+            if final_only and suffix:
+                continue
             for name, value in self._set_losses(pred, targets, num_masks, num_prompts, stage).items():
                 losses[name + suffix] = value
         # Zero-weighted term: outputs.unused_parameter_sum depends on the decoder parameters

@@ -146,10 +146,12 @@ class OMGSeg(nn.Module):
         return ModelOutputs(queries=queries, clip_features=encoded.clip_features, text_embeddings=text,
                             image_size=encoded.image_size)
 
-    def loss(self, outputs: ModelOutputs, targets: list[MatchTargets], across_workers: bool = True) -> dict[str, Tensor]:
+    def loss(self, outputs: ModelOutputs, targets: list[MatchTargets], across_workers: bool = True, *,
+             final_only: bool = False) -> dict[str, Tensor]:
         """Weighted loss terms of every prediction set (see SetCriterion); sum them to train.
-        across_workers=False for a loss one worker computes alone (no collective)."""
-        return self.criterion(outputs.queries, targets, across_workers)
+        across_workers=False for a loss one worker computes alone (no collective);
+        final_only=True for the last set's terms alone (validation and look-ahead targets)."""
+        return self.criterion(outputs.queries, targets, across_workers, final_only=final_only)
 
     def text_embeddings(self, vocabulary: Vocabulary) -> Tensor:
         """(C, S, D) CLIP text embeddings of the vocabulary (cached), on the model's device."""

@@ -59,7 +59,8 @@ def mean_loss(model: OMGSeg, vocabulary: Vocabulary, batches: Sequence[TrainBatc
     for batch in batches:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             # No collective: every rank probes on its own batches, for its own estimate.
-            losses = model.loss(model(batch.images, vocabulary, batch.prompts), batch.targets, across_workers=False)
+            losses = model.loss(model(batch.images, vocabulary, batch.prompts), batch.targets, across_workers=False,
+                                final_only=final)
         total = total + (final_loss(losses) if final else sum(losses.values()))
     return total / len(batches)
 

@@ -71,7 +71,8 @@ def validation_losses(model: OMGSeg, vocabulary: Vocabulary, examples: Sequence[
     model.train()  # the loss as training computes it (the frozen CLIP stays in eval mode regardless)
     for example in examples:
         batch = collate([example]).to(device)
-        losses = model.loss(model(batch.images, vocabulary, batch.prompts), batch.targets, across_workers=False)
+        losses = model.loss(model(batch.images, vocabulary, batch.prompts), batch.targets, across_workers=False,
+                            final_only=True)
         for group, terms in groups.items():
             if group == "prompt_queries" and example.targets.num_prompts == 0:
                 continue
@@ -225,7 +226,7 @@ def _add_clicks(evaluator: InteractiveEvaluator, model: OMGSeg, sample: ClipSamp
         evaluator.add(curve, f"{where} segment {k}")
 
 
-# RITM / SimpleClick binarise the predicted probability at 0.49 (METRICS.md, Interactive).
+# RITM / SimpleClick binarise the predicted probability at 0.49 (docs/reference.md, Metrics).
 CLICK_THRESHOLD = 0.49
 
 

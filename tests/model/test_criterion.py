@@ -170,3 +170,20 @@ def test_a_seeded_clip_draws_its_points_from_its_own_generator():
     assert losses(target, 0) != losses(dataclasses.replace(target, seed=12), 0)
     unseeded = dataclasses.replace(target, seed=None)
     assert losses(unseeded, 0) != losses(unseeded, 1)
+
+
+def test_the_last_set_alone_has_the_same_terms_as_in_the_full_loss():
+    """final_only skips the earlier sets' matching; each set draws its own points, so the last
+    set's terms are bit-identical to the full loss's unsuffixed terms."""
+    import dataclasses
+
+    gen = torch.Generator().manual_seed(4)
+    target = dataclasses.replace(_boundary_free_targets(), seed=7)
+    outputs = _outputs(torch.randn(1, 4, 4, generator=gen), torch.randn(1, 4, 2, 4, 4, generator=gen), 3)
+    outputs.aux = [_outputs(torch.randn(1, 4, 4, generator=gen), torch.randn(1, 4, 2, 4, 4, generator=gen), 3)
+                   for _ in range(2)]
+    full = _criterion()(outputs, [target])
+    last = _criterion()(outputs, [target], final_only=True)
+    assert set(last) == {k for k in full if "_aux" not in k} and len(full) > len(last)
+    for key, value in last.items():
+        assert torch.equal(value, full[key]), key
