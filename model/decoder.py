@@ -24,7 +24,7 @@ from omgseg.model.structures import PromptBatch, PromptKind, QueryOutputs
 
 @dataclass(frozen=True)
 class DecoderConfig:
-    """Paper-size defaults (MODEL-NOTES, 'Decoder')."""
+    """Paper-size defaults (docs/reference.md, 'Decoder')."""
 
     d_model: int = 256
     num_heads: int = 8

@@ -3,7 +3,7 @@
 Every function takes one clip: `class_probs` (Q, C + 1) with void last, `mask_logits`
 (Q, T, H, W) at output resolution. T = 1 for images; for video a query's tube keeps one
 identity over the clip's frames, so the same code gives video panoptic and video instance
-results. Rules follow Mask2Former's inference (MODEL-NOTES, "Inference").
+results. Rules follow Mask2Former's inference (docs/reference.md, "Inference").
 """
 
 from __future__ import annotations

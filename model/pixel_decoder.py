@@ -29,7 +29,7 @@ from omgseg.model.backbone import BackboneFeatures
 
 @dataclass(frozen=True)
 class PixelDecoderConfig:
-    """Paper-size defaults (MODEL-NOTES, 'Pixel decoder'). No dropout: Mask2Former uses 0.0 here."""
+    """Paper-size defaults (docs/reference.md, 'Pixel decoder'). No dropout: Mask2Former uses 0.0 here."""
 
     d_model: int = 256  # also the mask-feature width, which the transformer decoder expects
     num_layers: int = 6

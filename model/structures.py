@@ -13,7 +13,7 @@ from torch import Tensor
 
 from omgseg.core.structures import PromptKind
 
-# A point prompt becomes a box of +-3 input pixels around the click (MODEL-NOTES), so points
+# A point prompt becomes a box of +-3 input pixels around the click (docs/reference.md), so points
 # and boxes share one encoding and one code path.
 POINT_BOX_HALF_SIZE = 3.0
 

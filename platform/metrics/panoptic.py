@@ -1,6 +1,6 @@
 """Panoptic quality (PQ, SQ, RQ) with panopticapi's rules, for images and for video volumes.
 
-Rules (panopticapi `pq_compute_single_core`, METRICS.md): a (ground truth, prediction) pair
+Rules (panopticapi `pq_compute_single_core`, docs/reference.md): a (ground truth, prediction) pair
 is a candidate unless the ground truth is crowd or the categories differ; union = pred area +
 gt area - intersection - |pred ∩ void|; a match needs IoU > 0.5. Unmatched non-crowd ground
 truth are false negatives. An unmatched prediction is not a false positive when more than

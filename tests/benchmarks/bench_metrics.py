@@ -1,7 +1,7 @@
 """Benchmark: our PQ against torchmetrics' PanopticQuality on the same synthetic pairs.
 
 Pairs have no void and no crowd and only thing classes, where the two definitions agree
-(METRICS.md), so the numbers must be equal; the timing ratio is what this measures.
+(docs/reference.md, Metrics), so the numbers must be equal; the timing ratio is what this measures.
 Prints one JSON line.
 
     python tests/benchmarks/bench_metrics.py [--pairs 300] [--size 128]

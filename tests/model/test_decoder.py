@@ -211,7 +211,7 @@ def test_paper_size_parameter_count():
     dec = build_decoder(DecoderConfig())
     layers = sum(p.numel() for m in (dec.cross_layers, dec.self_layers, dec.ffn_layers) for p in m.parameters())
     rest = sum(p.numel() for p in dec.parameters()) - layers
-    assert 14.1e6 < layers < 14.3e6, layers  # MODEL-NOTES: decoder 14.2M
-    # MODEL-NOTES: queries and heads about 1M. Ours: 0.81M, no identity head (the query
+    assert 14.1e6 < layers < 14.3e6, layers  # docs/reference.md: decoder 14.2M
+    # docs/reference.md: queries and heads about 1M. Ours: 0.81M, no identity head (the query
     # itself is the identity embedding, as in MinVIS), prompt encoder 0.2M included.
     assert 0.78e6 < rest < 0.85e6, rest

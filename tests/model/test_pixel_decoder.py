@@ -204,7 +204,7 @@ def test_wrong_channels_are_named():
 
 
 def test_paper_size_parameter_count():
-    """MODEL-NOTES sizes on convnext_large_d_320 channels: 5,790,144, the reference's ~5.8M.
+    """The reference sizes (docs/reference.md) on convnext_large_d_320 channels: 5,790,144, the reference's ~5.8M.
 
     input projections 690,432 (1x1 convs + GroupNorm for res5, res4, res3), 6 encoder layers x
     732,192 (deformable attention 205,600, FFN 525,568, LayerNorms 1,024), level embeddings 768,
