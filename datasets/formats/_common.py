@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,24 @@ def load_json(path: Path) -> object:
         raise ValueError(f"{path}: not valid JSON: {err}") from None
 
 
+@contextmanager
+def field_errors(where: str) -> Iterator[None]:
+    """Inside: a field of the wrong type or shape (`int(None)`, a number where a list belongs,
+    a list as a dict key) raises a ValueError naming `where` instead of a bare TypeError.
+
+    The readers check the fields they need by name (`require`); what a field holds is checked
+    by using it, and this gives those failures the file and item they came from.
+    """
+    try:
+        yield
+    except (TypeError, KeyError, AttributeError, IndexError, OverflowError) as err:
+        raise ValueError(f"{where}: a field has the wrong type or shape ({type(err).__name__}: {err})") from None
+    except ValueError as err:
+        if where in str(err):
+            raise
+        raise ValueError(f"{where}: {err}") from None
+
+
 def file_identity(path: Path) -> tuple[Path, int, int]:
     """(path, mtime, size): the key readers cache a parsed index file under.
 
@@ -51,8 +70,14 @@ def read_name_list(path: Path) -> list[str]:
     """Names listed one a line (DAVIS ImageSets, VIPSeg train.txt), blank lines skipped."""
     if not path.is_file():
         raise FileNotFoundError(f"split list {path} does not exist")
-    names = [line.strip() for line in path.read_text().splitlines()]
-    return [n for n in names if n]
+    try:
+        names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text ({err})") from None
+    names = [n for n in names if n]
+    if not names:
+        raise ValueError(f"split list {path} names no videos")
+    return names
 
 
 def require(obj: object, fields: Sequence[str], where: str) -> None:
@@ -73,12 +98,18 @@ def image_ext(path: Path) -> str:
 
 
 def read_image(path: Path, where: str) -> tuple[bytes, tuple[int, int]]:
-    """The file's original bytes and its (height, width), read from the header only."""
+    """The file's original bytes and its (height, width).
+
+    The shards keep the original bytes, but the image is decoded once here: a truncated or
+    corrupt JPEG whose header still reads would otherwise be accepted now and fail only when
+    training decodes it, possibly hours into a run.
+    """
     if not path.is_file():
         raise ValueError(f"{where}: image file {path} does not exist")
     data = path.read_bytes()
     try:
         with Image.open(io.BytesIO(data)) as im:
+            im.load()
             width, height = im.size
     except (OSError, SyntaxError, ValueError) as err:
         raise ValueError(f"{where}: cannot read image {path}: {err}") from None
@@ -270,24 +301,32 @@ def mask_video_clips(
     for start, stop in clip_ranges(len(frames), clip_length):
         paths = frames[start:stop]
         where = f"video {video} ({paths[0].name})"
-        images, sizes, ext = read_frames(paths, where)
-        id_maps = np.zeros((len(paths), *sizes[0]), dtype=np.uint32)
-        info: dict[int, tuple[int, bool, int]] = {}
-        for t, (path, size) in enumerate(zip(paths, sizes, strict=True)):
-            mask_path = mask_dir / video / f"{path.stem}.png"
-            frame_where = f"video {video} frame {path.name}"
-            pixels, mode = read_png(mask_path, frame_where)
-            check_size(size, sizes[0], path, frame_where, f"the clip's first frame {paths[0].name} is")
-            check_size(pixels.shape[:2], size, mask_path, frame_where, f"its frame {path.name} is")
-            id_maps[t], frame_info = decode(pixels, mode, mask_path, frame_where)
-            info.update(frame_info)
-        yield build_clip(
-            dataset=dataset,
-            source_id=clip_source_id(video, start, clip_length),
-            frame_names=[f"{video}/{p.name}" for p in paths],
-            images=images,
-            ext=ext,
-            id_maps=id_maps,
-            info=info,
-            tasks=tasks,
-        )
+        with field_errors(where):
+            clip = _mask_clip(dataset, tasks, video, paths, mask_dir, clip_length, start, where, decode)
+        yield clip
+
+
+def _mask_clip(dataset: str, tasks: tuple[Task, ...], video: str, paths: Sequence[Path], mask_dir: Path,
+               clip_length: int | None, start: int, where: str, decode: MaskDecoder) -> Clip:
+    """One clip of `mask_video_clips`: frames `paths` and their masks."""
+    images, sizes, ext = read_frames(paths, where)
+    id_maps = np.zeros((len(paths), *sizes[0]), dtype=np.uint32)
+    info: dict[int, tuple[int, bool, int]] = {}
+    for t, (path, size) in enumerate(zip(paths, sizes, strict=True)):
+        mask_path = mask_dir / video / f"{path.stem}.png"
+        frame_where = f"video {video} frame {path.name}"
+        pixels, mode = read_png(mask_path, frame_where)
+        check_size(size, sizes[0], path, frame_where, f"the clip's first frame {paths[0].name} is")
+        check_size(pixels.shape[:2], size, mask_path, frame_where, f"its frame {path.name} is")
+        id_maps[t], frame_info = decode(pixels, mode, mask_path, frame_where)
+        info.update(frame_info)
+    return build_clip(
+        dataset=dataset,
+        source_id=clip_source_id(video, start, clip_length),
+        frame_names=[f"{video}/{p.name}" for p in paths],
+        images=images,
+        ext=ext,
+        id_maps=id_maps,
+        info=info,
+        tasks=tasks,
+    )

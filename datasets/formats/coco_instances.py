@@ -29,6 +29,7 @@ from omgseg.datasets.formats._common import (
     assign_segment_ids,
     build_clip,
     check_size,
+    field_errors,
     file_identity,
     image_ext,
     load_json,
@@ -120,6 +121,11 @@ class _InstancesIndex:
 
 @functools.lru_cache(maxsize=1)
 def _load_index(json_path: Path, mtime_ns: int, size: int) -> _InstancesIndex:
+    with field_errors(str(json_path)):
+        return _parse_index(json_path)
+
+
+def _parse_index(json_path: Path) -> _InstancesIndex:
     where = str(json_path)
     data = load_json(json_path)
     require(data, ("images", "annotations", "categories"), where)
@@ -224,7 +230,9 @@ def clips(src: Path, split: str, clip_length: int | None = None) -> Iterator[Cli
     index = load_index(json_path)
     image_dir = Path(src) / f"{split}2017"
     for image in index.images:
-        yield read_instances_image(json_path, image_dir, image, index.annotations[image["id"]])
+        with field_errors(f"{json_path.name}: image {image['id']}"):
+            clip = read_instances_image(json_path, image_dir, image, index.annotations[image["id"]])
+        yield clip
 
 
 FORMAT = SourceFormat(

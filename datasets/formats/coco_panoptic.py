@@ -23,6 +23,7 @@ from omgseg.datasets.formats._common import (
     MAX_SEGMENT_ID,
     build_clip,
     check_size,
+    field_errors,
     file_identity,
     id_counts,
     image_ext,
@@ -54,6 +55,11 @@ class _PanopticIndex:
 
 @functools.lru_cache(maxsize=1)
 def _load_index(json_path: Path, mtime_ns: int, size: int) -> _PanopticIndex:
+    with field_errors(str(json_path)):
+        return _parse_index(json_path)
+
+
+def _parse_index(json_path: Path) -> _PanopticIndex:
     where = str(json_path)
     data = load_json(json_path)
     require(data, ("images", "annotations", "categories"), where)
@@ -169,7 +175,9 @@ def panoptic_format(
         index = load_index(paths.json_path)
         by_id = {c.id: c for c in index.categories}
         for image, ann in index.items:
-            yield read_panoptic_image(paths, image, ann, by_id, dataset, tasks)
+            with field_errors(f"{paths.json_path.name}: image {image['id']}"):
+                clip = read_panoptic_image(paths, image, ann, by_id, dataset, tasks)
+            yield clip
 
     return SourceFormat(
         name=name, dataset=dataset, tasks=tasks, categories=categories, clips=clips, count=count

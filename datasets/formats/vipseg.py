@@ -23,6 +23,7 @@ from omgseg.core.structures import Category, Task
 from omgseg.datasets.clip import Clip
 from omgseg.datasets.formats._common import (
     clip_ranges,
+    field_errors,
     id_counts,
     load_json,
     mask_video_clips,
@@ -82,7 +83,8 @@ def categories(src: Path, split: str) -> list[Category]:
     data = load_json(path)
     if not isinstance(data, list):
         raise ValueError(f"{path}: expected a JSON list of categories, got {type(data).__name__}")
-    out = [Category.from_json(c, str(path)) for c in data]
+    with field_errors(str(path)):
+        out = [Category.from_json(c, str(path)) for c in data]
     if len({c.id for c in out}) != len(out):
         raise ValueError(f"{path}: category ids are not unique")
     return out

@@ -31,6 +31,7 @@ from omgseg.datasets.formats._common import (
     check_size,
     clip_ranges,
     clip_source_id,
+    field_errors,
     file_identity,
     load_json,
     read_frames,
@@ -54,6 +55,11 @@ class _YtvisIndex:
 
 @functools.lru_cache(maxsize=1)
 def _load_index(json_path: Path, mtime_ns: int, size: int) -> _YtvisIndex:
+    with field_errors(str(json_path)):
+        return _parse_index(json_path)
+
+
+def _parse_index(json_path: Path) -> _YtvisIndex:
     where = str(json_path)
     data = load_json(json_path)
     require(data, ("videos", "categories"), where)
@@ -181,7 +187,9 @@ def clips(src: Path, split: str, clip_length: int | None = None) -> Iterator[Cli
     json_path, image_dir = _paths(src, split)
     index = load_index(src, split)
     for video in index.videos:
-        yield from read_video(json_path, image_dir, video, index.annotations[video["id"]], clip_length)
+        # No exception from the consumer of these clips reaches this block: only read_video's.
+        with field_errors(f"{json_path.name}: video {video['id']}"):
+            yield from read_video(json_path, image_dir, video, index.annotations[video["id"]], clip_length)
 
 
 FORMAT = SourceFormat(
