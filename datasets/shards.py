@@ -75,7 +75,10 @@ class ShardInfo:
         for key in ("name", "samples", "bytes", "sha256"):
             if key not in obj:
                 raise ValueError(f"{where}: no {key!r} field in {obj!r}")
-        return cls(str(obj["name"]), int(obj["samples"]), int(obj["bytes"]), str(obj["sha256"]))
+        for key in ("samples", "bytes"):
+            if not isinstance(obj[key], int) or isinstance(obj[key], bool) or obj[key] < 0:
+                raise ValueError(f"{where}: {key!r} must be a count (an integer >= 0), got {obj[key]!r}")
+        return cls(str(obj["name"]), obj["samples"], obj["bytes"], str(obj["sha256"]))
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,12 @@ class Manifest:
     source: where the clips came from ({"format", "src", "split", ...} as the caller gave it).
     parameters: conversion parameters that change the shards ({"samples_per_shard", ...}).
     created: ISO 8601 UTC time the conversion started (kept across a resume).
+    meta_sha256: sha256 of the folder's meta.json as written (None in folders converted
+        before it was recorded), so an edited vocabulary is detected.
+
+    On disk the manifest also carries `checksum`, the sha256 of its own canonical JSON
+    without that field (`manifest_checksum`): an edit or corruption of the manifest itself
+    is detected too.
     """
 
     dataset: str
@@ -94,9 +103,10 @@ class Manifest:
     source: dict
     parameters: dict
     created: str
+    meta_sha256: str | None = None
 
     def to_json(self) -> dict:
-        return {
+        doc = {
             "dataset": self.dataset,
             "converter_version": self.converter_version,
             "created": self.created,
@@ -105,6 +115,10 @@ class Manifest:
             "total_samples": self.total_samples,
             "shards": [s.to_json() for s in self.shards],
         }
+        if self.meta_sha256 is not None:
+            doc["meta_sha256"] = self.meta_sha256
+        doc["checksum"] = manifest_checksum(doc)
+        return doc
 
     @classmethod
     def from_json(cls, obj: object, where: str) -> Manifest:
@@ -117,14 +131,21 @@ class Manifest:
         if not isinstance(obj["shards"], list):
             raise ValueError(f"{where}: 'shards' must be a list, got {type(obj['shards']).__name__}")
         shards = tuple(ShardInfo.from_json(s, f"{where}: shards[{i}]") for i, s in enumerate(obj["shards"]))
+        for key in ("source", "parameters"):
+            if not isinstance(obj[key], dict):
+                raise ValueError(f"{where}: {key!r} must be an object, got {type(obj[key]).__name__}")
+        total = obj["total_samples"]
+        if not isinstance(total, int) or isinstance(total, bool):
+            raise ValueError(f"{where}: 'total_samples' must be an integer, got {total!r}")
         manifest = cls(
             dataset=str(obj["dataset"]),
             shards=shards,
-            total_samples=int(obj["total_samples"]),
+            total_samples=total,
             converter_version=str(obj["converter_version"]),
             source=dict(obj["source"]),
             parameters=dict(obj["parameters"]),
             created=str(obj["created"]),
+            meta_sha256=str(obj["meta_sha256"]) if obj.get("meta_sha256") is not None else None,
         )
         counted = sum(s.samples for s in shards)
         if counted != manifest.total_samples:
@@ -154,29 +175,71 @@ class ShardMeta:
     categories: tuple[Category, ...]
 
 
-def read_manifest(shard_dir: Path | str | ShardLocation) -> Manifest:
+def manifest_checksum(doc: dict) -> str:
+    """sha256 of a manifest's JSON without its `checksum` field (sorted keys, compact)."""
+    body = {k: v for k, v in doc.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode("utf-8")).hexdigest()
+
+
+def checksum_problem(doc: object, where: str) -> str | None:
+    """Why a manifest's `checksum` is missing or does not match its content (None: it matches)."""
+    if not isinstance(doc, dict):
+        return None
+    if "checksum" not in doc:
+        return f"{where}: no checksum field, so edits cannot be detected (written before omgseg recorded one, or removed)"
+    try:
+        if doc["checksum"] == manifest_checksum(doc):
+            return None
+    except (TypeError, ValueError):  # values json cannot write back, e.g. lone surrogates
+        pass
+    return f"{where}: content does not match its checksum field: the manifest was edited or corrupted after conversion"
+
+
+def read_manifest(shard_dir: Path | str | ShardLocation, *, check_checksum: bool = False) -> Manifest:
     """The finished manifest of a shard folder (a path or URL, docs/datasets.md "Shard
-    locations"); errors name the file and the missing field."""
+    locations"); errors name the file and the missing field. `check_checksum`: a manifest
+    whose checksum does not match (edited or corrupted) is an error too; training relies on
+    the per-shard sha256 instead."""
     location = ShardLocation.parse(shard_dir)
-    return Manifest.from_json(location.read_json(MANIFEST, "manifest"), location.url(MANIFEST))
+    doc = location.read_json(MANIFEST, "manifest")
+    manifest = Manifest.from_json(doc, location.url(MANIFEST))
+    # A manifest from before checksums were recorded is read as it is.
+    problem = checksum_problem(doc, location.url(MANIFEST)) if check_checksum and "checksum" in doc else None
+    if problem:
+        raise ValueError(problem)
+    return manifest
 
 
-def read_meta(shard_dir: Path | str | ShardLocation) -> ShardMeta:
+def read_meta(shard_dir: Path | str | ShardLocation, manifest: Manifest | None = None) -> ShardMeta:
     """`meta.json` of a shard folder (a path or URL) as a typed record; errors name the file
-    and the field."""
+    and the field. With the folder's `manifest`, a meta.json whose sha256 differs from the
+    one recorded at conversion is an error (an edited vocabulary)."""
     location = ShardLocation.parse(shard_dir)
     path = location.url(META)
+    if manifest is not None and manifest.meta_sha256 is not None:
+        try:
+            with location.open(META) as stream:
+                data = stream.read()
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path}: no meta.json (is {location} a shard folder written by omgseg convert?)") from None
+        if hashlib.sha256(data).hexdigest() != manifest.meta_sha256:
+            raise ValueError(f"{path}: sha256 differs from meta_sha256 in {MANIFEST}: meta.json was edited or "
+                             "corrupted after conversion")
     obj = location.read_json(META, "meta.json")
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(obj).__name__}")
     for key in ("dataset", "format", "split", "tasks", "categories"):
         if key not in obj:
             raise ValueError(f"{path}: no {key!r} field (fields present: {sorted(obj)})")
+    for key in ("tasks", "categories"):
+        if not isinstance(obj[key], list):
+            raise ValueError(f"{path}: {key!r} must be a list, got {type(obj[key]).__name__}")
     try:
         tasks = tuple(Task.parse(t) for t in obj["tasks"])
-    except ValueError as exn:
-        raise ValueError(f"{path}: {exn}") from None
-    categories = tuple(Category.from_json(c, str(path)) for c in obj["categories"])
+        categories = tuple(Category.from_json(c, str(path)) for c in obj["categories"])
+    except (TypeError, ValueError) as exn:  # a mistyped value: say where
+        message = str(exn) if str(exn).startswith(str(path)) else f"{path}: {exn}"
+        raise ValueError(message) from None
     return ShardMeta(str(obj["dataset"]), str(obj["format"]), str(obj["split"]), tasks, categories)
 
 
@@ -297,10 +360,14 @@ def _remove_outputs(out_dir: Path) -> None:
 
 
 def _load_or_none(path: Path) -> Manifest | None:
+    """The manifest at `path`, or None when it is missing, unreadable or edited since written."""
     try:
-        return Manifest.from_json(json.loads(path.read_text()), str(path))
+        doc = json.loads(path.read_bytes())
+        manifest = Manifest.from_json(doc, str(path))
     except (OSError, ValueError):
         return None
+    # An edited manifest is not trusted; one from before checksums were recorded still is.
+    return None if "checksum" in doc and checksum_problem(doc, str(path)) else manifest
 
 
 def _shards_present(out_dir: Path, shards: Iterable[ShardInfo]) -> bool:
@@ -382,9 +449,12 @@ def write_shards(
         _remove_outputs(out_dir)
         _write_json_atomic(out_dir / META, meta)
 
+    meta_sha256 = sha256_file(out_dir / META)
+
     def save_partial() -> None:
         done = sum(s.samples for s in kept)
-        record = Manifest(wanted.dataset, tuple(kept), done, CONVERTER_VERSION, source, parameters, wanted.created)
+        record = Manifest(wanted.dataset, tuple(kept), done, CONVERTER_VERSION, source, parameters, wanted.created,
+                          meta_sha256)
         _write_json_atomic(out_dir / PARTIAL_MANIFEST, record.to_json())
 
     save_partial()
@@ -409,7 +479,8 @@ def write_shards(
                 break
     if not kept:
         raise ValueError(f"{out_dir}: the source yielded no clips for {source}")
-    manifest = Manifest(wanted.dataset, tuple(kept), skip, CONVERTER_VERSION, source, parameters, wanted.created)
+    manifest = Manifest(wanted.dataset, tuple(kept), skip, CONVERTER_VERSION, source, parameters, wanted.created,
+                        meta_sha256)
     _write_json_atomic(out_dir / MANIFEST, manifest.to_json())
     (out_dir / PARTIAL_MANIFEST).unlink(missing_ok=True)
     return manifest
@@ -445,48 +516,89 @@ class _TarContext:
         raise ShardReadError(f"{self.where()}: cannot read tar ({type(exn).__name__}: {first})") from exn
 
 
+class _HashingReader(io.RawIOBase):
+    """A read-only stream that hashes and counts what is read through it."""
+
+    def __init__(self, raw) -> None:  # noqa: ANN001 - any binary stream
+        super().__init__()
+        self.raw = raw
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:  # noqa: ANN001 - a writable buffer, as io.RawIOBase.readinto
+        data = self.raw.read(len(buffer))
+        n = len(data)
+        buffer[:n] = data
+        self.sha256.update(data)
+        self.size += n
+        return n
+
+    def drain(self) -> None:
+        """Read (and hash) what the tar reader left: the end-of-archive blocks and padding."""
+        for block in iter(lambda: self.raw.read(1 << 20), b""):
+            self.sha256.update(block)
+            self.size += len(block)
+
+    def close(self) -> None:
+        self.raw.close()
+        super().close()
+
+
 def read_shard_samples(
     path: Path | str, *, expected: ShardInfo | None = None
 ) -> Iterator[dict]:
     """Raw samples of one shard (a local path, or a URL fsspec opens, read as a stream):
     {"__key__", "__url__", field: bytes}, in file order.
 
-    With `expected`, a sample count (and, for a local file, a size) different from the
-    manifest's raises: tarfile reads a corrupt header in mid-archive as the end of the
-    archive, so only counting tells. Errors are `ShardReadError` naming the shard and the
-    sample reached.
+    With `expected`, a sample count, size or sha256 different from the manifest's raises once
+    the shard has been read to its end (tarfile reads a corrupt header in mid-archive as the
+    end of the archive, so only counting and hashing tell; the samples before were yielded
+    already). Errors are `ShardReadError` naming the shard and the sample reached.
     """
     location = ShardLocation.parse(path)
     name = str(path)
     context = _TarContext(name)
-    if location.remote:
-        folder, _, file_name = name.rpartition("/")
+    try:
+        if location.remote:
+            folder, _, file_name = name.rpartition("/")
+            raw = ShardLocation(folder).open(file_name)
+        else:
+            raw = open(name, "rb")  # noqa: SIM115 - closed below, after the generator finishes
+    except (FileNotFoundError, IsADirectoryError):
+        raise ShardReadError(f"shard {name} does not exist") from None
+    except OSError as exn:
+        raise ShardReadError(f"shard {name}: cannot open ({exn})") from None
+    stream = _HashingReader(raw)
+    buffered = io.BufferedReader(stream)  # held here: when collected it would close the file
+    try:
+        files = wds.tariterators.tar_file_expander([{"stream": buffered, "url": name}],
+                                                   handler=context.handler, rename_files=context.note_member)
+        count = 0
+        last_key = None
+        for sample in wds.tariterators.group_by_keys(files, handler=context.handler):
+            count += 1
+            last_key = sample["__key__"]
+            yield sample
+        if expected is None:
+            return
         try:
-            stream = ShardLocation(folder).open(file_name)
-        except FileNotFoundError as exn:
-            raise ShardReadError(f"shard {exn}") from None
-        files = wds.tariterators.tar_file_expander([{"stream": stream, "url": name}], handler=context.handler,
-                                                   rename_files=context.note_member)
-        samples = wds.tariterators.group_by_keys(files, handler=context.handler)
-    else:
-        if not Path(name).is_file():
-            raise ShardReadError(f"shard {name} does not exist")
-        samples = wds.tariterators.tarfile_samples([{"url": name}], handler=context.handler,
-                                                   rename_files=context.note_member)
-    count = 0
-    last_key = None
-    for sample in samples:
-        count += 1
-        last_key = sample["__key__"]
-        yield sample
-    if expected is not None:
-        size = expected.bytes if location.remote else Path(name).stat().st_size
-        if count != expected.samples or size != expected.bytes:
+            stream.drain()
+        except OSError as exn:
+            raise ShardReadError(f"shard {name}: read failed after sample {last_key} ({exn})") from None
+        if count != expected.samples or stream.size != expected.bytes:
             raise ShardReadError(
-                f"shard {name}: read {count} samples ({size} bytes) but the manifest says "
+                f"shard {name}: read {count} samples ({stream.size} bytes) but the manifest says "
                 f"{expected.samples} ({expected.bytes} bytes); last sample read: {last_key}; "
                 f"the shard is truncated or corrupt"
             )
+        if stream.sha256.hexdigest() != expected.sha256:
+            raise ShardReadError(f"shard {name}: sha256 differs from the manifest: the shard is corrupt "
+                                 f"(its {count} samples were read)")
+    finally:
+        buffered.close()
 
 
 # ---------------------------------------------------------------------------------------
@@ -503,8 +615,16 @@ def _sample_problems(sample: dict, where: str) -> tuple[list[str], dict | None]:
         return [f"{where}: json header is not valid JSON ({exn})"], None
     if not isinstance(header, dict) or "frames" not in header:
         return [f"{where}: json header has no 'frames' field"], None
+    frames = header["frames"]
+    if not isinstance(frames, int) or isinstance(frames, bool) or frames < 0:
+        return [f"{where}: json header 'frames' must be an integer >= 0, got {frames!r}"], None
+    segments = header.get("segments", [])
+    if not isinstance(segments, list) or not all(
+        isinstance(seg, dict) and isinstance(seg.get("category_id"), int) for seg in segments
+    ):
+        return [f"{where}: json header 'segments' must be a list of objects with an integer category_id"], None
     problems = []
-    for t in range(int(header["frames"])):
+    for t in range(frames):
         stem = frame_field(t)
         if f"{stem}.jpg" not in sample and f"{stem}.png" not in sample:
             problems.append(f"{where}: no image for frame {t} ({stem}.jpg or {stem}.png)")
@@ -517,17 +637,23 @@ def verify_shards(shard_dir: Path) -> list[str]:
     """Every way `shard_dir` differs from its manifest (empty list: all good).
 
     Re-hashes each shard, compares sizes, counts samples by reading the tar members, checks
-    each sample has its header and every frame's image and id map, and reports shard files
-    the manifest does not list, leftover `.tmp` files and an unfinished conversion.
+    each sample has its header and every frame's image and id map, checks the manifest's own
+    checksum and meta.json's sha256, and reports shard files the manifest does not list,
+    leftover `.tmp` files and an unfinished conversion.
     """
     shard_dir = Path(shard_dir)
+    location = ShardLocation.parse(shard_dir)
     try:
-        manifest = read_manifest(shard_dir)
+        doc = location.read_json(MANIFEST, "manifest")
+        manifest = Manifest.from_json(doc, location.url(MANIFEST))
     except (FileNotFoundError, ValueError) as exn:
         return [str(exn)]
     problems: list[str] = []
+    checksum = checksum_problem(doc, location.url(MANIFEST))
+    if checksum:
+        problems.append(checksum)
     try:
-        read_meta(shard_dir)
+        read_meta(shard_dir, manifest)
     except (FileNotFoundError, ValueError) as exn:
         problems.append(str(exn))
     listed = {s.name for s in manifest.shards}
@@ -567,8 +693,8 @@ def shard_stats(shard_dir: Path) -> dict:
      "segments_per_category": [{"id", "name", "segments"}] (every category, by id)}
     """
     shard_dir = Path(shard_dir)
-    manifest = read_manifest(shard_dir)
-    meta = read_meta(shard_dir)
+    manifest = read_manifest(shard_dir, check_checksum=True)
+    meta = read_meta(shard_dir, manifest)
     frames = 0
     samples = 0
     per_category: Counter[int] = Counter()

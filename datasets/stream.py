@@ -194,7 +194,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.location = ShardLocation.parse(shard_dir)
         # The manifest first: a folder without one is not (or not yet) a finished conversion.
         self.manifest: Manifest = read_manifest(self.location)
-        self.meta: ShardMeta = read_meta(self.location)
+        self.meta: ShardMeta = read_meta(self.location, self.manifest)  # checked against the manifest
         if not self.manifest.shards:
             raise ValueError(f"{self.location.url('manifest.json')}: lists no shards")
         self.shards = self._selected_shards()
