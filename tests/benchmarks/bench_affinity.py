@@ -11,8 +11,12 @@ trajectory serves them all):
     adam       + the optimizer's own step (AdamW from its moments, at the current lr)
     per_lr     + Z divided by the learning rate
     heldout    + L_j on a fixed held-out val batch of j, with j's vocabulary
-    batch      + the configured probe batch (affinity.batch_size clips): the study's look-ahead
-    momentum   + the reference is the step without the source's gradient (an option, not the default)
+    batch      + the configured probe batch (affinity.batch_size clips): the paper's look-ahead
+    momentum   + the reference is the step without the source's gradient: the study's look-ahead
+
+The trial is trained with the study's thread count (train.resources.cpus_per_worker): float
+rounding differs with the number of threads, so another count trains another trajectory, and
+the look-ahead from the weights depends on the trajectory (platform/affinity.py, `Lookahead`).
 
 Each variant's mean Z over probes is ranked against the pair influence (Spearman over the
 ordered pairs). Then, at a few probe steps, each source's probe batch is drawn several times
@@ -117,7 +121,7 @@ def main() -> int:
     trial = next(t for t in plan_trials(config) if t.measures_affinity)
     init = next((folder / "pretrain" / "pretrain").glob("*/model.pt"), None) if config.pretrain else None
     train = trial_config(config, trial, folder / "bench", "sqlite:///unused.db", init)
-    torch.set_num_threads(2)
+    torch.set_num_threads(max(1, int(config.train.resources.cpus_per_worker)))  # the study's trajectory
     parts, worker = build_parts(train, 0, 1, torch.device("cpu"))
     hook = Variants(parts, worker, args.draws, args.noise_probes, [int(s) for s in args.sizes.split(",")])
     train_loop(parts, worker, [hook])
