@@ -1,42 +1,76 @@
-"""The frozen CLIP backbone of OMG-Seg: an open_clip model with a ConvNeXt (timm) visual trunk.
+"""The frozen CLIP backbone of OMG-Seg: any open_clip model whose image tower is one of three
+families, turned into the four multi-scale maps res2..res5 (strides 4, 8, 16, 32) that the
+pixel decoder reads.
 
-The visual trunk gives the four multi-scale feature maps res2..res5 (strides 4, 8, 16, 32) that
-the pixel decoder reads. The rest of CLIP serves open-vocabulary classification:
-- the text tower encodes class names (`tokenize` + `encode_text`);
-- CLIP's own visual head, applied to mask-pooled last-stage features (`visual_head`), gives
-  the second opinion of the FC-CLIP-style inference ensemble.
+- convnext: a timm trunk with four stages at strides 4..32 (open_clip's ConvNeXt models, the
+  paper's `convnext_large_d_320`). res2..res5 are its stages.
+- modified_resnet: open_clip's ModifiedResNet (RN50, RN101, RN50x4, ...). res2..res5 are
+  layer1..layer4 after the stride-4 stem.
+- vit: open_clip's VisionTransformer (ViT-B-32, ViT-B-16, ...). A ViT has one resolution, its
+  patch stride p; ViTDet's simple feature pyramid (`SimpleFeaturePyramid`) builds res2..res5
+  from the last block's patch tokens by 2x deconvolutions (strides finer than p), the identity
+  (stride p) and max pooling (strides coarser than p).
 
-Everything is frozen (MODEL-NOTES, 'Backbone'): no parameter requires grad, the module stays in
-eval mode whatever its parent asks, and every entry point runs under `torch.no_grad()`.
+The rest of CLIP serves open-vocabulary classification: the text tower encodes class names
+(`tokenize` + `encode_text`), and CLIP's own image head applied to mask-pooled dense features
+(`visual_head`) gives the second opinion of the FC-CLIP-style inference ensemble.
 
-Besides open_clip's own configs, this module registers `tiny_clip` (configs/tiny_clip.json), a
-random-weight CLIP for tests and smoke runs: a timm `convnext_atto` trunk (channels 40 / 80 /
-160 / 320) with the paper model's MLP head, and a 2-layer, 128-wide text tower with CLIP's
-vocabulary and context length, so the real tokenizer works with it unchanged.
+Frozen (MODEL-NOTES, 'Backbone'): no parameter of the CLIP model requires grad, it stays in eval
+mode whatever its parent asks, and it always runs under `torch.no_grad()`. The one exception is
+the ViT's feature pyramid: it is new, randomly initialised and must be trained, so it lives in
+this module as `pyramid`, outside `clip`, and is left out of the freezing on purpose.
+
+Weights: `checkpoint` is a local open_clip file; `pretrained` is one of open_clip's tags for the
+model (`open_clip.list_pretrained_tags_by_model`), which open_clip downloads once into the
+Hugging Face hub cache and reuses from there.
+
+Besides open_clip's own configs, this module registers three random-weight CLIPs for tests and
+smoke runs (configs/*.json), each with a 2-layer, 128-wide text tower with CLIP's vocabulary and
+context length, so the real tokenizer works with them unchanged:
+- `tiny_clip`: a timm `convnext_atto` trunk (channels 40 / 80 / 160 / 320) with the paper
+  model's MLP head;
+- `tiny_clip_rn`: a ModifiedResNet of one block per stage, width 8 (channels 32 / 64 / 128 / 256);
+- `tiny_clip_vit`: a 2-block, 64-wide ViT with 16-pixel patches.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import open_clip
 import torch
+import torch.nn.functional as F
 from open_clip.constants import IMAGENET_MEAN, IMAGENET_STD
+from open_clip.modified_resnet import ModifiedResNet
+from open_clip.pretrained import download_pretrained
 from open_clip.timm_model import TimmModel
+from open_clip.transformer import VisionTransformer
 from torch import Tensor, nn
 
 TINY_MODEL_NAME = "tiny_clip"
-_TINY_CONFIG_PATH = Path(__file__).parent / "configs" / f"{TINY_MODEL_NAME}.json"
-# open_clip silently skips a missing config path; an install without the package data would
-# then fail later with a confusing "unknown model". Fail here, naming the file.
-if not _TINY_CONFIG_PATH.is_file():
-    raise FileNotFoundError(f"{_TINY_CONFIG_PATH} is missing: install omgseg with its package data (configs/*.json)")
-open_clip.add_model_config(_TINY_CONFIG_PATH)
+TINY_RN_MODEL_NAME = "tiny_clip_rn"
+TINY_VIT_MODEL_NAME = "tiny_clip_vit"
+for _name in (TINY_MODEL_NAME, TINY_RN_MODEL_NAME, TINY_VIT_MODEL_NAME):
+    _path = Path(__file__).parent / "configs" / f"{_name}.json"
+    # open_clip silently skips a missing config path; an install without the package data would
+    # then fail later with a confusing "unknown model". Fail here, naming the file.
+    if not _path.is_file():
+        raise FileNotFoundError(f"{_path} is missing: install omgseg with its package data (configs/*.json)")
+    open_clip.add_model_config(_path)
 
-# The pixel decoder is built for these strides; a trunk with others is refused when built.
+# The pixel decoder is built for these strides; a tower that cannot give them is refused when built.
 EXPECTED_STRIDES = (4, 8, 16, 32)
+TOWER_FAMILIES = ("convnext", "modified_resnet", "vit")
+_SUPPORTED = (
+    "timm ConvNeXt trunks (convnext_*), open_clip ModifiedResNet (RN50, RN101, ...) "
+    "and open_clip VisionTransformer (ViT-B-32, ViT-B-16, ...)"
+)
+# Feature shapes are measured by running this many pixels square through the tower once.
+_PROBE_SIZE = 64
 
 
 @dataclass(frozen=True)
@@ -50,12 +84,14 @@ class FeatureSpec:
 
 @dataclass(frozen=True)
 class BackboneFeatures:
-    """The visual trunk's four stage outputs for a batch of B images of size (H, W).
+    """The backbone's four multi-scale maps for a batch of B images of size (H, W).
 
-    res2..res5: (B, C_l, H // s, W // s) for strides s = 4, 8, 16, 32 (ConvNeXt floors odd sizes).
-    clip_dense: (B, C5, H // 32, W // 32), the last stage as CLIP's head sees it (after the
-        trunk's pre-head norm, an identity for open_clip's ConvNeXt models). Mask-pool it and
-        pass the pooled vectors to `ClipBackbone.visual_head`.
+    res2..res5: (B, C_l, ~H / s, ~W / s) for strides s = 4, 8, 16, 32 (convolutional towers
+        floor odd sizes stage by stage; a ViT's pyramid derives every level from its patch grid).
+    clip_dense: (B, C_clip, h, w), the frozen CLIP's dense features as its image head sees them
+        (ConvNeXt: the last stage after the trunk's pre-head norm; ModifiedResNet: layer4; ViT:
+        the patch tokens after ln_post, at the patch stride). Mask-pool it and pass the pooled
+        vectors to `ClipBackbone.visual_head`.
     """
 
     res2: Tensor
@@ -65,74 +101,149 @@ class BackboneFeatures:
     clip_dense: Tensor
 
     def __post_init__(self) -> None:
-        maps = {"res2": self.res2, "res3": self.res3, "res4": self.res4, "res5": self.res5}
+        maps = {"res2": self.res2, "res3": self.res3, "res4": self.res4, "res5": self.res5, "clip_dense": self.clip_dense}
         batch = self.res2.shape[0]
         for name, tensor in maps.items():
             if tensor.dim() != 4 or tensor.shape[0] != batch:
                 raise ValueError(f"BackboneFeatures.{name} must be ({batch}, C, h, w), got {tuple(tensor.shape)}")
-        if self.clip_dense.shape != self.res5.shape:
-            raise ValueError(
-                f"BackboneFeatures.clip_dense must match res5 {tuple(self.res5.shape)}, "
-                f"got {tuple(self.clip_dense.shape)}"
-            )
 
     def as_list(self) -> list[Tensor]:
         """[res2, res3, res4, res5], fine to coarse."""
         return [self.res2, self.res3, self.res4, self.res5]
 
 
-class ClipBackbone(nn.Module):
-    """A frozen open_clip model whose visual tower is a timm ConvNeXt trunk.
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of an NCHW map (ViTDet's norm in the feature pyramid)."""
 
-    Args:
-        model_name: an open_clip model name with a timm trunk, e.g. "convnext_large_d_320"
-            (the paper's), "convnext_base", or "tiny_clip" (registered by this module).
-        checkpoint: a LOCAL open_clip checkpoint file (a CLIP state dict), or None for random
-            weights. Nothing is ever downloaded: a pretrained tag such as
-            "laion2b_s29b_b131k_ft_soup" is not accepted, only a path to an existing file.
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
-    Attributes (read from the built model, never guessed from its name):
-        feature_specs: res2..res5 with their channels and strides.
-        embed_dim: the width D of CLIP's joint image-text embedding.
-        context_length: the number of tokens per text.
+
+class SimpleFeaturePyramid(nn.Module):
+    """ViTDet's simple feature pyramid: one map at the ViT's patch stride p -> four maps at
+    strides 4, 8, 16, 32, every one `out_channels` wide. Trainable.
+
+    Level at stride s, scale p / s:
+    - scale > 1 (s finer than p): log2(scale) stride-2 2x2 deconvolutions, each halving the
+      channels, with LayerNorm + GELU between them (ViTDet's stride-4 branch for p = 16);
+    - scale = 1: the identity;
+    - scale < 1: max pooling with kernel and stride 1 / scale.
+    Then a 1x1 and a 3x3 convolution, each followed by LayerNorm (no bias: the norm has one).
+    For p = 16 the scales are 4, 2, 1, 1/2 (ViT-B-16); for p = 32 they are 8, 4, 2, 1 (ViT-B-32).
     """
 
-    def __init__(self, model_name: str, checkpoint: str | Path | None = None) -> None:
+    def __init__(self, in_channels: int, patch_stride: int, out_channels: int) -> None:
+        super().__init__()
+        if patch_stride < 1 or patch_stride & (patch_stride - 1):
+            raise ValueError(
+                f"ViT patch size {patch_stride} is not a power of two: the simple feature pyramid reaches "
+                f"strides {EXPECTED_STRIDES} from it only by factors of 2 (e.g. patch 16 or 32)"
+            )
+        self.patch_stride = patch_stride
+        self.scales = tuple(patch_stride / stride for stride in EXPECTED_STRIDES)
+        levels = []
+        for scale in self.scales:
+            layers: list[nn.Module] = []
+            dim = in_channels
+            if scale > 1:
+                steps = int(math.log2(scale))
+                if in_channels % 2**steps:
+                    raise ValueError(f"ViT width {in_channels} must be divisible by {2**steps} for a {scale:g}x deconvolution")
+                for step in range(steps):
+                    layers.append(nn.ConvTranspose2d(dim, dim // 2, kernel_size=2, stride=2))
+                    dim //= 2
+                    if step < steps - 1:
+                        layers += [LayerNorm2d(dim), nn.GELU()]
+            elif scale < 1:
+                kernel = int(round(1 / scale))
+                layers.append(nn.MaxPool2d(kernel_size=kernel, stride=kernel))
+            layers += [
+                nn.Conv2d(dim, out_channels, kernel_size=1, bias=False),
+                LayerNorm2d(out_channels),
+                nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1, bias=False),
+                LayerNorm2d(out_channels),
+            ]
+            levels.append(nn.Sequential(*layers))
+        self.levels = nn.ModuleList(levels)
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        """x: (B, C, h, w) at the patch stride -> [res2, res3, res4, res5], each (B, out, h * scale, w * scale)."""
+        return [level(x) for level in self.levels]
+
+
+class ClipBackbone(nn.Module):
+    """A frozen open_clip model of any supported tower family, giving res2..res5.
+
+    Args:
+        model_name: an open_clip model name, e.g. "convnext_large_d_320" (the paper's), "RN50",
+            "ViT-B-16", or one of the tiny test models this module registers.
+        checkpoint: a LOCAL open_clip checkpoint file (a CLIP state dict; .safetensors, .bin or
+            .pt, read with weights_only=True), or None.
+        pretrained: one of open_clip's pretrained tags for `model_name`, e.g.
+            "laion2b_s29b_b131k_ft_soup"; open_clip downloads it into its cache (the Hugging
+            Face hub cache, `cache_dir` if given) the first time and reads it from there after.
+            At most one of checkpoint and pretrained; neither means random weights.
+        pyramid_channels: ViT towers only: the width of each level of the feature pyramid.
+        cache_dir: where open_clip keeps downloaded tags (None: its default).
+
+    Attributes (read from the built model, never guessed from its name):
+        family: one of TOWER_FAMILIES.
+        feature_specs: res2..res5 with their channels and strides.
+        clip_dense_spec: the channels and stride of `BackboneFeatures.clip_dense`.
+        embed_dim: the width D of CLIP's joint image-text embedding.
+        context_length: the number of tokens per text.
+        pyramid: the trainable SimpleFeaturePyramid of a ViT tower, else None.
+    """
+
+    def __init__(
+        self,
+        model_name: str,
+        checkpoint: str | Path | None = None,
+        pretrained: str | None = None,
+        pyramid_channels: int = 256,
+        cache_dir: str | Path | None = None,
+    ) -> None:
         super().__init__()
         available = open_clip.list_models()
         if model_name not in available:
-            convnexts = [name for name in available if "convnext" in name.lower()]
             raise ValueError(
-                f"unknown open_clip model {model_name!r}; ConvNeXt ones: {convnexts} "
-                f"(and {TINY_MODEL_NAME!r} for tests)"
+                f"unknown open_clip model {model_name!r}; for example: {_examples(available)} "
+                f"(and {TINY_MODEL_NAME!r}, {TINY_RN_MODEL_NAME!r}, {TINY_VIT_MODEL_NAME!r} for tests)"
             )
-        pretrained = None
+        _check_vit_patch(model_name)  # before building: a ViT-L can take a while to refuse
+        if checkpoint is not None and pretrained is not None:
+            raise ValueError(
+                f"give the CLIP weights of {model_name!r} either as a local file (clip_checkpoint={checkpoint}) "
+                f"or as a pretrained tag (clip_pretrained={pretrained}), not both"
+            )
+        quick_gelu = False
+        weights: Path | None = None
         if checkpoint is not None:
-            path = Path(checkpoint).expanduser()
-            if not path.is_file():
-                raise FileNotFoundError(
-                    f"CLIP checkpoint {str(path)!r} for {model_name!r} does not exist; ClipBackbone "
-                    f"never downloads: pass the path of a local checkpoint file, or None for random weights"
-                )
-            # An absolute path can never be mistaken by open_clip for a pretrained tag to download.
-            pretrained = str(path.resolve())
-        clip = open_clip.create_model(model_name, pretrained=pretrained)
-        if not isinstance(clip.visual, TimmModel) or not hasattr(clip.visual.trunk, "feature_info"):
-            raise ValueError(
-                f"ClipBackbone needs a timm-trunk (ConvNeXt) CLIP model; {model_name!r} has a "
-                f"{type(clip.visual).__name__} visual tower"
-            )
+            weights = _local_checkpoint(model_name, checkpoint)
+        elif pretrained is not None:
+            weights, quick_gelu = _download_tag(model_name, pretrained, cache_dir)
+        # A tag trained with QuickGELU needs it in the model too (open_clip's "-quickgelu" names).
+        # The weights are loaded below, so open_clip's "initialized randomly" warning would be
+        # wrong; it stays for a model that really keeps random weights.
+        quiet = _DropRandomInitWarning() if weights is not None else None
+        root = logging.getLogger()
+        if quiet is not None:
+            root.addFilter(quiet)
+        try:
+            clip = open_clip.create_model(model_name, pretrained=None, force_quick_gelu=quick_gelu)
+        finally:
+            if quiet is not None:
+                root.removeFilter(quiet)
+        if weights is not None:
+            _load_weights(clip, weights, model_name)
         self.model_name = model_name
+        self.family = _tower_family(clip.visual, model_name)
         self.clip = clip
+        self.pyramid: SimpleFeaturePyramid | None = None
+        if self.family == "vit":
+            visual = clip.visual
+            self.pyramid = SimpleFeaturePyramid(visual.conv1.out_channels, visual.patch_size[0], pyramid_channels)
 
-        specs = []
-        for info in clip.visual.trunk.feature_info:
-            stride = int(info["reduction"])
-            specs.append(FeatureSpec(name=f"res{int(math.log2(stride))}", channels=int(info["num_chs"]), stride=stride))
-        strides = tuple(spec.stride for spec in specs)
-        if strides != EXPECTED_STRIDES:
-            raise ValueError(f"{model_name!r} trunk has stage strides {strides}, expected {EXPECTED_STRIDES}")
-        self.feature_specs: tuple[FeatureSpec, ...] = tuple(specs)
         self.embed_dim: int = int(open_clip.get_model_config(model_name)["embed_dim"])
         self.tokenizer = open_clip.get_tokenizer(model_name)
         self.context_length: int = int(self.tokenizer.context_length)
@@ -142,14 +253,33 @@ class ClipBackbone(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
-        for param in self.parameters():
+        # Only the CLIP model is frozen: the ViT pyramid (outside `clip`) is trained.
+        for param in self.clip.parameters():
             param.requires_grad = False
         self.train(False)
 
+        with torch.no_grad():  # measure what the tower gives rather than trusting its name
+            probe = self(torch.zeros(1, 3, _PROBE_SIZE, _PROBE_SIZE, device=self.device))
+        specs = []
+        for tensor in probe.as_list():
+            stride = _PROBE_SIZE // tensor.shape[-1]
+            specs.append(FeatureSpec(name=f"res{int(math.log2(stride))}", channels=int(tensor.shape[1]), stride=stride))
+        strides = tuple(spec.stride for spec in specs)
+        if strides != EXPECTED_STRIDES:
+            raise ValueError(f"{model_name!r} gives stage strides {strides}, expected {EXPECTED_STRIDES}")
+        self.feature_specs: tuple[FeatureSpec, ...] = tuple(specs)
+        dense = probe.clip_dense
+        self.clip_dense_spec = FeatureSpec("clip_dense", int(dense.shape[1]), _PROBE_SIZE // dense.shape[-1])
+
     def train(self, mode: bool = True) -> ClipBackbone:
-        """Stay in eval mode whatever `mode` is: frozen means no dropout, no drop-path, and
-        normalisation layers that never update statistics, even inside a parent in train mode."""
-        return super().train(False)
+        """The CLIP model stays in eval mode whatever `mode` is: frozen means no dropout, no
+        drop-path, and normalisation layers that never update statistics, even inside a parent in
+        train mode. The ViT pyramid follows `mode` like any trainable module; the backbone
+        itself reports training only when it has such a part."""
+        super().train(mode)
+        self.clip.train(False)
+        self.training = mode and self.pyramid is not None
+        return self
 
     @property
     def device(self) -> torch.device:
@@ -160,12 +290,21 @@ class ClipBackbone(nn.Module):
         """CLIP's learned temperature (exp of its logit_scale): multiplies image-text cosines."""
         return float(self.clip.logit_scale.exp())
 
-    @torch.no_grad()
     def forward(self, images: Tensor) -> BackboneFeatures:
         """images: (B, 3, H, W) RGB, either uint8 in [0, 255] or float in [0, 1]; H, W >= 32.
 
-        Video: fold the frames into the batch (B*T, 3, H, W) before calling.
+        The CLIP tower runs under no_grad; only a ViT's pyramid builds a graph (when the caller
+        has gradients enabled). Video: fold the frames into the batch (B*T, 3, H, W) first.
         """
+        x = self._normalise(images)  # (B, 3, H, W)
+        with torch.no_grad():
+            stages, dense = self._tower(x)
+        if self.pyramid is not None:
+            stages = self.pyramid(stages[0])
+        res2, res3, res4, res5 = stages
+        return BackboneFeatures(res2=res2, res3=res3, res4=res4, res5=res5, clip_dense=dense)
+
+    def _normalise(self, images: Tensor) -> Tensor:
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be (B, 3, H, W) RGB, got {tuple(images.shape)}")
         height, width = images.shape[-2:]
@@ -182,14 +321,53 @@ class ClipBackbone(nn.Module):
             x = images.to(self.pixel_mean.dtype)
         else:
             raise ValueError(f"images must be uint8 or floating point, got {images.dtype}")
-        x = (x - self.pixel_mean) / self.pixel_std  # (B, 3, H, W)
+        return (x - self.pixel_mean) / self.pixel_std
 
-        trunk = self.clip.visual.trunk
-        last, stages = trunk.forward_intermediates(x, intermediates_only=False)
-        if len(stages) != len(self.feature_specs):
-            raise RuntimeError(f"trunk returned {len(stages)} stages, declared {len(self.feature_specs)}")
-        res2, res3, res4, res5 = stages
-        return BackboneFeatures(res2=res2, res3=res3, res4=res4, res5=res5, clip_dense=last)
+    def _tower(self, x: Tensor) -> tuple[list[Tensor], Tensor]:
+        """Normalised images -> (the tower's maps, clip_dense). ConvNeXt and ModifiedResNet give
+        their four stages; a ViT gives one map, its last block's patch tokens, for the pyramid."""
+        visual = self.clip.visual
+        if self.family == "convnext":
+            last, stages = visual.trunk.forward_intermediates(x, intermediates_only=False)
+            return list(stages), last
+        if self.family == "modified_resnet":
+            stages = []
+            y = visual.stem(x)  # stride 4
+            for layer in (visual.layer1, visual.layer2, visual.layer3, visual.layer4):
+                y = layer(y)
+                stages.append(y)
+            return stages, stages[-1]
+        tokens, (h, w) = self.vit_tokens(x)
+        patches = tokens[:, 1:]  # (B, h*w, width), the class token dropped
+        dense = patches if visual.final_ln_after_pool else visual.ln_post(patches)
+        return [_to_map(patches, h, w)], _to_map(dense, h, w)
+
+    def vit_tokens(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        """ViT only: normalised images (B, 3, H, W) -> the last block's tokens (B, 1 + h*w, width),
+        class token first, and the patch grid (h, w) = (H // p, W // p).
+
+        open_clip's own forward adds a positional embedding of the training grid only; here it
+        is resized (bicubic) to the input's grid, so any image size >= 32 works.
+        """
+        visual = self.clip.visual
+        patches = visual.conv1(x)  # (B, width, h, w)
+        b, _, h, w = patches.shape
+        tokens = patches.flatten(2).transpose(1, 2)  # (B, h*w, width)
+        cls = visual.class_embedding.to(tokens.dtype).expand(b, 1, -1)
+        tokens = torch.cat([cls, tokens], dim=1) + self._vit_position_embedding(h, w).to(tokens.dtype)
+        tokens = visual.ln_pre(visual.patch_dropout(tokens))
+        return visual.transformer(tokens), (h, w)
+
+    def _vit_position_embedding(self, h: int, w: int) -> Tensor:
+        """(1 + h*w, width): the class token's embedding and the patch grid's, resized to (h, w)."""
+        visual = self.clip.visual
+        pos = visual.positional_embedding
+        grid_h, grid_w = visual.grid_size
+        if (h, w) == (grid_h, grid_w):
+            return pos
+        grid = pos[1:].reshape(1, grid_h, grid_w, -1).permute(0, 3, 1, 2)  # (1, width, gh, gw)
+        grid = F.interpolate(grid, size=(h, w), mode="bicubic", align_corners=False)
+        return torch.cat([pos[:1], grid.flatten(2)[0].t()], dim=0)
 
     def tokenize(self, texts: list[str]) -> Tensor:
         """N texts -> (N, context_length) int64 token ids on the backbone's device."""
@@ -208,15 +386,150 @@ class ClipBackbone(nn.Module):
 
     @torch.no_grad()
     def visual_head(self, pooled: Tensor) -> Tensor:
-        """CLIP's own image head on pooled last-stage features: (N, C5) -> (N, D), NOT normalised.
+        """CLIP's own image head on pooled dense features: (N, C_clip) -> (N, D), NOT normalised.
 
         `pooled` are vectors of `BackboneFeatures.clip_dense` averaged over regions (e.g. masks).
-        They go through the trunk's head as 1x1 maps, so its global pooling is the identity and
-        only its norm (LayerNorm for ConvNeXt) acts, then through open_clip's projection (a
-        linear layer or an MLP): exactly what CLIP does to its globally pooled image feature.
+        - convnext: the trunk's head on 1x1 maps, so its global pooling is the identity and only
+          its norm acts, then open_clip's projection: exactly what CLIP does to its globally
+          pooled image feature.
+        - modified_resnet: CLIP's attention pool sees one token, the region's vector. Softmax over
+          a single key is 1, so attention reduces to its value and output projections,
+          c_proj(v_proj(x)), whatever the query and key weights are. The positional embedding is
+          left out: a region-pooled vector has no single position (MaskCLIP does the same).
+        - vit: the projection (and ln_post, for towers that norm after pooling). ln_post acts per
+          token, so it was already applied to clip_dense; the projection is linear, so
+          projecting the pooled tokens equals pooling the projected ones. CLIP aligned the class
+          token, not the patch tokens, with text: this second opinion is weaker for a ViT.
         """
-        c5 = self.feature_specs[-1].channels
-        if pooled.dim() != 2 or pooled.shape[1] != c5:
-            raise ValueError(f"pooled must be (N, {c5}), got {tuple(pooled.shape)}")
-        x = self.clip.visual.trunk.head(pooled[:, :, None, None])  # (N, C5): pool 1x1, norm, flatten
-        return self.clip.visual.head(x)  # (N, D)
+        channels = self.clip_dense_spec.channels
+        if pooled.dim() != 2 or pooled.shape[1] != channels:
+            raise ValueError(f"pooled must be (N, {channels}), got {tuple(pooled.shape)}")
+        visual = self.clip.visual
+        if self.family == "convnext":
+            x = visual.trunk.head(pooled[:, :, None, None])  # (N, C5): pool 1x1, norm, flatten
+            return visual.head(x)  # (N, D)
+        if self.family == "modified_resnet":
+            return visual.attnpool.c_proj(visual.attnpool.v_proj(pooled))
+        x = visual.ln_post(pooled) if visual.final_ln_after_pool else pooled
+        return x @ visual.proj
+
+
+class _DropRandomInitWarning(logging.Filter):
+    """Drops open_clip's "Model initialized randomly" warning (for a model whose weights follow)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "initialized randomly" not in record.getMessage()
+
+
+def _to_map(tokens: Tensor, h: int, w: int) -> Tensor:
+    """(B, h*w, C) row-major patch tokens -> (B, C, h, w)."""
+    return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], h, w)
+
+
+def _examples(available: list[str]) -> list[str]:
+    """A few models of each family, for error messages (the full list has hundreds of names)."""
+    wanted = ("convnext_base", "convnext_large_d_320", "RN50", "RN101", "ViT-B-32", "ViT-B-16", "ViT-L-14")
+    return [name for name in wanted if name in available]
+
+
+def _check_vit_patch(model_name: str) -> None:
+    """Refuse, from its open_clip config alone, a ViT whose patch the pyramid cannot use."""
+    vision = open_clip.get_model_config(model_name).get("vision_cfg", {})
+    if "timm_model_name" in vision or isinstance(vision.get("layers"), (list, tuple)):
+        return  # not open_clip's ViT
+    patch = vision.get("patch_size", 16)
+    if isinstance(patch, int) and (patch < 1 or patch & (patch - 1)):
+        raise ValueError(
+            f"{model_name!r}: ViT patch size {patch} is not a power of two: the simple feature pyramid reaches "
+            f"strides {EXPECTED_STRIDES} from it only by factors of 2 (e.g. patch 16 or 32)"
+        )
+
+
+def _tower_family(visual: nn.Module, model_name: str) -> str:
+    """The family of an open_clip image tower, or a ValueError saying why it is not supported."""
+    if isinstance(visual, TimmModel):
+        info = getattr(visual.trunk, "feature_info", None)
+        strides = tuple(int(i["reduction"]) for i in info) if info is not None else ()
+        if strides != EXPECTED_STRIDES:
+            raise ValueError(
+                f"{model_name!r}: its timm trunk {type(visual.trunk).__name__} has stage strides {strides}, "
+                f"the pixel decoder needs four stages at {EXPECTED_STRIDES}; supported towers: {_SUPPORTED}"
+            )
+        return "convnext"
+    if isinstance(visual, ModifiedResNet):
+        return "modified_resnet"
+    if isinstance(visual, VisionTransformer):
+        if visual.attn_pool is not None:
+            raise ValueError(f"{model_name!r}: a ViT with attentional pooling (CoCa) is not supported; supported towers: {_SUPPORTED}")
+        if visual.patch_size[0] != visual.patch_size[1]:
+            raise ValueError(f"{model_name!r}: non-square ViT patches {visual.patch_size} are not supported")
+        return "vit"
+    raise ValueError(f"{model_name!r} has a {type(visual).__name__} image tower, an unknown family; supported towers: {_SUPPORTED}")
+
+
+def _local_checkpoint(model_name: str, checkpoint: str | Path) -> Path:
+    path = Path(checkpoint).expanduser()
+    if path.is_file():
+        return path.resolve()
+    hint = ""
+    if str(checkpoint) in open_clip.list_pretrained_tags_by_model(model_name):
+        hint = f" ({str(checkpoint)!r} is a pretrained tag of {model_name!r}: pass it as clip_pretrained={checkpoint})"
+    raise FileNotFoundError(
+        f"CLIP checkpoint {str(path)!r} for {model_name!r} does not exist; clip_checkpoint is a local file "
+        f"and is never downloaded{hint}"
+    )
+
+
+def _download_tag(model_name: str, tag: str, cache_dir: str | Path | None) -> tuple[Path, bool]:
+    """open_clip's file for (model, tag), downloaded into its cache unless already there, and
+    whether the tag was trained with QuickGELU."""
+    tags = open_clip.list_pretrained_tags_by_model(model_name)
+    if tag not in tags:
+        elsewhere = open_clip.list_pretrained_models_by_tag(tag)
+        hint = f" ({tag!r} is a tag of {elsewhere[:6]})" if elsewhere else ""
+        raise ValueError(
+            f"unknown pretrained tag {tag!r} for open_clip model {model_name!r}; its tags: {tags or 'none'}{hint}"
+        )
+    cfg = open_clip.get_pretrained_cfg(model_name, tag)
+    if cfg.get("hf_hub"):
+        from huggingface_hub import constants
+
+        where = f"the Hugging Face hub cache {cache_dir or constants.HF_HUB_CACHE} (repo {cfg['hf_hub'].rstrip('/')})"
+    else:
+        where = f"the folder {cache_dir or Path('~/.cache/clip').expanduser()}"
+    try:
+        path = download_pretrained(cfg, cache_dir=None if cache_dir is None else str(cache_dir))
+    except Exception as err:  # offline, no such file, HTTP errors: all mean "not available here"
+        # open_clip wraps the hub's error as "Failed to download ... Last error: <the hub's>".
+        reason = str(err).rpartition("Last error: ")[2].strip() or type(err).__name__
+        raise FileNotFoundError(
+            f"open_clip weights {tag!r} for {model_name!r} are not in {where} and could not be downloaded "
+            f"({reason.splitlines()[0]}); pass a local file with "
+            f"clip_checkpoint=/path/to/open_clip_model.safetensors instead"
+        ) from None
+    if not path:
+        raise FileNotFoundError(f"open_clip gives no download for tag {tag!r} of {model_name!r}; pass clip_checkpoint= instead")
+    return Path(path), bool(cfg.get("quick_gelu", False))
+
+
+def _load_weights(clip: nn.Module, path: Path, model_name: str) -> None:
+    """Load an open_clip checkpoint into `clip` (weights only), or one line saying why it does not fit."""
+    try:
+        missing, unexpected = open_clip.load_checkpoint(clip, str(path), strict=False, weights_only=True)
+    except RuntimeError as err:
+        wrong = re.findall(r"size mismatch for ([\w.]+)", str(err))
+        if wrong:
+            raise ValueError(
+                f"CLIP checkpoint {path} does not fit open_clip model {model_name!r}: shapes differ for "
+                f"{len(wrong)} keys, e.g. {wrong[:4]} (was it saved from another model?)"
+            ) from None
+        raise ValueError(f"CLIP checkpoint {path} could not be read: {str(err).splitlines()[0]}") from None
+    except Exception as err:  # not a weights-only pickle, not a state dict, a truncated file, ...
+        first = str(err).splitlines()[0] if str(err) else ""
+        raise ValueError(f"CLIP checkpoint {path} is not an open_clip state dict ({type(err).__name__}: {first[:200]})") from None
+    if missing or unexpected:
+        raise ValueError(
+            f"CLIP checkpoint {path} does not fit open_clip model {model_name!r}: {len(missing)} keys missing, "
+            f"e.g. {list(missing)[:4]}, and {len(unexpected)} unexpected, e.g. {list(unexpected)[:4]} "
+            f"(was it saved from another model?)"
+        )

@@ -14,7 +14,6 @@ ensemble with the frozen CLIP's own classification of each mask and returns one 
 from __future__ import annotations
 
 import pickle
-
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +32,8 @@ from omgseg.model.structures import MatchTargets, PromptBatch, QueryOutputs
 from omgseg.model.vocabulary import TextClassifier, Vocabulary
 
 CHECKPOINT_FORMAT = 1
+# State-dict prefix of the frozen CLIP model (its weights come from a file, a tag or the init seed).
+_FROZEN_CLIP = "backbone.clip."
 
 
 @dataclass
@@ -40,7 +41,7 @@ class ModelOutputs:
     """One forward pass over B clips.
 
     queries: the decoder's predictions (last set, earlier sets in `.aux`), for the loss.
-    clip_features: (B, C5, T, H/32, W/32) the frozen CLIP's last stage, for the ensemble.
+    clip_features: (B, C_clip, T, h, w) the frozen CLIP's dense features (`clip_dense`), for the ensemble.
     text_embeddings: (C, S, D) the vocabulary's CLIP text embeddings used for the logits.
     image_size: (H, W) of the input.
     """
@@ -56,7 +57,7 @@ class EncodedClips:
     """B clips through the frozen CLIP and the pixel decoder (`OMGSeg.encode`).
 
     pixels: the pixel decoder's mask features and multi-scale memory, frames folded into the batch.
-    clip_features: (B, C5, T, H/32, W/32) the frozen CLIP's last stage, for the ensemble.
+    clip_features: (B, C_clip, T, h, w) the frozen CLIP's dense features (`clip_dense`), for the ensemble.
     frames: T; image_size: (H, W) of the input.
     """
 
@@ -89,7 +90,8 @@ class OMGSeg(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.backbone = ClipBackbone(config.clip_model, config.clip_checkpoint)
+        self.backbone = ClipBackbone(config.clip_model, config.clip_checkpoint, config.clip_pretrained,
+                                     pyramid_channels=config.pyramid_channels)
         if config.decoder.text_dim != self.backbone.embed_dim:
             raise ValueError(
                 f"model {config.name!r}: decoder.text_dim {config.decoder.text_dim} must equal the CLIP "
@@ -124,7 +126,7 @@ class OMGSeg(nn.Module):
         features = self.backbone(images.flatten(0, 1))  # frames folded into the batch, clip-major
         pixels = self.pixel_decoder(features)
         clip = features.clip_dense
-        clip = clip.view(b, t, *clip.shape[1:]).transpose(1, 2)  # (B, C5, T, h, w)
+        clip = clip.view(b, t, *clip.shape[1:]).transpose(1, 2)  # (B, C_clip, T, h, w)
         return EncodedClips(pixels=pixels, clip_features=clip, frames=t, image_size=(h, w))
 
     def forward(
@@ -175,8 +177,8 @@ class OMGSeg(nn.Module):
         num_obj = queries.num_object_queries
         query_logits = queries.class_logits[:, :num_obj]  # (B, Qo, C + 1)
         settings = self.config.inference
-        # With random CLIP weights (no checkpoint) CLIP's own classification is noise: no ensemble.
-        if settings.use_clip_ensemble and self.config.clip_checkpoint is not None:
+        # With random CLIP weights (no checkpoint or tag) CLIP's own classification is noise: no ensemble.
+        if settings.use_clip_ensemble and self.config.has_clip_weights:
             clip_logits = self.clip_logits(outputs)  # (B, Qo, C)
             seen = vocabulary.seen_mask(self.seen_names) if self.seen_names else torch.ones(len(vocabulary), dtype=torch.bool)
             seen = seen.to(query_logits.device)
@@ -200,13 +202,13 @@ class OMGSeg(nn.Module):
         return predictions
 
     def clip_logits(self, outputs: ModelOutputs) -> Tensor:
-        """(B, Qo, C) the frozen CLIP's own class logits for each object query's mask: its last
-        stage mask-pooled over the tube, through CLIP's image head, against the text."""
+        """(B, Qo, C) the frozen CLIP's own class logits for each object query's mask: its dense
+        features mask-pooled over the tube, through CLIP's image head, against the text."""
         queries = outputs.queries
         num_obj = queries.num_object_queries
-        pooled = mask_pool(outputs.clip_features, queries.mask_logits[:, :num_obj].detach())  # (B, Qo, C5)
-        b, q, c5 = pooled.shape
-        image_emb = F.normalize(self.backbone.visual_head(pooled.reshape(b * q, c5)), dim=-1)  # (B*Qo, D)
+        pooled = mask_pool(outputs.clip_features, queries.mask_logits[:, :num_obj].detach())  # (B, Qo, C_clip)
+        b, q, c_clip = pooled.shape
+        image_emb = F.normalize(self.backbone.visual_head(pooled.reshape(b * q, c_clip)), dim=-1)  # (B*Qo, D)
         text = outputs.text_embeddings  # (C, S, D), unit norm
         c, s, d = text.shape
         cosine = (image_emb @ text.reshape(c * s, d).t()).view(b, q, c, s).amax(-1)
@@ -217,12 +219,13 @@ class OMGSeg(nn.Module):
 
     def checkpoint_state_dict(self) -> dict[str, Tensor]:
         """What a checkpoint must hold to rebuild this model: everything but the frozen CLIP
-        when that comes from its own checkpoint file; everything when CLIP has random weights
-        (they could not be rebuilt otherwise)."""
+        when that comes from its own file or tag; everything when CLIP has random weights
+        (they could not be rebuilt otherwise). A ViT's feature pyramid is trained, so it is
+        always saved."""
         state = self.state_dict()
-        if self.config.clip_checkpoint is None:
+        if not self.config.has_clip_weights:
             return state
-        return {k: v for k, v in state.items() if not k.startswith("backbone.")}
+        return {k: v for k, v in state.items() if not k.startswith(_FROZEN_CLIP)}
 
     def get_extra_state(self) -> dict:
         return {"seen_names": sorted(self.seen_names)}
@@ -262,8 +265,8 @@ def load_checkpoint(
 ) -> tuple[OMGSeg, dict]:
     """An OMGSeg from `save_checkpoint`'s file, and the checkpoint's `extra`.
 
-    clip_checkpoint: where the frozen CLIP weights are on THIS machine (overrides the path
-    recorded at training time, which may not exist here).
+    clip_checkpoint: where the frozen CLIP weights are on THIS machine (overrides the path or
+    pretrained tag recorded at training time, which may not be available here).
     """
     path = Path(path)
     if not path.is_file():
@@ -277,16 +280,16 @@ def load_checkpoint(
         raise ValueError(f"{path}: not an omgseg checkpoint (format {CHECKPOINT_FORMAT} expected)")
     config = ModelConfig.from_dict(payload["config"])
     if clip_checkpoint is not None:
-        config = config.replace(clip_checkpoint=clip_checkpoint)
+        config = config.replace(clip_checkpoint=clip_checkpoint, clip_pretrained=None)
     model = OMGSeg(config)
     missing, unexpected = model.load_state_dict(payload["model"], strict=False)
-    if config.clip_checkpoint is not None:  # the frozen CLIP came from its own file
-        missing = [k for k in missing if not k.startswith("backbone.")]
+    if config.has_clip_weights:  # the frozen CLIP came from its own file or tag
+        missing = [k for k in missing if not k.startswith(_FROZEN_CLIP)]
     if missing or unexpected:
         raise ValueError(
             f"{path}: weights do not fit model {config.name!r}: missing {missing[:5]}, unexpected {unexpected[:5]}"
             + (" (a checkpoint saved with a CLIP checkpoint file needs clip_checkpoint=...)"
-               if any(k.startswith("backbone.") for k in missing) else "")
+               if any(k.startswith(_FROZEN_CLIP) for k in missing) else "")
         )
     return model, payload["extra"]
 
@@ -306,7 +309,7 @@ def load_weights(model: OMGSeg, path: str | Path) -> dict:
                    if isinstance(v, torch.Tensor) and k in state and tuple(state[k].shape) != tuple(v.shape))
     missing, unexpected = model.load_state_dict(
         {k: v for k, v in payload["model"].items() if k not in wrong}, strict=False)
-    missing = [k for k in missing if not k.startswith("backbone.")]
+    missing = [k for k in missing if not k.startswith(_FROZEN_CLIP)]
     if wrong or missing or unexpected:
         raise ValueError(f"{path}: weights do not fit model {model.config.name!r}: shapes differ for {wrong[:5]}, "
                          f"missing {missing[:5]}, unexpected {unexpected[:5]}")
@@ -321,11 +324,14 @@ def parameter_counts(model: OMGSeg) -> dict[str, int]:
 
     decoder = model.decoder
     layers = sum(count(m) for m in (decoder.cross_layers, decoder.self_layers, decoder.ffn_layers))
+    clip = model.backbone.clip
+    pyramid = model.backbone.pyramid
     return {
         "total": count(model),
         "trainable": count(model, trainable_only=True),
-        "backbone_visual": count(model.backbone.clip.visual),
-        "backbone_text": count(model.backbone) - count(model.backbone.clip.visual),
+        "backbone_visual": count(clip.visual),
+        "backbone_text": count(clip) - count(clip.visual),
+        "backbone_pyramid": 0 if pyramid is None else count(pyramid),  # trainable (ViT towers only)
         "pixel_decoder": count(model.pixel_decoder),
         "decoder_layers": layers,
         "queries_and_heads": count(decoder) - layers - count(decoder.prompt_encoder),

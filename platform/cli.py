@@ -174,17 +174,24 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 def _cmd_model_info(args: argparse.Namespace) -> int:
     import torch
 
-    from omgseg.model.config import model_config
+    from omgseg.model.config import model_config, with_overrides
     from omgseg.model.omgseg import OMGSeg, parameter_counts
+    from omgseg.platform.config import parse_override
 
-    config = model_config(args.config)
-    # Built with random weights on the CPU (open_clip cannot build on the meta device);
-    # the paper-size model takes about 1.5 GB and a few seconds.
+    overrides = {}
+    for text in args.overrides:
+        path, value = parse_override(text)
+        overrides[".".join(path)] = value
+    config = with_overrides(model_config(args.config), overrides)
+    # Built with random weights (or the clip_checkpoint / clip_pretrained given) on the CPU
+    # (open_clip cannot build on the meta device); the paper-size model takes about 1.5 GB.
     torch.manual_seed(0)
     model = OMGSeg(config)
     print(json.dumps({
         "config": config.name,
         "clip_model": config.clip_model,
+        "clip_tower": model.backbone.family,
+        "clip_weights": config.clip_checkpoint or config.clip_pretrained or "random",
         "input_size": list(config.input_size),
         "num_object_queries": config.decoder.num_object_queries,
         "parameters": parameter_counts(model),
@@ -285,6 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("model-info", help="parameter counts of a model config, without weights")
     p.add_argument("config", help="model config preset: tiny or omgseg_convnext_large")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="model config overrides, e.g. clip_model=RN50, clip_model=ViT-B-16, "
+                   "clip_pretrained=laion2b_s34b_b79k, decoder.num_layers=3")
     p.set_defaults(func=_cmd_model_info)
     return parser
 

@@ -139,21 +139,17 @@ def test_local_checkpoint_round_trip(tmp_path):
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
     missing = tmp_path / "nowhere" / "open_clip_pytorch_model.bin"
-    with pytest.raises(FileNotFoundError, match="nowhere/open_clip_pytorch_model.bin.*never downloads"):
+    with pytest.raises(FileNotFoundError, match="nowhere/open_clip_pytorch_model.bin.*never downloaded"):
         ClipBackbone(TINY_MODEL_NAME, checkpoint=missing)
-    # A pretrained tag is not a local file either: it must not trigger a download.
-    with pytest.raises(FileNotFoundError, match="laion2b_s29b_b131k_ft_soup"):
+    # A pretrained tag is not a local file: it must not trigger a download, and the error says
+    # where tags go instead.
+    with pytest.raises(FileNotFoundError, match="laion2b_s29b_b131k_ft_soup.*clip_pretrained=laion2b_s29b_b131k_ft_soup"):
         ClipBackbone("convnext_large_d_320", checkpoint="laion2b_s29b_b131k_ft_soup")
 
 
-def test_unknown_model_lists_the_convnext_ones():
-    with pytest.raises(ValueError, match="unknown open_clip model 'convnext_nope'.*convnext_large_d_320"):
+def test_unknown_model_lists_examples_of_each_family():
+    with pytest.raises(ValueError, match="unknown open_clip model 'convnext_nope'.*convnext_large_d_320.*RN50.*ViT-B-16"):
         ClipBackbone("convnext_nope")
-
-
-def test_non_timm_visual_tower_is_refused():
-    with pytest.raises(ValueError, match="timm-trunk.*VisionTransformer"):
-        ClipBackbone("ViT-S-32")
 
 
 @pytest.mark.slow
