@@ -37,19 +37,21 @@ def load_json(path: Path) -> object:
 
 
 @contextmanager
-def field_errors(where: str) -> Iterator[None]:
+def field_errors(where: str, name_values: bool = True) -> Iterator[None]:
     """Inside: a field of the wrong type or shape (`int(None)`, a number where a list belongs,
     a list as a dict key) raises a ValueError naming `where` instead of a bare TypeError.
 
     The readers check the fields they need by name (`require`); what a field holds is checked
-    by using it, and this gives those failures the file and item they came from.
+    by using it, and this gives those failures the file and item they came from. A ValueError
+    that does not mention `where` (`int("x")`) gets it in front, unless `name_values` is False
+    (the caller's own ValueErrors name their file already).
     """
     try:
         yield
     except (TypeError, KeyError, AttributeError, IndexError, OverflowError) as err:
         raise ValueError(f"{where}: a field has the wrong type or shape ({type(err).__name__}: {err})") from None
     except ValueError as err:
-        if where in str(err):
+        if where in str(err) or not name_values:
             raise
         raise ValueError(f"{where}: {err}") from None
 

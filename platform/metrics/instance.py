@@ -17,7 +17,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from omgseg.core.structures import Category
-from omgseg.platform.metrics.files import read_json
+from omgseg.platform.metrics.files import check_segmentation, field_errors, read_json
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
@@ -96,22 +96,34 @@ def coco_mask_ap(gt: dict, results: list[dict]) -> dict:
 
 def evaluate_coco_instances(gt_json: Path, pred_json: Path) -> dict:
     """Mask AP of a COCO results JSON (RLE + score) against a COCO instances JSON."""
-    gt_json, pred_json = Path(gt_json), Path(pred_json)
+    with field_errors(f"{gt_json} / {pred_json}", name_values=False):
+        return _evaluate_coco_instances(Path(gt_json), Path(pred_json))
+
+
+def _evaluate_coco_instances(gt_json: Path, pred_json: Path) -> dict:
     for path in (gt_json, pred_json):
         if not path.is_file():
             raise FileNotFoundError(f"{path} does not exist")
     gt, results = (read_json(p) for p in (gt_json, pred_json))
     if not isinstance(results, list):
         raise ValueError(f"{pred_json}: COCO results are a list of detections")
-    known = {c["id"] for c in gt.get("categories", [])}
-    images = {i["id"] for i in gt.get("images", [])}
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(gt, dict) or not isinstance(gt.get(key), list):
+            raise ValueError(f"{gt_json}: a COCO instances JSON needs an {key!r} list")
+    known = {c["id"] for c in gt["categories"]}
+    sizes = {i["id"]: (i["height"], i["width"]) for i in gt["images"]}
+    for k, a in enumerate(gt["annotations"]):
+        if a["image_id"] not in sizes:
+            raise ValueError(f"{gt_json}: annotations[{k}] refers to image {a['image_id']} not in its images")
+        check_segmentation(a["segmentation"], *sizes[a["image_id"]], f"{gt_json}: annotations[{k}]")
     for k, r in enumerate(results):
         for key in ("image_id", "category_id", "segmentation", "score"):
-            if key not in r:
+            if not isinstance(r, dict) or key not in r:
                 raise ValueError(f"{pred_json}: result {k} has no {key!r} field")
         if r["category_id"] not in known:
             raise ValueError(f"{pred_json}: result {k} has category id {r['category_id']} not in {gt_json}")
-        if r["image_id"] not in images:
+        if r["image_id"] not in sizes:
             raise ValueError(f"{pred_json}: result {k} refers to image {r['image_id']} not in {gt_json}")
+        check_segmentation(r["segmentation"], *sizes[r["image_id"]], f"{pred_json}: result {k}")
     return coco_mask_ap(gt, results)
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from omgseg.core.structures import Category
-from omgseg.platform.metrics.files import read_id_png, read_json
+from omgseg.platform.metrics.files import field_errors, read_id_png, read_json
 
 OFFSET = 2**32  # id pairs are packed as gt * OFFSET + pred: ids are < 2**24 (RGB encoding)
 
@@ -192,7 +192,11 @@ def read_panoptic_json(path: Path) -> dict:
 
 def evaluate_coco_panoptic(gt_json: Path, gt_dir: Path, pred_json: Path, pred_dir: Path) -> dict:
     """PQ of prediction files against ground-truth files, both in the COCO panoptic format."""
-    gt_json, gt_dir, pred_json, pred_dir = map(Path, (gt_json, gt_dir, pred_json, pred_dir))
+    with field_errors(f"{gt_json} / {pred_json}", name_values=False):
+        return _evaluate_coco_panoptic(*map(Path, (gt_json, gt_dir, pred_json, pred_dir)))
+
+
+def _evaluate_coco_panoptic(gt_json: Path, gt_dir: Path, pred_json: Path, pred_dir: Path) -> dict:
     gt = read_panoptic_json(gt_json)
     pred = read_panoptic_json(pred_json)
     if "categories" not in gt:

@@ -11,7 +11,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+
+from omgseg.platform.metrics.files import read_label_png
 
 
 class SemanticEvaluator:
@@ -94,8 +95,8 @@ def evaluate_semantic_pngs(gt_dir: Path, pred_dir: Path, num_classes: int, ignor
         pred_path = pred_dir / gt_path.name
         if not pred_path.is_file():
             raise FileNotFoundError(f"prediction {pred_path} for {gt_path.name} does not exist")
-        with Image.open(gt_path) as g, Image.open(pred_path) as p:
-            if g.mode not in ("L", "P", "I", "I;16") or p.mode not in ("L", "P", "I", "I;16"):
-                raise ValueError(f"{pred_path} / {gt_path}: need single-channel PNGs, got modes {p.mode} and {g.mode}")
-            evaluator.add(np.asarray(g), np.asarray(p), where=str(pred_path))
+        modes = ("L", "P", "I", "I;16")
+        gt = read_label_png(gt_path, "ground-truth", modes)
+        pred = read_label_png(pred_path, "predicted", modes)
+        evaluator.add(gt, pred, where=str(pred_path))
     return {**evaluator.compute(), "images": len(files)}

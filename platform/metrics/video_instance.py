@@ -21,7 +21,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from omgseg.core.structures import Category
-from omgseg.platform.metrics.files import read_json
+from omgseg.platform.metrics.files import check_segmentation, field_errors, read_json
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10")
 
@@ -150,10 +150,14 @@ def tube_ap(videos: list[dict], gt: list[dict], results: list[dict], categories:
 
 def evaluate_ytvis(gt_json: Path, pred_json: Path) -> dict:
     """AP of a YouTube-VIS results JSON against a YouTube-VIS annotation JSON."""
-    gt_json, pred_json = Path(gt_json), Path(pred_json)
+    with field_errors(f"{gt_json} / {pred_json}", name_values=False):
+        return _evaluate_ytvis(Path(gt_json), Path(pred_json))
+
+
+def _evaluate_ytvis(gt_json: Path, pred_json: Path) -> dict:
     gt, results = (read_json(p) for p in (gt_json, pred_json))
     for key in ("videos", "annotations", "categories"):
-        if key not in gt:
+        if not isinstance(gt, dict) or not isinstance(gt.get(key), list):
             raise ValueError(f"{gt_json}: a YouTube-VIS JSON needs {key!r}")
     if not isinstance(results, list):
         raise ValueError(f"{pred_json}: YouTube-VIS results are a list")
@@ -165,6 +169,9 @@ def evaluate_ytvis(gt_json: Path, pred_json: Path) -> dict:
     def tube(segmentations: list, where: str, video: int) -> Tube:
         if len(segmentations) != lengths[video]:
             raise ValueError(f"{where}: {len(segmentations)} frames, video {video} has {lengths[video]}")
+        for t, s in enumerate(segmentations):
+            if s is not None:
+                check_segmentation(s, *sizes[video], f"{where} frame {t}")
         return [None if s is None else _as_rle(s, sizes[video], where) for s in segmentations]
 
     videos = [{"id": v["id"]} for v in gt["videos"]]

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from omgseg.core.structures import Category
-from omgseg.platform.metrics.files import read_id_png, read_json
+from omgseg.platform.metrics.files import field_errors, read_id_png, read_json
 from omgseg.platform.metrics.panoptic import GtSegment, PQStats, pq_stats, pq_summary
 
 VIPSEG_WINDOWS = (1, 2, 4, 6, 8)
@@ -177,6 +177,12 @@ def evaluate_vipseg(gt_json: Path, gt_dir: Path, pred_json: Path, pred_dir: Path
     Returns VideoPanopticEvaluator.compute() (VPQ@n and VPQ@n_th / _st per window, VPQ,
     "videos") plus "frames".
     """
+    with field_errors(f"{gt_json} / {pred_json}", name_values=False):
+        return _evaluate_vipseg(Path(gt_json), Path(gt_dir), Path(pred_json), Path(pred_dir), windows)
+
+
+def _evaluate_vipseg(gt_json: Path, gt_dir: Path, pred_json: Path, pred_dir: Path,
+                     windows: Sequence[int] = VIPSEG_WINDOWS) -> dict:
     gt_json, gt_dir, pred_json, pred_dir = map(Path, (gt_json, gt_dir, pred_json, pred_dir))
     gt = _json_object(gt_json, ("videos", "annotations", "categories"))
     pred = _json_object(pred_json, ("annotations",))

@@ -13,8 +13,9 @@ import math
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from scipy.ndimage import binary_dilation
+
+from omgseg.platform.metrics.files import read_label_png
 
 BOUNDARY_TOLERANCE = 0.008
 
@@ -105,10 +106,8 @@ class VOSEvaluator:
 
 
 def _read_palette(path: Path) -> np.ndarray:
-    with Image.open(path) as image:
-        if image.mode not in ("P", "L"):
-            raise ValueError(f"{path}: DAVIS masks are palette PNGs of object indices, got mode {image.mode}")
-        return np.asarray(image)
+    """A DAVIS mask: a palette (or grey) PNG of object indices."""
+    return read_label_png(path, "DAVIS mask", ("P", "L"))
 
 
 def evaluate_davis(gt_dir: Path, pred_dir: Path) -> dict:
@@ -123,13 +122,21 @@ def evaluate_davis(gt_dir: Path, pred_dir: Path) -> dict:
         raise ValueError(f"{gt_dir}: no sequence folders")
     for seq in sequences:
         gt_files = sorted(seq.glob("*.png"))
-        gt = np.stack([_read_palette(p) for p in gt_files])
+        if not gt_files:
+            raise ValueError(f"{seq}: no PNG masks")
+        masks = [_read_palette(p) for p in gt_files]
+        shapes = {m.shape for m in masks}
+        if len(shapes) > 1:
+            raise ValueError(f"{seq}: its masks differ in size ({sorted(shapes)})")
+        gt = np.stack(masks)
         preds = []
         for p in gt_files:
             pred_path = pred_dir / seq.name / p.name
             if not pred_path.is_file():
                 raise FileNotFoundError(f"prediction {pred_path} does not exist")
             preds.append(_read_palette(pred_path))
+        if any(p.shape != gt.shape[1:] for p in preds):
+            raise ValueError(f"{pred_dir / seq.name}: masks differ in size from the ground truth {gt.shape[1:]}")
         pred = np.stack(preds)
         if pred.shape != gt.shape:
             raise ValueError(f"{pred_dir / seq.name}: masks are {pred.shape[1:]}, ground truth {gt.shape[1:]}")
