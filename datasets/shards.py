@@ -9,6 +9,7 @@ was interrupted resumes where it stopped; see `write_shards`.
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import hashlib
 import io
 import itertools
@@ -304,12 +305,32 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _named(exn: OSError, path: Path) -> OSError:
+    """A full disk's error with `path` as its file name (a failed write() names no file)."""
+    if exn.filename is not None or exn.errno not in DISK_FULL:
+        return exn
+    return type(exn)(exn.errno, exn.strerror or str(exn), str(path))
+
+
 def _write_json_atomic(path: Path, obj: object) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exn:  # e.g. the disk is full: the previous file stays, the half-written one goes
+        tmp.unlink(missing_ok=True)
+        named = _named(exn, path)
+        if named is exn:
+            raise
+        raise named from exn
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
     _fsync_dir(path.parent)
 
@@ -328,6 +349,12 @@ def _write_shard(path: Path, clips: Iterable[Clip], first_key: int, on_clip: Cal
                     on_clip()
             raw.flush()
             os.fsync(raw.fileno())
+    except OSError as exn:  # e.g. the disk is full: name the shard being written
+        tmp.unlink(missing_ok=True)
+        named = _named(exn, path)
+        if named is exn:
+            raise
+        raise named from exn
     except BaseException:
         # An interrupted shard must not survive under any name that looks complete.
         tmp.unlink(missing_ok=True)

@@ -7,6 +7,7 @@ Bad input exits with status 1 and one clear line on stderr; usage errors exit wi
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 from pathlib import Path
@@ -147,7 +148,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         partial = out.with_name(out.name + ".partial")
-        partial.write_text(line + "\n")
+        try:
+            partial.write_text(line + "\n")
+        except OSError as err:  # a full disk: an earlier result at `out` stays as it was
+            partial.unlink(missing_ok=True)
+            raise OSError(err.errno, err.strerror, str(out)) from err
         partial.replace(out)
     print(line)
     return 0
@@ -314,6 +319,12 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except (ValueError, FileNotFoundError, NotADirectoryError, ShardReadError, TrainingFailed) as err:
         # Bad input: one clear line, no traceback. Anything else is a bug and keeps its traceback.
+        print(f"omgseg {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        # A full disk is the machine's state, not a bug: one line, which names the file being written.
         print(f"omgseg {args.command}: error: {err}", file=sys.stderr)
         return 1
 
