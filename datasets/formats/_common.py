@@ -21,6 +21,8 @@ from omgseg.datasets.clip import Clip, Segment
 
 # Ids live in 24-bit RGB id maps once written to shards (docs/datasets.md).
 MAX_SEGMENT_ID = 256**3 - 1
+# Polygon points further out than this many image sizes are errors (`check_segmentation`).
+POLYGON_MARGIN = 4
 
 _IMAGE_EXTS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png"}
 
@@ -332,3 +334,64 @@ def _mask_clip(dataset: str, tasks: tuple[Task, ...], video: str, paths: Sequenc
         info=info,
         tasks=tasks,
     )
+
+
+def _compressed_counts(counts: str, where: str) -> list[int]:
+    """The runs of a COCO compressed RLE string (pycocotools' rleFrString, which reads past the
+    end of a malformed string instead of failing)."""
+    runs: list[int] = []
+    p = 0
+    while p < len(counts):
+        x, k, more = 0, 0, True
+        while more:
+            if p >= len(counts):
+                raise ValueError(f"{where}: compressed RLE counts end in the middle of a run")
+            c = ord(counts[p]) - 48
+            if not 0 <= c < 64:
+                raise ValueError(f"{where}: compressed RLE counts hold an invalid character {counts[p]!r}")
+            x |= (c & 0x1F) << (5 * k)
+            more = bool(c & 0x20)
+            p += 1
+            k += 1
+            if not more and c & 0x10:
+                x |= -1 << (5 * k)
+        if len(runs) > 2:
+            x += runs[-2]
+        runs.append(x)
+    return runs
+
+
+def check_segmentation(segm: object, height: int, width: int, where: str) -> None:
+    """Raise naming `where` unless `segm` is polygons near an (height, width) image or an RLE
+    of such a mask whose runs cover it exactly: pycocotools writes past the mask, never
+    returns, or crashes otherwise (seen with a dropped run and a coordinate of 2**40)."""
+    if isinstance(segm, list):
+        if not all(isinstance(p, list) and all(isinstance(v, int | float) and not isinstance(v, bool) for v in p)
+                   for p in segm):
+            raise ValueError(f"{where}: polygons must be lists of numbers")
+        # Points may lie outside the image (pycocotools clips them), but not far outside:
+        # pycocotools allocates along every edge, so one huge or non-finite coordinate
+        # exhausts memory or crashes the process.
+        bound = POLYGON_MARGIN * max(height, width, 1)
+        for p in segm:
+            for v in p:
+                if not -bound <= v <= bound:
+                    raise ValueError(f"{where}: polygon coordinate {v} is far outside the {height}x{width} image")
+        return
+    if not isinstance(segm, dict) or "counts" not in segm or "size" not in segm:
+        raise ValueError(f"{where}: segmentation must be polygons or an RLE dict with 'counts' and 'size', "
+                         f"got {type(segm).__name__}")
+    if segm["size"] != [height, width]:
+        raise ValueError(f"{where}: RLE size {segm['size']!r} differs from the image's [{height}, {width}]")
+    counts = segm["counts"]
+    if isinstance(counts, list):
+        if not all(isinstance(c, int) and not isinstance(c, bool) for c in counts):
+            raise ValueError(f"{where}: uncompressed RLE counts must be integers")
+        runs = counts
+    elif isinstance(counts, str):
+        runs = _compressed_counts(counts, where)
+    else:
+        raise ValueError(f"{where}: RLE counts must be a string or a list, got {type(counts).__name__}")
+    if any(c < 0 for c in runs) or sum(runs) != height * width:
+        kind = "uncompressed" if isinstance(counts, list) else "compressed"
+        raise ValueError(f"{where}: {kind} RLE runs sum to {sum(runs)}, expected {height * width}")

@@ -28,6 +28,7 @@ from omgseg.datasets.clip import Clip
 from omgseg.datasets.formats._common import (
     assign_segment_ids,
     build_clip,
+    check_segmentation,
     check_size,
     field_errors,
     file_identity,
@@ -58,6 +59,7 @@ def decode_segmentation(segm: object, height: int, width: int, where: str) -> np
     Accepts polygons ([[x0, y0, x1, y1, ...], ...]), compressed RLE ({"size": [H, W],
     "counts": str}) and uncompressed RLE ({"size": [H, W], "counts": [int, ...]}).
     """
+    check_segmentation(segm, height, width, where)  # what would crash or hang pycocotools
     if isinstance(segm, list):
         polygons = []
         for poly in segm:
