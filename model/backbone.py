@@ -15,7 +15,7 @@ The rest of CLIP serves open-vocabulary classification: the text tower encodes c
 (`tokenize` + `encode_text`), and CLIP's own image head applied to mask-pooled dense features
 (`visual_head`) gives the second opinion of the FC-CLIP-style inference ensemble.
 
-Frozen (MODEL-NOTES, 'Backbone'): no parameter of the CLIP model requires grad, it stays in eval
+Frozen (docs/reference.md, 'Backbone'): no parameter of the CLIP model requires grad, it stays in eval
 mode whatever its parent asks, and it always runs under `torch.no_grad()`. The one exception is
 the ViT's feature pyramid: it is new, randomly initialised and must be trained, so it lives in
 this module as `pyramid`, outside `clip`, and is left out of the freezing on purpose.
@@ -248,7 +248,7 @@ class ClipBackbone(nn.Module):
         self.tokenizer = open_clip.get_tokenizer(model_name)
         self.context_length: int = int(self.tokenizer.context_length)
 
-        # ImageNet statistics, not CLIP's (MODEL-NOTES): the reference normalises this way.
+        # ImageNet statistics, not CLIP's (docs/reference.md): the reference normalises this way.
         # Not persistent: they are constants, not state to checkpoint.
         self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)

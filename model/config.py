@@ -1,6 +1,6 @@
 """The model's configuration: sizes of every part, loss weights and inference thresholds.
 
-Two presets: `omgseg_convnext_large` (the paper's sizes, MODEL-NOTES) and `tiny` (a few
+Two presets: `omgseg_convnext_large` (the paper's sizes, docs/reference.md) and `tiny` (a few
 million parameters, for tests and the embedded default on 2 CPU cores). `with_overrides`
 changes any field of a preset by its dotted name (`omgseg model-info tiny clip_model=RN50`).
 """
@@ -130,7 +130,7 @@ class ModelConfig:
 
 def omgseg_convnext_large(clip_checkpoint: str | None = None, clip_pretrained: str | None = None) -> ModelConfig:
     """The paper's model: ConvNeXt-Large CLIP, 6-layer deformable pixel decoder, 9-layer
-    decoder with 300 queries, 768-d text space, 1280x736 crops (MODEL-NOTES). Its CLIP
+    decoder with 300 queries, 768-d text space, 1280x736 crops (docs/reference.md). Its CLIP
     weights are the tag laion2b_s29b_b131k_ft_soup (pass clip_pretrained=that, or a file)."""
     return ModelConfig(
         name="omgseg_convnext_large",
