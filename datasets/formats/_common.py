@@ -294,14 +294,17 @@ def mask_video_clips(
     mask_dir: Path,
     clip_length: int | None,
     decode: MaskDecoder,
+    listed_in: Path | None = None,
 ) -> Iterator[Clip]:
     """Clips of a video stored as a folder of frames plus a folder of one PNG per frame.
 
     Frames are the video folder's .jpg/.png files in file-name order; frame `<stem>.jpg` has
     its mask at `mask_dir/<video>/<stem>.png` (DAVIS and VIPSeg). Frame names are
-    "<video>/<file>". Only the frames of the current clip are held in memory.
+    "<video>/<file>". Only the frames of the current clip are held in memory. `listed_in`: the
+    split list that named the video, for the error when its folder is missing.
     """
-    frames = frame_files(image_dir / video, (".jpg", ".jpeg", ".png"), f"video {video}")
+    listed = f" (listed in {listed_in})" if listed_in is not None else ""
+    frames = frame_files(image_dir / video, (".jpg", ".jpeg", ".png"), f"video {video}{listed}")
     for start, stop in clip_ranges(len(frames), clip_length):
         paths = frames[start:stop]
         where = f"video {video} ({paths[0].name})"

@@ -55,6 +55,7 @@ def clips(src: Path, split: str, clip_length: int | None = None) -> Iterator[Cli
             tasks=TASKS,
             video=sequence,
             image_dir=Path(src) / "JPEGImages" / "480p",
+            listed_in=Path(src) / "ImageSets" / "2017" / f"{split}.txt",
             mask_dir=Path(src) / "Annotations" / "480p",
             clip_length=clip_length,
             decode=decode_davis_mask,

@@ -107,6 +107,7 @@ def clips(src: Path, split: str, clip_length: int | None = None) -> Iterator[Cli
             tasks=TASKS,
             video=video,
             image_dir=_root(src) / "images",
+            listed_in=Path(src) / f"{split}.txt",
             mask_dir=_root(src) / "panomasks",
             clip_length=clip_length,
             decode=decode,
