@@ -8,6 +8,7 @@ were given on.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,13 +16,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from omgseg.core.structures import PromptKind, Task
+from omgseg.core.structures import Task
 from omgseg.datasets.stream import ClipSample, ShardStream
-from omgseg.model.inference import instance_inference, panoptic_inference, prompt_inference, semantic_inference
 from omgseg.model.omgseg import OMGSeg
-from omgseg.model.structures import PromptBatch
 from omgseg.model.vocabulary import Vocabulary
-from omgseg.platform.metrics.interactive import interior_point
+from omgseg.platform.tasks import TASKS
 from omgseg.platform.writers import overlay
 
 MAX_FRAMES = 4
@@ -48,59 +47,20 @@ def _draw(image: Image.Image, points=(), boxes=()) -> np.ndarray:
     return np.asarray(image)
 
 
-def _stack(masks: np.ndarray) -> np.ndarray:
-    """(K, T, H, W) bool -> (T, H, W) ids 1..K, the first mask winning where they overlap."""
-    ids = np.zeros(masks.shape[1:], dtype=np.int64)
-    for k in range(masks.shape[0] - 1, -1, -1):
-        ids[masks[k]] = k + 1
-    return ids
-
-
 def predict_picture(model: OMGSeg, sample: ClipSample, task: Task, vocabulary: Vocabulary) -> SamplePicture:
     """The clip's frames (at most MAX_FRAMES) with ground truth and prediction overlays."""
-    device = next(model.parameters()).device
-    settings = model.config.inference
-    frames = min(sample.num_frames, MAX_FRAMES) if task in (Task.VIDEO_PANOPTIC, Task.VIDEO_INSTANCE, Task.VOS) else 1
-    images = sample.images[:frames]
-    gt = sample.id_maps[:frames].numpy()
-    objects = [s for s in sample.segments if not s.iscrowd and s.area[0] > 0]
-    points: list[tuple[float, float]] = []
-    boxes: list[tuple[float, float, float, float]] = []
-    prompts = None
-    if task is Task.INTERACTIVE:
-        points = [interior_point(gt[0] == s.id) for s in objects]
-        prompts = [PromptBatch.from_points(torch.tensor(points, dtype=torch.float32).reshape(-1, 2), (sample.height, sample.width))]
-    elif task is Task.VOS:
-        for s in objects:
-            rows, cols = np.nonzero(gt[0] == s.id)
-            boxes.append((float(cols.min()), float(rows.min()), float(cols.max() + 1), float(rows.max() + 1)))
-        prompts = [PromptBatch(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4), (PromptKind.BOX,) * len(boxes),
-                               (sample.height, sample.width))]
-    (pred,) = model.predict(images[None].to(device), vocabulary, prompts)
-    probs, logits = pred.class_probs.cpu(), pred.mask_logits.cpu()
-    is_thing = torch.tensor(vocabulary.is_thing)
-    if task in (Task.PANOPTIC, Task.VIDEO_PANOPTIC):
-        ids = panoptic_inference(probs, logits, is_thing, object_mask_threshold=settings.object_mask_threshold,
-                                 overlap_threshold=settings.overlap_threshold).id_map.numpy()
-    elif task in (Task.INSTANCE, Task.VIDEO_INSTANCE):
-        result = instance_inference(probs, logits, is_thing, top_k=settings.instance_top_k)
-        keep = (result.scores >= 0.5).numpy()  # the confident instances only, best first
-        ids = _stack(result.masks.numpy()[keep]) if keep.any() else np.zeros(gt.shape, dtype=np.int64)
-    elif task is Task.SEMANTIC:
-        ids = semantic_inference(probs, logits).labels.numpy() + 1
-        index = vocabulary.label_map()
-        gt = np.zeros_like(gt)
-        for s in sample.segments:
-            gt[sample.id_maps[:frames].numpy() == s.id] = index[s.category_id] + 1
-    else:
-        masks = prompt_inference(pred.prompt_mask_logits.cpu(), mask_threshold=settings.prompt_mask_threshold).masks.numpy()
-        ids = _stack(masks) if masks.shape[0] else np.zeros(gt.shape, dtype=np.int64)
-        gt = _stack(np.stack([sample.id_maps[:frames].numpy() == s.id for s in objects])) if objects else np.zeros_like(gt)
+    spec = TASKS[task]
+    frames = min(sample.num_frames, MAX_FRAMES) if spec.video else 1
+    clip = dataclasses.replace(sample, images=sample.images[:frames], id_maps=sample.id_maps[:frames],
+                               frame_names=sample.frame_names[:frames])
+    prompts = spec.prompts(clip)
+    predicted = spec.id_maps(spec.run(model, clip, vocabulary), tuple(clip.id_maps.shape))
+    truth = spec.ground_truth_maps(clip, vocabulary, frames)
     out = []
     for t in range(frames):
-        rgb = _rgb(sample, t)
-        marks = {"points": points, "boxes": boxes} if t == 0 else {}
-        out.append((_draw(overlay(rgb, gt[t]), **marks), _draw(overlay(rgb, ids[t]), **marks)))
+        rgb = _rgb(clip, t)
+        marks = {"points": prompts.points, "boxes": prompts.boxes} if t == 0 else {}
+        out.append((_draw(overlay(rgb, truth[t]), **marks), _draw(overlay(rgb, predicted[t]), **marks)))
     return SamplePicture(dataset=sample.dataset, task=task.value, key=sample.key, frames=out)
 
 

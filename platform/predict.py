@@ -19,10 +19,11 @@ from tqdm import tqdm
 
 from omgseg.core.structures import Category, Task
 from omgseg.datasets.shards import read_meta
-from omgseg.model.inference import TubeLinker, instance_inference, panoptic_inference, semantic_inference
+from omgseg.model.inference import TubeLinker
 from omgseg.model.omgseg import load_checkpoint
 from omgseg.model.vocabulary import Vocabulary
-from omgseg.platform.metrics.files import read_json
+from omgseg.platform.metrics.files import field_errors, read_json
+from omgseg.platform.tasks import SHOWN_SCORE, TASKS
 from omgseg.platform.writers import (
     CocoInstancesWriter,
     CocoPanopticWriter,
@@ -56,12 +57,13 @@ def load_vocabulary(spec: str | None, extra: dict) -> Vocabulary:
     if path.is_dir():
         return Vocabulary.from_categories(read_meta(path).categories)
     data = read_json(path)
-    if not isinstance(data, dict) or "categories" not in data:
+    if not isinstance(data, dict) or not isinstance(data.get("categories"), list):
         raise ValueError(f"{path}: a vocabulary file needs a 'categories' list")
-    return Vocabulary.from_categories([
-        Category(int(c["id"]), str(c["name"]), bool(c.get("isthing", 1)), tuple(c.get("synonyms", ())))
-        for c in data["categories"]
-    ])
+    with field_errors(str(path)):
+        return Vocabulary.from_categories([
+            Category(int(c["id"]), str(c["name"]), bool(c.get("isthing", 1)), tuple(c.get("synonyms", ())))
+            for c in data["categories"]
+        ])
 
 
 def _images(path: Path) -> list[Path]:
@@ -98,15 +100,44 @@ def _videos(path: Path, listing: Path | None = None) -> list[list[Path]]:
 def _read_rgb(path: Path) -> np.ndarray:
     from PIL import Image
 
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB")).copy()
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB")).copy()
+    except (OSError, SyntaxError, ValueError) as err:  # truncated, corrupt, not an image
+        raise ValueError(f"cannot read image {path}: {err}") from None
 
 
 def _image_ids(coco_json: Path | None) -> dict[str, object]:
     if coco_json is None:
         return {}
     data = read_json(coco_json)
-    return {Path(i["file_name"]).name: i["id"] for i in data.get("images", [])}
+    with field_errors(str(coco_json)):
+        return {Path(i["file_name"]).name: i["id"] for i in data.get("images", [])}
+
+
+@dataclass(frozen=True)
+class PredictRequest:
+    """What `omgseg predict` was asked, checked; each task's handler reads what it needs."""
+
+    task: Task
+    inputs: Path
+    out: Path
+    coco_json: Path | None = None
+    clip_length: int = 4
+    points: str | None = None
+    first_frame_mask: Path | None = None
+    videos: Path | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if (self.task is Task.INTERACTIVE) != (self.points is not None):
+            raise ValueError("--points goes with --task interactive, and interactive needs --points")
+        if (self.task is Task.VOS) != (self.first_frame_mask is not None):
+            raise ValueError("--first-frame-mask goes with --task vos, and vos needs --first-frame-mask")
+        if self.videos is not None and self.task is not Task.VIDEO_PANOPTIC:
+            raise ValueError("--videos goes with --task video_panoptic")
+        if self.clip_length < 1:
+            raise ValueError(f"clip_length must be >= 1, got {self.clip_length}")
 
 
 def predict(
@@ -126,60 +157,34 @@ def predict(
 ) -> PredictSummary:
     if task not in PREDICT_TASKS:
         raise ValueError(f"unknown predict task {task!r}; available: {', '.join(PREDICT_TASKS)}")
-    if (task == "interactive") != (points is not None):
-        raise ValueError("--points goes with --task interactive, and interactive needs --points")
-    if (task == "vos") != (first_frame_mask is not None):
-        raise ValueError("--first-frame-mask goes with --task vos, and vos needs --first-frame-mask")
-    if clip_length < 1:
-        raise ValueError(f"clip_length must be >= 1, got {clip_length}")
+    request = PredictRequest(Task(task), Path(inputs), Path(out), None if coco_json is None else Path(coco_json),
+                             clip_length, points, None if first_frame_mask is None else Path(first_frame_mask),
+                             None if videos is None else Path(videos), progress)
     model, extra = load_checkpoint(checkpoint, clip_checkpoint=clip_checkpoint)
     vocab = load_vocabulary(vocabulary, extra)
     model.eval()
-    out = Path(out)
-    if videos is not None and Task(task) is not Task.VIDEO_PANOPTIC:
-        raise ValueError("--videos goes with --task video_panoptic")
-    if Task(task) is Task.VIDEO_PANOPTIC:  # one video (a folder of frames) or a folder of videos
-        return _predict_video_panoptic(model, vocab, _videos(Path(inputs), videos), out, clip_length, progress)
-    files = _images(Path(inputs))
-    if Task(task) is Task.VIDEO_INSTANCE:
-        return _predict_video(model, vocab, files, out, clip_length, progress)
-    if Task(task) is Task.VOS:
-        return _predict_vos(model, vocab, files, out, Path(first_frame_mask), clip_length, progress)
-    if Task(task) is Task.INTERACTIVE:
-        return _predict_clicks(model, vocab, files, out, parse_points(points))
-    ids = _image_ids(coco_json)
-    is_thing = torch.tensor(vocab.is_thing)
-    settings = model.config.inference
-    writer = {"panoptic": CocoPanopticWriter, "instance": CocoInstancesWriter, "semantic": SemanticWriter}[task](out, vocab)
-    for path in tqdm(files, desc=f"predict {task}", disable=not progress):
+    return HANDLERS[request.task](model, vocab, request)
+
+
+def _predict_images(model, vocab: Vocabulary, request: PredictRequest) -> PredictSummary:
+    """Panoptic, instance or semantic on every image: the task's result format and overlays."""
+    spec = TASKS[request.task]
+    files = _images(request.inputs)
+    ids = _image_ids(request.coco_json)
+    writer = IMAGE_WRITERS[request.task](request.out, vocab)
+    for path in tqdm(files, desc=f"predict {request.task.value}", disable=not request.progress):
         rgb = _read_rgb(path)
-        image = torch.from_numpy(rgb).permute(2, 0, 1)[None, None]
-        (pred,) = model.predict(image, vocab)
-        image_id = ids.get(path.name, path.stem)
-        if task == "panoptic":
-            result = panoptic_inference(pred.class_probs, pred.mask_logits, is_thing,
-                                        object_mask_threshold=settings.object_mask_threshold,
-                                        overlap_threshold=settings.overlap_threshold)
-            writer.add(image_id, path.name, result)
-            shown = result.id_map[0].numpy()
-        elif task == "instance":
-            result = instance_inference(pred.class_probs, pred.mask_logits, is_thing, top_k=settings.instance_top_k)
-            writer.add(image_id, result)
-            shown = np.zeros(rgb.shape[:2], dtype=np.int64)
-            for k, (mask, score) in enumerate(zip(result.masks[:, 0].numpy(), result.scores.tolist())):
-                if score >= 0.5:
-                    shown[mask & (shown == 0)] = k + 1
-        else:
-            result = semantic_inference(pred.class_probs, pred.mask_logits)
-            writer.add(path.name, result)
-            shown = result.labels[0].numpy() + 1
-        save_overlay(out / "overlays" / f"{path.stem}.png", rgb, shown)
+        (pred,) = model.predict(torch.from_numpy(rgb).permute(2, 0, 1)[None, None], vocab)
+        result = spec.postprocess(model, pred, vocab)
+        writer.add(ids.get(path.name, path.stem), path.name, result)
+        save_overlay(request.out / "overlays" / f"{path.stem}.png", rgb, spec.id_maps(result, (1, *rgb.shape[:2]))[0])
     written = writer.close()
-    return PredictSummary(task=task, inputs=len(files), outputs=[str(written), str(out / "overlays")])
+    return PredictSummary(task=request.task.value, inputs=len(files), outputs=[str(written), str(request.out / "overlays")])
 
 
-def _predict_video(model, vocab: Vocabulary, frames: list[Path], out: Path, clip_length: int, progress: bool) -> PredictSummary:
+def _predict_video(model, vocab: Vocabulary, request: PredictRequest) -> PredictSummary:
     """Clips of clip_length frames; tubes linked across clips; one YouTube-VIS entry per track."""
+    frames, out, clip_length, progress = _images(request.inputs), request.out, request.clip_length, request.progress
     linker = TubeLinker()
     tubes: dict[int, np.ndarray] = {}
     rgb0 = _read_rgb(frames[0])
@@ -209,7 +214,7 @@ def _predict_video(model, vocab: Vocabulary, frames: list[Path], out: Path, clip
     for t, path in enumerate(frames):
         shown = np.zeros(rgb0.shape[:2], dtype=np.int64)
         for rank, i in enumerate(sorted(kept, key=lambda i: -values[i])):
-            if values[i] >= 0.5:
+            if values[i] >= SHOWN_SCORE:
                 shown[tubes[tracks[i].item()][t] & (shown == 0)] = rank + 1
         save_overlay(out / "overlays" / f"{path.stem}.png", _read_rgb(path), shown)
     written = writer.close()
@@ -251,8 +256,9 @@ def _indices(probs: np.ndarray, threshold: float) -> np.ndarray:
     return np.where(probs.max(0) > threshold, best + 1, 0)
 
 
-def _predict_clicks(model, vocab: Vocabulary, files: list[Path], out: Path, clicks: torch.Tensor) -> PredictSummary:
+def _predict_clicks(model, vocab: Vocabulary, request: PredictRequest) -> PredictSummary:
     """One mask per click (the same clicks on every image given)."""
+    files, out, clicks = _images(request.inputs), request.out, parse_points(request.points)
     from omgseg.model.structures import PromptBatch
 
     threshold = model.config.inference.prompt_mask_threshold
@@ -277,8 +283,7 @@ def _box(mask: np.ndarray) -> list[float] | None:
     return [float(cols.min()), float(rows.min()), float(cols.max() + 1), float(rows.max() + 1)]
 
 
-def _predict_vos(model, vocab: Vocabulary, frames: list[Path], out: Path, first_mask: Path, clip_length: int,
-                 progress: bool) -> PredictSummary:
+def _predict_vos(model, vocab: Vocabulary, request: PredictRequest) -> PredictSummary:
     """Semi-supervised VOS: objects of the first-frame mask are prompted by their boxes; each
     later clip is prompted by the boxes of the previous clip's last predicted frame (an object
     that vanished keeps its last box)."""
@@ -287,6 +292,8 @@ def _predict_vos(model, vocab: Vocabulary, frames: list[Path], out: Path, first_
     from omgseg.core.structures import PromptKind
     from omgseg.model.structures import PromptBatch
 
+    frames, first_mask = _images(request.inputs), request.first_frame_mask
+    out, clip_length, progress = request.out, request.clip_length, request.progress
     if not first_mask.is_file():
         raise FileNotFoundError(f"first-frame mask {first_mask} does not exist")
     with Image.open(first_mask) as image:
@@ -319,12 +326,13 @@ def _predict_vos(model, vocab: Vocabulary, frames: list[Path], out: Path, first_
     return PredictSummary(task="vos", inputs=len(frames), outputs=[str(video), str(out / "overlays")])
 
 
-def _predict_video_panoptic(model, vocab: Vocabulary, videos: list[list[Path]], out: Path, clip_length: int,
-                            progress: bool) -> PredictSummary:
+def _predict_video_panoptic(model, vocab: Vocabulary, request: PredictRequest) -> PredictSummary:
     """Every video (a list of frames, named by their folder), as VIPSeg's result format, what
     `omgseg eval vipseg` and VIPSeg's eval_vpq_vspw.py read: out/pan_pred/<video>/<frame
     stem>.png (RGB ids) and out/pred.json {"annotations": [{"video_id", "annotations":
     [{"file_name", "segments_info": [{"id", "category_id"}]}, ...one per frame]}, ...one per video]}."""
+    videos, out = _videos(request.inputs, request.videos), request.out
+    clip_length, progress = request.clip_length, request.progress
     entries = [{"video_id": frames[0].parent.name,
                 "annotations": _video_panoptic(model, vocab, frames, out, clip_length, progress, len(videos) > 1)}
                for frames in videos]
@@ -342,8 +350,6 @@ def _video_panoptic(model, vocab: Vocabulary, frames: list[Path], out: Path, cli
 
     from omgseg.datasets.clip import encode_id_map_rgb
 
-    settings = model.config.inference
-    is_thing = torch.tensor(vocab.is_thing)
     linker = TubeLinker()
     video = frames[0].parent.name
     # A segment id names one tube with one category: a track whose class changes between
@@ -354,9 +360,7 @@ def _video_panoptic(model, vocab: Vocabulary, frames: list[Path], out: Path, cli
         clip = [_read_rgb(p) for p in frames[start:start + clip_length]]
         (pred,) = model.predict(torch.from_numpy(np.stack(clip)).permute(0, 3, 1, 2)[None], vocab)
         tracks = linker.link(pred.embeddings).tolist()
-        result = panoptic_inference(pred.class_probs, pred.mask_logits, is_thing,
-                                    object_mask_threshold=settings.object_mask_threshold,
-                                    overlap_threshold=settings.overlap_threshold)
+        result = TASKS[Task.VIDEO_PANOPTIC].postprocess(model, pred, vocab)
         global_id = {s.id: (thing_ids.setdefault((tracks[s.query], s.label), len(thing_ids) + 1) if s.isthing
                             else STUFF_ID_BASE + s.label) for s in result.segments}
         if len(thing_ids) >= STUFF_ID_BASE:
@@ -380,3 +384,9 @@ def _video_panoptic(model, vocab: Vocabulary, frames: list[Path], out: Path, cli
     for ann in annotations:
         ann["segments_info"] = list({s["id"]: s for s in ann["segments_info"]}.values())
     return annotations
+
+
+IMAGE_WRITERS = {Task.PANOPTIC: CocoPanopticWriter, Task.INSTANCE: CocoInstancesWriter, Task.SEMANTIC: SemanticWriter}
+HANDLERS = {Task.PANOPTIC: _predict_images, Task.INSTANCE: _predict_images, Task.SEMANTIC: _predict_images,
+            Task.INTERACTIVE: _predict_clicks, Task.VIDEO_INSTANCE: _predict_video,
+            Task.VIDEO_PANOPTIC: _predict_video_panoptic, Task.VOS: _predict_vos}

@@ -1,7 +1,8 @@
 """Writers of predictions in the public result formats that `omgseg eval` (and the reference
 tools) read, plus overlay images for a person to look at.
 
-Every writer collects results with `add(...)` and writes its JSON with `close()`; files are
+Every writer collects results with `add(...)` (the image writers: `add(image_id, file_name,
+result)`) and writes its JSON with `close()`; files are
 written to a temporary name and renamed, so an interrupted run never leaves a truncated file
 under the final name.
 """
@@ -66,7 +67,7 @@ class CocoInstancesWriter:
         self.vocabulary = vocabulary
         self.results: list[dict] = []
 
-    def add(self, image_id: int | str, result: InstanceResult) -> None:
+    def add(self, image_id: int | str, file_name: str, result: InstanceResult) -> None:
         for mask, label, score in zip(result.masks[:, 0].cpu().numpy(), result.labels.tolist(), result.scores.tolist()):
             self.results.append({"image_id": image_id, "category_id": self.vocabulary.category_ids[label],
                                  "segmentation": encode(mask), "score": float(score)})
@@ -85,7 +86,7 @@ class SemanticWriter:
             raise ValueError(f"semantic PNGs hold at most 255 classes (255 = ignore), got {len(vocabulary)}")
         self.out = Path(out)
 
-    def add(self, file_name: str, result: SemanticResult) -> None:
+    def add(self, image_id: int | str, file_name: str, result: SemanticResult) -> None:
         labels = result.labels[0].cpu().numpy().astype(np.uint8)
         _save_png(self.out / "semantic" / Path(file_name).with_suffix(".png").name, Image.fromarray(labels))
 

@@ -12,7 +12,6 @@ from omgseg.model.config import model_config
 from omgseg.model.omgseg import OMGSeg, save_checkpoint
 from omgseg.platform.cli import main
 from omgseg.platform.evaluate import evaluate_interactive_files, evaluate_shards
-from omgseg.platform.metrics.interactive import InteractiveEvaluator
 
 SIZES = SynthSizes(coco_train=1, coco_val=2, ade_train=1, ade_val=1, video_train=1, video_val=1)
 
@@ -36,8 +35,8 @@ def test_files_and_shards_give_the_same_clicks(coco, monkeypatch):
     assert files["instances"] == expected and files["images"] == 2
     assert 1 <= files["NoC@85"] <= files["NoC@90"] <= 5 and 0 <= files["NoF@90"] <= expected
     convert("coco-panoptic", src, root / "shards", "val")
-    # The shard path uses the evaluator's default of 20 clicks; compare at 5.
-    monkeypatch.setattr("omgseg.platform.evaluate.InteractiveEvaluator", lambda: InteractiveEvaluator(max_clicks=5))
+    # The shard path uses the protocol's 20 clicks (platform/tasks.py); compare at 5.
+    monkeypatch.setattr("omgseg.platform.tasks.MAX_CLICKS", 5)
     shards = evaluate_shards(model, root / "shards", ["interactive"])["interactive"]
     assert {k: v for k, v in files.items() if k != "images"} == pytest.approx(shards)
 
