@@ -13,8 +13,9 @@ import json
 import os
 import shutil
 import tarfile
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import redirect_stderr, redirect_stdout
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -224,6 +225,25 @@ def faults(root: Path, files: Sequence[str], kinds: Sequence[str] = FILE_KINDS,
         return Fault(kind, target, at=draw_(st.floats(0.0, 0.999)), bit=draw_(st.integers(0, 7)))
 
     return draw()
+
+
+@contextmanager
+def damaged_copy(clean: Path, fault: Fault, work: Path, name: str = "in") -> Iterator[Path]:
+    """A copy of `clean` under a fresh folder in `work`, with `fault` applied; the folder (and
+    whatever the command wrote next to the copy) is removed afterwards."""
+    case = Path(tempfile.mkdtemp(dir=work))
+    try:
+        folder = case / name
+        shutil.copytree(clean, folder)
+        fault.apply(folder)
+        yield folder
+    finally:
+        shutil.rmtree(case, ignore_errors=True)
+
+
+def fault_names(fault: Fault) -> list[str]:
+    """The names an error about `fault` may use: the damaged file, or the name it was given."""
+    return [n for n in (fault.file_name, fault.new_name) if n]
 
 
 def files_under(root: Path, keep: Callable[[str], bool] = lambda rel: True) -> list[str]:

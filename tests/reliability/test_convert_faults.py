@@ -1,13 +1,11 @@
 """`omgseg convert` on damaged sources of all six formats: one line naming the file and exit 1,
 or shards that hold exactly what the reader read and decode as training reads them."""
 
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
-from reliability.faults import assert_one_line_error, budget_params, faults, files_under, fuzz, run_cli
+from reliability.faults import assert_one_line_error, budget_params, damaged_copy, fault_names, faults, files_under, fuzz, run_cli
 
 from omgseg.datasets.formats import get_format
 from omgseg.datasets.shards import MANIFEST, encode_clip, read_manifest, read_shard_samples, sample_key, verify_shards
@@ -38,21 +36,15 @@ def convert_case(fmt: str, clean: Path, work: Path):
     files = files_under(clean, lambda rel: read_by_split(fmt, rel))
 
     def check(fault) -> None:
-        case = Path(tempfile.mkdtemp(dir=work))
-        try:
-            src = case / "src"
-            shutil.copytree(clean, src)
-            fault.apply(src)
-            out = case / "out"
+        with damaged_copy(clean, fault, work, "src") as src:
+            out = src.parent / "out"
             outcome = run_cli(["convert", fmt, "--src", src, "--out", out, "--split", "train",
                                "--samples-per-shard", "1"])
             if outcome.code == 0:
                 assert_round_trip(fmt, src, out)
             else:
-                assert_one_line_error(outcome, "convert", [n for n in (fault.file_name, fault.new_name) if n], fault)
+                assert_one_line_error(outcome, "convert", fault_names(fault), fault)
                 assert not (out / MANIFEST).exists(), f"{fault}: a failed conversion left a finished manifest"
-        finally:
-            shutil.rmtree(case, ignore_errors=True)
 
     return faults(clean, files), check
 

@@ -3,14 +3,13 @@ the file and exit 1 with no --out file, or exit 0 with the result written whole.
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pycocotools.mask as mask_utils
 import pytest
 from PIL import Image
-from reliability.faults import assert_one_line_error, budget_params, faults, files_under, fuzz, run_cli
+from reliability.faults import assert_one_line_error, budget_params, damaged_copy, fault_names, faults, files_under, fuzz, run_cli
 
 
 def _rle(segm, height: int, width: int) -> dict:
@@ -121,21 +120,16 @@ def test_eval_damaged_inputs(metric, examples, eval_cases, tmp_path):
     assert perfect.code == 0, perfect.err
 
     def check(fault) -> None:
-        case = Path(tempfile.mkdtemp(dir=tmp_path))
-        try:
-            folder = case / "in"
-            shutil.copytree(clean, folder)
-            fault.apply(folder)
-            out = case / "result.json"
+        with damaged_copy(clean, fault, tmp_path) as folder:
+            out = folder.parent / "result.json"
             outcome = run_cli(["eval", metric, *_absolute(args, folder), "--out", out])
             if outcome.code == 0:
                 line = outcome.out.strip().splitlines()[-1]
                 json.loads(line)
                 assert out.read_text() == line + "\n", fault
             else:
-                assert_one_line_error(outcome, "eval", [n for n in (fault.file_name, fault.new_name) if n], fault)
-                assert not out.exists() and not list(case.glob("result.json*")), f"{fault}: a failed eval left {out}"
-        finally:
-            shutil.rmtree(case, ignore_errors=True)
+                assert_one_line_error(outcome, "eval", fault_names(fault), fault)
+                leftovers = list(folder.parent.glob("result.json*"))
+                assert not leftovers, f"{fault}: a failed eval left {leftovers}"
 
     fuzz(faults(clean, files_under(clean)), check, examples)

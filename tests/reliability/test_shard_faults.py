@@ -2,13 +2,22 @@
 verify`, `omgseg shards stats` and the training stream."""
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import pytest
 import torch
-from reliability.faults import NON_UTF8, assert_one_line_error, budget_params, faults, files_under, fuzz, run_cli, tree_bytes
+from reliability.faults import (
+    NON_UTF8,
+    assert_one_line_error,
+    budget_params,
+    damaged_copy,
+    fault_names,
+    faults,
+    files_under,
+    fuzz,
+    run_cli,
+    tree_bytes,
+)
 
 from omgseg.datasets.shards import MANIFEST, META, PARTIAL_MANIFEST, SHARD_PATTERN, ShardReadError
 from omgseg.datasets.stream import ShardStream
@@ -25,21 +34,12 @@ def governed(tree: dict[str, bytes]) -> dict[str, bytes]:
             if name in (MANIFEST, META, PARTIAL_MANIFEST) or SHARD_PATTERN.match(name) or name.endswith(".tmp")}
 
 
-def fault_names(fault) -> list[str]:
-    return [n for n in (fault.file_name, fault.new_name) if n]
-
-
 def shard_case(clean: Path, work: Path, check_folder):
+    before = governed(tree_bytes(clean))
+
     def check(fault) -> None:
-        case = Path(tempfile.mkdtemp(dir=work))
-        try:
-            folder = case / clean.name
-            shutil.copytree(clean, folder)
-            before = governed(tree_bytes(folder))
-            fault.apply(folder)
+        with damaged_copy(clean, fault, work, clean.name) as folder:
             check_folder(folder, fault, governed(tree_bytes(folder)) != before)
-        finally:
-            shutil.rmtree(case, ignore_errors=True)
 
     return faults(clean, files_under(clean), new_names=NEW_NAMES), check
 
