@@ -164,9 +164,18 @@ class ModelSpec(StrictModel):
     clip_checkpoint: LocalPath | None = Field(
         default=None, description="local open_clip checkpoint of the frozen CLIP; none = random weights"
     )
+    clip_pretrained: str | None = Field(
+        default=None, description="an open_clip pretrained tag of the preset's CLIP (e.g. laion2b_s29b_b131k_ft_soup), "
+        "downloaded and cached by open_clip; instead of clip_checkpoint")
     init_checkpoint: LocalPath | None = Field(
         default=None, description="a model.pt of the same preset whose weights every run starts from (a warm start); "
         "none = the seed's random initial weights")
+
+    @model_validator(mode="after")
+    def _one_source_of_clip_weights(self) -> ModelSpec:
+        if self.clip_checkpoint is not None and self.clip_pretrained is not None:
+            raise ValueError("give clip_checkpoint (a local file) or clip_pretrained (an open_clip tag), not both")
+        return self
 
 
 class BatchConfig(StrictModel):

@@ -115,7 +115,7 @@ def build_model(config: TrainConfig) -> OMGSeg:
     `model.init_checkpoint`, that checkpoint's weights (a warm start, the same for every seed)."""
     torch.manual_seed(derive_seed(config.seed, "init"))
     clip = None if config.model.clip_checkpoint is None else str(config.model.clip_checkpoint)
-    model = OMGSeg(model_config(config.model.preset, clip))
+    model = OMGSeg(model_config(config.model.preset, clip, config.model.clip_pretrained))
     if config.model.init_checkpoint is not None:
         load_weights(model, config.model.init_checkpoint)
     return model

@@ -387,3 +387,23 @@ def test_model_info_bad_input_is_one_line(capsys, tmp_path):
         err = capsys.readouterr().err.strip()
         assert err.startswith("omgseg model-info: error: ") and expected in err, err
         assert "\n" not in err
+
+
+def test_a_train_config_names_a_pretrained_tag(monkeypatch, tmp_path):
+    """`omgseg train`'s model block takes clip_pretrained and the run's model loads that tag's
+    CLIP; naming a file and a tag at once is one clear error."""
+    from omgseg.platform.config import ModelSpec, TrainConfig
+    from omgseg.platform.loop import build_model
+
+    torch.manual_seed(21)
+    source = open_clip.create_model(TINY_MODEL_NAME)
+    _cache_a_tag(monkeypatch, tmp_path / "hub", TINY_MODEL_NAME, "test_tag", source.state_dict())
+    config = TrainConfig.model_validate({
+        "data": {"root": str(tmp_path / "data"), "datasets": {"a": {"format": "coco-panoptic", "src": str(tmp_path)}}},
+        "name": "tagged", "mix": {"a": 1.0}, "model": {"preset": "tiny", "clip_pretrained": "test_tag"}})
+    model = build_model(config)
+    assert model.config.clip_pretrained == "test_tag"
+    for key, value in source.state_dict().items():
+        assert torch.equal(model.backbone.clip.state_dict()[key], value), key
+    with pytest.raises(ValueError, match="give clip_checkpoint .* or clip_pretrained .*, not both"):
+        ModelSpec(clip_checkpoint=tmp_path / "x.pt", clip_pretrained="test_tag")
