@@ -260,6 +260,41 @@ def save_checkpoint(model: OMGSeg, path: str | Path, extra: dict | None = None) 
     return path
 
 
+def _read_payload(path: Path, map_location: str | torch.device = "cpu") -> dict:
+    """A checkpoint file's payload, read as weights only: a file from elsewhere cannot run code."""
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(f"{path}: not an omgseg checkpoint (it holds objects other than weights: "
+                         f"{str(err).splitlines()[0]})") from None
+    except (RuntimeError, EOFError) as err:  # a truncated or overwritten file
+        raise ValueError(f"{path}: not a readable checkpoint ({str(err).splitlines()[0]})") from None
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: not an omgseg checkpoint (format {CHECKPOINT_FORMAT} expected)")
+    return payload
+
+
+def _load_fitting(model: OMGSeg, weights: dict, path: Path) -> None:
+    """Load `weights` into `model`, or raise one line naming the keys that do not fit (tensors
+    of another shape are named instead of torch's multi-line size-mismatch report). A frozen
+    CLIP left out of the file keeps the model's own weights."""
+    state = model.state_dict()
+    wrong = sorted(k for k, v in weights.items()
+                   if isinstance(v, torch.Tensor) and k in state and tuple(state[k].shape) != tuple(v.shape))
+    missing, unexpected = model.load_state_dict({k: v for k, v in weights.items() if k not in wrong}, strict=False)
+    clip_left_out = [k for k in missing if k.startswith(_FROZEN_CLIP)]
+    missing = [k for k in missing if not k.startswith(_FROZEN_CLIP)]
+    if clip_left_out and not model.config.has_clip_weights:
+        missing += clip_left_out  # a random-weight CLIP is saved with the model, so it must be there
+    if wrong or missing or unexpected:
+        hint = (" (a checkpoint saved with a CLIP checkpoint file needs clip_checkpoint=...)"
+                if any(k.startswith(_FROZEN_CLIP) for k in missing) else "")
+        raise ValueError(f"{path}: weights do not fit model {model.config.name!r}: shapes differ for {wrong[:5]}, "
+                         f"missing {missing[:5]}, unexpected {unexpected[:5]}{hint}")
+
+
 def load_checkpoint(
     path: str | Path, clip_checkpoint: str | None = None, map_location: str | torch.device = "cpu"
 ) -> tuple[OMGSeg, dict]:
@@ -269,28 +304,15 @@ def load_checkpoint(
     pretrained tag recorded at training time, which may not be available here).
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:  # weights only: a checkpoint from elsewhere cannot run code when it is read
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise ValueError(f"{path}: not an omgseg checkpoint (it holds objects other than weights: "
-                         f"{str(err).splitlines()[0]})") from None
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: not an omgseg checkpoint (format {CHECKPOINT_FORMAT} expected)")
-    config = ModelConfig.from_dict(payload["config"])
+    payload = _read_payload(path, map_location)
+    try:
+        config = ModelConfig.from_dict(payload["config"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{path}: its model config is unreadable ({err})") from None
     if clip_checkpoint is not None:
         config = config.replace(clip_checkpoint=clip_checkpoint, clip_pretrained=None)
     model = OMGSeg(config)
-    missing, unexpected = model.load_state_dict(payload["model"], strict=False)
-    if config.has_clip_weights:  # the frozen CLIP came from its own file or tag
-        missing = [k for k in missing if not k.startswith(_FROZEN_CLIP)]
-    if missing or unexpected:
-        raise ValueError(
-            f"{path}: weights do not fit model {config.name!r}: missing {missing[:5]}, unexpected {unexpected[:5]}"
-            + (" (a checkpoint saved with a CLIP checkpoint file needs clip_checkpoint=...)"
-               if any(k.startswith(_FROZEN_CLIP) for k in missing) else "")
-        )
+    _load_fitting(model, payload["model"], path)
     return model, payload["extra"]
 
 
@@ -299,20 +321,14 @@ def load_weights(model: OMGSeg, path: str | Path) -> dict:
     `extra`; raises naming the file and the keys that do not fit. The frozen CLIP keeps the
     model's own weights when the checkpoint does not hold them."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: not an omgseg checkpoint (format {CHECKPOINT_FORMAT} expected)")
+    payload = _read_payload(path)
     state = model.state_dict()
-    wrong = sorted(k for k, v in payload["model"].items()
-                   if isinstance(v, torch.Tensor) and k in state and tuple(state[k].shape) != tuple(v.shape))
-    missing, unexpected = model.load_state_dict(
-        {k: v for k, v in payload["model"].items() if k not in wrong}, strict=False)
-    missing = [k for k in missing if not k.startswith(_FROZEN_CLIP)]
-    if wrong or missing or unexpected:
-        raise ValueError(f"{path}: weights do not fit model {model.config.name!r}: shapes differ for {wrong[:5]}, "
-                         f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    weights = dict(payload["model"])
+    # A warm start from a checkpoint made with a CLIP file or tag: the CLIP is the model's own.
+    for key in state:
+        if key.startswith(_FROZEN_CLIP) and key not in weights:
+            weights[key] = state[key]
+    _load_fitting(model, weights, path)
     return payload["extra"]
 
 

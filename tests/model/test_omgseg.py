@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from omgseg.core.structures import Category
-from omgseg.model.config import ModelConfig, model_config, omgseg_convnext_large
+from omgseg.model.config import ModelConfig, model_config, omgseg_convnext_large, with_overrides
 from omgseg.model.inference import instance_inference, panoptic_inference, prompt_inference, semantic_inference
 from omgseg.model.omgseg import OMGSeg, load_checkpoint, parameter_counts, save_checkpoint
 from omgseg.model.structures import MatchTargets, PromptBatch
@@ -231,3 +231,27 @@ def test_a_warm_start_loads_the_weights_and_refuses_another_model(tmp_path):
         load_weights(OMGSeg(other), path)
     with pytest.raises(FileNotFoundError, match="nowhere.pt does not exist"):
         load_weights(fresh, tmp_path / "nowhere.pt")
+
+
+def test_a_checkpoint_of_another_model_config_is_one_line_naming_keys(tmp_path):
+    """A model.pt whose config was edited (another decoder width) or that is warm-started into
+    another config: one line naming the tensors that do not fit, not torch's size-mismatch list;
+    a truncated file is one line too."""
+    from omgseg.model.omgseg import load_weights
+
+    torch.manual_seed(0)
+    model = OMGSeg(model_config("tiny"))
+    path = save_checkpoint(model, tmp_path / "model.pt")
+    payload = torch.load(path, weights_only=True)
+    payload["config"]["decoder"]["num_layers"] = payload["config"]["decoder"]["num_layers"] - 1
+    torch.save(payload, tmp_path / "edited.pt")
+    with pytest.raises(ValueError, match=r"edited.pt: weights do not fit model 'tiny': .*unexpected \['decoder\.") as err:
+        load_checkpoint(tmp_path / "edited.pt")
+    assert "\n" not in str(err.value)
+    other = OMGSeg(with_overrides(model_config("tiny"), {"decoder.num_object_queries": 25}))
+    with pytest.raises(ValueError, match=r"model.pt: weights do not fit model 'tiny': shapes differ for \['") as err:
+        load_weights(other, path)
+    assert "\n" not in str(err.value)
+    (tmp_path / "cut.pt").write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(ValueError, match=r"cut.pt: not a readable checkpoint"):
+        load_checkpoint(tmp_path / "cut.pt")
