@@ -10,6 +10,8 @@ import argparse
 import errno
 import json
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 EPILOG = """examples:
@@ -105,44 +107,77 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+@dataclass(frozen=True)
+class FileFormat:
+    """One format `omgseg eval` scores: the arguments it needs, what they hold, and the scorer."""
+
+    needs: tuple[str, ...]
+    about: str
+    score: Callable[[argparse.Namespace], dict]
+
+
+def _coco_panoptic(a: argparse.Namespace) -> dict:
+    from omgseg.platform.metrics.panoptic import evaluate_coco_panoptic
+
+    return evaluate_coco_panoptic(a.gt_json, a.gt_dir, a.pred_json, a.pred_dir)
+
+
+def _coco_instances(a: argparse.Namespace) -> dict:
+    from omgseg.platform.metrics.instance import evaluate_coco_instances
+
+    return evaluate_coco_instances(a.gt_json, a.pred_json)
+
+
+def _semantic(a: argparse.Namespace) -> dict:
+    from omgseg.platform.metrics.semantic import evaluate_semantic_pngs
+
+    return evaluate_semantic_pngs(a.gt_dir, a.pred_dir, a.num_classes, a.ignore_label)
+
+
+def _vipseg(a: argparse.Namespace) -> dict:
+    from omgseg.platform.metrics.video_panoptic import evaluate_vipseg
+
+    return evaluate_vipseg(a.gt_json, a.gt_dir, a.pred_json, a.pred_dir)
+
+
+def _ytvis(a: argparse.Namespace) -> dict:
+    from omgseg.platform.metrics.video_instance import evaluate_ytvis
+
+    return evaluate_ytvis(a.gt_json, a.pred_json)
+
+
+def _davis(a: argparse.Namespace) -> dict:
+    from omgseg.platform.metrics.vos import evaluate_davis
+
+    return evaluate_davis(a.gt_dir, a.pred_dir)
+
+
+def _interactive(a: argparse.Namespace) -> dict:
+    from omgseg.platform.evaluate import evaluate_interactive_files
+
+    return evaluate_interactive_files(Path(a.checkpoint), a.gt_json, a.gt_dir, a.image_dir, max_clicks=a.max_clicks,
+                                      clip_checkpoint=a.clip_checkpoint, max_images=a.max_images)
+
+
+EVAL_FORMATS = {
+    "coco-panoptic": FileFormat(("gt_json", "gt_dir", "pred_json", "pred_dir"), "PQ", _coco_panoptic),
+    "coco-instances": FileFormat(("gt_json", "pred_json"), "mask AP; COCO results, RLE + score", _coco_instances),
+    "semantic": FileFormat(("gt_dir", "pred_dir", "num_classes"), "mIoU over label PNGs", _semantic),
+    "vipseg": FileFormat(("gt_json", "gt_dir", "pred_json", "pred_dir"),
+                         "VPQ; panoptic_gt_VIPSeg_<split>.json and panomasksRGB/, pred.json and pan_pred/ with one "
+                         "folder of RGB id PNGs per video", _vipseg),
+    "ytvis": FileFormat(("gt_json", "pred_json"), "video mask AP; YouTube-VIS results", _ytvis),
+    "davis": FileFormat(("gt_dir", "pred_dir"), "J&F; one folder of palette PNGs per sequence", _davis),
+    "interactive": FileFormat(("gt_json", "gt_dir", "image_dir", "checkpoint"),
+                              "NoC; COCO panoptic ground truth, clicks simulated on every non-crowd segment",
+                              _interactive),
+}
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
-    if args.task == "coco-panoptic":
-        from omgseg.platform.metrics.panoptic import evaluate_coco_panoptic
-
-        need(args, "gt_json", "gt_dir", "pred_json", "pred_dir")
-        result = evaluate_coco_panoptic(args.gt_json, args.gt_dir, args.pred_json, args.pred_dir)
-    elif args.task == "coco-instances":
-        from omgseg.platform.metrics.instance import evaluate_coco_instances
-
-        need(args, "gt_json", "pred_json")
-        result = evaluate_coco_instances(args.gt_json, args.pred_json)
-    elif args.task == "vipseg":
-        from omgseg.platform.metrics.video_panoptic import evaluate_vipseg
-
-        need(args, "gt_json", "gt_dir", "pred_json", "pred_dir")
-        result = evaluate_vipseg(args.gt_json, args.gt_dir, args.pred_json, args.pred_dir)
-    elif args.task == "ytvis":
-        from omgseg.platform.metrics.video_instance import evaluate_ytvis
-
-        need(args, "gt_json", "pred_json")
-        result = evaluate_ytvis(args.gt_json, args.pred_json)
-    elif args.task == "davis":
-        from omgseg.platform.metrics.vos import evaluate_davis
-
-        need(args, "gt_dir", "pred_dir")
-        result = evaluate_davis(args.gt_dir, args.pred_dir)
-    elif args.task == "interactive":
-        from omgseg.platform.evaluate import evaluate_interactive_files
-
-        need(args, "gt_json", "gt_dir", "image_dir", "checkpoint")
-        result = evaluate_interactive_files(Path(args.checkpoint), args.gt_json, args.gt_dir, args.image_dir,
-                                            max_clicks=args.max_clicks, clip_checkpoint=args.clip_checkpoint,
-                                            max_images=args.max_images)
-    else:
-        from omgseg.platform.metrics.semantic import evaluate_semantic_pngs
-
-        need(args, "gt_dir", "pred_dir", "num_classes")
-        result = evaluate_semantic_pngs(args.gt_dir, args.pred_dir, args.num_classes, args.ignore_label)
+    fmt = EVAL_FORMATS[args.task]
+    need(args, *fmt.needs)
+    result = fmt.score(args)
     line = json.dumps(result)
     if args.out:
         out = Path(args.out)
@@ -270,14 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("eval", help="score predictions in a public result format against ground truth")
-    p.add_argument("task", choices=("coco-panoptic", "coco-instances", "semantic", "vipseg", "ytvis", "davis", "interactive"),
-                   help="coco-panoptic: --gt-json --gt-dir --pred-json --pred-dir; coco-instances: --gt-json "
-                   "--pred-json (COCO results, RLE + score); semantic: --gt-dir --pred-dir --num-classes; "
-                   "vipseg: --gt-json --gt-dir --pred-json --pred-dir (VPQ; panoptic_gt_VIPSeg_<split>.json "
-                   "and panomasksRGB/, pred.json and pan_pred/ with one folder of RGB id PNGs per video); "
-                   "ytvis: --gt-json --pred-json (YouTube-VIS results); davis: --gt-dir --pred-dir "
-                   "(one folder of palette PNGs per sequence); interactive: --gt-json --gt-dir --image-dir "
-                   "--checkpoint (COCO panoptic ground truth; clicks simulated on every non-crowd segment)")
+    p.add_argument("task", choices=tuple(EVAL_FORMATS), help="; ".join(
+        f"{name}: {' '.join('--' + a.replace('_', '-') for a in f.needs)} ({f.about})" for name, f in EVAL_FORMATS.items()))
     p.add_argument("--gt-json")
     p.add_argument("--gt-dir")
     p.add_argument("--pred-json")
