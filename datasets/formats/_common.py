@@ -7,22 +7,26 @@ whose message names the file or the item being read, so a broken data set points
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 from PIL import Image
 
-from omgseg.core.structures import Task
+from omgseg.core.structures import Category, Task
 from omgseg.datasets.clip import Clip, Segment
 
 # Ids live in 24-bit RGB id maps once written to shards (docs/datasets.md).
 MAX_SEGMENT_ID = 256**3 - 1
 # Polygon points further out than this many image sizes are errors (`check_segmentation`).
 POLYGON_MARGIN = 4
+
+Index = TypeVar("Index")
 
 _IMAGE_EXTS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png"}
 
@@ -68,6 +72,43 @@ def file_identity(path: Path) -> tuple[Path, int, int]:
         raise FileNotFoundError(f"annotation file {path} does not exist")
     stat = path.stat()
     return path, stat.st_mtime_ns, stat.st_size
+
+
+def cached_index(parse: Callable[[Path], Index]) -> Callable[[Path], Index]:
+    """`parse(json_path)` run once per version of the file (see file_identity), its errors
+    naming the file and the field."""
+
+    @functools.lru_cache(maxsize=1)
+    def load(json_path: Path, mtime_ns: int, size: int) -> Index:
+        with field_errors(str(json_path)):
+            return parse(json_path)
+
+    def index(json_path: Path) -> Index:
+        return load(*file_identity(json_path))
+
+    return index
+
+
+def thing_categories(entries: Sequence[object], where: str) -> dict[int, Category]:
+    """A COCO-style `categories` list of things only (instances, YouTube-VIS), by id."""
+    categories: dict[int, Category] = {}
+    for k, c in enumerate(entries):
+        require(c, ("id", "name"), f"{where}: categories[{k}]")
+        if int(c["id"]) in categories:
+            raise ValueError(f"{where}: category id {c['id']} is listed twice")
+        categories[int(c["id"])] = Category(id=int(c["id"]), name=str(c["name"]), isthing=True)
+    return categories
+
+
+def records_by_id(entries: Sequence[object], fields: Sequence[str], where: str, kind: str) -> dict[object, dict]:
+    """The `kind` records of a JSON list (images, videos) by their id, each with `fields`."""
+    records: dict[object, dict] = {}
+    for k, record in enumerate(entries):
+        require(record, fields, f"{where}: {kind}s[{k}]")
+        if record["id"] in records:
+            raise ValueError(f"{where}: {kind} id {record['id']} is listed twice")
+        records[record["id"]] = record
+    return records
 
 
 def read_name_list(path: Path) -> list[str]:

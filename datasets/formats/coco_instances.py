@@ -14,7 +14,6 @@ thing. Segment ids are the annotation ids, unless one of them does not fit the 2
 
 from __future__ import annotations
 
-import functools
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -28,15 +27,17 @@ from omgseg.datasets.clip import Clip
 from omgseg.datasets.formats._common import (
     assign_segment_ids,
     build_clip,
+    cached_index,
     check_segmentation,
     check_size,
     field_errors,
-    file_identity,
     image_ext,
     load_json,
     read_image,
+    records_by_id,
     require,
     sort_key,
+    thing_categories,
 )
 from omgseg.datasets.formats.base import SourceFormat
 
@@ -121,28 +122,12 @@ class _InstancesIndex:
     annotations: dict[object, list[dict]]  # image id -> its annotations, by annotation id
 
 
-@functools.lru_cache(maxsize=1)
-def _load_index(json_path: Path, mtime_ns: int, size: int) -> _InstancesIndex:
-    with field_errors(str(json_path)):
-        return _parse_index(json_path)
-
-
 def _parse_index(json_path: Path) -> _InstancesIndex:
     where = str(json_path)
     data = load_json(json_path)
     require(data, ("images", "annotations", "categories"), where)
-    categories: dict[int, Category] = {}
-    for k, c in enumerate(data["categories"]):
-        require(c, ("id", "name"), f"{where}: categories[{k}]")
-        if int(c["id"]) in categories:
-            raise ValueError(f"{where}: category id {c['id']} is listed twice")
-        categories[int(c["id"])] = Category(id=int(c["id"]), name=str(c["name"]), isthing=True)
-    images: dict[object, dict] = {}
-    for k, image in enumerate(data["images"]):
-        require(image, ("id", "file_name", "height", "width"), f"{where}: images[{k}]")
-        if image["id"] in images:
-            raise ValueError(f"{where}: image id {image['id']} is listed twice")
-        images[image["id"]] = image
+    categories = thing_categories(data["categories"], where)
+    images = records_by_id(data["images"], ("id", "file_name", "height", "width"), where, "image")
     by_image: dict[object, list[dict]] = {i: [] for i in images}
     seen: set[int] = set()
     for k, ann in enumerate(data["annotations"]):
@@ -168,9 +153,7 @@ def _parse_index(json_path: Path) -> _InstancesIndex:
     )
 
 
-def load_index(json_path: Path) -> _InstancesIndex:
-    """The instances JSON, parsed and checked once per file version."""
-    return _load_index(*file_identity(json_path))
+load_index = cached_index(_parse_index)  # the instances JSON, parsed and checked once per file version
 
 
 def _json_path(src: Path, split: str) -> Path:

@@ -12,7 +12,6 @@ the pixel count are kept in `extra["json_area"]` ({str(segment id): area}).
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,9 +21,9 @@ from omgseg.datasets.clip import Clip, decode_id_map_rgb
 from omgseg.datasets.formats._common import (
     MAX_SEGMENT_ID,
     build_clip,
+    cached_index,
     check_size,
     field_errors,
-    file_identity,
     id_counts,
     image_ext,
     load_json,
@@ -51,12 +50,6 @@ class _PanopticIndex:
 
     categories: list[Category]
     items: list[tuple[dict, dict]]  # (image record, annotation record), by image id
-
-
-@functools.lru_cache(maxsize=1)
-def _load_index(json_path: Path, mtime_ns: int, size: int) -> _PanopticIndex:
-    with field_errors(str(json_path)):
-        return _parse_index(json_path)
 
 
 def _parse_index(json_path: Path) -> _PanopticIndex:
@@ -94,9 +87,7 @@ def _parse_index(json_path: Path) -> _PanopticIndex:
     return _PanopticIndex(categories=categories, items=ordered)
 
 
-def load_index(json_path: Path) -> _PanopticIndex:
-    """The panoptic JSON, parsed and checked once per file version."""
-    return _load_index(*file_identity(json_path))
+load_index = cached_index(_parse_index)  # the panoptic JSON, parsed and checked once per file version
 
 
 def read_panoptic_image(

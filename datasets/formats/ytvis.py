@@ -16,7 +16,6 @@ video's annotations are renumbered 1..N for the map (track ids keep the annotati
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,15 +27,17 @@ from omgseg.datasets.clip import Clip
 from omgseg.datasets.formats._common import (
     assign_segment_ids,
     build_clip,
+    cached_index,
     check_size,
     clip_ranges,
     clip_source_id,
     field_errors,
-    file_identity,
     load_json,
     read_frames,
+    records_by_id,
     require,
     sort_key,
+    thing_categories,
 )
 from omgseg.datasets.formats.base import SourceFormat
 from omgseg.datasets.formats.coco_instances import decode_segmentation, resolve_overlaps
@@ -53,27 +54,13 @@ class _YtvisIndex:
     annotations: dict[object, list[dict]]  # video id -> its annotations, by annotation id
 
 
-@functools.lru_cache(maxsize=1)
-def _load_index(json_path: Path, mtime_ns: int, size: int) -> _YtvisIndex:
-    with field_errors(str(json_path)):
-        return _parse_index(json_path)
-
-
 def _parse_index(json_path: Path) -> _YtvisIndex:
     where = str(json_path)
     data = load_json(json_path)
     require(data, ("videos", "categories"), where)
-    categories: dict[int, Category] = {}
-    for k, c in enumerate(data["categories"]):
-        require(c, ("id", "name"), f"{where}: categories[{k}]")
-        if int(c["id"]) in categories:
-            raise ValueError(f"{where}: category id {c['id']} is listed twice")
-        categories[int(c["id"])] = Category(id=int(c["id"]), name=str(c["name"]), isthing=True)
-    videos: dict[object, dict] = {}
-    for k, video in enumerate(data["videos"]):
-        require(video, ("id", "width", "height", "file_names"), f"{where}: videos[{k}]")
-        if video["id"] in videos:
-            raise ValueError(f"{where}: video id {video['id']} is listed twice")
+    categories = thing_categories(data["categories"], where)
+    videos = records_by_id(data["videos"], ("id", "width", "height", "file_names"), where, "video")
+    for video in videos.values():
         if not video["file_names"]:
             raise ValueError(f"{where}: video {video['id']} has no frames")
         if "length" in video and int(video["length"]) != len(video["file_names"]):
@@ -81,7 +68,6 @@ def _parse_index(json_path: Path) -> _YtvisIndex:
                 f"{where}: video {video['id']} has length {video['length']} "
                 f"but {len(video['file_names'])} file_names"
             )
-        videos[video["id"]] = video
     by_video: dict[object, list[dict]] = {v: [] for v in videos}
     seen: set[int] = set()
     for k, ann in enumerate(data.get("annotations") or []):
@@ -122,9 +108,12 @@ def _paths(src: Path, split: str) -> tuple[Path, Path]:
     return Path(src) / f"{folder}.json", Path(src) / folder / "JPEGImages"
 
 
+_index = cached_index(_parse_index)
+
+
 def load_index(src: Path, split: str) -> _YtvisIndex:
     """The split's JSON, parsed and checked once per file version."""
-    return _load_index(*file_identity(_paths(src, split)[0]))
+    return _index(_paths(src, split)[0])
 
 
 def read_video(
