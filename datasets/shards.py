@@ -18,6 +18,7 @@ import os
 import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -315,14 +316,15 @@ def _named(exn: OSError, path: Path) -> OSError:
     return type(exn)(exn.errno, exn.strerror or str(exn), str(path))
 
 
-def _write_json_atomic(path: Path, obj: object) -> None:
+@contextmanager
+def _temporary(path: Path) -> Iterator[Path]:
+    """`path.tmp` to write before it is renamed to `path`; removed if writing fails, so an
+    interrupted file never survives under a name that looks complete (a full disk's error
+    names `path`)."""
     tmp = path.with_name(path.name + ".tmp")
     try:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError as exn:  # e.g. the disk is full: the previous file stays, the half-written one goes
+        yield tmp
+    except OSError as exn:
         tmp.unlink(missing_ok=True)
         named = _named(exn, path)
         if named is exn:
@@ -331,34 +333,29 @@ def _write_json_atomic(path: Path, obj: object) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _write_json_atomic(path: Path, obj: object) -> None:
+    with _temporary(path) as tmp, open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
     _fsync_dir(path.parent)
 
 
 def _write_shard(path: Path, clips: Iterable[Clip], first_key: int, on_clip: Callable[[], None]) -> ShardInfo | None:
     """Write `clips` into `path` via `path.tmp` + fsync + rename; None if `clips` is empty."""
-    tmp = path.with_name(path.name + ".tmp")
     count = 0
-    try:
-        with open(tmp, "wb") as raw:
-            hashing = _HashingFile(raw)
-            with wds.TarWriter(hashing, mtime=_TAR_MTIME, encoder=False) as writer:
-                for clip in clips:
-                    writer.write(encode_clip(clip, sample_key(first_key + count)))
-                    count += 1
-                    on_clip()
-            raw.flush()
-            os.fsync(raw.fileno())
-    except OSError as exn:  # e.g. the disk is full: name the shard being written
-        tmp.unlink(missing_ok=True)
-        named = _named(exn, path)
-        if named is exn:
-            raise
-        raise named from exn
-    except BaseException:
-        # An interrupted shard must not survive under any name that looks complete.
-        tmp.unlink(missing_ok=True)
-        raise
+    with _temporary(path) as tmp, open(tmp, "wb") as raw:
+        hashing = _HashingFile(raw)
+        with wds.TarWriter(hashing, mtime=_TAR_MTIME, encoder=False) as writer:
+            for clip in clips:
+                writer.write(encode_clip(clip, sample_key(first_key + count)))
+                count += 1
+                on_clip()
+        raw.flush()
+        os.fsync(raw.fileno())
     if count == 0:
         tmp.unlink()
         return None
