@@ -32,8 +32,21 @@ def _known(cls, data: dict, where: str) -> dict:
     return {k: v for k, v in data.items() if k in names}
 
 
+class JsonRecord:
+    """to_json / from_json for a dataclass of JSON values; `WHAT` names it in errors."""
+
+    WHAT = "record"
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict):
+        return cls(**_known(cls, data, cls.WHAT))
+
+
 @dataclass
-class RunReport:
+class RunReport(JsonRecord):
     """What one training run measured, summed over its ranks."""
 
     steps: int
@@ -51,12 +64,7 @@ class RunReport:
         total = sum(self.samples.values())
         return {k: v / total for k, v in self.samples.items()} if total else {}
 
-    def to_json(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, data: dict) -> RunReport:
-        return cls(**_known(cls, data, "run report"))
+    WHAT = "run report"
 
 
 @dataclass
@@ -70,7 +78,7 @@ class TrainResult:
 
 
 @dataclass
-class TrialRecord:
+class TrialRecord(JsonRecord):
     """What a finished (or failed) trial leaves behind; stored as trial.json with its MLflow run."""
 
     trial_id: str
@@ -93,16 +101,11 @@ class TrialRecord:
     affinity_halves: list[dict] = field(default_factory=list)  # mean Z of the even and of the odd probes
     reads: list[dict] = field(default_factory=list)
 
-    def to_json(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, data: dict) -> TrialRecord:
-        return cls(**_known(cls, data, "trial record"))
+    WHAT = "trial record"
 
 
 @dataclass
-class StudyState:
+class StudyState(JsonRecord):
     """study.json: the study's MLflow parent run and its resolved config."""
 
     name: str
@@ -111,12 +114,7 @@ class StudyState:
     config: dict  # StudyConfig.model_dump(mode="json")
     source: str = "config"  # the config file it was read from
 
-    def to_json(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, data: dict) -> StudyState:
-        return cls(**_known(cls, data, STUDY_FILE))
+    WHAT = STUDY_FILE
 
     @classmethod
     def read(cls, folder: Path) -> StudyState:
