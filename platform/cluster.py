@@ -7,6 +7,9 @@ named `platform` would shadow the standard library there. Not the `.whl` file it
 Ray pip-installs a wheel in py_modules together with all its dependencies (measured here:
 6.7 GB, torch included, into every node's runtime folder, over the image's own packages).
 Set OMGSEG_SHIP_WHEEL=0 when the cluster image has omgseg installed.
+
+A study asks this module what one trial holds (its CPUs and GPU, or a trial slot when Ray Train
+workers hold those) and how many trials the Ray it connected to can run at once.
 """
 
 from __future__ import annotations
@@ -17,8 +20,13 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from omgseg.platform.config import StudyConfig
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+SLOT = "trial_slot"  # the custom Ray resource a multi-worker trial holds instead of CPUs (no Tune/Train deadlock)
 
 
 def build_wheel(out_dir: Path) -> Path:
@@ -74,3 +82,49 @@ def connect(local_resources: dict[str, float] | None = None, *, quiet: bool = Fa
               file=sys.stderr, flush=True)
     ray.init(address=address, runtime_env=runtime_env or None, log_to_driver=log_to_driver, logging_level=level)
     return {"address": address, "wheel": str(wheel) if wheel else None}
+
+
+def trial_resources(config: StudyConfig) -> dict[str, float]:
+    """The Ray resources one trial holds: its CPUs (and GPU) when it trains in its own process;
+    a trial slot when Ray Train workers hold them."""
+    res = config.train.resources
+    if res.workers == 1:
+        return {"CPU": res.cpus_per_worker, **({"GPU": 1.0} if res.use_gpu else {})}
+    return {SLOT: 1.0}
+
+
+def _concurrency(config: StudyConfig, total_cpus: float, total_gpus: float) -> int:
+    if config.scheduling.max_concurrent_trials:
+        return config.scheduling.max_concurrent_trials
+    res = config.train.resources
+    by_cpu = total_cpus // (res.workers * res.cpus_per_worker)
+    by_gpu = total_gpus // res.workers if res.use_gpu else by_cpu
+    return max(1, int(min(by_cpu, by_gpu)))
+
+
+def start_for_study(config: StudyConfig, verbose: bool) -> int:
+    """Connect to $RAY_ADDRESS (omgseg.platform.cluster ships the wheel) or start a local Ray;
+    returns how many trials may run at once. Multi-worker trials need `trial_slot` resources,
+    which a local Ray gets and a cluster's head node must offer."""
+    import ray
+
+    local = not os.environ.get("RAY_ADDRESS") and not ray.is_initialized()
+    slots = _concurrency(config, float(os.cpu_count() or 1), float(_local_gpus())) if local else 0
+    multi_worker = config.train.resources.workers > 1
+    connect({SLOT: slots} if local and multi_worker else None, log_to_driver=verbose)
+    if not multi_worker:
+        res = ray.cluster_resources()
+        return _concurrency(config, float(res.get("CPU", 1)), float(res.get("GPU", 0)))
+    found = int(ray.cluster_resources().get(SLOT, 0))
+    if found < 1:
+        where = f"the Ray cluster at {os.environ['RAY_ADDRESS']}" if os.environ.get("RAY_ADDRESS") else "this Ray"
+        raise RuntimeError(
+            f"{where} has no {SLOT!r} resource: start its head node with "
+            f"`ray start --head --resources='{{\"{SLOT}\": N}}'` for N concurrent trials (studies/cluster/)")
+    return found
+
+
+def _local_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count()

@@ -5,7 +5,9 @@ result tables, their statistics and the comparison of the cheap estimate.
     run_study(config, out)   -> trains what is not finished yet, writes the tables, returns them
 
 The plan (combinations, mixes, steps, targets) is omgseg.platform.plan; the records that cross
-process edges are omgseg.platform.records; MLflow is the ledger (omgseg.platform.tracking): a
+process edges are omgseg.platform.records; what a trial holds on Ray is omgseg.platform.cluster;
+the tables and summary.json are omgseg.platform.summary; MLflow is the ledger
+(omgseg.platform.tracking): a
 trial is done when its child run is FINISHED and holds trial.json, so `--resume` skips it
 without re-running or duplicating it, and continues an interrupted one in its own MLflow run
 from its last checkpoint.
@@ -24,23 +26,22 @@ import os
 import sys
 import time
 import traceback
-from dataclasses import dataclass
 from pathlib import Path
 
-import polars as pl
 from ray.tune import Callback
 
+from omgseg.platform.cluster import start_for_study, trial_resources
 from omgseg.platform.config import ConfigError, StudyConfig, flatten, load_config
-from omgseg.platform.console import elapsed, error_line, redirect_output
-from omgseg.platform.plan import Trial, dry_run, plan_trials, targets, trial_config
+from omgseg.platform.console import elapsed, error_line, redirect_output, say
+from omgseg.platform.plan import Trial, dry_run, plan_trials, trial_config
 from omgseg.platform.records import STUDY_FILE, StudyState, TrialRecord, TrialSpec
+from omgseg.platform.summary import StudyResult, finish_study, print_summary
 
-SLOT = "trial_slot"  # the custom Ray resource a multi-worker trial holds instead of CPUs (no Tune/Train deadlock)
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "studies" / "configs" / "default.yaml"
 
 
 def _say(text: str) -> None:
-    print(f"[study] {text}", file=sys.stderr, flush=True)
+    say(text, prefix="[study]")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -96,15 +97,6 @@ def _train_trial(spec: TrialSpec) -> TrialRecord:
 # The driver
 
 
-@dataclass
-class StudyResult:
-    out: Path
-    parent_run_id: str
-    tracking_uri: str
-    tables: dict[str, Path]
-    summary: dict
-
-
 def study_dir(config: StudyConfig, out: Path | None) -> Path:
     return (Path(out) if out is not None else Path("outputs/studies") / config.name).absolute()
 
@@ -114,54 +106,6 @@ def tracking_uri(config: StudyConfig, out: Path) -> str:
     from omgseg.platform.tracking import resolve_tracking_uri
 
     return resolve_tracking_uri(config.tracking, out)
-
-
-def _per_trial(config: StudyConfig) -> dict[str, float]:
-    """The Ray resources one trial holds: its CPUs (and GPU) when it trains in its own process;
-    a trial slot when Ray Train workers hold them."""
-    res = config.train.resources
-    if res.workers == 1:
-        return {"CPU": res.cpus_per_worker, **({"GPU": 1.0} if res.use_gpu else {})}
-    return {SLOT: 1.0}
-
-
-def _concurrency(config: StudyConfig, total_cpus: float, total_gpus: float) -> int:
-    if config.scheduling.max_concurrent_trials:
-        return config.scheduling.max_concurrent_trials
-    res = config.train.resources
-    by_cpu = total_cpus // (res.workers * res.cpus_per_worker)
-    by_gpu = total_gpus // res.workers if res.use_gpu else by_cpu
-    return max(1, int(min(by_cpu, by_gpu)))
-
-
-def _start_ray(config: StudyConfig, verbose: bool) -> int:
-    """Connect to $RAY_ADDRESS (omgseg.platform.cluster ships the wheel) or start a local Ray;
-    returns how many trials may run at once. Multi-worker trials need `trial_slot` resources,
-    which a local Ray gets and a cluster's head node must offer."""
-    import ray
-
-    from omgseg.platform.cluster import connect
-
-    local = not os.environ.get("RAY_ADDRESS") and not ray.is_initialized()
-    slots = _concurrency(config, float(os.cpu_count() or 1), float(_local_gpus())) if local else 0
-    multi_worker = config.train.resources.workers > 1
-    connect({SLOT: slots} if local and multi_worker else None, log_to_driver=verbose)
-    if not multi_worker:
-        res = ray.cluster_resources()
-        return _concurrency(config, float(res.get("CPU", 1)), float(res.get("GPU", 0)))
-    found = int(ray.cluster_resources().get(SLOT, 0))
-    if found < 1:
-        where = f"the Ray cluster at {os.environ['RAY_ADDRESS']}" if os.environ.get("RAY_ADDRESS") else "this Ray"
-        raise RuntimeError(
-            f"{where} has no {SLOT!r} resource: start its head node with "
-            f"`ray start --head --resources='{{\"{SLOT}\": N}}'` for N concurrent trials (studies/cluster/)")
-    return found
-
-
-def _local_gpus() -> int:
-    import torch
-
-    return torch.cuda.device_count()
 
 
 def _check_resume(out: Path, config: StudyConfig, resume: bool) -> StudyState | None:
@@ -182,21 +126,15 @@ def _check_resume(out: Path, config: StudyConfig, resume: bool) -> StudyState | 
 
 def _open_study(config: StudyConfig, out: Path, uri: str, state: StudyState | None, source: str) -> StudyState:
     """The study's MLflow parent run (created with the config, or set RUNNING again) and study.json."""
-    import mlflow
+    from omgseg.platform.tracking import open_study_run
 
-    from omgseg.platform.tracking import experiment_id, log_config
-
-    client = mlflow.MlflowClient(uri)
     if state is not None:
-        client.update_run(state.parent_run_id, status="RUNNING")
+        open_study_run(config, uri, state.parent_run_id)
         return state
-    parent = client.create_run(experiment_id(client, config.tracking.experiment, uri), run_name=config.name,
-                               tags={"omgseg.study": config.name, "omgseg.kind": "study"})
-    state = StudyState(name=config.name, parent_run_id=parent.info.run_id, tracking_uri=uri,
+    state = StudyState(name=config.name, parent_run_id=open_study_run(config, uri), tracking_uri=uri,
                        config=json.loads(config.model_dump_json()), source=source)
     (out / STUDY_FILE).write_text(json.dumps(state.to_json(), indent=1))
     (out / "config.json").write_text(config.model_dump_json(indent=2))
-    log_config(client, parent.info.run_id, config)
     return state
 
 
@@ -254,7 +192,7 @@ def run_study(config: StudyConfig, out: Path | None = None, *, resume: bool = Fa
     seconds = {"prepare": clock["prepared"] - clock["started"], "ray_init": 0.0, "trials": 0.0}
     if pending:
         started = time.perf_counter()
-        slots = _start_ray(config, verbose)
+        slots = start_for_study(config, verbose)
         seconds["ray_init"] = time.perf_counter() - started
         _say(f"running up to {slots} trials at once")
         init = _pretrain(config, out, uri, state.parent_run_id, logs) if config.pretrain else None
@@ -265,7 +203,7 @@ def run_study(config: StudyConfig, out: Path | None = None, *, resume: bool = Fa
                            in_process=in_process).to_json() for t in pending]
         progress = _Progress(len(pending), len(done), len(plan))
         tuner = tune.Tuner(
-            tune.with_resources(run_trial, _per_trial(config)),
+            tune.with_resources(run_trial, trial_resources(config)),
             param_space={"spec": tune.grid_search(specs)},
             tune_config=tune.TuneConfig(max_concurrent_trials=slots, reuse_actors=in_process),
             run_config=tune.RunConfig(
@@ -295,7 +233,7 @@ def run_study(config: StudyConfig, out: Path | None = None, *, resume: bool = Fa
             record = failed.get(trial.trial_id) or _failed_record(trial, config, None, str(logs / f"{trial.trial_id}.log"))
             record.mlflow_run_id = runs.get(trial.trial_id, (None, None))[0]
             records.append(record)
-    return _finish(config, out, uri, state.parent_run_id, records, seconds, slots)
+    return finish_study(config, out, uri, state.parent_run_id, records, seconds, slots)
 
 
 def _pretrain(config: StudyConfig, out: Path, uri: str, parent_run_id: str, logs: Path) -> Path:
@@ -322,69 +260,6 @@ def _failed_record(trial: Trial, config: StudyConfig, error: BaseException | Non
                        ratios=list(trial.ratios), seed=trial.seed, steps=trial.steps, status="failed",
                        measures_affinity=trial.measures_affinity, log=log,
                        error=error_line(str(error)) if error is not None else "did not finish")
-
-
-def _finish(config: StudyConfig, out: Path, uri: str, parent_run_id: str, records: list[TrialRecord],
-            seconds: dict[str, float], slots: int) -> StudyResult:
-    """Tables, summary.json, and both logged to the MLflow parent run (then closed)."""
-    import mlflow
-
-    from omgseg.platform.estimates import compare_estimates, planted_check
-    from omgseg.platform.results import TABLES, build_tables, null_check, write_tables
-
-    started = time.perf_counter()
-    goals = targets(config)
-    tables = build_tables(config.name, records, config.trained(), goals)
-    paths = write_tables(tables, out)
-    influence = tables["influence"]
-    finished = [r for r in records if r.status == "finished"]
-    summary = {
-        "study": config.name, "trials": len(records), "finished": len(finished),
-        "failed": [{"trial_id": r.trial_id, "error": r.error, "log": r.log} for r in records if r.status != "finished"],
-        "seeds": len(config.seeds), "budget": config.budget,
-        "significant": {f"{fam}/{kind}": {"rows": rows.height, "significant_after_correction": int(rows["significant"].sum()),
-                                          "tested": int(rows["p_value"].is_not_null().sum()),
-                                          "median_mde": rows["mde"].median()}
-                        for (fam, kind), rows in _groups(influence)},
-        "null_check": null_check(tables["metrics"], goals),
-        "pairing_ratio_median": influence.filter((pl.col("kind") == "pair") & (pl.col("family") == "primary"))[
-            "pairing_ratio"].median() if influence.height else None,
-        "estimates": compare_estimates(records, tables["metrics"], goals, config.trained(), config.seeds),
-        "tables": {k: str(v) for k, v in paths.items()},
-        "mlflow": {"tracking_uri": uri, "parent_run_id": parent_run_id},
-        "driver_seconds": seconds,  # this driver run (a resumed study: the last run only)
-        "concurrent_trials": slots,
-    }
-    if config.planted:
-        summary["planted"] = planted_check(influence, config.planted)
-    seconds["tables"] = time.perf_counter() - started
-    summary_file = out / "summary.json"
-    partial = out / "summary.json.partial"
-    partial.write_text(json.dumps(summary, indent=1))
-    partial.replace(summary_file)
-    client = mlflow.MlflowClient(uri)
-    for name in TABLES:
-        client.log_artifact(parent_run_id, str(paths[name]), artifact_path="tables")
-    client.log_artifact(parent_run_id, str(summary_file), artifact_path="tables")
-    now = int(time.time() * 1000)
-    estimates = summary["estimates"]
-    values = {"trials_finished": summary["finished"], "trials_failed": len(summary["failed"]),
-              "exhaustive_trial_hours": estimates["exhaustive_trial_hours"],
-              "affinity_trial_hours": estimates["affinity_trial_hours"]}
-    if estimates["spearman"] is not None:
-        values["affinity_vs_influence_spearman"] = estimates["spearman"]
-    client.log_batch(parent_run_id, metrics=[mlflow.entities.Metric(k, float(v), now, 0) for k, v in values.items()])
-    client.set_terminated(parent_run_id, "FINISHED" if not summary["failed"] else "FAILED")
-    return StudyResult(out=out, parent_run_id=parent_run_id, tracking_uri=uri, tables=paths, summary=summary)
-
-
-def _groups(influence: pl.DataFrame):
-    """((family, kind), rows) of the influence table's non-empty groups."""
-    for family in ("primary", "secondary"):
-        for kind in ("pair", "leave_one_out"):
-            rows = influence.filter((pl.col("family") == family) & (pl.col("kind") == kind))
-            if rows.height:
-                yield (family, kind), rows
 
 
 class _Progress(Callback):
@@ -494,36 +369,7 @@ def main(argv: list[str] | None = None, prog: str = "omgseg study") -> int:
     except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 1
-    _print_summary(result)
+    print_summary(result)
     return 0 if not result.summary["failed"] else 1
 
 
-def _print_summary(result: StudyResult) -> None:
-    from omgseg.platform.results import TABLES
-
-    summary = result.summary
-    estimates = summary["estimates"]
-    _say(f"done: {summary['finished']}/{summary['trials']} trials finished"
-         + (f", {len(summary['failed'])} failed: {[f['trial_id'] for f in summary['failed']]}" if summary["failed"] else ""))
-    for key, counts in summary["significant"].items():
-        mde = counts["median_mde"]
-        _say(f"influence {key}: {counts['significant_after_correction']} of {counts['tested']} tested rows significant "
-             f"after correction (BH, q <= 0.05)" + (f"; median minimum detectable effect {mde:.3g}" if mde is not None else ""))
-    for family, check in summary["null_check"].items():
-        if check["tests"]:
-            _say(f"A/A null check ({family}): {check['significant_after_correction']} of {check['tests']} split-seed "
-                 f"contrasts significant after correction: {'passed' if check['passed'] else 'FAILED'}")
-    if "planted" in summary:
-        planted = summary["planted"]
-        _say(f"planted effects: {planted['agree']}/{planted['total']} agree (recovered {planted['recovered']}; "
-             f"{planted['false_positives_on_none']} false positives on 'none')")
-    if estimates["spearman"] is not None:
-        _say(f"affinity vs influence: Spearman {estimates['spearman']:.3f} over {estimates['n_pairs']} pairs "
-             f"(permutation p {estimates['permutation_p']:.3g}); cost {estimates['affinity_trial_hours']:.3f} vs "
-             f"{estimates['exhaustive_trial_hours']:.3f} trial-hours")
-    _say(f"tables: {', '.join(str(result.tables[t]) for t in TABLES)}")
-    _say(f"MLflow UI: mlflow ui --backend-store-uri {result.tracking_uri}  (then http://127.0.0.1:5000, "
-         f"parent run {result.parent_run_id})")
-    print(json.dumps({"out": str(result.out), "parent_run_id": result.parent_run_id, "tracking_uri": result.tracking_uri,
-                      "finished": summary["finished"], "failed": len(summary["failed"]),
-                      "spearman_affinity_vs_influence": estimates["spearman"]}))

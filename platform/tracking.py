@@ -142,6 +142,34 @@ def fail_run(uri: str, run_id: str) -> None:
     mlflow.MlflowClient(uri).set_terminated(run_id, "FAILED")
 
 
+def open_study_run(config, uri: str, parent_run_id: str | None = None) -> str:
+    """A study's parent run (tagged with the study's name, its config logged), or the existing
+    `parent_run_id` marked RUNNING again for a resumed study."""
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    if parent_run_id is not None:
+        client.update_run(parent_run_id, status="RUNNING")
+        return parent_run_id
+    parent = client.create_run(experiment_id(client, config.tracking.experiment, uri), run_name=config.name,
+                               tags={"omgseg.study": config.name, "omgseg.kind": "study"})
+    log_config(client, parent.info.run_id, config)
+    return parent.info.run_id
+
+
+def close_study_run(uri: str, parent_run_id: str, files: list[Path], values: dict[str, float], failed: bool) -> None:
+    """The study's tables and summary as artifacts (under tables/), its headline numbers as
+    metrics; then FINISHED, or FAILED when a trial failed."""
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    for path in files:
+        client.log_artifact(parent_run_id, str(path), artifact_path="tables")
+    now = int(time.time() * 1000)
+    client.log_batch(parent_run_id, metrics=[mlflow.entities.Metric(k, float(v), now, 0) for k, v in values.items()])
+    client.set_terminated(parent_run_id, "FAILED" if failed else "FINISHED")
+
+
 def samples_by_node(reads: list[dict]) -> dict[str, dict[str, int]]:
     """{node: {data set: samples}} summed over the ranks that ran there (their last node)."""
     out: dict[str, dict[str, int]] = {}

@@ -152,3 +152,25 @@ def test_the_planted_study_states_every_pair_and_pretrains(tmp_path):
 def test_bad_planted_configs_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(StudyConfig, PLANTED, [override])
+
+
+def test_a_train_config_is_a_study_train_block(tmp_path):
+    """One run schema: how `omgseg train`'s example trains, pasted as a study's `train:` block,
+    is read by the same typed spec; the study then sets the mix, the seed and the steps per trial."""
+    import yaml
+
+    from omgseg.platform.config import RunSpec, TrainConfig
+
+    tiny = yaml.safe_load((DEFAULT.parent / "train_tiny.yaml").read_text())
+    study = yaml.safe_load(DEFAULT.read_text())
+    run_keys = set(RunSpec.model_fields)
+    study["train"] = {k: v for k, v in tiny.items() if k in run_keys}
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(study))
+    config = load_config(StudyConfig, path)
+    train = load_config(TrainConfig, DEFAULT.parent / "train_tiny.yaml")
+    assert config.train == RunSpec(**{k: getattr(train, k) for k in run_keys})
+    trial = plan_trials(config)[0]
+    built = trial_config(config, trial, tmp_path, "sqlite:///x.db")
+    assert isinstance(built, TrainConfig) and built.batch == train.batch and built.optimizer == train.optimizer
+    assert built.steps == trial.steps and built.seed == trial.seed
