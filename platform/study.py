@@ -262,6 +262,16 @@ def _failed_record(trial: Trial, config: StudyConfig, error: BaseException | Non
                        error=error_line(str(error)) if error is not None else "did not finish")
 
 
+def _trial_error(trial) -> str:
+    """The text of a trial's errors. Tune writes it to the driver's staging folder at once and
+    copies it to the study's storage later; get_error() reads storage, so at a retry it would
+    still find nothing."""
+    staged = trial.error_file
+    if staged and Path(staged).is_file():
+        return Path(staged).read_text()
+    return str(trial.get_error() or "")
+
+
 class _Progress(Callback):
     """Ray Tune callback: the study's progress as one bar (a terminal) or one line per event,
     one line per finished trial with its time and validation losses, and every failure with
@@ -300,7 +310,7 @@ class _Progress(Callback):
     def on_trial_recover(self, iteration, trials, trial, **info):
         self.running.discard(trial.trial_id)
         spec = trial.config["spec"]
-        self._line(f"retrying {spec['trial']['trial_id']} after: {error_line(str(trial.get_error() or 'a failure'))} "
+        self._line(f"retrying {spec['trial']['trial_id']} after: {error_line(_trial_error(trial) or 'a failure')} "
                    f"(log: {spec['log']})")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
@@ -322,7 +332,7 @@ class _Progress(Callback):
         self.running.discard(trial.trial_id)
         self.failed += 1
         spec = trial.config["spec"]
-        self._line(f"FAILED {spec['trial']['trial_id']}: {error_line(str(trial.get_error() or 'failed'))} "
+        self._line(f"FAILED {spec['trial']['trial_id']}: {error_line(_trial_error(trial) or 'failed')} "
                    f"(log: {spec['log']})")
 
     def on_experiment_end(self, trials, **info):

@@ -179,6 +179,8 @@ def test_a_failing_trial_is_retried_and_reported(tmp_path, capfd):
     console = capfd.readouterr().err
     failures = [line for line in console.splitlines() if "FAILED broken-s0" in line]
     assert failures and "ShardReadError" in failures[0] and str(log) in failures[0]
+    retries = [line for line in console.splitlines() if "retrying broken-s0" in line]
+    assert retries and "ShardReadError" in retries[0]  # a retry names its cause too
     children = _children(result.tracking_uri, result.parent_run_id)
     by_trial = {}
     for child in children:
