@@ -286,6 +286,8 @@ def _fit_in_process(config: TrainConfig, uri: str, run_id: str, folder: Path) ->
     device = torch.device("cuda" if config.resources.use_gpu and torch.cuda.is_available() else "cpu")
     saved_file = folder / "checkpoint" / CHECKPOINT_FILE
     saved = torch.load(saved_file, map_location="cpu", weights_only=True) if saved_file.is_file() else None
+    if saved is not None:
+        print(f"[omgseg] resuming at step {saved['step']} from {saved_file}", flush=True)
     parts, state = build_parts(config, 0, 1, device, saved=saved)
 
     def checkpoint(parts: TrainParts, state: WorkerState) -> None:
