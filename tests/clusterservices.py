@@ -6,6 +6,7 @@ second Ray node killed as a machine is lost."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -45,10 +46,9 @@ class MlflowServer:
 
 def stop_process(process: subprocess.Popen) -> None:
     try:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=30)
-    except ProcessLookupError:
-        pass
+        with contextlib.suppress(ProcessLookupError):  # already gone
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait(timeout=30)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait(timeout=30)
@@ -85,10 +85,8 @@ class Services:
         as when its machine is lost; returns how many processes were killed."""
         victims = _worker_node_pids()
         for pid in victims:
-            try:
+            with contextlib.suppress(ProcessLookupError):  # exited on its own meanwhile
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         return len(victims)
 
 

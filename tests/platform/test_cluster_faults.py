@@ -48,19 +48,25 @@ def _study_command(services, out: Path, *extra: str) -> list[str]:
             "train.affinity={enabled: false}", "train.resources={workers: 1, cpus_per_worker: 1}", *extra]
 
 
-def _watch(study: subprocess.Popen) -> tuple[list[str], threading.Event]:
-    """The study's stderr lines as they come, and an event set at the first finished trial."""
+def _watch(study: subprocess.Popen) -> list[str]:
+    """The study's stderr lines, collected as they come."""
     lines: list[str] = []
-    first_finished = threading.Event()
 
     def read() -> None:
-        for line in study.stderr:
-            lines.append(line)
-            if "finished" in line:
-                first_finished.set()
+        lines.extend(study.stderr)
 
     threading.Thread(target=read, daemon=True).start()
-    return lines, first_finished
+    return lines
+
+
+def _wait_for(found, study: subprocess.Popen, lines: list[str]):
+    """Poll `found()` until it returns something; fail with the study's last lines if the study
+    ends or 15 minutes pass first."""
+    deadline = time.monotonic() + 900
+    while not (value := found()):
+        assert time.monotonic() < deadline and study.poll() is None, "".join(lines[-40:])
+        time.sleep(0.2)
+    return value
 
 
 def _children(services, out: Path) -> list:
@@ -98,12 +104,9 @@ def test_the_tracking_server_stopped_and_started_again_mid_study_loses_and_dupli
     out = tmp_path / "study"
     study = subprocess.Popen(_study_command(services, out, "scheduling.max_retries=1", "train.steps=40"),
                              env=services.study_env(), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
-    lines, _ = _watch(study)
-    try:
-        deadline = time.monotonic() + 900
-        while not any((out / "trials").glob("*/*/progress.jsonl")):  # a trial is in its loop, logging steps
-            assert time.monotonic() < deadline and study.poll() is None, "".join(lines[-40:])
-            time.sleep(0.2)
+    lines = _watch(study)
+    try:  # once a trial is in its loop, logging steps:
+        _wait_for(lambda: any((out / "trials").glob("*/*/progress.jsonl")), study, lines)
         services.mlflow.stop()
         time.sleep(15)
         services.mlflow.start()
@@ -127,9 +130,9 @@ def test_a_worker_node_killed_under_a_trial_reschedules_it_and_it_resumes_from_i
     out = tmp_path / "study"
     study = subprocess.Popen(_study_command(services, out, "scheduling.max_retries=1", "train.steps=40"),
                              env=services.study_env(), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
-    lines, _ = _watch(study)
+    lines = _watch(study)
     try:
-        victim = _trial_with_a_checkpoint_on_the_worker_node(services, out, study, lines)
+        victim = _wait_for(lambda: _checkpointed_trial_on_the_worker_node(services, out), study, lines)
         assert services.kill_worker_node() > 0
         assert study.wait(timeout=1200) == 0, "".join(lines[-60:])
     finally:
@@ -141,13 +144,10 @@ def test_a_worker_node_killed_under_a_trial_reschedules_it_and_it_resumes_from_i
     _one_finished_run_per_trial(_children(services, out))
 
 
-def _trial_with_a_checkpoint_on_the_worker_node(services, out: Path, study: subprocess.Popen, lines: list[str]) -> str:
-    """Wait until a trial runs on the second node (its process writes to the trial's log) and
-    has saved a checkpoint; return its id."""
-    deadline = time.monotonic() + 900
-    while True:
-        assert time.monotonic() < deadline and study.poll() is None, "".join(lines[-40:])
-        for log in services.worker_node_outputs():
-            if log.parent == out / "logs" and any((out / "trials" / log.stem).glob("*/checkpoint/state.pt")):
-                return log.stem
-        time.sleep(0.2)
+def _checkpointed_trial_on_the_worker_node(services, out: Path) -> str | None:
+    """The id of a trial that runs on the second node (its process writes to the trial's log)
+    and has saved a checkpoint, if there is one."""
+    for log in services.worker_node_outputs():
+        if log.parent == out / "logs" and any((out / "trials" / log.stem).glob("*/checkpoint/state.pt")):
+            return log.stem
+    return None
