@@ -59,7 +59,9 @@ def influence_heatmap(influence: pl.DataFrame, kind: str, family: str = "primary
     axes.set_yticks(range(len(sources)), sources, fontsize=8)
     axes.set_xlabel("target")
     axes.set_ylabel("source (added to training)")
-    title = "pair: {source, target} minus {target}" if kind == "pair" else "leave-one-out: all minus all-but-source"
+    title = {"pair": "pair: {source, target} minus {target}",
+             "controlled": "controlled: {source, target} minus {target, control}",
+             "leave_one_out": "leave-one-out: all minus all-but-source"}[kind]
     axes.set_title(f"Influence on {family} targets ({title})", fontsize=9)
     bar = figure.colorbar(image, ax=axes, fraction=0.04)
     bar.set_label("relative delta (clipped to +-1)", fontsize=8)

@@ -25,7 +25,7 @@ from omgseg.dashboards.figures import affinity_scatter, correlation_heatmap, inf
 from omgseg.platform.config import StudyConfig
 from omgseg.platform.plan import targets
 from omgseg.platform.records import StudyState
-from omgseg.platform.results import TABLES
+from omgseg.platform.results import KINDS, TABLES
 
 SECTIONS = ("summary", "influence", "correlation", "metrics", "affinity", "runs", "samples")
 STYLE = """
@@ -156,7 +156,7 @@ def build_report(folder: Path, *, out: Path | None = None, mlflow_url: str = "ht
     estimates = study.summary.get("estimates", {})
     drawn = {
         f"influence_{family}_{kind}": influence_heatmap(tables["influence"], kind, family)
-        for family in ("primary", "secondary") for kind in ("pair", "leave_one_out")
+        for family in ("primary", "secondary") for kind in KINDS
     }
     drawn |= {
         "correlation": correlation_heatmap(tables["correlation"]),
@@ -214,7 +214,7 @@ def build_report(folder: Path, *, out: Path | None = None, mlflow_url: str = "ht
     body = {
         "summary": summary_html,
         "influence": "".join(figure_or_note(f"influence_{family}_{kind}", influence_caption)
-                             for family in ("primary", "secondary") for kind in ("pair", "leave_one_out")
+                             for family in ("primary", "secondary") for kind in KINDS
                              if f"influence_{family}_{kind}" in rendered)
         + _table(tables["influence"].drop("study")),
         "correlation": figure_or_note("correlation", "Spearman correlation of two targets' values across trials; grey "

@@ -179,7 +179,7 @@ def write_synthetic(
 
 
 PLANTED_VARIANTS: tuple[str, ...] = tuple(PLANTED_LABELS)
-PLANTED_VERSION = 1  # bump when the planted data change: their cache folder is named after it
+PLANTED_VERSION = 2  # bump when the planted data change: their cache folder is named after it
 PLANTED_SIZES = SynthSizes(coco_train=48, coco_val=32)  # a larger val split: the targets are its losses
 
 

@@ -142,7 +142,9 @@ YTVIS_BACKGROUNDS: tuple[str, ...] = ("sky", "grass", "water", "sand")  # drawn,
 #   twin     = the anchor's appearances under the anchor's names (more of the same): helps;
 #   rival    = the anchor's appearances under permuted names (each look called another
 #              anchor class, each background the other one): hurts the anchor and the twin;
-#   stranger = appearances and names that no other one has: unrelated.
+#   stranger = appearances and names that no other one has: unrelated;
+#   placebo  = the same kind of data set as the stranger, with the looks and names left over:
+#              the study's control (`control:`), the co-training partner every baseline gets.
 PLANTED_LABELS: dict[str, tuple[Label, ...]] = {
     # The common start: every shape and every background, under names of their own. A model
     # trained on it has the generic skills (masks of these shapes and regions, void), so the
@@ -154,6 +156,7 @@ PLANTED_LABELS: dict[str, tuple[Label, ...]] = {
     "rival": (_thing(1, "circle", "square"), _thing(2, "square", "triangle"), _thing(3, "triangle", "circle"),
               _stuff(4, "sky", "grass"), _stuff(5, "grass", "sky")),
     "stranger": (_thing(1, "star"), _thing(2, "cross"), _thing(3, "hexagon"), _stuff(4, "water"), _stuff(5, "road")),
+    "placebo": (_thing(1, "ring"), _thing(2, "diamond"), _stuff(3, "sand"), _stuff(4, "floor")),
 }
 DAVIS_SHAPES: tuple[str, ...] = tuple(SHAPE_COLOURS)  # class-agnostic: every shape
 DAVIS_BACKGROUNDS: tuple[str, ...] = tuple(TEXTURE_COLOURS)

@@ -79,7 +79,7 @@ class DatasetSpec(StrictModel):
         "annotates (e.g. coco-panoptic: panoptic, instance, semantic, interactive)",
     )
 
-    variant: Literal["base", "anchor", "twin", "rival", "stranger"] | None = Field(
+    variant: Literal["base", "anchor", "twin", "rival", "stranger", "placebo"] | None = Field(
         default=None, description="with no src: one of the synthetic planted-relation data sets instead of the "
         "format's default synthetic data (coco-panoptic only; docs/datasets.md, 'Planted relations')")
 
@@ -384,6 +384,11 @@ class StudyConfig(StrictModel):
     planted: list[PlantedEffect] | None = Field(
         default=None, description="the known effect of every ordered pair of train data sets, for a study on data "
         "made with them (docs/datasets.md, planted relations)")
+    control: str | None = Field(
+        default=None, description="a data set of data.datasets, not a train data set, related to none of them: "
+        "each train data set is also trained with it alone, and the influence table gets `controlled` rows, "
+        "{source, target} against {target, control}, in which what any added data set does (more steps, more names) "
+        "cancels (docs/studies.md, 'A control')")
     pretrain: PretrainSpec | None = Field(
         default=None, description="train once on other data sets first and start every trial from that model: "
         "the trials then measure what the train data sets add to skills every data set teaches")
@@ -428,6 +433,12 @@ class StudyConfig(StrictModel):
             if sorted(ratios) != sorted(names) or any(not r >= 0 for r in ratios.values()) or not any(ratios.values()):
                 raise ValueError(f"mixing.explicit.{combo}: needs a ratio >= 0 for each of {names} (not all 0), got {ratios}")
         self._check_planted()
+        if self.control is not None:
+            if self.control not in known:
+                raise ValueError(f"control: {self.control!r} is not a data set of data.datasets ({sorted(known)})")
+            if self.control in self.trained():
+                raise ValueError(f"control: {self.control!r} is a train data set; name one that train_datasets leaves "
+                                 "out (set train_datasets)")
         if self.pretrain is not None:
             bad = sorted(set(self.pretrain.mix) - set(known))
             if bad:

@@ -198,7 +198,8 @@ def compare_estimates(records: list[TrialRecord], metrics: pl.DataFrame, targets
     out["grouping"] = grouping_regret(metrics, targets, names, cheap)
     finished = [r for r in records if r.status == "finished"]
     hours = lambda rs: sum(r.wall_seconds for r in rs) / 3600  # noqa: E731
-    out["exhaustive_trial_hours"] = hours([r for r in finished if len(r.datasets) <= 2])
+    # The singleton and pair trials; not a study control's trials, which this comparison does not use.
+    out["exhaustive_trial_hours"] = hours([r for r in finished if len(r.datasets) <= 2 and set(r.datasets) <= set(names)])
     out["affinity_trial_hours"] = hours([r for r in finished if r.measures_affinity])
     out["all_trial_hours"] = hours(finished)
     out["cost_ratio"] = (out["affinity_trial_hours"] / out["exhaustive_trial_hours"]
@@ -206,12 +207,13 @@ def compare_estimates(records: list[TrialRecord], metrics: pl.DataFrame, targets
     return out
 
 
-def planted_check(influence: pl.DataFrame, planted: list) -> dict:
-    """For every planted (source, target, effect): the pair influence on the target's primary
-    targets, its uncorrected and FCR-adjusted intervals, and whether it agrees: helps/hurts,
-    the adjusted interval on that side of zero (significant after correction, with that
-    sign); none, the adjusted interval contains zero (no false positive after correction)."""
-    rows = influence.filter((pl.col("family") == "primary") & (pl.col("kind") == "pair"))
+def planted_check(influence: pl.DataFrame, planted: list, kind: str = "pair") -> dict:
+    """For every planted (source, target, effect): the influence rows of `kind` (pair, or
+    controlled for a study with a control) on the target's primary targets, their uncorrected
+    and FCR-adjusted intervals, and whether they agree: helps/hurts, the adjusted interval on
+    that side of zero (significant after correction, with that sign); none, the adjusted
+    interval contains zero (no false positive after correction)."""
+    rows = influence.filter((pl.col("family") == "primary") & (pl.col("kind") == kind))
     out = []
     for item in planted:
         found = rows.filter((pl.col("source_dataset") == item.source) & (pl.col("target_dataset") == item.target))
@@ -229,6 +231,6 @@ def planted_check(influence: pl.DataFrame, planted: list) -> dict:
                         "delta": r["delta"], "ci_low": r["ci_low"], "ci_high": r["ci_high"],
                         "ci_low_adjusted": low, "ci_high_adjusted": high, "q_value": r["q_value"], "agrees": agrees})
     by_effect = {e: [o for o in out if o["truth"] == e] for e in ("helps", "hurts", "none")}
-    return {"pairs": out, "agree": sum(o["agrees"] for o in out), "total": len(out),
+    return {"kind": kind, "pairs": out, "agree": sum(o["agrees"] for o in out), "total": len(out),
             "recovered": {e: f"{sum(o['agrees'] for o in rows)}/{len(rows)}" for e, rows in by_effect.items()},
             "false_positives_on_none": sum(not o["agrees"] for o in by_effect["none"])}

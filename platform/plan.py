@@ -71,7 +71,8 @@ def combination_name(datasets) -> str:
 
 
 def combinations(config: StudyConfig) -> list[tuple[str, ...]]:
-    """The study's combinations of train data sets, in config order, without repeats."""
+    """The study's combinations of train data sets, in config order, without repeats; then,
+    with a `control`, each train data set with the control."""
     names = config.trained()
     out: list[tuple[str, ...]] = []
     for item in config.combinations:
@@ -86,6 +87,8 @@ def combinations(config: StudyConfig) -> list[tuple[str, ...]]:
         else:
             found = [tuple(n for n in names if n in item)]  # config order, so names match the planner's
         out += [c for c in found if c not in out]
+    if config.control is not None:
+        out += [(n, config.control) for n in names]
     return out
 
 

@@ -7,8 +7,9 @@
   source does to the target, signed so that positive always means "helps", with the seed-
   blocked model's interval, p- and q-value, FCR-adjusted interval and minimum detectable
   effect (omgseg.platform.stats). kind "pair": {source, target} against {target}; kind
-  "leave_one_out": every train data set against all but the source (targets may be
-  evaluation-only data sets there).
+  "controlled" (a study with a `control`): {source, target} against {target, control}, so
+  what any added data set does cancels; kind "leave_one_out": every train data set against
+  all but the source (targets may be evaluation-only data sets there).
 - correlation: for every two targets, Pearson and Spearman over trials.
 - affinity: TAG's look-ahead affinity of source on target, per trial that measured it.
 
@@ -28,6 +29,7 @@ from omgseg.platform.records import TrialRecord
 from omgseg.platform.stats import ALPHA, BlockedFit, aa_check, adjusted_alpha, benjamini_hochberg, pairing_ratio
 
 TABLES = ("runs", "metrics", "influence", "correlation", "affinity")
+KINDS = ("pair", "controlled", "leave_one_out")  # the influence table's row kinds
 
 RUNS_SCHEMA = {
     "study": pl.String, "trial_id": pl.String, "combination": pl.String, "train_datasets": pl.List(pl.String),
@@ -145,9 +147,11 @@ def _influence_row(study: str, kind: str, source: str, target: Target, fit: Bloc
     }
 
 
-def influence_table(study: str, metrics: pl.DataFrame, train_datasets: list[str], targets: list[Target]) -> pl.DataFrame:
-    """Pair rows need runs on {target} and {source, target}; leave-one-out rows need runs on
-    every train data set and on all but the source. Each target's rows come from one blocked
+def influence_table(study: str, metrics: pl.DataFrame, train_datasets: list[str], targets: list[Target],
+                    control: str | None = None) -> pl.DataFrame:
+    """Pair rows need runs on {target} and {source, target}; controlled rows on {target,
+    control} and {source, target}; leave-one-out rows need runs on every train data set and on
+    all but the source. Each target's rows come from one blocked
     fit over all the combinations that contain it (every combination, for an evaluation-only
     target); q-values and adjusted intervals are per
     family (primary / secondary) and kind, over the rows that have a p-value."""
@@ -168,12 +172,15 @@ def influence_table(study: str, metrics: pl.DataFrame, train_datasets: list[str]
                 pair = combination_name(n for n in train_datasets if n in (source, target.dataset))
                 if pair in combos and target.dataset in combos:
                     rows.append(_influence_row(study, "pair", source, target, fit, cells, pair, target.dataset))
+                controlled = combination_name((target.dataset, control)) if control else None
+                if pair in combos and controlled in combos:
+                    rows.append(_influence_row(study, "controlled", source, target, fit, cells, pair, controlled))
             rest = combination_name(n for n in train_datasets if n != source)
             if len(train_datasets) > 1 and everything in combos and rest in combos:
                 rows.append(_influence_row(study, "leave_one_out", source, target, fit, cells, everything, rest))
     rows = [r for r in rows if r is not None]
     for family in ("primary", "secondary"):
-        for kind in ("pair", "leave_one_out"):
+        for kind in KINDS:
             tested = [r for r in rows if r["family"] == family and r["kind"] == kind and r["_contrast"] is not None]
             q_values = benjamini_hochberg([r["p_value"] for r in tested])
             level = adjusted_alpha(q_values)
@@ -238,13 +245,13 @@ def null_check(metrics: pl.DataFrame, targets: list[Target]) -> dict:
 
 
 def build_tables(study: str, records: list[TrialRecord], train_datasets: list[str],
-                 targets: list[Target]) -> dict[str, pl.DataFrame]:
+                 targets: list[Target], control: str | None = None) -> dict[str, pl.DataFrame]:
     finished = [r for r in records if r.status == "finished"]
     metrics = metrics_table(study, finished)
     return {
         "runs": runs_table(study, records),
         "metrics": metrics,
-        "influence": influence_table(study, metrics, train_datasets, targets),
+        "influence": influence_table(study, metrics, train_datasets, targets, control),
         "correlation": correlation_table(study, metrics, targets),
         "affinity": affinity_table(study, finished),
     }

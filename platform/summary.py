@@ -16,7 +16,7 @@ from omgseg.platform.console import say
 from omgseg.platform.estimates import compare_estimates, planted_check
 from omgseg.platform.plan import targets
 from omgseg.platform.records import TrialRecord
-from omgseg.platform.results import TABLES, build_tables, null_check, write_tables
+from omgseg.platform.results import KINDS, TABLES, build_tables, null_check, write_tables
 from omgseg.platform.tracking import close_study_run
 
 
@@ -39,7 +39,7 @@ def finish_study(config: StudyConfig, out: Path, uri: str, parent_run_id: str, r
     the MLflow parent run, which it closes."""
     started = time.perf_counter()
     goals = targets(config)
-    tables = build_tables(config.name, records, config.trained(), goals)
+    tables = build_tables(config.name, records, config.trained(), goals, config.control)
     paths = write_tables(tables, out)
     influence = tables["influence"]
     finished = [r for r in records if r.status == "finished"]
@@ -61,7 +61,7 @@ def finish_study(config: StudyConfig, out: Path, uri: str, parent_run_id: str, r
         "concurrent_trials": slots,
     }
     if config.planted:
-        summary["planted"] = planted_check(influence, config.planted)
+        summary["planted"] = planted_check(influence, config.planted, "controlled" if config.control else "pair")
     seconds["tables"] = time.perf_counter() - started
     summary_file = out / "summary.json"
     partial = out / "summary.json.partial"
@@ -81,7 +81,7 @@ def finish_study(config: StudyConfig, out: Path, uri: str, parent_run_id: str, r
 def _groups(influence: pl.DataFrame):
     """((family, kind), rows) of the influence table's non-empty groups."""
     for family in ("primary", "secondary"):
-        for kind in ("pair", "leave_one_out"):
+        for kind in KINDS:
             rows = influence.filter((pl.col("family") == family) & (pl.col("kind") == kind))
             if rows.height:
                 yield (family, kind), rows

@@ -71,6 +71,9 @@ def main() -> int:
         "seeds": summary["seeds"],
         "significant_primary": {k: f"{v['significant_after_correction']}/{v['tested']}" for k, v in primary.items()},
         "median_mde_primary_pair": primary.get("primary/pair", {}).get("median_mde"),
+        "median_mde_primary_controlled": primary.get("primary/controlled", {}).get("median_mde"),
+        "planted": {k: summary["planted"][k] for k in ("kind", "agree", "total", "recovered", "false_positives_on_none")}
+        if "planted" in summary else None,
         "null_check": {k: v["passed"] for k, v in summary["null_check"].items()},
         "pairing_ratio_median": summary["pairing_ratio_median"],
         "spearman_affinity_vs_influence": estimates["spearman"],

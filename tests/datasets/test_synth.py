@@ -299,9 +299,10 @@ def test_planted_data_sets_share_and_conflict_as_documented(tmp_path):
     assert looks["twin"] == looks["anchor"]  # the same looks under the same names
     assert names["rival"] == names["anchor"] and not looks["rival"] & looks["anchor"]  # same names, permuted looks
     assert {lab.look for lab in PLANTED_LABELS["rival"]} == {lab.look for lab in PLANTED_LABELS["anchor"]}
-    for other in ("anchor", "twin", "rival"):  # the stranger shares no name and no look
-        assert not names["stranger"] & names[other]
-        assert not {lab.look for lab in PLANTED_LABELS["stranger"]} & {lab.look for lab in PLANTED_LABELS[other]}
+    for alone, others in (("stranger", ("anchor", "twin", "rival")), ("placebo", ("anchor", "twin", "rival", "stranger"))):
+        for other in others:  # the stranger and the placebo (the study's control) share no name and no look
+            assert not names[alone] & names[other]
+            assert not {lab.look for lab in PLANTED_LABELS[alone]} & {lab.look for lab in PLANTED_LABELS[other]}
     base_looks = {lab.look for lab in PLANTED_LABELS["base"]}
     assert all({lab.look for lab in PLANTED_LABELS[v]} <= base_looks for v in PLANTED_VARIANTS)  # every look pretrained
     twin = json.loads((written["twin"] / "annotations/panoptic_train2017.json").read_text())

@@ -140,6 +140,18 @@ def test_the_planted_study_states_every_pair_and_pretrains(tmp_path):
     assert dry_run(config)["total_steps"] == sum(t.steps for t in plan_trials(config)) + config.pretrain.steps
 
 
+def test_a_control_is_trained_with_every_train_data_set():
+    config = load_config(StudyConfig, PLANTED)
+    assert config.control == "placebo" and "placebo" not in config.trained()
+    trials = plan_trials(config)
+    controls = sorted({t.combination for t in trials if "placebo" in t.datasets})
+    assert controls == ["anchor+placebo", "rival+placebo", "stranger+placebo", "twin+placebo"]
+    assert all(t.steps == 2 * config.train.steps for t in trials if "placebo" in t.datasets)  # equal exposure
+    assert len(trials) == (4 + 6 + 1 + 4) * len(config.seeds)
+    without = load_config(StudyConfig, PLANTED, ["control=null"])
+    assert len(plan_trials(without)) == len(trials) - 4 * len(config.seeds)
+
+
 @pytest.mark.parametrize("override, message", [
     ("planted=[{source: twin, target: nobody, effect: helps}]", r"planted\[0\]\.target: 'nobody' is not a train data set"),
     ("planted=[{source: twin, target: anchor, effect: maybe}]", r"planted\.0\.effect: Input should be 'helps', 'hurts' or 'none'"),
@@ -148,6 +160,8 @@ def test_the_planted_study_states_every_pair_and_pretrains(tmp_path):
     ("pretrain.mix={anchor: 1}", r"pretrain.mix: \['anchor'\] are train data sets"),
     ("pretrain.mix={kitti: 1}", r"pretrain.mix names data sets \['kitti'\]"),
     ("data.datasets.base.variant=planet", r"data.datasets.base.variant: Input should be 'base', 'anchor'"),
+    ("control=nobody", r"control: 'nobody' is not a data set of data.datasets"),
+    ("control=stranger", r"control: 'stranger' is a train data set"),
 ])
 def test_bad_planted_configs_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
