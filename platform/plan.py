@@ -70,6 +70,11 @@ def combination_name(datasets) -> str:
     return "+".join(datasets)
 
 
+def with_control(dataset: str, control: str) -> tuple[str, str]:
+    """The combination that trains `dataset` with the study's control: its controlled baseline."""
+    return (dataset, control)
+
+
 def combinations(config: StudyConfig) -> list[tuple[str, ...]]:
     """The study's combinations of train data sets, in config order, without repeats; then,
     with a `control`, each train data set with the control."""
@@ -88,7 +93,7 @@ def combinations(config: StudyConfig) -> list[tuple[str, ...]]:
             found = [tuple(n for n in names if n in item)]  # config order, so names match the planner's
         out += [c for c in found if c not in out]
     if config.control is not None:
-        out += [(n, config.control) for n in names]
+        out += [with_control(n, config.control) for n in names]
     return out
 
 

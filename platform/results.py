@@ -24,7 +24,7 @@ from pathlib import Path
 
 import polars as pl
 
-from omgseg.platform.plan import Target, combination_name
+from omgseg.platform.plan import Target, combination_name, with_control
 from omgseg.platform.records import TrialRecord
 from omgseg.platform.stats import ALPHA, BlockedFit, aa_check, adjusted_alpha, benjamini_hochberg, pairing_ratio
 
@@ -172,7 +172,7 @@ def influence_table(study: str, metrics: pl.DataFrame, train_datasets: list[str]
                 pair = combination_name(n for n in train_datasets if n in (source, target.dataset))
                 if pair in combos and target.dataset in combos:
                     rows.append(_influence_row(study, "pair", source, target, fit, cells, pair, target.dataset))
-                controlled = combination_name((target.dataset, control)) if control else None
+                controlled = combination_name(with_control(target.dataset, control)) if control else None
                 if pair in combos and controlled in combos:
                     rows.append(_influence_row(study, "controlled", source, target, fit, cells, pair, controlled))
             rest = combination_name(n for n in train_datasets if n != source)

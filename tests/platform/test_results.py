@@ -220,12 +220,20 @@ def _controlled_record(datasets, seed):
                        samples={n: 20 for n in datasets})
 
 
-def test_a_control_cancels_what_any_added_data_set_does():
+CONTROLLED_GOALS = [A_LOSS, Target("b", "object_queries", "val_loss", "lower", True)]
+CONTROLLED_RECORDS = [_controlled_record(d, s) for d in (("a",), ("b",), ("a", "b"), ("a", "c"), ("b", "c"))
+                      for s in SEEDS]
+
+
+@pytest.fixture(scope="module")
+def controlled_tables():
+    return build_tables("s", CONTROLLED_RECORDS, ["a", "b"], CONTROLLED_GOALS, control="c")
+
+
+def test_a_control_cancels_what_any_added_data_set_does(controlled_tables):
     from omgseg.platform.config import PlantedEffect
 
-    goals = [A_LOSS, Target("b", "object_queries", "val_loss", "lower", True)]
-    records = [_controlled_record(d, s) for d in (("a",), ("b",), ("a", "b"), ("a", "c"), ("b", "c")) for s in SEEDS]
-    tables = build_tables("s", records, ["a", "b"], goals, control="c")
+    goals, records, tables = CONTROLLED_GOALS, CONTROLLED_RECORDS, controlled_tables
     pair, controlled = _row(tables, "pair", "a", "b"), _row(tables, "controlled", "a", "b")
     assert pair["delta"] == pytest.approx(0.2, abs=0.05) and pair["significant"]  # the generic effect, against b alone
     assert controlled["without_source"] == pytest.approx(np.mean([r.metrics["b"]["object_queries"]["val_loss"]
@@ -241,10 +249,8 @@ def test_a_control_cancels_what_any_added_data_set_does():
     assert build_tables("s", records, ["a", "b"], goals)["influence"].filter(pl.col("kind") == "controlled").height == 0
 
 
-def test_the_controlled_rows_have_their_own_heatmap():
+def test_the_controlled_rows_have_their_own_heatmap(controlled_tables):
     from omgseg.dashboards.figures import influence_heatmap
 
-    goals = [A_LOSS, Target("b", "object_queries", "val_loss", "lower", True)]
-    records = [_controlled_record(d, s) for d in (("a",), ("b",), ("a", "b"), ("a", "c"), ("b", "c")) for s in SEEDS]
-    figure = influence_heatmap(build_tables("s", records, ["a", "b"], goals, control="c")["influence"], "controlled")
+    figure = influence_heatmap(controlled_tables["influence"], "controlled")
     assert "{source, target} minus {target, control}" in figure.axes[0].get_title()
