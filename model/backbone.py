@@ -83,6 +83,19 @@ class FeatureSpec:
 
 
 @dataclass(frozen=True)
+class TowerMaps:
+    """What the frozen CLIP tower gives for a batch of images, before anything trainable:
+    `stages`, its four stage maps (a ViT: one map, its patch tokens, for the pyramid), and
+    `dense`, which becomes `BackboneFeatures.clip_dense`. Fixed images give fixed maps."""
+
+    stages: tuple[Tensor, ...]
+    dense: Tensor
+
+    def to(self, device: torch.device) -> TowerMaps:
+        return TowerMaps(stages=tuple(s.to(device) for s in self.stages), dense=self.dense.to(device))
+
+
+@dataclass(frozen=True)
 class BackboneFeatures:
     """The backbone's four multi-scale maps for a batch of B images of size (H, W).
 
@@ -290,19 +303,28 @@ class ClipBackbone(nn.Module):
         """CLIP's learned temperature (exp of its logit_scale): multiplies image-text cosines."""
         return float(self.clip.logit_scale.exp())
 
-    def forward(self, images: Tensor) -> BackboneFeatures:
-        """images: (B, 3, H, W) RGB, either uint8 in [0, 255] or float in [0, 1]; H, W >= 32.
+    def forward(self, images: Tensor | None = None, tower: TowerMaps | None = None) -> BackboneFeatures:
+        """images: (B, 3, H, W) RGB, either uint8 in [0, 255] or float in [0, 1]; H, W >= 32;
+        or `tower`, what `self.tower(images)` gave for them (the frozen part, computed once).
 
         The CLIP tower runs under no_grad; only a ViT's pyramid builds a graph (when the caller
         has gradients enabled). Video: fold the frames into the batch (B*T, 3, H, W) first.
         """
-        x = self._normalise(images)  # (B, 3, H, W)
-        with torch.no_grad():
-            stages, dense = self._tower(x)
-        if self.pyramid is not None:
-            stages = self.pyramid(stages[0])
+        if tower is None:
+            if images is None:
+                raise ValueError("the backbone needs images or their tower maps")
+            tower = self.tower(images)
+        stages = tower.stages if self.pyramid is None else self.pyramid(tower.stages[0])
         res2, res3, res4, res5 = stages
-        return BackboneFeatures(res2=res2, res3=res3, res4=res4, res5=res5, clip_dense=dense)
+        return BackboneFeatures(res2=res2, res3=res3, res4=res4, res5=res5, clip_dense=tower.dense)
+
+    @torch.no_grad()
+    def tower(self, images: Tensor) -> TowerMaps:
+        """The frozen CLIP tower's maps for `images` (as `forward` takes them): a function of the
+        images alone, so a caller that runs the same images many times (the TAG look-ahead's
+        held-out batches) computes them once."""
+        stages, dense = self._tower(self._normalise(images))
+        return TowerMaps(stages=tuple(stages), dense=dense)
 
     def _normalise(self, images: Tensor) -> Tensor:
         if images.dim() != 4 or images.shape[1] != 3:

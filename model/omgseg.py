@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from omgseg.model.backbone import ClipBackbone
+from omgseg.model.backbone import ClipBackbone, TowerMaps
 from omgseg.model.config import ModelConfig
 from omgseg.model.criterion import SetCriterion
 from omgseg.model.decoder import build_decoder, mask_pool
@@ -116,18 +116,30 @@ class OMGSeg(nn.Module):
     # ----------------------------------------------------------------------------------------
     # Training
 
-    def encode(self, images: Tensor) -> EncodedClips:
+    def encode(self, images: Tensor, tower: TowerMaps | None = None) -> EncodedClips:
         """images: (B, T, 3, H, W) uint8 or float in [0, 1] -> the frozen CLIP's and the pixel
         decoder's features. Separate from `forward` so that interactive segmentation, where
-        only the clicks change between rounds, runs the backbone once per image."""
+        only the clicks change between rounds, runs the backbone once per image. `tower`:
+        `self.tower(images)` computed before, for images that are encoded again and again."""
         if images.dim() != 5 or images.shape[2] != 3:
             raise ValueError(f"images must be (B, T, 3, H, W), got {tuple(images.shape)}")
         b, t, _, h, w = images.shape
-        features = self.backbone(images.flatten(0, 1))  # frames folded into the batch, clip-major
+        if tower is None:
+            features = self.backbone(images.flatten(0, 1))  # frames folded into the batch, clip-major
+        else:
+            features = self.backbone(tower=tower)
         pixels = self.pixel_decoder(features)
         clip = features.clip_dense
         clip = clip.view(b, t, *clip.shape[1:]).transpose(1, 2)  # (B, C_clip, T, h, w)
         return EncodedClips(pixels=pixels, clip_features=clip, frames=t, image_size=(h, w))
+
+    def tower(self, images: Tensor) -> TowerMaps:
+        """images: (B, T, 3, H, W) -> the frozen CLIP tower's maps (frames folded into the
+        batch), to hand to `encode` or `forward` whenever these images come again: nothing
+        trainable has run yet, so they stay valid while the model trains."""
+        if images.dim() != 5 or images.shape[2] != 3:
+            raise ValueError(f"images must be (B, T, 3, H, W), got {tuple(images.shape)}")
+        return self.backbone.tower(images.flatten(0, 1))
 
     def forward(
         self,
@@ -135,13 +147,15 @@ class OMGSeg(nn.Module):
         vocabulary: Vocabulary,
         prompts: list[PromptBatch] | None = None,
         encoded: EncodedClips | None = None,
+        tower: TowerMaps | None = None,
     ) -> ModelOutputs:
         """images: (B, T, 3, H, W) uint8 or float in [0, 1], or None with `encoded` (from
-        `encode`); prompts: None or one PromptBatch per clip."""
+        `encode`); `tower`: the images' frozen maps from `self.tower`, if computed before;
+        prompts: None or one PromptBatch per clip."""
         if encoded is None:
             if images is None:
                 raise ValueError("forward needs images or encoded features")
-            encoded = self.encode(images)
+            encoded = self.encode(images, tower)
         text = self.text_embeddings(vocabulary)
         pixels = encoded.pixels
         queries = self.decoder(pixels.mask_features, pixels.multi_scale_memory, encoded.frames, text, prompts)

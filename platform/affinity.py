@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from omgseg.core.seeds import derive_seed
+from omgseg.model.backbone import TowerMaps
 from omgseg.model.omgseg import OMGSeg
 from omgseg.model.vocabulary import Vocabulary
 from omgseg.platform.batches import TrainBatch, collate
@@ -43,10 +44,21 @@ from omgseg.platform.loop import TrainParts, WorkerState, train_stream
 
 @dataclass(frozen=True)
 class HeldOut:
-    """A data set's fixed held-out batches and the vocabulary its loss is measured with."""
+    """A data set's fixed held-out batches and the vocabulary its loss is measured with.
+    `towers`: each batch's frozen CLIP maps (`OMGSeg.tower`), computed once: every look-ahead
+    of every probe runs these same images, and the frozen tower was most of that time."""
 
     batches: Sequence[TrainBatch]
     vocabulary: Vocabulary
+    towers: Sequence[TowerMaps] | None = None
+
+    @classmethod
+    def cached(cls, model: OMGSeg, batches: Sequence[TrainBatch], vocabulary: Vocabulary, *,
+               autocast: bool = False) -> HeldOut:
+        device = next(model.parameters()).device
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            towers = [model.tower(b.images) for b in batches]
+        return cls(batches, vocabulary, towers)
 
 
 def final_loss(losses: Mapping[str, Tensor]) -> Tensor:
@@ -56,15 +68,16 @@ def final_loss(losses: Mapping[str, Tensor]) -> Tensor:
 
 
 def mean_loss(model: OMGSeg, vocabulary: Vocabulary, batches: Sequence[TrainBatch], *, final: bool,
-              autocast: bool = False) -> Tensor:
-    """The mean over `batches` of the training loss (all prediction sets) or of `final_loss`."""
+              autocast: bool = False, towers: Sequence[TowerMaps] | None = None) -> Tensor:
+    """The mean over `batches` of the training loss (all prediction sets) or of `final_loss`;
+    `towers`: the batches' frozen CLIP maps, if computed before."""
     device = next(model.parameters()).device
     total = 0.0
-    for batch in batches:
+    for k, batch in enumerate(batches):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             # No collective: every rank probes on its own batches, for its own estimate.
-            losses = model.loss(model(batch.images, vocabulary, batch.prompts), batch.targets, across_workers=False,
-                                final_only=final)
+            outputs = model(batch.images, vocabulary, batch.prompts, tower=None if towers is None else towers[k])
+            losses = model.loss(outputs, batch.targets, across_workers=False, final_only=final)
         total = total + (final_loss(losses) if final else sum(losses.values()))
     return total / len(batches)
 
@@ -148,8 +161,8 @@ def lookahead_affinity(model: OMGSeg, optimizer: torch.optim.Optimizer, vocabula
 
     def target_losses() -> list[float]:
         with torch.no_grad():
-            return [float(mean_loss(model, heldout[j].vocabulary, heldout[j].batches, final=True, autocast=autocast))
-                    for j in names]
+            return [float(mean_loss(model, heldout[j].vocabulary, heldout[j].batches, final=True, autocast=autocast,
+                                    towers=heldout[j].towers)) for j in names]
 
     def look(grads: Sequence[Tensor | None] | None) -> list[float]:
         """The targets' losses after one step on `grads` (None: no new gradient)."""
@@ -252,7 +265,8 @@ class AffinityProbe:
                 raise ValueError(f"affinity: data set {name!r} has no val samples for its held-out batch")
             size = config.batch.batch_size
             chunks = [collate(examples[k:k + size]) for k in range(0, len(examples), size)]
-            self.heldout[name] = HeldOut([c.to(parts.device) for c in chunks], vocabulary)
+            self.heldout[name] = HeldOut.cached(parts.model, [c.to(parts.device) for c in chunks], vocabulary,
+                                                autocast=parts.autocast)
 
     def _probe_batches(self, parts: TrainParts, name: str) -> list[TrainBatch]:
         examples = []

@@ -124,6 +124,32 @@ def test_forward_and_backward_train_only_what_is_not_clip(backbones, name):
     assert (counts["backbone_pyramid"] > 0) == (name == TINY_VIT_MODEL_NAME)
 
 
+@pytest.mark.parametrize("name", FAMILIES)
+def test_tower_maps_computed_once_give_the_same_outputs_after_training_steps(name):
+    """`OMGSeg.tower` holds only the frozen part: the same images' maps, computed before two
+    optimizer steps, give the outputs and gradients of a full forward after them (the ViT's
+    pyramid, which the steps change, runs on the cached maps)."""
+    torch.manual_seed(0)
+    model = OMGSeg(with_overrides(tiny(), {"clip_model": name})).train()
+    vocabulary = Vocabulary.from_names(["person", "sky"], [1, 0])
+    clips = _images(2, 64, 64, seed=3).view(2, 1, 3, 64, 64)
+    tower = model.tower(clips)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(2):
+        optimizer.zero_grad()
+        model(clips, vocabulary).queries.mask_logits.square().mean().backward()
+        optimizer.step()
+    full, cached = model(clips, vocabulary), model(clips, vocabulary, tower=tower)
+    assert torch.equal(full.queries.mask_logits, cached.queries.mask_logits)
+    assert torch.equal(full.queries.class_logits, cached.queries.class_logits)
+    assert torch.equal(full.clip_features, cached.clip_features)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    grads = [torch.autograd.grad(o.queries.mask_logits.square().mean(), trainable, allow_unused=True) for o in (full, cached)]
+    assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(*grads))
+    with pytest.raises(ValueError, match="images or their tower maps"):
+        model.backbone()
+
+
 def test_resnet_stages_are_what_clip_pools(backbones):
     """At CLIP's own input size, CLIP's attention pool on res5 reproduces its image embedding:
     layer1..layer4 are the tower's own stages, not a copy."""

@@ -61,6 +61,9 @@ def test_affinity_equals_an_adamw_step_on_a_copy_and_leaves_weights_and_moments_
                for i in moments["state"] for key in moments["state"][i])
     assert all(p.grad is None for p in model.parameters())
     assert torch.equal(z, lookahead_affinity(model, optimizer, vocabulary, probes, heldout, grad_clip=CLIP))
+    # The held-out batches' frozen CLIP maps computed once (what the probe does) change nothing.
+    cached = {name: HeldOut.cached(model, h.batches, h.vocabulary) for name, h in heldout.items()}
+    assert torch.equal(z, lookahead_affinity(model, optimizer, vocabulary, probes, cached, grad_clip=CLIP))
 
     lr = optimizer.param_groups[0]["lr"]
 
