@@ -256,6 +256,7 @@ class AffinityProbe:
                         for n in self.names}
         self.drawn = dict.fromkeys(self.names, drawn)
         self.seed, self.rank = config.seed, parts.rank
+        self.forward_size = self.settings.forward_batch_size or config.batch.batch_size
         self.heldout = {}
         for name in self.names:
             tasks = config.data.datasets[name].supervised_tasks()
@@ -263,7 +264,7 @@ class AffinityProbe:
                                                        self.settings.heldout_samples)
             if not examples:
                 raise ValueError(f"affinity: data set {name!r} has no val samples for its held-out batch")
-            size = config.batch.batch_size
+            size = self.forward_size
             chunks = [collate(examples[k:k + size]) for k in range(0, len(examples), size)]
             self.heldout[name] = HeldOut.cached(parts.model, [c.to(parts.device) for c in chunks], vocabulary,
                                                 autocast=parts.autocast)
@@ -274,7 +275,7 @@ class AffinityProbe:
             key = derive_seed(self.seed, "probe-sample", name, self.rank, self.drawn[name])
             examples.append(parts.batches.maker(name, next(self.streams[name]), key))
             self.drawn[name] += 1
-        size = parts.config.batch.batch_size
+        size = self.forward_size
         return [collate(examples[k:k + size]).to(parts.device) for k in range(0, len(examples), size)]
 
     def __call__(self, parts: TrainParts, state: WorkerState, batch: TrainBatch, losses: dict[str, float]) -> None:

@@ -231,6 +231,9 @@ class AffinityConfig(StrictModel):
     every: int = Field(default=10, ge=1, description="probe every N steps")
     batch_size: int = Field(default=4, ge=1, description="clips of a source's probe batch (drawn fresh at every probe)")
     heldout_samples: int = Field(default=8, ge=1, description="val clips of a target's fixed held-out batch")
+    forward_batch_size: int | None = Field(
+        default=None, ge=1, description="clips per forward pass of a probe (a source's batch, a target's held-out "
+        "loss); none: the training batch size. Larger is faster, on a CPU most of all, and needs more memory")
 
 
 class RunSpec(StrictModel):

@@ -92,11 +92,15 @@ def test_a_resumed_run_ends_bit_identical_to_an_uninterrupted_one(root):
 def test_probing_leaves_the_training_trajectory_bit_identical(root):
     from omgseg.platform.affinity import AffinityProbe
 
-    config = _config(root, "mix={coco: 1, davis: 1}", "affinity={enabled: true, every: 2, batch_size: 2, heldout_samples: 2}")
+    config = _config(root, "mix={coco: 1, davis: 1}",
+                     "affinity={enabled: true, every: 2, batch_size: 2, heldout_samples: 3, forward_batch_size: 2}")
     plain, state = build_parts(config, 0, 1, torch.device("cpu"))
     train_loop(plain, state)
     probed, state = build_parts(config, 0, 1, torch.device("cpu"))
-    train_loop(probed, state, [AffinityProbe(probed, state)])
+    probe = AffinityProbe(probed, state)
+    held = probe.heldout["coco"]
+    assert [len(b.targets) for b in held.batches] == [2, 1] and len(held.towers) == 2  # frozen maps computed once
+    train_loop(probed, state, [probe])
     assert len(state.affinity["history"]) == 3  # steps 2, 4, 6
     ends = _weights(plain), _weights(probed)
     assert all(torch.equal(ends[0][k], ends[1][k]) for k in ends[0])
