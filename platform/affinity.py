@@ -264,9 +264,7 @@ class AffinityProbe:
                                                        self.settings.heldout_samples)
             if not examples:
                 raise ValueError(f"affinity: data set {name!r} has no val samples for its held-out batch")
-            size = self.forward_size
-            chunks = [collate(examples[k:k + size]) for k in range(0, len(examples), size)]
-            self.heldout[name] = HeldOut.cached(parts.model, [c.to(parts.device) for c in chunks], vocabulary,
+            self.heldout[name] = HeldOut.cached(parts.model, self._batches(examples, parts.device), vocabulary,
                                                 autocast=parts.autocast)
 
     def _probe_batches(self, parts: TrainParts, name: str) -> list[TrainBatch]:
@@ -275,8 +273,12 @@ class AffinityProbe:
             key = derive_seed(self.seed, "probe-sample", name, self.rank, self.drawn[name])
             examples.append(parts.batches.maker(name, next(self.streams[name]), key))
             self.drawn[name] += 1
+        return self._batches(examples, parts.device)
+
+    def _batches(self, examples: list, device: torch.device) -> list[TrainBatch]:
+        """`examples` in batches of `affinity.forward_batch_size` clips (a forward pass each)."""
         size = self.forward_size
-        return [collate(examples[k:k + size]).to(parts.device) for k in range(0, len(examples), size)]
+        return [collate(examples[k:k + size]).to(device) for k in range(0, len(examples), size)]
 
     def __call__(self, parts: TrainParts, state: WorkerState, batch: TrainBatch, losses: dict[str, float]) -> None:
         if state.step % self.settings.every:

@@ -2,7 +2,8 @@
 planted study's truth against what it measured. Written to summary.json.
 
 - exhaustive I_ij: the pair influence of i on j's primary targets (mean relative delta,
-  positive = helps), from the singleton and pair trials.
+  positive = helps), from the singleton and pair trials; with a study control C, also against
+  {j, C} instead of {j} (the controlled influence), which the cheap estimate has no analogue of.
 - cheap A_ij: the mean look-ahead affinity Z_ij of the trials that probed it.
 - agreement: Spearman's rho over the ordered pairs, a one-sided permutation p-value (every
   permutation when there are few pairs), and a percentile bootstrap interval over pairs.
@@ -24,7 +25,7 @@ import numpy as np
 import polars as pl
 from scipy import stats
 
-from omgseg.platform.plan import Target, combination_name
+from omgseg.platform.plan import Target, combination_name, with_control
 from omgseg.platform.records import TrialRecord
 from omgseg.platform.results import target_cells
 
@@ -82,29 +83,33 @@ def agreement(cheap: Pairs, exhaustive: Pairs) -> dict:
 
 
 def relative_effect(metrics: pl.DataFrame, targets: list[Target], dataset: str, combo: str,
-                    seeds: set[int] | None = None) -> float | None:
+                    seeds: set[int] | None = None, base: str | None = None) -> float | None:
     """Mean over `dataset`'s primary targets of the relative, signed (positive = helps) change
-    from training on {dataset} alone to training on `combo`, paired by seed."""
+    from training on `base` (default {dataset} alone) to training on `combo`, paired by seed."""
+    base = base or dataset
     effects = []
     for target in targets:
         if not target.primary or target.dataset != dataset:
             continue
         by = {(c, s): v for c, s, v in target_cells(metrics, target) if seeds is None or s in seeds}
-        shared = [s for c, s in by if c == combo and (dataset, s) in by]
+        shared = [s for c, s in by if c == combo and (base, s) in by]
         if not shared:
             continue
-        base = sum(by[(dataset, s)] for s in shared) / len(shared)
-        change = sum(by[(combo, s)] - by[(dataset, s)] for s in shared) / len(shared)
-        if base:
-            effects.append((1 if target.direction == "higher" else -1) * change / abs(base))
+        reference = sum(by[(base, s)] for s in shared) / len(shared)
+        change = sum(by[(combo, s)] - by[(base, s)] for s in shared) / len(shared)
+        if reference:
+            effects.append((1 if target.direction == "higher" else -1) * change / abs(reference))
     return sum(effects) / len(effects) if effects else None
 
 
-def pair_influence(metrics: pl.DataFrame, targets: list[Target], names: list[str], seeds: set[int] | None = None) -> Pairs:
+def pair_influence(metrics: pl.DataFrame, targets: list[Target], names: list[str], seeds: set[int] | None = None,
+                   control: str | None = None) -> Pairs:
+    """I_ij over the ordered pairs of `names`: {i, j} against {j}, or against {j, control}."""
     out = {}
     for source, target in itertools.permutations(names, 2):
         pair = combination_name(n for n in names if n in (source, target))
-        effect = relative_effect(metrics, targets, target, pair, seeds)
+        base = combination_name(with_control(target, control)) if control else None
+        effect = relative_effect(metrics, targets, target, pair, seeds, base)
         if effect is not None:
             out[(source, target)] = effect
     return out
@@ -180,11 +185,13 @@ def grouping_regret(metrics: pl.DataFrame, targets: list[Target], names: list[st
 
 
 def compare_estimates(records: list[TrialRecord], metrics: pl.DataFrame, targets: list[Target], names: list[str],
-                      seeds: list[int]) -> dict:
+                      seeds: list[int], control: str | None = None) -> dict:
     """The cheap estimate against the exhaustive one (see the module docstring)."""
     exhaustive = pair_influence(metrics, targets, names)
     cheap = mean_affinity(records)
     out = agreement(cheap, exhaustive)
+    if control:
+        out["against_controlled"] = agreement(cheap, pair_influence(metrics, targets, names, control=control))
     first, second = _halves(seeds)
     out["reliability"] = {"exhaustive": _split_half(pair_influence(metrics, targets, names, first),
                                                     pair_influence(metrics, targets, names, second))}

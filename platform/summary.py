@@ -54,7 +54,8 @@ def finish_study(config: StudyConfig, out: Path, uri: str, parent_run_id: str, r
         "null_check": null_check(tables["metrics"], goals),
         "pairing_ratio_median": influence.filter((pl.col("kind") == "pair") & (pl.col("family") == "primary"))[
             "pairing_ratio"].median() if influence.height else None,
-        "estimates": compare_estimates(records, tables["metrics"], goals, config.trained(), config.seeds),
+        "estimates": compare_estimates(records, tables["metrics"], goals, config.trained(), config.seeds,
+                                       config.control),
         "tables": {k: str(v) for k, v in paths.items()},
         "mlflow": {"tracking_uri": uri, "parent_run_id": parent_run_id},
         "driver_seconds": seconds,  # this driver run (a resumed study: the last run only)
@@ -108,6 +109,10 @@ def print_summary(result: StudyResult) -> None:
         _say(f"affinity vs influence: Spearman {estimates['spearman']:.3f} over {estimates['n_pairs']} pairs "
              f"(permutation p {estimates['permutation_p']:.3g}); cost {estimates['affinity_trial_hours']:.3f} vs "
              f"{estimates['exhaustive_trial_hours']:.3f} trial-hours")
+        controlled = estimates.get("against_controlled", {})
+        if controlled.get("spearman") is not None:
+            _say(f"affinity vs controlled influence: Spearman {controlled['spearman']:.3f} "
+                 f"(permutation p {controlled['permutation_p']:.3g}; the probe has no control)")
     _say(f"tables: {', '.join(str(result.tables[t]) for t in TABLES)}")
     _say(f"MLflow UI: mlflow ui --backend-store-uri {result.tracking_uri}  (then http://127.0.0.1:5000, "
          f"parent run {result.parent_run_id})")

@@ -9,7 +9,7 @@ import polars as pl
 import pytest
 from scipy import stats
 
-from omgseg.platform.estimates import compare_estimates, partitions, planted_check
+from omgseg.platform.estimates import compare_estimates, pair_influence, partitions, planted_check
 from omgseg.platform.plan import Target
 from omgseg.platform.records import TrialRecord
 from omgseg.platform.results import SCHEMAS, build_tables, null_check, write_tables
@@ -246,6 +246,11 @@ def test_a_control_cancels_what_any_added_data_set_does(controlled_tables):
     assert out["kind"] == "controlled" and out["agree"] == 2 and out["false_positives_on_none"] == 0
     # The control's trials are not part of the exhaustive side's cost: singletons 8 x 1 h, pairs 4 x 2 h.
     assert compare_estimates(records, tables["metrics"], goals, ["a", "b"], SEEDS)["exhaustive_trial_hours"] == 16.0
+    # With the control, the cheap estimate is also set against the controlled influence.
+    assert "against_controlled" in compare_estimates(records, tables["metrics"], goals, ["a", "b"], SEEDS, control="c")
+    controlled = pair_influence(tables["metrics"], goals, ["a", "b"], control="c")
+    assert controlled[("b", "a")] == pytest.approx(0.7 / 9.7, abs=0.01) and controlled[("a", "b")] == pytest.approx(0, abs=0.01)
+    assert pair_influence(tables["metrics"], goals, ["a", "b"])[("a", "b")] == pytest.approx(0.2 / 5.0, abs=0.01)
     assert build_tables("s", records, ["a", "b"], goals)["influence"].filter(pl.col("kind") == "controlled").height == 0
 
 
