@@ -219,7 +219,8 @@ def planted_check(influence: pl.DataFrame, planted: list, kind: str = "pair") ->
     controlled for a study with a control) on the target's primary targets, their uncorrected
     and FCR-adjusted intervals, and whether they agree: helps/hurts, the adjusted interval on
     that side of zero (significant after correction, with that sign); none, the adjusted
-    interval contains zero (no false positive after correction)."""
+    interval contains zero (no false positive after correction). Each pair carries its row's
+    minimum detectable effect: a helps or hurts pair measured below it may be real and unresolved."""
     rows = influence.filter((pl.col("family") == "primary") & (pl.col("kind") == kind))
     out = []
     for item in planted:
@@ -236,7 +237,8 @@ def planted_check(influence: pl.DataFrame, planted: list, kind: str = "pair") ->
                 agrees = low <= 0 <= high
             out.append({"source": item.source, "target": item.target, "task": r["task"], "truth": item.effect,
                         "delta": r["delta"], "ci_low": r["ci_low"], "ci_high": r["ci_high"],
-                        "ci_low_adjusted": low, "ci_high_adjusted": high, "q_value": r["q_value"], "agrees": agrees})
+                        "ci_low_adjusted": low, "ci_high_adjusted": high, "q_value": r["q_value"], "mde": r["mde"],
+                        "agrees": agrees})
     by_effect = {e: [o for o in out if o["truth"] == e] for e in ("helps", "hurts", "none")}
     return {"kind": kind, "pairs": out, "agree": sum(o["agrees"] for o in out), "total": len(out),
             "recovered": {e: f"{sum(o['agrees'] for o in rows)}/{len(rows)}" for e, rows in by_effect.items()},

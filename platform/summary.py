@@ -105,6 +105,12 @@ def print_summary(result: StudyResult) -> None:
         planted = summary["planted"]
         _say(f"planted effects: {planted['agree']}/{planted['total']} agree (recovered {planted['recovered']}; "
              f"{planted['false_positives_on_none']} false positives on 'none')")
+        for miss in (m for m in planted["pairs"] if not m["agrees"]):
+            low, high = miss["ci_low_adjusted"], miss["ci_high_adjusted"]
+            interval = "no interval" if low is None else f"adjusted CI [{low:+.3f}, {high:+.3f}]"
+            mde = "" if miss["mde"] is None else f", MDE {miss['mde']:.3f}"
+            _say(f"  {miss['source']} -> {miss['target']} ({miss['task']}): planted {miss['truth']}, measured "
+                 f"{miss['delta']:+.3f} ({interval}{mde})")
     if estimates["spearman"] is not None:
         _say(f"affinity vs influence: Spearman {estimates['spearman']:.3f} over {estimates['n_pairs']} pairs "
              f"(permutation p {estimates['permutation_p']:.3g}); cost {estimates['affinity_trial_hours']:.3f} vs "

@@ -178,6 +178,9 @@ def test_planted_truth_is_checked_against_the_adjusted_intervals(tables):
     out = planted_check(tables["influence"], truth)
     by_pair = {(p["source"], p["target"]): p for p in out["pairs"]}
     assert by_pair[("b", "a")]["agrees"]
+    row = tables["influence"].filter((pl.col("kind") == "pair") & (pl.col("source_dataset") == "b")
+                                     & (pl.col("target_dataset") == "a") & (pl.col("family") == "primary")).row(0, named=True)
+    assert by_pair[("b", "a")]["mde"] == row["mde"] > 0
     assert not by_pair[("a", "b")]["agrees"] and out["false_positives_on_none"] == 1  # a does hurt b
     assert out["recovered"] == {"helps": "1/1", "hurts": "0/0", "none": "0/1"}
 
@@ -259,3 +262,22 @@ def test_the_controlled_rows_have_their_own_heatmap(controlled_tables):
 
     figure = influence_heatmap(controlled_tables["influence"], "controlled")
     assert "{source, target} minus {target, control}" in figure.axes[0].get_title()
+
+
+def test_the_console_names_each_planted_pair_that_does_not_agree(tables, capsys):
+    from pathlib import Path
+
+    from omgseg.platform.config import PlantedEffect
+    from omgseg.platform.results import TABLES
+    from omgseg.platform.summary import StudyResult, print_summary
+
+    truth = [PlantedEffect(source="b", target="a", effect="helps"), PlantedEffect(source="a", target="b", effect="none")]
+    summary = {"finished": 16, "trials": 16, "failed": [], "significant": {}, "null_check": {},
+               "planted": planted_check(tables["influence"], truth), "estimates": {"spearman": None}}
+    print_summary(StudyResult(out=Path("s"), parent_run_id="p", tracking_uri="sqlite:///x.db",
+                              tables={t: Path(f"{t}.parquet") for t in TABLES}, summary=summary))
+    lines = capsys.readouterr().err.splitlines()
+    assert any("planted effects: 1/2 agree" in line for line in lines)
+    misses = [line for line in lines if "->" in line]
+    assert len(misses) == 1 and "a -> b (prompt_queries): planted none, measured -0.5" in misses[0]
+    assert "adjusted CI [" in misses[0] and "MDE " in misses[0]
