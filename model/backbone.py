@@ -91,9 +91,6 @@ class TowerMaps:
     stages: tuple[Tensor, ...]
     dense: Tensor
 
-    def to(self, device: torch.device) -> TowerMaps:
-        return TowerMaps(stages=tuple(s.to(device) for s in self.stages), dense=self.dense.to(device))
-
 
 @dataclass(frozen=True)
 class BackboneFeatures:

@@ -46,7 +46,7 @@ from omgseg.platform.loop import TrainParts, WorkerState, train_stream
 class HeldOut:
     """A data set's fixed held-out batches and the vocabulary its loss is measured with.
     `towers`: each batch's frozen CLIP maps (`OMGSeg.tower`), computed once: every look-ahead
-    of every probe runs these same images, and the frozen tower was most of that time."""
+    of every probe runs these same images, and the frozen tower was about a third of that time."""
 
     batches: Sequence[TrainBatch]
     vocabulary: Vocabulary
