@@ -301,8 +301,9 @@ class ClipBackbone(nn.Module):
         return float(self.clip.logit_scale.exp())
 
     def forward(self, images: Tensor | None = None, tower: TowerMaps | None = None) -> BackboneFeatures:
-        """images: (B, 3, H, W) RGB, either uint8 in [0, 255] or float in [0, 1]; H, W >= 32;
-        or `tower`, what `self.tower(images)` gave for them (the frozen part, computed once).
+        """images: (B, 3, H, W) RGB, either uint8 in [0, 255] or float in [0, 1]; H, W >= 32.
+        `tower`: what `self.tower(images)` gave for them before (the frozen part, computed
+        once); when given, the tower does not run again and `images` may be None.
 
         The CLIP tower runs under no_grad; only a ViT's pyramid builds a graph (when the caller
         has gradients enabled). Video: fold the frames into the batch (B*T, 3, H, W) first.

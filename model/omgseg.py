@@ -121,13 +121,9 @@ class OMGSeg(nn.Module):
         decoder's features. Separate from `forward` so that interactive segmentation, where
         only the clicks change between rounds, runs the backbone once per image. `tower`:
         `self.tower(images)` computed before, for images that are encoded again and again."""
-        if images.dim() != 5 or images.shape[2] != 3:
-            raise ValueError(f"images must be (B, T, 3, H, W), got {tuple(images.shape)}")
+        _check_clips(images)
         b, t, _, h, w = images.shape
-        if tower is None:
-            features = self.backbone(images.flatten(0, 1))  # frames folded into the batch, clip-major
-        else:
-            features = self.backbone(tower=tower)
+        features = self.backbone(images.flatten(0, 1), tower)  # frames folded into the batch, clip-major
         pixels = self.pixel_decoder(features)
         clip = features.clip_dense
         clip = clip.view(b, t, *clip.shape[1:]).transpose(1, 2)  # (B, C_clip, T, h, w)
@@ -137,8 +133,7 @@ class OMGSeg(nn.Module):
         """images: (B, T, 3, H, W) -> the frozen CLIP tower's maps (frames folded into the
         batch), to hand to `encode` or `forward` whenever these images come again: nothing
         trainable has run yet, so they stay valid while the model trains."""
-        if images.dim() != 5 or images.shape[2] != 3:
-            raise ValueError(f"images must be (B, T, 3, H, W), got {tuple(images.shape)}")
+        _check_clips(images)
         return self.backbone.tower(images.flatten(0, 1))
 
     def forward(
@@ -246,6 +241,11 @@ class OMGSeg(nn.Module):
 
     def set_extra_state(self, state: dict) -> None:
         self.seen_names = set(state.get("seen_names", ()))
+
+
+def _check_clips(images: Tensor) -> None:
+    if images.dim() != 5 or images.shape[2] != 3:
+        raise ValueError(f"images must be (B, T, 3, H, W), got {tuple(images.shape)}")
 
 
 def _upsample(mask_logits: Tensor, size: tuple[int, int]) -> Tensor:

@@ -37,7 +37,7 @@ from omgseg.core.seeds import derive_seed
 from omgseg.model.backbone import TowerMaps
 from omgseg.model.omgseg import OMGSeg
 from omgseg.model.vocabulary import Vocabulary
-from omgseg.platform.batches import TrainBatch, collate
+from omgseg.platform.batches import TrainBatch, TrainExample, collate
 from omgseg.platform.evaluate import validation_examples
 from omgseg.platform.loop import TrainParts, WorkerState, train_stream
 
@@ -59,6 +59,11 @@ class HeldOut:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             towers = [model.tower(b.images) for b in batches]
         return cls(batches, vocabulary, towers)
+
+
+def in_batches(examples: Sequence[TrainExample], size: int) -> list[TrainBatch]:
+    """`examples` collated `size` clips at a time: one forward pass each."""
+    return [collate(list(examples[k:k + size])) for k in range(0, len(examples), size)]
 
 
 def final_loss(losses: Mapping[str, Tensor]) -> Tensor:
@@ -264,8 +269,8 @@ class AffinityProbe:
                                                        self.settings.heldout_samples)
             if not examples:
                 raise ValueError(f"affinity: data set {name!r} has no val samples for its held-out batch")
-            self.heldout[name] = HeldOut.cached(parts.model, self._batches(examples, parts.device), vocabulary,
-                                                autocast=parts.autocast)
+            batches = [b.to(parts.device) for b in in_batches(examples, self.forward_size)]
+            self.heldout[name] = HeldOut.cached(parts.model, batches, vocabulary, autocast=parts.autocast)
 
     def _probe_batches(self, parts: TrainParts, name: str) -> list[TrainBatch]:
         examples = []
@@ -273,12 +278,7 @@ class AffinityProbe:
             key = derive_seed(self.seed, "probe-sample", name, self.rank, self.drawn[name])
             examples.append(parts.batches.maker(name, next(self.streams[name]), key))
             self.drawn[name] += 1
-        return self._batches(examples, parts.device)
-
-    def _batches(self, examples: list, device: torch.device) -> list[TrainBatch]:
-        """`examples` in batches of `affinity.forward_batch_size` clips (a forward pass each)."""
-        size = self.forward_size
-        return [collate(examples[k:k + size]).to(device) for k in range(0, len(examples), size)]
+        return [b.to(parts.device) for b in in_batches(examples, self.forward_size)]
 
     def __call__(self, parts: TrainParts, state: WorkerState, batch: TrainBatch, losses: dict[str, float]) -> None:
         if state.step % self.settings.every:

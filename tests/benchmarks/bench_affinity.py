@@ -50,8 +50,7 @@ import polars as pl
 import torch
 
 from omgseg.core.seeds import derive_seed
-from omgseg.platform.affinity import HeldOut, Lookahead, lookahead_affinity
-from omgseg.platform.batches import collate
+from omgseg.platform.affinity import HeldOut, Lookahead, in_batches, lookahead_affinity
 from omgseg.platform.config import StudyConfig
 from omgseg.platform.estimates import agreement, pair_influence
 from omgseg.platform.evaluate import validation_examples
@@ -79,10 +78,6 @@ VARIANTS = {
     "more_probes": Variant(Lookahead(), 8, 4, 12),
     "heldout16": Variant(Lookahead(), 16, 4, 12, forward=8),
 }
-
-
-def _chunks(examples: list, size: int) -> list:
-    return [collate(examples[k:k + size]) for k in range(0, len(examples), size)]
 
 
 class Variants:
@@ -113,8 +108,8 @@ class Variants:
     def _heldout(self, parts, name: str, clips: int, forward: int | None) -> HeldOut:
         examples, vocabulary = self.examples[name][:clips], self.vocabularies[name]
         if forward is None:
-            return HeldOut(_chunks(examples, parts.config.batch.batch_size), vocabulary)
-        return HeldOut.cached(parts.model, _chunks(examples, forward), vocabulary)
+            return HeldOut(in_batches(examples, parts.config.batch.batch_size), vocabulary)
+        return HeldOut.cached(parts.model, in_batches(examples, forward), vocabulary)
 
     def _draw(self, parts, name: str, n: int, salt: int) -> list:
         stream = iter(train_stream(parts.config, name, derive_seed(parts.config.seed, "bench-probe", name, salt)))
@@ -131,7 +126,7 @@ class Variants:
         drawn = {n: self._draw(parts, n, 4, state.step) for n in self.names}
         for name in due:
             v = VARIANTS[name]
-            probes = {n: _chunks(drawn[n][: v.clips], v.forward or parts.config.batch.batch_size) for n in self.names}
+            probes = {n: in_batches(drawn[n][: v.clips], v.forward or parts.config.batch.batch_size) for n in self.names}
             if v.heldout is None:
                 heldout = {n: HeldOut(probes[n], parts.vocabulary) for n in self.names}
             else:
@@ -144,15 +139,15 @@ class Variants:
 
     def _cost_and_noise(self, parts, drawn, step: int) -> None:
         before, after = VARIANTS["more_probes"], VARIANTS["heldout16"]
-        last = ({n: _chunks(drawn[n], parts.config.batch.batch_size) for n in self.names},
+        last = ({n: in_batches(drawn[n], parts.config.batch.batch_size) for n in self.names},
                 self.heldout[(before.heldout, before.forward)])
-        new = ({n: _chunks(drawn[n], after.forward) for n in self.names}, self.heldout[(after.heldout, after.forward)])
+        new = ({n: in_batches(drawn[n], after.forward) for n in self.names}, self.heldout[(after.heldout, after.forward)])
         for key, (probes, heldout) in (("last", last), ("new", new)):
             started = time.perf_counter()
             self._z(parts, probes, heldout, Lookahead())
             self.seconds[key].append(time.perf_counter() - started)
         for b in self.sizes:  # the spread over draws of the new probe, by clips a source
-            zs = [self._z(parts, {n: _chunks(self._draw(parts, n, b, 1000 * step + d), after.forward) for n in self.names},
+            zs = [self._z(parts, {n: in_batches(self._draw(parts, n, b, 1000 * step + d), after.forward) for n in self.names},
                           new[1], Lookahead()) for d in range(self.draws)]
             stack = torch.stack(zs)
             signal = stack.mean(0).abs().mean().item()
