@@ -13,6 +13,7 @@ ensemble with the frozen CLIP's own classification of each mask and returns one 
 
 from __future__ import annotations
 
+import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,7 @@ from omgseg.model.vocabulary import TextClassifier, Vocabulary
 CHECKPOINT_FORMAT = 1
 # State-dict prefix of the frozen CLIP model (its weights come from a file, a tag or the init seed).
 _FROZEN_CLIP = "backbone.clip."
+_CLIP_REFERENCE = "frozen_clip_from"  # a checkpoint's pointer to the one holding its frozen CLIP
 
 
 @dataclass
@@ -226,13 +228,14 @@ class OMGSeg(nn.Module):
     # ----------------------------------------------------------------------------------------
     # Parameters and checkpoints
 
-    def checkpoint_state_dict(self) -> dict[str, Tensor]:
+    def checkpoint_state_dict(self, clip_held_elsewhere: bool = False) -> dict[str, Tensor]:
         """What a checkpoint must hold to rebuild this model: everything but the frozen CLIP
-        when that comes from its own file or tag; everything when CLIP has random weights
-        (they could not be rebuilt otherwise). A ViT's feature pyramid is trained, so it is
+        when that comes from its own file or tag, or when another checkpoint holds it
+        (`clip_held_elsewhere`: the one a warm start read it from); everything when CLIP has
+        random weights that nothing else holds. A ViT's feature pyramid is trained, so it is
         always saved."""
         state = self.state_dict()
-        if not self.config.has_clip_weights:
+        if not (self.config.has_clip_weights or clip_held_elsewhere):
             return state
         return {k: v for k, v in state.items() if not k.startswith(_FROZEN_CLIP)}
 
@@ -257,17 +260,28 @@ def _upsample(mask_logits: Tensor, size: tuple[int, int]) -> Tensor:
     return up.view(b, q, t, *size)
 
 
-def save_checkpoint(model: OMGSeg, path: str | Path, extra: dict | None = None) -> Path:
+def save_checkpoint(model: OMGSeg, path: str | Path, extra: dict | None = None,
+                    frozen_clip_from: str | Path | None = None) -> Path:
     """Write the config, the trainable weights and the seen class names to `path` (atomically:
-    a crash mid-write never leaves a truncated file under the final name)."""
+    a crash mid-write never leaves a truncated file under the final name).
+
+    frozen_clip_from: the checkpoint this model was warm-started from. A random-weight frozen
+    CLIP is then not copied but referred to: every trial of a pretrained study shares its
+    pretrained model's CLIP, which is 95 % of the tiny model's bytes. The reference is kept
+    relative to `path` (a moved study folder still loads) and absolute (a copy elsewhere, e.g.
+    MLflow's artifact, still loads on this machine)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    refer = frozen_clip_from is not None and not model.config.has_clip_weights
     payload = {
         "format": CHECKPOINT_FORMAT,
         "config": model.config.to_dict(),
-        "model": model.checkpoint_state_dict(),
+        "model": model.checkpoint_state_dict(clip_held_elsewhere=refer),
         "extra": extra or {},
     }
+    if refer:
+        source = Path(frozen_clip_from).resolve()
+        payload[_CLIP_REFERENCE] = {"relative": os.path.relpath(source, path.parent.resolve()), "absolute": str(source)}
     partial = path.with_name(path.name + ".partial")
     torch.save(payload, partial)
     partial.replace(path)
@@ -288,6 +302,28 @@ def _read_payload(path: Path, map_location: str | torch.device = "cpu") -> dict:
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path}: not an omgseg checkpoint (format {CHECKPOINT_FORMAT} expected)")
     return payload
+
+
+def _referred_clip(payload: dict, path: Path) -> dict[str, Tensor]:
+    """The frozen CLIP weights a checkpoint refers to instead of holding (`save_checkpoint`'s
+    frozen_clip_from), read from the checkpoint that holds them; {} when it holds its own."""
+    seen = [path]
+    while _CLIP_REFERENCE in payload:
+        reference = payload[_CLIP_REFERENCE]
+        candidates = [path.parent / reference["relative"], Path(reference["absolute"])]
+        source = next((c for c in candidates if c.is_file()), None)
+        if source is None:
+            raise FileNotFoundError(
+                f"{seen[0]}: its frozen CLIP weights are in {reference['absolute']} (the checkpoint it was "
+                f"warm-started from), which does not exist here; put that file back or pass clip_checkpoint=")
+        if len(seen) > 8 or source.resolve() in {p.resolve() for p in seen}:
+            raise ValueError(f"{seen[0]}: its frozen CLIP reference goes round in circles: {[str(p) for p in seen]}")
+        path, payload = source, _read_payload(source)
+        seen.append(path)
+        held = {k: v for k, v in payload["model"].items() if k.startswith(_FROZEN_CLIP)}
+        if held:
+            return held
+    return {}
 
 
 def _load_fitting(model: OMGSeg, weights: dict, path: Path) -> None:
@@ -326,7 +362,8 @@ def load_checkpoint(
     if clip_checkpoint is not None:
         config = config.replace(clip_checkpoint=clip_checkpoint, clip_pretrained=None)
     model = OMGSeg(config)
-    _load_fitting(model, payload["model"], path)
+    weights = payload["model"] if clip_checkpoint is not None else {**_referred_clip(payload, path), **payload["model"]}
+    _load_fitting(model, weights, path)
     return model, payload["extra"]
 
 
@@ -337,7 +374,7 @@ def load_weights(model: OMGSeg, path: str | Path) -> dict:
     path = Path(path)
     payload = _read_payload(path)
     state = model.state_dict()
-    weights = dict(payload["model"])
+    weights = {**_referred_clip(payload, path), **payload["model"]}
     # A warm start from a checkpoint made with a CLIP file or tag: the CLIP is the model's own.
     for key in state:
         if key.startswith(_FROZEN_CLIP) and key not in weights:

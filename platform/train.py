@@ -134,7 +134,9 @@ def _final_evaluation(parts: TrainParts, state: WorkerState, progress: ProgressF
 def _payload(parts: TrainParts, states: list[WorkerState]) -> dict:
     """A resumable checkpoint: weights, optimizer, and every rank's state. No random state:
     every draw of a run is a function of its seed and the sample counts."""
-    return {"model": parts.model.state_dict(), "optimizer": parts.optimizer.state_dict(), "step": states[0].step,
+    # A warm start's frozen CLIP is rebuilt from its init checkpoint on resume, so it is not copied.
+    weights = parts.model.checkpoint_state_dict(clip_held_elsewhere=parts.config.model.init_checkpoint is not None)
+    return {"model": weights, "optimizer": parts.optimizer.state_dict(), "step": states[0].step,
             "ranks": [s.to_json() for s in states]}
 
 
@@ -159,7 +161,7 @@ def _write_final_files(folder: Path, parts: TrainParts, report: RunReport, evalu
     folder.mkdir(parents=True, exist_ok=True)
     save_checkpoint(parts.model, folder / MODEL_FILE, extra={
         "step": report.steps, "config": parts.config.model_dump(mode="json"), "vocabulary": vocabulary_record(parts.config),
-    })
+    }, frozen_clip_from=parts.config.model.init_checkpoint)
     report.evaluation = evaluation
     (folder / EVAL_FILE).write_text(json.dumps(evaluation, indent=2, sort_keys=True))
     (folder / READS_FILE).write_text(json.dumps(report.reads, indent=1))

@@ -68,6 +68,8 @@ def main() -> int:
         "overhead_over_steps": round(overhead / steps, 2),
         "driver_s": {k: round(v, 1) for k, v in summary["driver_seconds"].items()},
         "trials_per_hour": round(runs.height / (wall / 3600), 1),
+        "study_folder_gb": round(sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 1e9, 2),
+        "weights_files_gb": round(sum(f.stat().st_size for f in out.rglob("*.pt") if f.is_file()) / 1e9, 2),
         "seeds": summary["seeds"],
         "significant_primary": {k: f"{v['significant_after_correction']}/{v['tested']}" for k, v in primary.items()},
         "median_mde_primary_pair": primary.get("primary/pair", {}).get("median_mde"),

@@ -255,3 +255,44 @@ def test_a_checkpoint_of_another_model_config_is_one_line_naming_keys(tmp_path):
     (tmp_path / "cut.pt").write_bytes(path.read_bytes()[:1000])
     with pytest.raises(ValueError, match=r"cut.pt: not a readable checkpoint"):
         load_checkpoint(tmp_path / "cut.pt")
+
+
+def test_a_warm_started_checkpoint_refers_to_its_start_for_the_random_clip(tmp_path, vocabulary):
+    """Trials warm-started from one pretrained model share its random-weight CLIP: their files
+    refer to the start's file instead of copying it, load to the same predictions (through a
+    chain of warm starts, and after the folder is moved), and a missing start is one line."""
+    import shutil
+
+    from omgseg.model.omgseg import load_weights
+
+    torch.manual_seed(0)
+    start = save_checkpoint(OMGSeg(model_config("tiny")), tmp_path / "study" / "pretrain" / "model.pt")
+    torch.manual_seed(1)
+    trial = OMGSeg(model_config("tiny"))
+    load_weights(trial, start)
+    with torch.no_grad():
+        trial.decoder.class_embed.weight.add_(0.5)  # a trained head, the CLIP untouched
+    path = save_checkpoint(trial, tmp_path / "study" / "trials" / "a" / "model.pt", frozen_clip_from=start)
+    assert path.stat().st_size < start.stat().st_size / 10
+    assert not any(k.startswith("backbone.clip.") for k in torch.load(path, weights_only=True)["model"])
+
+    images = torch.randint(0, 256, (1, 1, 3, 96, 128), dtype=torch.uint8)
+    expected = trial.predict(images, vocabulary)[0].mask_logits
+    loaded, _ = load_checkpoint(path)
+    assert torch.equal(loaded.predict(images, vocabulary)[0].mask_logits, expected)
+    torch.manual_seed(2)
+    again = OMGSeg(model_config("tiny"))
+    load_weights(again, path)  # a warm start from the trial reads the CLIP from the start
+    assert all(torch.equal(a, b) for a, b in zip(trial.parameters(), again.parameters()))
+    second = save_checkpoint(again, tmp_path / "study" / "trials" / "b" / "model.pt", frozen_clip_from=path)
+    assert torch.equal(load_checkpoint(second)[0].predict(images, vocabulary)[0].mask_logits, expected)
+
+    moved = tmp_path / "moved"
+    shutil.move(tmp_path / "study", moved)  # the relative reference still finds the start
+    assert torch.equal(load_checkpoint(moved / "trials" / "b" / "model.pt")[0].predict(images, vocabulary)[0].mask_logits,
+                       expected)
+    (moved / "pretrain" / "model.pt").unlink()
+    with pytest.raises(FileNotFoundError, match=r"trials/a/model.pt: its frozen CLIP weights are in .*pretrain/model.pt"):
+        load_checkpoint(moved / "trials" / "a" / "model.pt")
+    with pytest.raises(FileNotFoundError, match="frozen CLIP weights are in"):
+        load_weights(OMGSeg(model_config("tiny")), moved / "trials" / "a" / "model.pt")

@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from omgseg.model.config import model_config
+from omgseg.model.omgseg import OMGSeg, save_checkpoint
 from omgseg.platform.config import TrainConfig, load_config
 from omgseg.platform.data import prepare_data
 from omgseg.platform.loop import build_parts, train_loop
@@ -65,8 +67,16 @@ def _weights(parts) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in parts.model.state_dict().items() if isinstance(v, torch.Tensor)}
 
 
-def test_a_resumed_run_ends_bit_identical_to_an_uninterrupted_one(root):
-    config = _config(root, "mix={coco: 1, davis: 1}")
+@pytest.mark.parametrize("warm_start", [False, True])
+def test_a_resumed_run_ends_bit_identical_to_an_uninterrupted_one(root, tmp_path, warm_start):
+    """Also from a warm start, whose resumable checkpoint leaves the frozen random CLIP to the
+    start's file instead of copying it."""
+    overrides = []
+    if warm_start:
+        torch.manual_seed(7)
+        start = save_checkpoint(OMGSeg(model_config("tiny")), tmp_path / "start.pt")
+        overrides = [f"model.init_checkpoint={start}"]
+    config = _config(root, "mix={coco: 1, davis: 1}", *overrides)
     whole, state = build_parts(config, 0, 1, torch.device("cpu"))
     train_loop(whole, state)
 
@@ -82,6 +92,7 @@ def test_a_resumed_run_ends_bit_identical_to_an_uninterrupted_one(root):
     first, state = build_parts(config, 0, 1, torch.device("cpu"))
     with pytest.raises(Crash):
         train_loop(first, state, [crash_after_a_checkpoint])
+    assert any(k.startswith("backbone.clip.") for k in saved["model"]) is not warm_start
     resumed, state = build_parts(config, 0, 1, torch.device("cpu"), saved=saved)
     assert state.step == 3 and state.counts == {"coco": 3, "davis": 3}
     train_loop(resumed, state)
@@ -104,3 +115,28 @@ def test_probing_leaves_the_training_trajectory_bit_identical(root):
     assert len(state.affinity["history"]) == 3  # steps 2, 4, 6
     ends = _weights(plain), _weights(probed)
     assert all(torch.equal(ends[0][k], ends[1][k]) for k in ends[0])
+
+
+def test_a_warm_started_run_refers_to_its_start_for_the_frozen_clip(root, tmp_path):
+    """A warm-started run's model.pt, and its MLflow copy, carry the trained weights and a
+    reference to the start's random CLIP (not a copy of it), and load to the run's model."""
+    import mlflow
+
+    from omgseg.model.omgseg import load_checkpoint
+    from omgseg.model.vocabulary import Vocabulary
+    from omgseg.platform.train import run_training
+
+    torch.manual_seed(7)
+    start = save_checkpoint(OMGSeg(model_config("tiny")), tmp_path / "start.pt")
+    config = _config(root, "steps=2", f"model.init_checkpoint={start}", f"output_dir={tmp_path / 'runs'}")
+    result = run_training(config, prepare=False, in_process=True, quiet=True)
+    assert result.checkpoint.stat().st_size < start.stat().st_size / 10
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    copy = Path(client.download_artifacts(result.run_id, "model.pt", str(tmp_path / "downloaded")))
+    images = torch.randint(0, 256, (1, 1, 3, 96, 128), dtype=torch.uint8)
+    vocabulary = Vocabulary.from_names(["triangle", "sky"], [True, False])
+    run_model, _ = load_checkpoint(result.checkpoint)
+    copy_model, _ = load_checkpoint(copy)
+    start_model, _ = load_checkpoint(start)
+    assert all(torch.equal(a, b) for a, b in zip(run_model.backbone.clip.parameters(), start_model.backbone.clip.parameters()))
+    assert torch.equal(run_model.predict(images, vocabulary)[0].mask_logits, copy_model.predict(images, vocabulary)[0].mask_logits)
