@@ -17,6 +17,7 @@ the driver shows as one bar; a failure is one line with the path of its log.
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -50,6 +51,7 @@ from omgseg.platform.tracking import (
 )
 
 CHECKPOINT_FILE = "state.pt"
+RESUME_DIR = "checkpoint"  # an in-process run's resume point, removed when the run finishes
 MODEL_FILE = "model.pt"
 EVAL_FILE = "eval.json"
 READS_FILE = "reads.json"  # per rank: its node, sample counts, and the shards each stream epoch read
@@ -286,7 +288,7 @@ def _failure(config: TrainConfig, folder: Path, error: BaseException | str) -> T
 def _fit_in_process(config: TrainConfig, uri: str, run_id: str, folder: Path) -> None:
     """The loop in this process on its device, with checkpoint files in `folder/checkpoint`."""
     device = torch.device("cuda" if config.resources.use_gpu and torch.cuda.is_available() else "cpu")
-    saved_file = folder / "checkpoint" / CHECKPOINT_FILE
+    saved_file = folder / RESUME_DIR / CHECKPOINT_FILE
     saved = torch.load(saved_file, map_location="cpu", weights_only=True) if saved_file.is_file() else None
     if saved is not None:
         print(f"[omgseg] resuming at step {saved['step']} from {saved_file}", flush=True)
@@ -352,5 +354,7 @@ def run_training(config: TrainConfig, *, parent_run_id: str | None = None, tags:
     except BaseException:
         fail_run(uri, run_id)
         raise
+    # A finished run is never resumed: its resume point (weights and Adam's moments) is dead weight.
+    shutil.rmtree(folder / RESUME_DIR, ignore_errors=True)
     _point_latest(folder)
     return TrainResult(run_id=run_id, run_dir=folder, checkpoint=folder / MODEL_FILE, report=report)

@@ -117,19 +117,24 @@ def test_probing_leaves_the_training_trajectory_bit_identical(root):
     assert all(torch.equal(ends[0][k], ends[1][k]) for k in ends[0])
 
 
-def test_a_warm_started_run_refers_to_its_start_for_the_frozen_clip(root, tmp_path):
+def test_a_warm_started_run_refers_to_its_start_for_the_frozen_clip(root, tmp_path, monkeypatch):
     """A warm-started run's model.pt, and its MLflow copy, carry the trained weights and a
-    reference to the start's random CLIP (not a copy of it), and load to the run's model."""
+    reference to the start's random CLIP (not a copy of it), and load to the run's model; the
+    run's resume checkpoint is removed once it has finished."""
     import mlflow
 
     from omgseg.model.omgseg import load_checkpoint
     from omgseg.model.vocabulary import Vocabulary
-    from omgseg.platform.train import run_training
+    from omgseg.platform import train
+    from omgseg.platform.train import RESUME_DIR, run_training
 
     torch.manual_seed(7)
     start = save_checkpoint(OMGSeg(model_config("tiny")), tmp_path / "start.pt")
-    config = _config(root, "steps=2", f"model.init_checkpoint={start}", f"output_dir={tmp_path / 'runs'}")
+    config = _config(root, "steps=2", "checkpoint_every=1", f"model.init_checkpoint={start}", f"output_dir={tmp_path / 'runs'}")
+    written = []
+    monkeypatch.setattr(train, "_payload", lambda parts, states: written.append(states[0].step) or _payload(parts, states))
     result = run_training(config, prepare=False, in_process=True, quiet=True)
+    assert written == [1] and not (result.run_dir / RESUME_DIR).exists()  # removed once the run finished
     assert result.checkpoint.stat().st_size < start.stat().st_size / 10
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
     copy = Path(client.download_artifacts(result.run_id, "model.pt", str(tmp_path / "downloaded")))
