@@ -123,7 +123,8 @@ class Variants:
         due = [name for name, v in VARIANTS.items() if state.step % v.every == 0]
         if not due:
             return
-        drawn = {n: self._draw(parts, n, 4, state.step) for n in self.names}
+        most = max(v.clips for v in VARIANTS.values())  # every variant probes with the first clips of one draw
+        drawn = {n: self._draw(parts, n, most, state.step) for n in self.names}
         for name in due:
             v = VARIANTS[name]
             probes = {n: in_batches(drawn[n][: v.clips], v.forward or parts.config.batch.batch_size) for n in self.names}
