@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,6 +64,7 @@ from omgseg.datasets.synth_scenes import (
     DAVIS_BACKGROUNDS,
     DAVIS_SHAPES,
     PLANTED_LABELS,
+    PLANTED_TRAIN_WEIGHTS,
     VIPSEG_LABELS,
     YTVIS_BACKGROUNDS,
     YTVIS_LABELS,
@@ -179,7 +180,7 @@ def write_synthetic(
 
 
 PLANTED_VARIANTS: tuple[str, ...] = tuple(PLANTED_LABELS)
-PLANTED_VERSION = 2  # bump when the planted data change: their cache folder is named after it
+PLANTED_VERSION = 3  # bump when the planted data change: their cache folder is named after it
 PLANTED_SIZES = SynthSizes(coco_train=48, coco_val=32)  # a larger val split: the targets are its losses
 
 
@@ -187,7 +188,8 @@ def write_planted(out: Path, variants: Sequence[str] = PLANTED_VARIANTS, seed: i
                   sizes: SynthSizes = PLANTED_SIZES, progress: bool = False) -> dict[str, Path]:
     """The planted-relation data sets (synth_scenes.PLANTED_LABELS), each in COCO panoptic's
     layout under out/<variant>/, without crowds; returns {variant: its source folder}. Every
-    variant draws from its own generator: the twin's images are new images, not copies."""
+    variant draws from its own generator: the twin's images are new images, not copies. Train
+    splits draw their classes by synth_scenes.PLANTED_TRAIN_WEIGHTS, val splits alike."""
     unknown = [v for v in variants if v not in PLANTED_LABELS]
     if unknown:
         raise ValueError(f"unknown planted variant(s) {unknown}; known: {', '.join(PLANTED_VARIANTS)}")
@@ -198,8 +200,9 @@ def write_planted(out: Path, variants: Sequence[str] = PLANTED_VARIANTS, seed: i
             key = 100 + PLANTED_VARIANTS.index(variant)
             for split_index, split in enumerate(SPLITS):
                 rng = np.random.default_rng(np.random.SeedSequence([seed, key, split_index]))
+                weights = PLANTED_TRAIN_WEIGHTS.get(variant) if split == "train" else None
                 _write_coco(Path(out) / variant, split, rng, sizes, ["coco-panoptic"], bar,
-                            labels=PLANTED_LABELS[variant], crowds=False)
+                            labels=PLANTED_LABELS[variant], crowds=False, weights=weights)
     finally:
         bar.close()
     return {v: Path(out) / v for v in variants}
@@ -296,7 +299,7 @@ def _distinct_ids(rng: np.random.Generator, n: int) -> list[int]:
 
 def _write_coco(
     root: Path, split: str, rng: np.random.Generator, sizes: SynthSizes, requested: list[str], bar: tqdm,
-    labels: tuple[Label, ...] = COCO_LABELS, crowds: bool = True,
+    labels: tuple[Label, ...] = COCO_LABELS, crowds: bool = True, weights: Mapping[str, float] | None = None,
 ) -> None:
     first_id = 1 if split == "train" else sizes.coco_train + 1  # image ids unique across splits
     image_dir = root / f"{split}2017"
@@ -311,7 +314,7 @@ def _write_coco(
         image_id = first_id + n
         name = f"{image_id:012d}"
         crowd = crowds and (n == 0 or bool(rng.random() < CROWD_PROBABILITY))
-        scene = image_scene(rng, labels, sizes.height, sizes.width, crowd, RLE_FRACTION)
+        scene = image_scene(rng, labels, sizes.height, sizes.width, crowd, RLE_FRACTION, weights)
         _write_jpeg(image_dir / f"{name}.jpg", scene.rgb)
         images.append({"id": image_id, "file_name": f"{name}.jpg",
                        "height": sizes.height, "width": sizes.width})

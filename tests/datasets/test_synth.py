@@ -286,6 +286,16 @@ def test_sizes_are_validated():
         SynthSizes(coco_val=0)
 
 
+def _thing_counts(panoptic_json):
+    import json
+    from collections import Counter
+
+    data = json.loads(panoptic_json.read_text())
+    things = {c["id"]: c["name"] for c in data["categories"] if c["isthing"]}
+    return Counter(things[s["category_id"]] for a in data["annotations"] for s in a["segments_info"]
+                   if s["category_id"] in things)
+
+
 def test_planted_data_sets_share_and_conflict_as_documented(tmp_path):
     import json
 
@@ -308,6 +318,12 @@ def test_planted_data_sets_share_and_conflict_as_documented(tmp_path):
     twin = json.loads((written["twin"] / "annotations/panoptic_train2017.json").read_text())
     anchor = json.loads((written["anchor"] / "annotations/panoptic_train2017.json").read_text())
     assert twin["annotations"] != anchor["annotations"] and len(twin["images"]) == 48  # new images, not copies
+    # Each one's train split holds rarely the class the other's holds often; val splits hold all alike.
+    for variant, rare in (("anchor", "triangle"), ("twin", "circle")):
+        counts = {split: _thing_counts(written[variant] / f"annotations/panoptic_{split}2017.json")
+                  for split in ("train", "val")}
+        assert counts["train"][rare] * 4 < min(n for name, n in counts["train"].items() if name != rare)
+        assert counts["val"][rare] * 2 > max(counts["val"].values())
     again = write_planted(tmp_path / "again", ["rival"])
     assert (again["rival"] / "annotations/panoptic_val2017.json").read_bytes() == \
         (written["rival"] / "annotations/panoptic_val2017.json").read_bytes()
