@@ -17,9 +17,8 @@ there are no task heads). As the paper does it:
   same for every source, shifts whole columns of Z with the trajectory (`Lookahead`);
 - L_j is the loss on a fixed held-out batch of j (its validation split, with j's own
   vocabulary), the same at every probe, so Z_jj is not measured on the batch it stepped on.
-Z_ij > 0: a step on i's data lowers j's loss (i helps j). Averaged over the run's probes, each
-weighted by the learning rate it was taken at (`AffinityAverage`), it is the cheap estimate
-that a study sets beside the exhaustive pair influence.
+Z_ij > 0: a step on i's data lowers j's loss (i helps j). Averaged over the run, it is the
+cheap estimate that a study sets beside the exhaustive pair influence.
 
 Probing leaves training untouched: weights and optimizer state are copied back exactly, no
 gradient buffer is left behind, and every random draw comes from the probe's own samples.
@@ -202,79 +201,48 @@ def lookahead_affinity(model: OMGSeg, optimizer: torch.optim.Optimizer, vocabula
 
 
 class AffinityAverage:
-    """Every probe's Z per (source, target) with the learning rate it was taken at, and their
-    mean weighted by that rate; mergeable across workers.
-
-    A probe's Z is per unit of learning rate, and the run's steps moved the weights in
-    proportion to theirs: what the training trajectory did to each target is the sum of
-    lr_t x Z_t over its steps, so a probe after a x0.1 decay counts a tenth. An unweighted mean
-    counts it fully, and dividing by a small rate magnifies the probe's noise as much as its
-    signal: on the planted study, single probes after the decays reached 5 to 15 times the
-    typical |Z| and decided the sign of a pair's mean (docs/studies.md, the cheap estimate).
-    With a constant learning rate the weighted mean is the plain mean.
-    """
+    """Every probe's Z per (source, target), and their mean; mergeable across workers."""
 
     def __init__(self, names: list[str]) -> None:
         self.names = list(names)
         self.history: list[Tensor] = []  # one (n, n) Z per probe, in order
-        self.rates: list[float] = []  # the learning rate at each probe
 
     @property
     def probes(self) -> int:
         return len(self.history)
 
-    def add(self, z: Tensor, lr: float) -> None:
-        if not lr > 0:
-            raise ValueError(f"a probe's learning rate must be > 0 to weight its Z, got {lr}")
+    def add(self, z: Tensor) -> None:
         self.history.append(z.to(torch.float64).clone())
-        self.rates.append(float(lr))
 
     def merge(self, other: AffinityAverage) -> AffinityAverage:
         """Add another worker's probes (same data sets, same order)."""
         if other.names != self.names:
             raise ValueError(f"cannot merge affinities of {other.names} into {self.names}")
         self.history += other.history
-        self.rates += other.rates
         return self
 
     def state(self) -> dict:
-        return {"names": self.names, "history": [z.tolist() for z in self.history], "rates": self.rates}
+        return {"names": self.names, "history": [z.tolist() for z in self.history]}
 
     @classmethod
     def from_state(cls, state: dict) -> AffinityAverage:
-        if len(state.get("rates", ())) != len(state["history"]):
-            raise ValueError("affinity state: 'rates' must give the learning rate of every probe in 'history' "
-                             "(a resume checkpoint written before probes were weighted by it)")
         out = cls(state["names"])
         out.history = [torch.tensor(z, dtype=torch.float64) for z in state["history"]]
-        out.rates = [float(r) for r in state["rates"]]
         return out
 
     def _table(self, matrix: Tensor) -> dict[str, dict[str, float]]:
         return {s: {t: float(matrix[i, j]) for j, t in enumerate(self.names)} for i, s in enumerate(self.names)}
 
-    def _weighted(self, probes: slice) -> tuple[Tensor, Tensor]:
-        """(k, n, n) Z of the chosen probes and their (k, 1, 1) weights, which sum to 1."""
-        rates = torch.tensor(self.rates[probes], dtype=torch.float64)
-        return torch.stack(self.history[probes]), (rates / rates.sum())[:, None, None]
-
     def means(self, probes: slice = slice(None)) -> dict[str, dict[str, float]]:
-        """{source: {target: weighted mean Z}} over the probes (or the `probes` slice of them; {}
-        if none)."""
-        if not self.history[probes]:
-            return {}
-        z, w = self._weighted(probes)
-        return self._table((w * z).sum(0))
+        """{source: {target: mean Z}} over the probes (or the `probes` slice of them; {} if none)."""
+        chosen = self.history[probes]
+        return self._table(torch.stack(chosen).mean(0)) if chosen else {}
 
     def standard_errors(self) -> dict[str, dict[str, float]]:
-        """{source: {target: standard error of the weighted mean Z}} (needs 2 probes): the
-        weighted residuals' root sum of squares, corrected by k / (k - 1) as the unweighted
-        standard error is (with equal weights it is std / sqrt(k))."""
+        """{source: {target: standard error of the mean Z over probes}} (needs 2 probes)."""
         if self.probes < 2:
             return {}
-        z, w = self._weighted(slice(None))
-        k = self.probes
-        return self._table(((w**2 * (z - (w * z).sum(0)) ** 2).sum(0) * k / (k - 1)).sqrt())
+        return self._table(torch.stack(self.history).std(0) / self.probes ** 0.5)
 
 
 class AffinityProbe:
@@ -319,6 +287,6 @@ class AffinityProbe:
         probes = {name: self._probe_batches(parts, name) for name in self.names}
         z = lookahead_affinity(parts.model, parts.optimizer, parts.vocabulary, probes, self.heldout,
                                grad_clip=parts.config.optimizer.grad_clip, autocast=parts.autocast)
-        self.average.add(z, float(parts.optimizer.param_groups[0]["lr"]))
+        self.average.add(z)
         state.affinity = self.average.state()
         state.seconds["affinity"] += time.perf_counter() - started

@@ -116,8 +116,7 @@ def pair_influence(metrics: pl.DataFrame, targets: list[Target], names: list[str
 
 
 def mean_affinity(records: list[TrialRecord], seeds: set[int] | None = None, half: int | None = None) -> Pairs:
-    """The mean over the probing trials (of `seeds`) of each one's weighted mean Z, or of one
-    half of its probes."""
+    """The mean Z over the probing trials (of `seeds`), or of one half of their probes."""
     sums: dict[tuple[str, str], list[float]] = {}
     for r in records:
         if r.status != "finished" or not r.affinity or (seeds is not None and r.seed not in seeds):

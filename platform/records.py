@@ -53,10 +53,10 @@ class RunReport(JsonRecord):
     samples: dict[str, int]  # samples drawn per data set, all ranks
     seconds: dict[str, float]  # rank 0's time: "train" (inside steps), "affinity", "eval"; the driver adds "fit"
     evaluation: dict[str, dict[str, dict]] = field(default_factory=dict)  # {data set: {task or loss group: metrics}}
-    affinity: dict[str, dict[str, float]] = field(default_factory=dict)  # {source: {target: lr-weighted mean Z}}
+    affinity: dict[str, dict[str, float]] = field(default_factory=dict)  # {source: {target: mean Z}}
     affinity_se: dict[str, dict[str, float]] = field(default_factory=dict)  # standard error over probes
     affinity_probes: int = 0
-    affinity_halves: list[dict] = field(default_factory=list)  # weighted mean Z of the even and of the odd probes
+    affinity_halves: list[dict] = field(default_factory=list)  # mean Z of the even and of the odd probes
     reads: list[dict] = field(default_factory=list)  # per rank: {"rank", "counts", "reads"}: which node read which shards
 
     @property
@@ -96,9 +96,9 @@ class TrialRecord(JsonRecord):
     seconds: dict[str, float] = field(default_factory=dict)  # "train" (inside steps), "affinity", "eval", "setup"
     samples: dict[str, int] = field(default_factory=dict)  # realised samples per data set
     metrics: dict[str, dict[str, dict]] = field(default_factory=dict)  # {data set: {task: {metric: value}}}
-    affinity: dict[str, dict[str, float]] = field(default_factory=dict)  # {source: {target: lr-weighted mean Z}}
+    affinity: dict[str, dict[str, float]] = field(default_factory=dict)  # {source: {target: mean Z}}
     affinity_se: dict[str, dict[str, float]] = field(default_factory=dict)
-    affinity_halves: list[dict] = field(default_factory=list)  # weighted mean Z of the even and of the odd probes
+    affinity_halves: list[dict] = field(default_factory=list)  # mean Z of the even and of the odd probes
     reads: list[dict] = field(default_factory=list)
 
     WHAT = "trial record"

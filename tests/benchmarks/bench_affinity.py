@@ -19,8 +19,6 @@ the one before plus one change:
     more_probes  + a probe every 12 steps instead of 20
     heldout16    + 16 held-out clips a target, 8 clips a forward pass, the held-out batches'
                  frozen CLIP maps computed once (planted.yaml's probe)
-    lr_weighted  + the probes' mean weighted by the learning rate at each probe (the study's
-                 estimate; the same Z as heldout16)
 
 Each variant's mean Z over its probes is ranked against the pair influence (Spearman over the
 ordered pairs), per seed. A probe's Z varies mostly with the state it is taken at, so one
@@ -45,14 +43,14 @@ import json
 import statistics
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
 import torch
 
 from omgseg.core.seeds import derive_seed
-from omgseg.platform.affinity import AffinityAverage, HeldOut, Lookahead, in_batches, lookahead_affinity
+from omgseg.platform.affinity import HeldOut, Lookahead, in_batches, lookahead_affinity
 from omgseg.platform.config import StudyConfig
 from omgseg.platform.estimates import agreement, pair_influence
 from omgseg.platform.evaluate import validation_examples
@@ -68,7 +66,6 @@ class Variant:
     clips: int  # clips a source
     every: int  # steps between probes
     forward: int | None = None  # clips a forward pass, held-out maps cached; None: the training batch, not cached
-    weighted: bool = False  # the probes' mean weighted by the learning rate; False: every probe counts alike
 
 
 VARIANTS = {
@@ -80,7 +77,6 @@ VARIANTS = {
     "momentum": Variant(Lookahead(), 8, 4, 20),
     "more_probes": Variant(Lookahead(), 8, 4, 12),
     "heldout16": Variant(Lookahead(), 16, 4, 12, forward=8),
-    "lr_weighted": Variant(Lookahead(), 16, 4, 12, forward=8, weighted=True),
 }
 
 
@@ -103,7 +99,8 @@ class Variants:
             if v.heldout is not None and (v.heldout, v.forward) not in self.heldout:
                 self.heldout[(v.heldout, v.forward)] = {n: self._heldout(parts, n, v.heldout, v.forward)
                                                         for n in self.names}
-        self.averages = {name: AffinityAverage(self.names) for name in VARIANTS}
+        self.sums = {name: None for name in VARIANTS}
+        self.counts = dict.fromkeys(VARIANTS, 0)
         self.draws, self.noise_probes, self.sizes = draws, noise_probes, sizes
         self.noise: dict[int, list[float]] = {b: [] for b in sizes}
         self.seconds: dict[str, list[float]] = {"last": [], "new": []}
@@ -128,21 +125,17 @@ class Variants:
             return
         most = max(v.clips for v in VARIANTS.values())  # every variant probes with the first clips of one draw
         drawn = {n: self._draw(parts, n, most, state.step) for n in self.names}
-        lr = float(parts.optimizer.param_groups[0]["lr"])
-        measured: dict[Variant, torch.Tensor] = {}  # variants that differ only in how they average share their Z
         for name in due:
             v = VARIANTS[name]
-            key = replace(v, weighted=False)
-            if key not in measured:
-                probes = {n: in_batches(drawn[n][: v.clips], v.forward or parts.config.batch.batch_size)
-                          for n in self.names}
-                if v.heldout is None:
-                    heldout = {n: HeldOut(probes[n], parts.vocabulary) for n in self.names}
-                else:
-                    heldout = self.heldout[(v.heldout, v.forward)]
-                measured[key] = self._z(parts, probes, heldout, v.lookahead)
-            self.averages[name].add(measured[key], lr if v.weighted else 1.0)
-        if self.averages["heldout16"].probes <= self.noise_probes and "heldout16" in due:
+            probes = {n: in_batches(drawn[n][: v.clips], v.forward or parts.config.batch.batch_size) for n in self.names}
+            if v.heldout is None:
+                heldout = {n: HeldOut(probes[n], parts.vocabulary) for n in self.names}
+            else:
+                heldout = self.heldout[(v.heldout, v.forward)]
+            z = self._z(parts, probes, heldout, v.lookahead)
+            self.sums[name] = z if self.sums[name] is None else self.sums[name] + z
+            self.counts[name] += 1
+        if self.counts["heldout16"] <= self.noise_probes and "heldout16" in due:
             self._cost_and_noise(parts, drawn, state.step)
 
     def _cost_and_noise(self, parts, drawn, step: int) -> None:
@@ -162,8 +155,8 @@ class Variants:
             self.noise[b].append(stack.std(0).mean().item() / signal if signal else float("nan"))
 
     def means(self) -> dict[str, dict[tuple[str, str], float]]:
-        return {v: {(s, t): z for s, row in a.means().items() for t, z in row.items() if s != t}
-                for v, a in self.averages.items() if a.probes}
+        return {v: {(s, t): float(m[i, j]) / self.counts[v] for i, s in enumerate(self.names)
+                    for j, t in enumerate(self.names) if s != t} for v, m in self.sums.items() if m is not None}
 
 
 def main() -> int:
@@ -171,8 +164,7 @@ def main() -> int:
     parser.add_argument("--study", required=True, help="a finished study's folder (its influence is the exhaustive side)")
     parser.add_argument("--seeds", default="0,1,2", help="the probing trial is trained again at each of these seeds")
     parser.add_argument("--draws", type=int, default=4, help="probe batches drawn per size for the noise measurement")
-    parser.add_argument("--noise-probes", type=int, default=2,
-                        help="probe steps (per seed) at which cost and noise are measured (0: neither)")
+    parser.add_argument("--noise-probes", type=int, default=2, help="probe steps (per seed) at which cost and noise are measured")
     parser.add_argument("--sizes", default="2,4,8,16", help="clips a source for the noise measurement")
     args = parser.parse_args()
     folder = Path(args.study)
@@ -198,20 +190,17 @@ def main() -> int:
             seconds[key] += hook.seconds[key]
         for b, values in hook.noise.items():
             noise.setdefault(b, []).extend(values)
-        probes = {v: a.probes for v, a in hook.averages.items()}
+        probes = hook.counts
         print(f"bench_affinity: seed {seed}: " + ", ".join(f"{v} {r[-1]:.2f}" for v, r in spearman.items()),
               file=sys.stderr)
-    cost = None  # none when --noise-probes 0
-    if seconds["last"]:
-        last, new = statistics.mean(seconds["last"]), statistics.mean(seconds["new"])
-        cost = {"last_design": round(last, 2), "new_design": round(new, 2), "ratio": round(new / last, 2)}
+    last, new = statistics.mean(seconds["last"]), statistics.mean(seconds["new"])
     print(json.dumps({
         "benchmark": "bench_affinity", "study": config.name, "seeds": args.seeds, "pairs": len(exhaustive),
         "probes_per_trial": probes,
         "spearman_per_seed": {v: [round(r, 3) for r in rs] for v, rs in spearman.items()},
         "spearman_mean": {v: round(statistics.mean(rs), 3) for v, rs in spearman.items()},
         "spearman_min": {v: round(min(rs), 3) for v, rs in spearman.items()},
-        "probe_seconds": cost,
+        "probe_seconds": {"last_design": round(last, 2), "new_design": round(new, 2), "ratio": round(new / last, 2)},
         "noise_spread_over_mean_by_clips": {b: round(statistics.mean(v), 3) for b, v in noise.items() if v},
     }))
     return 0

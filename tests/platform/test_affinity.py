@@ -105,8 +105,8 @@ def test_affinity_equals_an_adamw_step_on_a_copy_and_leaves_weights_and_moments_
 
 def test_average_state_round_trip_halves_and_merge():
     average = AffinityAverage(["a", "b"])
-    average.add(torch.tensor([[0.2, -0.1], [0.0, 0.4]], dtype=torch.float64), 1e-3)
-    average.add(torch.tensor([[0.4, 0.1], [0.2, 0.0]], dtype=torch.float64), 1e-3)
+    average.add(torch.tensor([[0.2, -0.1], [0.0, 0.4]], dtype=torch.float64))
+    average.add(torch.tensor([[0.4, 0.1], [0.2, 0.0]], dtype=torch.float64))
     again = AffinityAverage.from_state(average.state())
     means = again.means()
     assert means["a"] == pytest.approx({"a": 0.3, "b": 0.0}) and means["b"] == pytest.approx({"a": 0.1, "b": 0.2})
@@ -114,29 +114,8 @@ def test_average_state_round_trip_halves_and_merge():
     assert again.standard_errors()["a"]["a"] == pytest.approx(torch.tensor([0.2, 0.4]).std().item() / 2 ** 0.5)
     assert AffinityAverage(["a"]).means() == {}
     other = AffinityAverage(["a", "b"])
-    other.add(torch.tensor([[0.9, 0.0], [0.0, 0.0]], dtype=torch.float64), 1e-3)
+    other.add(torch.tensor([[0.9, 0.0], [0.0, 0.0]], dtype=torch.float64))
     merged = again.merge(other)  # two workers: 3 probes in all
     assert merged.probes == 3 and merged.means()["a"]["a"] == pytest.approx((0.2 + 0.4 + 0.9) / 3)
     with pytest.raises(ValueError, match=r"cannot merge affinities of \['b'\]"):
         merged.merge(AffinityAverage(["b"]))
-
-
-def test_average_weights_each_probe_by_its_learning_rate():
-    """A probe after a x0.1 decay counts a tenth: the weighted mean is what the trajectory's
-    steps did (sum of lr x Z), not the per-lr Z of each probe counted alike."""
-    average = AffinityAverage(["a"])
-    for z, lr in ((1.0, 1e-3), (3.0, 1e-3), (-50.0, 1e-4)):
-        average.add(torch.tensor([[z]], dtype=torch.float64), lr)
-    w = torch.tensor([1.0, 1.0, 0.1]) / 2.1
-    expected = float((w * torch.tensor([1.0, 3.0, -50.0])).sum())
-    assert average.means()["a"]["a"] == pytest.approx(expected)  # the unweighted mean would be -15.3
-    z = torch.tensor([1.0, 3.0, -50.0], dtype=torch.float64)
-    se = float(((w.double() ** 2 * (z - expected) ** 2).sum() * 3 / 2).sqrt())
-    assert average.standard_errors()["a"]["a"] == pytest.approx(se)
-    assert AffinityAverage.from_state(average.state()).means() == average.means()
-    assert average.means(slice(2, 3))["a"]["a"] == pytest.approx(-50.0)  # one probe: its own Z
-    with pytest.raises(ValueError, match="learning rate must be > 0"):
-        average.add(torch.zeros(1, 1), 0.0)
-    stale = {"names": ["a"], "history": [[[1.0]]]}  # a resume checkpoint from before the weights
-    with pytest.raises(ValueError, match="'rates' must give the learning rate of every probe"):
-        AffinityAverage.from_state(stale)
