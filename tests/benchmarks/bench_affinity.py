@@ -164,7 +164,8 @@ def main() -> int:
     parser.add_argument("--study", required=True, help="a finished study's folder (its influence is the exhaustive side)")
     parser.add_argument("--seeds", default="0,1,2", help="the probing trial is trained again at each of these seeds")
     parser.add_argument("--draws", type=int, default=4, help="probe batches drawn per size for the noise measurement")
-    parser.add_argument("--noise-probes", type=int, default=2, help="probe steps (per seed) at which cost and noise are measured")
+    parser.add_argument("--noise-probes", type=int, default=2,
+                        help="probe steps (per seed) at which cost and noise are measured (0: neither)")
     parser.add_argument("--sizes", default="2,4,8,16", help="clips a source for the noise measurement")
     args = parser.parse_args()
     folder = Path(args.study)
@@ -193,14 +194,17 @@ def main() -> int:
         probes = hook.counts
         print(f"bench_affinity: seed {seed}: " + ", ".join(f"{v} {r[-1]:.2f}" for v, r in spearman.items()),
               file=sys.stderr)
-    last, new = statistics.mean(seconds["last"]), statistics.mean(seconds["new"])
+    cost = None  # none when --noise-probes 0
+    if seconds["last"]:
+        last, new = statistics.mean(seconds["last"]), statistics.mean(seconds["new"])
+        cost = {"last_design": round(last, 2), "new_design": round(new, 2), "ratio": round(new / last, 2)}
     print(json.dumps({
         "benchmark": "bench_affinity", "study": config.name, "seeds": args.seeds, "pairs": len(exhaustive),
         "probes_per_trial": probes,
         "spearman_per_seed": {v: [round(r, 3) for r in rs] for v, rs in spearman.items()},
         "spearman_mean": {v: round(statistics.mean(rs), 3) for v, rs in spearman.items()},
         "spearman_min": {v: round(min(rs), 3) for v, rs in spearman.items()},
-        "probe_seconds": {"last_design": round(last, 2), "new_design": round(new, 2), "ratio": round(new / last, 2)},
+        "probe_seconds": cost,
         "noise_spread_over_mean_by_clips": {b: round(statistics.mean(v), 3) for b, v in noise.items() if v},
     }))
     return 0
