@@ -471,6 +471,10 @@ def image_scene(
 
     draw = None
     if weights is not None:
+        unknown = sorted(set(weights) - {lab.name for lab in shape_labels})
+        if unknown:
+            raise ValueError(f"draw weights name {unknown}, which are not shape labels here: "
+                             f"{', '.join(lab.name for lab in shape_labels)}")
         draw = np.array([weights.get(lab.name, 1.0) for lab in shape_labels], dtype=np.float64)
         draw /= draw.sum()
     for _ in range(int(rng.integers(2, 6))):

@@ -300,7 +300,7 @@ def test_planted_data_sets_share_and_conflict_as_documented(tmp_path):
     import json
 
     from omgseg.datasets.synth import PLANTED_VARIANTS, write_planted
-    from omgseg.datasets.synth_scenes import PLANTED_LABELS
+    from omgseg.datasets.synth_scenes import PLANTED_LABELS, image_scene
 
     written = write_planted(tmp_path, PLANTED_VARIANTS)
     names = {v: {c["name"] for c in json.loads((written[v] / "annotations/panoptic_val2017.json").read_text())["categories"]}
@@ -324,6 +324,8 @@ def test_planted_data_sets_share_and_conflict_as_documented(tmp_path):
                   for split in ("train", "val")}
         assert counts["train"][rare] * 4 < min(n for name, n in counts["train"].items() if name != rare)
         assert counts["val"][rare] * 2 > max(counts["val"].values())
+    with pytest.raises(ValueError, match=r"draw weights name \['triangel'\], which are not shape labels here"):
+        image_scene(np.random.default_rng(0), PLANTED_LABELS["anchor"], 96, 128, False, 0.0, {"triangel": 0.1})
     again = write_planted(tmp_path / "again", ["rival"])
     assert (again["rival"] / "annotations/panoptic_val2017.json").read_bytes() == \
         (written["rival"] / "annotations/panoptic_val2017.json").read_bytes()
