@@ -7,6 +7,7 @@ repository's readers, so a reader bug and a generator bug cannot hide each other
 import hashlib
 import itertools
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -287,9 +288,6 @@ def test_sizes_are_validated():
 
 
 def _thing_counts(panoptic_json):
-    import json
-    from collections import Counter
-
     data = json.loads(panoptic_json.read_text())
     things = {c["id"]: c["name"] for c in data["categories"] if c["isthing"]}
     return Counter(things[s["category_id"]] for a in data["annotations"] for s in a["segments_info"]
