@@ -478,6 +478,8 @@ def image_scene(
         draw = np.array([weights.get(lab.name, 1.0) for lab in shape_labels], dtype=np.float64)
         draw /= draw.sum()
     for _ in range(int(rng.integers(2, 6))):
+        # Two draws, not rng.choice with equal p for both: that consumes the generator
+        # differently, and every unweighted data set would change its pictures.
         if draw is None:
             label = shape_labels[int(rng.integers(len(shape_labels)))]
         else:
