@@ -13,7 +13,7 @@ from pathlib import Path
 
 import polars as pl
 
-from omgseg.platform.results import SCHEMAS, TABLES
+from omgseg.platform.study.results import SCHEMAS, TABLES
 
 EXAMPLES = """example queries:
   # the influence matrix of pair runs, strongest effects first

@@ -23,9 +23,9 @@ import polars as pl
 
 from omgseg.dashboards.figures import affinity_scatter, correlation_heatmap, influence_heatmap, metric_bars, png_bytes
 from omgseg.platform.config import StudyConfig
-from omgseg.platform.plan import targets
 from omgseg.platform.records import StudyState
-from omgseg.platform.results import KINDS, TABLES
+from omgseg.platform.study.plan import targets
+from omgseg.platform.study.results import KINDS, TABLES
 
 SECTIONS = ("summary", "influence", "correlation", "metrics", "affinity", "runs", "samples")
 STYLE = """
@@ -119,7 +119,7 @@ def _checkpoint(study: StudyTables, trial: dict) -> Path:
 
 def _samples_section(study: StudyTables, per_task: int, figures_dir: Path, figures: dict[str, Path]) -> str:
     from omgseg.dashboards.samples import picture_png, sample_pictures
-    from omgseg.model.omgseg import load_checkpoint
+    from omgseg.model.checkpoint import load_checkpoint
 
     trial = _sample_trial(study)
     if trial is None or per_task == 0:

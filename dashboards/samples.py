@@ -20,8 +20,8 @@ from omgseg.core.structures import Task
 from omgseg.datasets.stream import ClipSample, ShardStream
 from omgseg.model.omgseg import OMGSeg
 from omgseg.model.vocabulary import Vocabulary
+from omgseg.platform.evaluation.writers import overlay
 from omgseg.platform.tasks import TASKS
-from omgseg.platform.writers import overlay
 
 MAX_FRAMES = 4
 

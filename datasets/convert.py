@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from omgseg.datasets.formats import get_format
-from omgseg.datasets.shards import Manifest, write_shards
+from omgseg.datasets.manifest import Manifest
+from omgseg.datasets.shard_writer import write_shards
 
 
 def convert(

@@ -27,17 +27,8 @@ from omgseg.core.seeds import derive_seed
 from omgseg.core.structures import Task
 from omgseg.datasets.clip import Segment, decode_id_map_rgb
 from omgseg.datasets.location import ShardLocation
-from omgseg.datasets.shards import (
-    Manifest,
-    ShardInfo,
-    ShardMeta,
-    ShardReadError,
-    decode_png_rgb,
-    frame_field,
-    read_manifest,
-    read_meta,
-    read_shard_samples,
-)
+from omgseg.datasets.manifest import Manifest, ShardInfo, ShardMeta, ShardReadError, frame_field, read_manifest, read_meta
+from omgseg.datasets.shard_reader import decode_png_rgb, read_shard_samples
 
 _HEADER_FIELDS = ("dataset", "source_id", "frames", "frame_names", "height", "width", "tasks", "segments")
 

@@ -33,7 +33,7 @@ EPILOG = """examples:
 
 # Subcommands whose own module parses their arguments: {name: (module, help)}.
 PASSTHROUGH = {
-    "study": ("omgseg.platform.study", "run a co-training study (Ray Tune trials, MLflow, influence tables)"),
+    "study": ("omgseg.platform.study.driver", "run a co-training study (Ray Tune trials, MLflow, influence tables)"),
     "report": ("omgseg.dashboards.report", "write a study's HTML report and PNG figures"),
     "query": ("omgseg.dashboards.query", "SQL over study tables (Polars)"),
     "ui": ("omgseg.dashboards.ui", "start the MLflow UI on a study's tracking store (127.0.0.1)"),
@@ -66,7 +66,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _cmd_shards(args: argparse.Namespace) -> int:
-    from omgseg.datasets.shards import shard_stats, verify_shards
+    from omgseg.datasets.shard_check import shard_stats, verify_shards
 
     if args.action == "verify":
         problems = verify_shards(Path(args.dir))
@@ -91,7 +91,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     from omgseg.platform.config import TrainConfig, load_config
     from omgseg.platform.console import say
-    from omgseg.platform.train import run_training, tracking_uri
+    from omgseg.platform.training.train import run_training, tracking_uri
 
     config = load_config(TrainConfig, args.config, args.overrides)  # fails before any worker starts
     result = run_training(config)
@@ -117,43 +117,43 @@ class FileFormat:
 
 
 def _coco_panoptic(a: argparse.Namespace) -> dict:
-    from omgseg.platform.metrics.panoptic import evaluate_coco_panoptic
+    from omgseg.platform.evaluation.metrics.panoptic import evaluate_coco_panoptic
 
     return evaluate_coco_panoptic(a.gt_json, a.gt_dir, a.pred_json, a.pred_dir)
 
 
 def _coco_instances(a: argparse.Namespace) -> dict:
-    from omgseg.platform.metrics.instance import evaluate_coco_instances
+    from omgseg.platform.evaluation.metrics.instance import evaluate_coco_instances
 
     return evaluate_coco_instances(a.gt_json, a.pred_json)
 
 
 def _semantic(a: argparse.Namespace) -> dict:
-    from omgseg.platform.metrics.semantic import evaluate_semantic_pngs
+    from omgseg.platform.evaluation.metrics.semantic import evaluate_semantic_pngs
 
     return evaluate_semantic_pngs(a.gt_dir, a.pred_dir, a.num_classes, a.ignore_label)
 
 
 def _vipseg(a: argparse.Namespace) -> dict:
-    from omgseg.platform.metrics.video_panoptic import evaluate_vipseg
+    from omgseg.platform.evaluation.metrics.video_panoptic import evaluate_vipseg
 
     return evaluate_vipseg(a.gt_json, a.gt_dir, a.pred_json, a.pred_dir)
 
 
 def _ytvis(a: argparse.Namespace) -> dict:
-    from omgseg.platform.metrics.video_instance import evaluate_ytvis
+    from omgseg.platform.evaluation.metrics.video_instance import evaluate_ytvis
 
     return evaluate_ytvis(a.gt_json, a.pred_json)
 
 
 def _davis(a: argparse.Namespace) -> dict:
-    from omgseg.platform.metrics.vos import evaluate_davis
+    from omgseg.platform.evaluation.metrics.vos import evaluate_davis
 
     return evaluate_davis(a.gt_dir, a.pred_dir)
 
 
 def _interactive(a: argparse.Namespace) -> dict:
-    from omgseg.platform.evaluate import evaluate_interactive_files
+    from omgseg.platform.evaluation.evaluate import evaluate_interactive_files
 
     return evaluate_interactive_files(Path(a.checkpoint), a.gt_json, a.gt_dir, a.image_dir, max_clicks=a.max_clicks,
                                       clip_checkpoint=a.clip_checkpoint, max_images=a.max_images)
@@ -200,7 +200,7 @@ def need(args: argparse.Namespace, *names: str) -> None:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from omgseg.platform.predict import predict
+    from omgseg.platform.evaluation.predict import predict
 
     summary = predict(Path(args.checkpoint), args.task, Path(args.input), Path(args.out), vocabulary=args.vocabulary,
                       coco_json=Path(args.coco_json) if args.coco_json else None, clip_length=args.clip_length,
@@ -340,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
 
         command = importlib.import_module(PASSTHROUGH[argv[0]][0])
         return command.main(argv[1:], prog=f"omgseg {argv[0]}")
-    from omgseg.datasets.shards import ShardReadError
+    from omgseg.datasets.manifest import ShardReadError
     from omgseg.platform.console import TrainingFailed
 
     args = build_parser().parse_args(argv)

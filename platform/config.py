@@ -224,7 +224,7 @@ class TrackingConfig(StrictModel):
 
 class AffinityConfig(StrictModel):
     """TAG look-ahead affinity between the mixed data sets, measured during training
-    (omgseg.platform.affinity): the optimizer's own step on one data set's probe batch, and
+    (omgseg.platform.training.affinity): the optimizer's own step on one data set's probe batch, and
     its effect on every data set's fixed held-out batch."""
 
     enabled: bool = Field(default=False, description="probe during training (a study: in the trials on every train data set)")

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from omgseg.datasets.convert import convert
-from omgseg.datasets.shards import read_manifest
+from omgseg.datasets.manifest import read_manifest
 from omgseg.datasets.synth import PLANTED_VARIANTS, PLANTED_VERSION, SYNTH_FORMATS, write_planted, write_synthetic
 from omgseg.platform.config import DataConfig
 

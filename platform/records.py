@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
-from omgseg.platform.plan import Trial
+from omgseg.platform.study.plan import Trial
 
 REPORT_FILE = "report.json"
 TRIAL_FILE = "trial.json"

@@ -1,8 +1,8 @@
 """One object per task: what it prompts, how the model's output becomes its result, how that
 result is scored, and how it is drawn.
 
-Evaluation (platform/evaluate.py), the report's sample pictures (dashboards/samples.py) and
-`omgseg predict` on images (platform/predict.py) all go through `TASKS`, so a task's rules
+Evaluation (platform/evaluation/evaluate.py), the report's sample pictures (dashboards/samples.py) and
+`omgseg predict` on images (platform/evaluation/predict.py) all go through `TASKS`, so a task's rules
 live in one place: its first-frame prompts (interior clicks, boxes), its post-processing with
 the model's own inference settings (`model.config.inference`), its evaluator behind one
 `process(sample, result)` signature, and the id maps its overlays show.
@@ -33,13 +33,13 @@ from omgseg.model.inference import (
 from omgseg.model.omgseg import ClipPrediction, OMGSeg
 from omgseg.model.structures import PromptBatch
 from omgseg.model.vocabulary import Vocabulary
-from omgseg.platform.metrics.instance import InstanceEvaluator
-from omgseg.platform.metrics.interactive import InteractiveEvaluator, interior_point, mask_iou, next_click
-from omgseg.platform.metrics.panoptic import GtSegment, PanopticEvaluator
-from omgseg.platform.metrics.semantic import SemanticEvaluator
-from omgseg.platform.metrics.video_instance import VideoInstanceEvaluator
-from omgseg.platform.metrics.video_panoptic import VideoPanopticEvaluator
-from omgseg.platform.metrics.vos import VOSEvaluator
+from omgseg.platform.evaluation.metrics.instance import InstanceEvaluator
+from omgseg.platform.evaluation.metrics.interactive import InteractiveEvaluator, interior_point, mask_iou, next_click
+from omgseg.platform.evaluation.metrics.panoptic import GtSegment, PanopticEvaluator
+from omgseg.platform.evaluation.metrics.semantic import SemanticEvaluator
+from omgseg.platform.evaluation.metrics.video_instance import VideoInstanceEvaluator
+from omgseg.platform.evaluation.metrics.video_panoptic import VideoPanopticEvaluator
+from omgseg.platform.evaluation.metrics.vos import VOSEvaluator
 
 IGNORE = 255  # the semantic ignore label
 SHOWN_SCORE = 0.5  # an instance is drawn in an overlay from this score on (the confident ones)

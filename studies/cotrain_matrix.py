@@ -7,7 +7,7 @@ The same as `omgseg study`; see `--help` and the README's "Studies" section.
 
 import sys
 
-from omgseg.platform.study import main
+from omgseg.platform.study.driver import main
 
 if __name__ == "__main__":
     sys.exit(main(prog="cotrain_matrix.py"))

@@ -18,7 +18,7 @@ def small_study(tmp_path_factory, study_data_root):
     import ray
 
     from omgseg.platform.config import StudyConfig, load_config
-    from omgseg.platform.study import run_study
+    from omgseg.platform.study.driver import run_study
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     out = tmp_path_factory.mktemp("study") / "small"

@@ -60,7 +60,7 @@ def test_the_shipped_package_is_the_wheel_tree_without_top_level_platform(tmp_pa
 
     package = shipped_package(build_wheel(tmp_path / "wheel"), tmp_path / "package")
     assert package.name == "omgseg" and not (package.parent / "platform").exists()
-    assert (package / "platform" / "study.py").is_file() and (package / "model" / "configs" / "tiny_clip.json").is_file()
+    assert (package / "platform" / "study" / "driver.py").is_file() and (package / "model" / "configs" / "tiny_clip.json").is_file()
     assert not (package / "__init__.py").exists()  # a namespace package, as installed
 
 

@@ -20,11 +20,12 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from omgseg.dashboards.samples import picture_png, sample_pictures
-from omgseg.datasets.shards import read_shard_samples, shard_name
+from omgseg.datasets.manifest import shard_name
+from omgseg.datasets.shard_reader import read_shard_samples
 from omgseg.datasets.stream import ClipSample, decode_sample
-from omgseg.model.omgseg import load_checkpoint
+from omgseg.model.checkpoint import load_checkpoint
 from omgseg.platform.cli import main as omgseg
-from omgseg.platform.predict import load_vocabulary
+from omgseg.platform.evaluation.predict import load_vocabulary
 
 imgviz = pytest.importorskip("imgviz")
 

@@ -50,13 +50,13 @@ import polars as pl
 import torch
 
 from omgseg.core.seeds import derive_seed
-from omgseg.platform.affinity import HeldOut, Lookahead, in_batches, lookahead_affinity
 from omgseg.platform.config import StudyConfig
-from omgseg.platform.estimates import agreement, pair_influence
-from omgseg.platform.evaluate import validation_examples
-from omgseg.platform.loop import build_parts, train_loop, train_stream
-from omgseg.platform.plan import plan_trials, targets, trial_config
+from omgseg.platform.evaluation.evaluate import validation_examples
 from omgseg.platform.records import StudyState
+from omgseg.platform.study.estimates import agreement, pair_influence
+from omgseg.platform.study.plan import plan_trials, targets, trial_config
+from omgseg.platform.training.affinity import HeldOut, Lookahead, in_batches, lookahead_affinity
+from omgseg.platform.training.loop import build_parts, train_loop, train_stream
 
 
 @dataclass(frozen=True)

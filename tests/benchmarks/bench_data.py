@@ -30,7 +30,7 @@ from omgseg.core.seeds import derive_seed
 from omgseg.core.structures import Task
 from omgseg.datasets.clip import Segment, decode_id_map_rgb
 from omgseg.datasets.convert import convert
-from omgseg.datasets.shards import read_shard_samples
+from omgseg.datasets.shard_reader import read_shard_samples
 from omgseg.datasets.stream import ClipSample, ShardStream
 from omgseg.datasets.synth import SynthSizes, write_synthetic
 from omgseg.datasets.transforms import ClipTransform

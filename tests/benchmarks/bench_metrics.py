@@ -18,7 +18,7 @@ import torch
 from torchmetrics.detection import PanopticQuality
 
 from omgseg.core.structures import Category
-from omgseg.platform.metrics.panoptic import GtSegment, PanopticEvaluator
+from omgseg.platform.evaluation.metrics.panoptic import GtSegment, PanopticEvaluator
 
 CATEGORIES = [Category(i, f"class{i}", True) for i in range(1, 11)]
 

@@ -23,8 +23,8 @@ import torch
 
 from omgseg.platform.config import TrainConfig, load_config
 from omgseg.platform.data import prepare_data
-from omgseg.platform.loop import StepLog, build_parts, train_loop
-from omgseg.platform.train import run_training, tracking_uri
+from omgseg.platform.training.loop import StepLog, build_parts, train_loop
+from omgseg.platform.training.train import run_training, tracking_uri
 
 CONFIG = Path(__file__).resolve().parents[2] / "studies" / "configs" / "train_tiny.yaml"
 

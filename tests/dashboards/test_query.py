@@ -4,9 +4,9 @@ import polars as pl
 import pytest
 
 from omgseg.dashboards.query import QueryError, load_tables, main, run_query
-from omgseg.platform.plan import Target
 from omgseg.platform.records import TrialRecord
-from omgseg.platform.results import build_tables, write_tables
+from omgseg.platform.study.plan import Target
+from omgseg.platform.study.results import build_tables, write_tables
 
 
 def _study(folder, name: str, bonus: float) -> None:

@@ -10,7 +10,7 @@ import textwrap
 
 from toydata import META_JSON, SOURCE, tiny_clip
 
-from omgseg.datasets.shards import write_shards
+from omgseg.datasets.shard_writer import write_shards
 
 RANK_SCRIPT = textwrap.dedent(
     """

@@ -9,7 +9,8 @@ import pytest
 from toydata import META_JSON, SOURCE, tiny_clip
 
 from omgseg.datasets.location import ShardLocation
-from omgseg.datasets.shards import read_manifest, read_meta, write_shards
+from omgseg.datasets.manifest import read_manifest, read_meta
+from omgseg.datasets.shard_writer import write_shards
 from omgseg.datasets.stream import ShardStream
 
 

@@ -8,7 +8,9 @@ import pytest
 
 from omgseg.datasets.convert import convert
 from omgseg.datasets.formats import FORMATS, get_format
-from omgseg.datasets.shards import read_manifest, read_meta, read_shard_samples, verify_shards
+from omgseg.datasets.manifest import read_manifest, read_meta
+from omgseg.datasets.shard_check import verify_shards
+from omgseg.datasets.shard_reader import read_shard_samples
 from omgseg.datasets.stream import ShardStream
 from omgseg.datasets.synth import SYNTH_FORMATS, write_synthetic
 from omgseg.platform.cli import main as omgseg

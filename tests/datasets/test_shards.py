@@ -11,19 +11,10 @@ from PIL import Image
 
 from omgseg.core.structures import Task
 from omgseg.datasets.clip import Clip, Segment, segment_areas
-from omgseg.datasets.shards import (
-    CONVERTER_VERSION,
-    MANIFEST,
-    META,
-    PARTIAL_MANIFEST,
-    ShardReadError,
-    read_manifest,
-    read_meta,
-    read_shard_samples,
-    shard_stats,
-    verify_shards,
-    write_shards,
-)
+from omgseg.datasets.manifest import CONVERTER_VERSION, MANIFEST, META, PARTIAL_MANIFEST, ShardReadError, read_manifest, read_meta
+from omgseg.datasets.shard_check import shard_stats, verify_shards
+from omgseg.datasets.shard_reader import read_shard_samples
+from omgseg.datasets.shard_writer import write_shards
 from omgseg.datasets.stream import ShardStream
 
 META_JSON = {

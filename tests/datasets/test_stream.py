@@ -11,7 +11,8 @@ import webdataset as wds
 from toydata import META_JSON, SOURCE, tiny_clip
 
 from omgseg.core.seeds import derive_seed
-from omgseg.datasets.shards import MANIFEST, ShardReadError, sha256_file, write_shards
+from omgseg.datasets.manifest import MANIFEST, ShardReadError, sha256_file
+from omgseg.datasets.shard_writer import write_shards
 from omgseg.datasets.stream import ClipSample, ShardStream, decode_sample
 
 

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from omgseg.core.structures import Category
+from omgseg.model.checkpoint import load_checkpoint, save_checkpoint
 from omgseg.model.config import ModelConfig, model_config, omgseg_convnext_large, with_overrides
 from omgseg.model.inference import instance_inference, panoptic_inference, prompt_inference, semantic_inference
-from omgseg.model.omgseg import OMGSeg, load_checkpoint, parameter_counts, save_checkpoint
+from omgseg.model.omgseg import OMGSeg, parameter_counts
 from omgseg.model.structures import MatchTargets, PromptBatch
 from omgseg.model.vocabulary import Vocabulary
 
@@ -216,7 +217,7 @@ def test_checkpoint_of_a_random_weight_clip_keeps_the_backbone(tmp_path, vocabul
 def test_a_warm_start_loads_the_weights_and_refuses_another_model(tmp_path):
     import dataclasses
 
-    from omgseg.model.omgseg import load_weights, save_checkpoint
+    from omgseg.model.checkpoint import load_weights, save_checkpoint
 
     torch.manual_seed(0)
     trained = OMGSeg(model_config("tiny"))
@@ -237,7 +238,7 @@ def test_a_checkpoint_of_another_model_config_is_one_line_naming_keys(tmp_path):
     """A model.pt whose config was edited (another decoder width) or that is warm-started into
     another config: one line naming the tensors that do not fit, not torch's size-mismatch list;
     a truncated file is one line too."""
-    from omgseg.model.omgseg import load_weights
+    from omgseg.model.checkpoint import load_weights
 
     torch.manual_seed(0)
     model = OMGSeg(model_config("tiny"))
@@ -263,7 +264,7 @@ def test_a_warm_started_checkpoint_refers_to_its_start_for_the_random_clip(tmp_p
     chain of warm starts, and after the folder is moved), and a missing start is one line."""
     import shutil
 
-    from omgseg.model.omgseg import load_weights
+    from omgseg.model.checkpoint import load_weights
 
     torch.manual_seed(0)
     start = save_checkpoint(OMGSeg(model_config("tiny")), tmp_path / "study" / "pretrain" / "model.pt")

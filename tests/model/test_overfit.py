@@ -16,9 +16,9 @@ from omgseg.model.config import model_config
 from omgseg.model.inference import panoptic_inference
 from omgseg.model.omgseg import OMGSeg
 from omgseg.model.vocabulary import Vocabulary
-from omgseg.platform.evaluate import evaluate_shards
-from omgseg.platform.metrics.interactive import interior_point
-from omgseg.platform.targets import match_targets, prompt_batch
+from omgseg.platform.evaluation.evaluate import evaluate_shards
+from omgseg.platform.evaluation.metrics.interactive import interior_point
+from omgseg.platform.training.targets import match_targets, prompt_batch
 
 STEPS = 300
 
@@ -104,7 +104,7 @@ def test_tiny_model_overfits_four_images(tmp_path):
     ours = evaluate_shards(model, tmp_path / "shards", ["panoptic", "semantic", "interactive"])
     clicks = ours["interactive"]
     print(f"PQ {ours['panoptic']['PQ']:.1f}, mIoU {ours['semantic']['mIoU']:.1f}, click mIoU@1 {clicks['mIoU@1']:.1f} "
-          f"@3 {clicks['mIoU@3']:.1f}, NoC@85 {clicks['NoC@85']:.2f}, NoC@90 {clicks['NoC@90']:.2f} (omgseg.platform.metrics)")
+          f"@3 {clicks['mIoU@3']:.1f}, NoC@85 {clicks['NoC@85']:.2f}, NoC@90 {clicks['NoC@90']:.2f} (omgseg.platform.evaluation.metrics)")
     assert ours["panoptic"]["PQ"] > 80 and ours["semantic"]["mIoU"] > 80 and clicks["mIoU@1"] > 80
     # Corrective clicks are not learned from random training clicks: here mIoU@3 (about 80)
     # is below mIoU@1 (docs/evaluation.md). NoC only has to be consistent.

@@ -23,8 +23,9 @@ from omgseg.model.backbone import (
     ClipBackbone,
     SimpleFeaturePyramid,
 )
+from omgseg.model.checkpoint import load_checkpoint, save_checkpoint
 from omgseg.model.config import model_config, tiny, with_overrides
-from omgseg.model.omgseg import OMGSeg, load_checkpoint, parameter_counts, save_checkpoint
+from omgseg.model.omgseg import OMGSeg, parameter_counts
 from omgseg.model.structures import MatchTargets
 from omgseg.model.vocabulary import Vocabulary
 from omgseg.platform.cli import main
@@ -419,7 +420,7 @@ def test_a_train_config_names_a_pretrained_tag(monkeypatch, tmp_path):
     """`omgseg train`'s model block takes clip_pretrained and the run's model loads that tag's
     CLIP; naming a file and a tag at once is one clear error."""
     from omgseg.platform.config import ModelSpec, TrainConfig
-    from omgseg.platform.loop import build_model
+    from omgseg.platform.training.loop import build_model
 
     torch.manual_seed(21)
     source = open_clip.create_model(TINY_MODEL_NAME)

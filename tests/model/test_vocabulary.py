@@ -9,7 +9,7 @@ from omgseg.datasets.transforms import Targets
 from omgseg.model.backbone import TINY_MODEL_NAME, ClipBackbone
 from omgseg.model.structures import POINT_BOX_HALF_SIZE
 from omgseg.model.vocabulary import PROMPT_TEMPLATES, TextClassifier, Vocabulary, merge_vocabularies
-from omgseg.platform.targets import match_targets, prompt_batch
+from omgseg.platform.training.targets import match_targets, prompt_batch
 
 CATEGORIES = [Category(3, "person", True, ("human", "person")), Category(9, "sky", False)]
 

@@ -8,7 +8,10 @@ import pytest
 from reliability.faults import assert_one_line_error, budget_params, damaged_copy, fault_names, faults, files_under, fuzz, run_cli
 
 from omgseg.datasets.formats import get_format
-from omgseg.datasets.shards import MANIFEST, encode_clip, read_manifest, read_shard_samples, sample_key, verify_shards
+from omgseg.datasets.manifest import MANIFEST, read_manifest, sample_key
+from omgseg.datasets.shard_check import verify_shards
+from omgseg.datasets.shard_reader import read_shard_samples
+from omgseg.datasets.shard_writer import encode_clip
 from omgseg.datasets.stream import decode_sample
 
 

@@ -10,8 +10,9 @@ import pytest
 import torch
 from reliability.faults import assert_one_line_error, run_cli
 
-from omgseg.datasets import shards
-from omgseg.datasets.shards import MANIFEST, PARTIAL_MANIFEST, read_manifest, sha256_file, verify_shards
+from omgseg.datasets import shard_writer
+from omgseg.datasets.manifest import MANIFEST, PARTIAL_MANIFEST, read_manifest, sha256_file
+from omgseg.datasets.shard_check import verify_shards
 
 
 def _full_disk_after(monkeypatch, cls, attribute: str, limit: int, when=lambda self: True) -> None:
@@ -37,7 +38,7 @@ def _convert(src, out):
 def test_disk_full_while_writing_a_shard_keeps_the_shards_before(sources, tmp_path, monkeypatch):
     out = tmp_path / "out"
     with monkeypatch.context() as patch:
-        _full_disk_after(patch, shards._HashingFile, "write", 2000, lambda self: "shard-000001" in self.raw.name)
+        _full_disk_after(patch, shard_writer._HashingFile, "write", 2000, lambda self: "shard-000001" in self.raw.name)
         outcome = _convert(sources["coco-panoptic"], out)
     assert_one_line_error(outcome, "convert", ["shard-000001.tar"], "ENOSPC in shard 1")
     assert "No space left on device" in outcome.error_line
@@ -81,7 +82,7 @@ def test_disk_full_while_replacing_a_json_file_keeps_the_old_one(tmp_path, monke
     with monkeypatch.context() as patch:
         _full_disk_in_json_dump(patch, MANIFEST)
         with pytest.raises(OSError, match=r"No space left on device: '.*manifest\.json'"):
-            shards._write_json_atomic(target, {"a": "x"})
+            shard_writer._write_json_atomic(target, {"a": "x"})
     assert target.read_text() == '{"previous": true}' and not list(tmp_path.glob("*.tmp"))
 
 
@@ -104,8 +105,9 @@ def test_disk_full_while_writing_an_eval_result_keeps_the_previous_one(sources, 
 
 
 def test_disk_full_while_saving_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
+    from omgseg.model.checkpoint import load_checkpoint, save_checkpoint
     from omgseg.model.config import model_config
-    from omgseg.model.omgseg import OMGSeg, load_checkpoint, save_checkpoint
+    from omgseg.model.omgseg import OMGSeg
 
     torch.manual_seed(0)
     model = OMGSeg(model_config("tiny"))

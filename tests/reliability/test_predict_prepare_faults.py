@@ -9,13 +9,14 @@ import torch
 import yaml
 from reliability.faults import assert_one_line_error, budget_params, damaged_copy, fault_names, faults, files_under, fuzz, run_cli
 
-from omgseg.datasets.shards import MANIFEST, read_manifest
+from omgseg.datasets.manifest import MANIFEST, read_manifest
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
+    from omgseg.model.checkpoint import save_checkpoint
     from omgseg.model.config import model_config
-    from omgseg.model.omgseg import OMGSeg, save_checkpoint
+    from omgseg.model.omgseg import OMGSeg
 
     torch.manual_seed(0)
     return save_checkpoint(OMGSeg(model_config("tiny")), tmp_path_factory.mktemp("ckpt") / "model.pt")

@@ -19,7 +19,7 @@ from reliability.faults import (
     tree_bytes,
 )
 
-from omgseg.datasets.shards import MANIFEST, META, PARTIAL_MANIFEST, SHARD_PATTERN, ShardReadError
+from omgseg.datasets.manifest import MANIFEST, META, PARTIAL_MANIFEST, SHARD_PATTERN, ShardReadError
 from omgseg.datasets.stream import ShardStream
 
 # One image format with two shards, one video format.

@@ -6,7 +6,8 @@ import pytest
 from localserver import ShardServer
 from toydata import META_JSON, SOURCE, tiny_clip
 
-from omgseg.datasets.shards import ShardReadError, write_shards
+from omgseg.datasets.manifest import ShardReadError
+from omgseg.datasets.shard_writer import write_shards
 from omgseg.datasets.stream import ShardStream
 
 
