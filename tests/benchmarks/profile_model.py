@@ -1,0 +1,215 @@
+"""Profile: where a training step and an inference of OMG-Seg spend their time, part by part.
+
+Builds the models of bench_model.py (same sizes, same random batch) and runs `--steps`
+training steps (forward, losses, backward, AdamW) and `--steps` inferences (`predict`, then
+panoptic, instance and semantic post-processing) under torch.profiler. Every operator's own
+CPU time is charged to the innermost model part it ran in (the parts are marked from outside
+the model, by module hooks and wrappers, so the model code carries no profiling marks); a
+backward operator is charged to the part whose forward operator created it (autograd's
+sequence numbers link the two). Prints one markdown table per size and mode, then one JSON
+line.
+
+    python tests/benchmarks/profile_model.py [--sizes tiny mid] [--steps 3]
+
+The profiler adds a few microseconds per operator, so small models look slower than they run:
+read the shares, and take timings from bench_model.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch.autograd.profiler import record_function
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_model import BATCH, _ours, _sizes  # noqa: E402  (the benchmark's models and batch)
+
+import omgseg.model.criterion as criterion_module  # noqa: E402
+import omgseg.model.omgseg as omgseg_module  # noqa: E402
+import omgseg.model.pixel_decoder as pixel_decoder_module  # noqa: E402
+from omgseg.model.inference import instance_inference, panoptic_inference, semantic_inference  # noqa: E402
+
+MARK = "omgseg/"  # prefix of the profiler ranges this script opens
+BACKWARD = "autograd::engine::evaluate_function: "
+
+
+def _mark_module(module: torch.nn.Module, name: str) -> None:
+    """Open a profiler range named `name` around every forward call of `module`."""
+    open_ranges: list[record_function] = []
+
+    def enter(_module, _args):
+        rng = record_function(MARK + name)
+        rng.__enter__()
+        open_ranges.append(rng)
+
+    def leave(_module, _args, _output):
+        open_ranges.pop().__exit__(None, None, None)
+
+    module.register_forward_pre_hook(enter)
+    module.register_forward_hook(leave)
+
+
+def _marked(name: str, fn: Callable) -> Callable:
+    """`fn` inside a profiler range named `name`."""
+
+    def wrapper(*args, **kwargs):
+        with record_function(MARK + name):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def _mark_parts(model: torch.nn.Module) -> None:
+    """Mark the parts the breakdown reports; the innermost mark wins."""
+    _mark_module(model.backbone, "backbone (frozen CLIP tower)")
+    _mark_module(model.pixel_decoder, "pixel decoder: projections, FFN, FPN")
+    for layer in model.pixel_decoder.layers:
+        _mark_module(layer.self_attn, "pixel decoder: deformable attention (projections)")
+    pixel_decoder_module.multi_scale_deformable_attention = _marked(
+        "pixel decoder: deformable attention (sampling)", pixel_decoder_module.multi_scale_deformable_attention)
+    decoder = model.decoder
+    _mark_module(decoder, "decoder: queries, position encodings")
+    for layer in decoder.cross_layers:
+        _mark_module(layer, "decoder layers: masked cross-attention")
+    for layer in decoder.self_layers:
+        _mark_module(layer, "decoder layers: self-attention")
+    for layer in decoder.ffn_layers:
+        _mark_module(layer, "decoder layers: FFN")
+    decoder._predict = _marked("decoder: heads, mask logits, attention masks", decoder._predict)
+    model.criterion.matcher = _Marked("matching", model.criterion.matcher)
+    model.criterion = _Marked("losses", model.criterion)
+    criterion_module.sample_uncertain_points = _marked(
+        "losses: uncertain point selection", criterion_module.sample_uncertain_points)
+    model.clip_logits = _marked("inference: CLIP ensemble", model.clip_logits)
+    omgseg_module._upsample = _marked("inference: upsampling masks", omgseg_module._upsample)
+
+
+class _Marked:
+    """A callable object (the criterion, the matcher) inside a profiler range, its attributes kept."""
+
+    def __init__(self, name: str, inner) -> None:
+        self._name = name
+        self._inner = inner
+
+    def __call__(self, *args, **kwargs):
+        with record_function(MARK + self._name):
+            return self._inner(*args, **kwargs)
+
+    def __getattr__(self, attr):
+        return getattr(self._inner, attr)
+
+
+def _breakdown(events) -> tuple[dict[str, float], dict[str, float]]:
+    """(forward ms, backward ms) per part from the profiler's events. An operator's own time
+    goes to its innermost mark; a backward operator's to the mark of the forward operator that
+    recorded it (same sequence number)."""
+
+    def mark_of(event) -> str | None:
+        while event is not None:
+            if event.name.startswith(MARK):
+                return event.name[len(MARK):]
+            event = event.cpu_parent
+        return None
+
+    forward_mark: dict[int, str] = {}
+    for event in events:
+        if event.sequence_nr >= 0 and not event.name.startswith(BACKWARD) and event.fwd_thread == 0:
+            forward_mark.setdefault(event.sequence_nr, mark_of(event) or "outside the model (loss sum, optimizer)")
+
+    forward: dict[str, float] = defaultdict(float)
+    backward: dict[str, float] = defaultdict(float)
+    for event in events:
+        root = event
+        while root.cpu_parent is not None:
+            root = root.cpu_parent
+        ms = event.self_cpu_time_total / 1000
+        if root.name.startswith(BACKWARD):
+            part = forward_mark.get(root.sequence_nr, "gradient accumulation") if root.sequence_nr >= 0 else "gradient accumulation"
+            backward[part] += ms
+        elif root.name.startswith("Optimizer.step") or root.name.startswith("Optimizer.zero_grad"):
+            forward["optimizer (AdamW)"] += ms
+        else:
+            forward[mark_of(event) or "outside the model (loss sum, optimizer)"] += ms
+    return dict(forward), dict(backward)
+
+
+def _table(title: str, forward: dict[str, float], backward: dict[str, float], steps: int, wall_ms: float) -> str:
+    parts = sorted(set(forward) | set(backward), key=lambda p: -(forward.get(p, 0) + backward.get(p, 0)))
+    total = sum(forward.values()) + sum(backward.values())
+    lines = [f"{title}: {wall_ms:.1f} ms per step under the profiler", "",
+             "| part | forward ms | backward ms | share |", "| --- | ---: | ---: | ---: |"]
+    for part in parts:
+        fwd, bwd = forward.get(part, 0.0) / steps, backward.get(part, 0.0) / steps
+        lines.append(f"| {part} | {fwd:.1f} | {bwd:.1f} | {100 * (fwd + bwd) * steps / total:.0f} % |")
+    return "\n".join(lines)
+
+
+def _profile(run: Callable[[], None], steps: int) -> tuple[dict, dict, float]:
+    run()  # warm-up: allocations and caches
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            run()
+    events = prof.events()
+    forward, backward = _breakdown(events)
+    wall_ms = sum(e.cpu_time_total for e in events if e.name == "omgseg/step") / 1000 / steps
+    return forward, backward, wall_ms
+
+
+def profile_size(size: str, steps: int) -> dict:
+    torch.manual_seed(0)
+    s = _sizes(size)
+    model, loss_of_step, infer = _ours(s)
+    _mark_parts(model)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def train_step() -> None:
+        with record_function("omgseg/step"):
+            loss = loss_of_step()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+    def inference() -> None:
+        with record_function("omgseg/step"), torch.no_grad():
+            (pred,) = infer()
+            with record_function(MARK + "post-processing (panoptic, instance, semantic)"):
+                is_thing = torch.arange(pred.class_probs.shape[1] - 1) % 2 == 0
+                panoptic_inference(pred.class_probs, pred.mask_logits, is_thing)
+                instance_inference(pred.class_probs, pred.mask_logits, is_thing)
+                semantic_inference(pred.class_probs, pred.mask_logits)
+
+    model.train()
+    train_fwd, train_bwd, train_ms = _profile(train_step, steps)
+    model.eval()
+    infer_fwd, infer_bwd, infer_ms = _profile(inference, steps)
+    print(_table(f"{size}, training step ({BATCH} images)", train_fwd, train_bwd, steps, train_ms), "\n")
+    print(_table(f"{size}, inference (1 image)", infer_fwd, infer_bwd, steps, infer_ms), "\n")
+
+    def per_step(d: dict[str, float]) -> dict[str, float]:
+        return {k: round(v / steps, 2) for k, v in d.items()}
+
+    return {"train_ms": round(train_ms, 1), "train_forward_ms": per_step(train_fwd), "train_backward_ms": per_step(train_bwd),
+            "infer_ms": round(infer_ms, 1), "infer_ms_by_part": per_step(infer_fwd)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", nargs="+", default=["tiny", "mid"], choices=["tiny", "mid"])
+    parser.add_argument("--steps", type=int, default=3, help="profiled training steps (and inferences)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(2)
+    results: dict[str, object] = {"benchmark": "profile_model", "batch": BATCH, "threads": 2}
+    for size in args.sizes:
+        results[size] = profile_size(size, args.steps)
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
