@@ -20,24 +20,14 @@ mode whatever its parent asks, and it always runs under `torch.no_grad()`. The o
 the ViT's feature pyramid: it is new, randomly initialised and must be trained, so it lives in
 this module as `pyramid`, outside `clip`, and is left out of the freezing on purpose.
 
-Weights: `checkpoint` is a local open_clip file; `pretrained` is one of open_clip's tags for the
-model (`open_clip.list_pretrained_tags_by_model`), which open_clip downloads once into the
-Hugging Face hub cache and reuses from there.
-
-Besides open_clip's own configs, this module registers three random-weight CLIPs for tests and
-smoke runs (configs/*.json), each with a 2-layer, 128-wide text tower with CLIP's vocabulary and
-context length, so the real tokenizer works with them unchanged:
-- `tiny_clip`: a timm `convnext_atto` trunk (channels 40 / 80 / 160 / 320) with the paper
-  model's MLP head;
-- `tiny_clip_rn`: a ModifiedResNet of one block per stage, width 8 (channels 32 / 64 / 128 / 256);
-- `tiny_clip_vit`: a 2-block, 64-wide ViT with 16-pixel patches.
+Weights: `build_backbone` builds the open_clip model with its weights (model/clip_model.py:
+a local file or an open_clip tag) and hands it to `ClipBackbone`, whose constructor never
+touches a file or the network.
 """
 
 from __future__ import annotations
 
-import logging
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,21 +36,11 @@ import torch
 import torch.nn.functional as F
 from open_clip.constants import IMAGENET_MEAN, IMAGENET_STD
 from open_clip.modified_resnet import ModifiedResNet
-from open_clip.pretrained import download_pretrained
 from open_clip.timm_model import TimmModel
 from open_clip.transformer import VisionTransformer
 from torch import Tensor, nn
 
-TINY_MODEL_NAME = "tiny_clip"
-TINY_RN_MODEL_NAME = "tiny_clip_rn"
-TINY_VIT_MODEL_NAME = "tiny_clip_vit"
-for _name in (TINY_MODEL_NAME, TINY_RN_MODEL_NAME, TINY_VIT_MODEL_NAME):
-    _path = Path(__file__).parent / "configs" / f"{_name}.json"
-    # open_clip silently skips a missing config path; an install without the package data would
-    # then fail later with a confusing "unknown model". Fail here, naming the file.
-    if not _path.is_file():
-        raise FileNotFoundError(f"{_path} is missing: install omgseg with its package data (configs/*.json)")
-    open_clip.add_model_config(_path)
+from omgseg.model.clip_model import check_model_name, create_clip
 
 # The pixel decoder is built for these strides; a tower that cannot give them is refused when built.
 EXPECTED_STRIDES = (4, 8, 16, 32)
@@ -181,20 +161,30 @@ class SimpleFeaturePyramid(nn.Module):
         return [level(x) for level in self.levels]
 
 
+def build_backbone(
+    model_name: str,
+    checkpoint: str | Path | None = None,
+    pretrained: str | None = None,
+    pyramid_channels: int = 256,
+    cache_dir: str | Path | None = None,
+) -> ClipBackbone:
+    """The frozen backbone of open_clip's `model_name` with its weights: a local `checkpoint`
+    file, a `pretrained` tag (downloaded once into `cache_dir` or the hub cache), or neither for
+    random weights (`omgseg.model.clip_model.create_clip`). pyramid_channels: the width of a ViT
+    tower's feature pyramid levels."""
+    check_model_name(model_name)
+    _check_vit_patch(model_name)  # before building: a ViT-L can take a while to refuse
+    clip = create_clip(model_name, checkpoint, pretrained, cache_dir)
+    return ClipBackbone(clip, model_name, pyramid_channels)
+
+
 class ClipBackbone(nn.Module):
     """A frozen open_clip model of any supported tower family, giving res2..res5.
 
     Args:
-        model_name: an open_clip model name, e.g. "convnext_large_d_320" (the paper's), "RN50",
-            "ViT-B-16", or one of the tiny test models this module registers.
-        checkpoint: a LOCAL open_clip checkpoint file (a CLIP state dict; .safetensors, .bin or
-            .pt, read with weights_only=True), or None.
-        pretrained: one of open_clip's pretrained tags for `model_name`, e.g.
-            "laion2b_s29b_b131k_ft_soup"; open_clip downloads it into its cache (the Hugging
-            Face hub cache, `cache_dir` if given) the first time and reads it from there after.
-            At most one of checkpoint and pretrained; neither means random weights.
+        clip: a built open_clip model (weights loaded already: `build_backbone`).
+        model_name: its open_clip name (for its tokenizer and embedding width).
         pyramid_channels: ViT towers only: the width of each level of the feature pyramid.
-        cache_dir: where open_clip keeps downloaded tags (None: its default).
 
     Attributes (read from the built model, never guessed from its name):
         family: one of TOWER_FAMILIES.
@@ -205,47 +195,8 @@ class ClipBackbone(nn.Module):
         pyramid: the trainable SimpleFeaturePyramid of a ViT tower, else None.
     """
 
-    def __init__(
-        self,
-        model_name: str,
-        checkpoint: str | Path | None = None,
-        pretrained: str | None = None,
-        pyramid_channels: int = 256,
-        cache_dir: str | Path | None = None,
-    ) -> None:
+    def __init__(self, clip: nn.Module, model_name: str, pyramid_channels: int = 256) -> None:
         super().__init__()
-        available = open_clip.list_models()
-        if model_name not in available:
-            raise ValueError(
-                f"unknown open_clip model {model_name!r}; for example: {_examples(available)} "
-                f"(and {TINY_MODEL_NAME!r}, {TINY_RN_MODEL_NAME!r}, {TINY_VIT_MODEL_NAME!r} for tests)"
-            )
-        _check_vit_patch(model_name)  # before building: a ViT-L can take a while to refuse
-        if checkpoint is not None and pretrained is not None:
-            raise ValueError(
-                f"give the CLIP weights of {model_name!r} either as a local file (clip_checkpoint={checkpoint}) "
-                f"or as a pretrained tag (clip_pretrained={pretrained}), not both"
-            )
-        quick_gelu = False
-        weights: Path | None = None
-        if checkpoint is not None:
-            weights = _local_checkpoint(model_name, checkpoint)
-        elif pretrained is not None:
-            weights, quick_gelu = _download_tag(model_name, pretrained, cache_dir)
-        # A tag trained with QuickGELU needs it in the model too (open_clip's "-quickgelu" names).
-        # The weights are loaded below, so open_clip's "initialized randomly" warning would be
-        # wrong; it stays for a model that really keeps random weights.
-        quiet = _DropRandomInitWarning() if weights is not None else None
-        root = logging.getLogger()
-        if quiet is not None:
-            root.addFilter(quiet)
-        try:
-            clip = open_clip.create_model(model_name, pretrained=None, force_quick_gelu=quick_gelu)
-        finally:
-            if quiet is not None:
-                root.removeFilter(quiet)
-        if weights is not None:
-            _load_weights(clip, weights, model_name)
         self.model_name = model_name
         self.family = _tower_family(clip.visual, model_name)
         self.clip = clip
@@ -253,7 +204,6 @@ class ClipBackbone(nn.Module):
         if self.family == "vit":
             visual = clip.visual
             self.pyramid = SimpleFeaturePyramid(visual.conv1.out_channels, visual.patch_size[0], pyramid_channels)
-
         self.embed_dim: int = int(open_clip.get_model_config(model_name)["embed_dim"])
         self.tokenizer = open_clip.get_tokenizer(model_name)
         self.context_length: int = int(self.tokenizer.context_length)
@@ -267,8 +217,13 @@ class ClipBackbone(nn.Module):
         for param in self.clip.parameters():
             param.requires_grad = False
         self.train(False)
+        self.feature_specs, self.clip_dense_spec = self._measure_features()
 
-        with torch.no_grad():  # measure what the tower gives rather than trusting its name
+    def _measure_features(self) -> tuple[tuple[FeatureSpec, ...], FeatureSpec]:
+        """res2..res5's and clip_dense's channels and strides, measured by running the tower on a
+        probe image rather than trusted from the model's name; a tower whose strides are not
+        EXPECTED_STRIDES is refused."""
+        with torch.no_grad():
             probe = self(torch.zeros(1, 3, _PROBE_SIZE, _PROBE_SIZE, device=self.device))
         specs = []
         for tensor in probe.as_list():
@@ -276,10 +231,9 @@ class ClipBackbone(nn.Module):
             specs.append(FeatureSpec(name=f"res{int(math.log2(stride))}", channels=int(tensor.shape[1]), stride=stride))
         strides = tuple(spec.stride for spec in specs)
         if strides != EXPECTED_STRIDES:
-            raise ValueError(f"{model_name!r} gives stage strides {strides}, expected {EXPECTED_STRIDES}")
-        self.feature_specs: tuple[FeatureSpec, ...] = tuple(specs)
+            raise ValueError(f"{self.model_name!r} gives stage strides {strides}, expected {EXPECTED_STRIDES}")
         dense = probe.clip_dense
-        self.clip_dense_spec = FeatureSpec("clip_dense", int(dense.shape[1]), _PROBE_SIZE // dense.shape[-1])
+        return tuple(specs), FeatureSpec("clip_dense", int(dense.shape[1]), _PROBE_SIZE // dense.shape[-1])
 
     def train(self, mode: bool = True) -> ClipBackbone:
         """The CLIP model stays in eval mode whatever `mode` is: frozen means no dropout, no
@@ -434,22 +388,9 @@ class ClipBackbone(nn.Module):
         return x @ visual.proj
 
 
-class _DropRandomInitWarning(logging.Filter):
-    """Drops open_clip's "Model initialized randomly" warning (for a model whose weights follow)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "initialized randomly" not in record.getMessage()
-
-
 def _to_map(tokens: Tensor, h: int, w: int) -> Tensor:
     """(B, h*w, C) row-major patch tokens -> (B, C, h, w)."""
     return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], h, w)
-
-
-def _examples(available: list[str]) -> list[str]:
-    """A few models of each family, for error messages (the full list has hundreds of names)."""
-    wanted = ("convnext_base", "convnext_large_d_320", "RN50", "RN101", "ViT-B-32", "ViT-B-16", "ViT-L-14")
-    return [name for name in wanted if name in available]
 
 
 def _check_vit_patch(model_name: str) -> None:
@@ -485,71 +426,3 @@ def _tower_family(visual: nn.Module, model_name: str) -> str:
             raise ValueError(f"{model_name!r}: non-square ViT patches {visual.patch_size} are not supported")
         return "vit"
     raise ValueError(f"{model_name!r} has a {type(visual).__name__} image tower, an unknown family; supported towers: {_SUPPORTED}")
-
-
-def _local_checkpoint(model_name: str, checkpoint: str | Path) -> Path:
-    path = Path(checkpoint).expanduser()
-    if path.is_file():
-        return path.resolve()
-    hint = ""
-    if str(checkpoint) in open_clip.list_pretrained_tags_by_model(model_name):
-        hint = f" ({str(checkpoint)!r} is a pretrained tag of {model_name!r}: pass it as clip_pretrained={checkpoint})"
-    raise FileNotFoundError(
-        f"CLIP checkpoint {str(path)!r} for {model_name!r} does not exist; clip_checkpoint is a local file "
-        f"and is never downloaded{hint}"
-    )
-
-
-def _download_tag(model_name: str, tag: str, cache_dir: str | Path | None) -> tuple[Path, bool]:
-    """open_clip's file for (model, tag), downloaded into its cache unless already there, and
-    whether the tag was trained with QuickGELU."""
-    tags = open_clip.list_pretrained_tags_by_model(model_name)
-    if tag not in tags:
-        elsewhere = open_clip.list_pretrained_models_by_tag(tag)
-        hint = f" ({tag!r} is a tag of {elsewhere[:6]})" if elsewhere else ""
-        raise ValueError(
-            f"unknown pretrained tag {tag!r} for open_clip model {model_name!r}; its tags: {tags or 'none'}{hint}"
-        )
-    cfg = open_clip.get_pretrained_cfg(model_name, tag)
-    if cfg.get("hf_hub"):
-        from huggingface_hub import constants
-
-        where = f"the Hugging Face hub cache {cache_dir or constants.HF_HUB_CACHE} (repo {cfg['hf_hub'].rstrip('/')})"
-    else:
-        where = f"the folder {cache_dir or Path('~/.cache/clip').expanduser()}"
-    try:
-        path = download_pretrained(cfg, cache_dir=None if cache_dir is None else str(cache_dir))
-    except Exception as err:  # offline, no such file, HTTP errors: all mean "not available here"
-        # open_clip wraps the hub's error as "Failed to download ... Last error: <the hub's>".
-        reason = str(err).rpartition("Last error: ")[2].strip() or type(err).__name__
-        raise FileNotFoundError(
-            f"open_clip weights {tag!r} for {model_name!r} are not in {where} and could not be downloaded "
-            f"({reason.splitlines()[0]}); pass a local file with "
-            f"clip_checkpoint=/path/to/open_clip_model.safetensors instead"
-        ) from None
-    if not path:
-        raise FileNotFoundError(f"open_clip gives no download for tag {tag!r} of {model_name!r}; pass clip_checkpoint= instead")
-    return Path(path), bool(cfg.get("quick_gelu", False))
-
-
-def _load_weights(clip: nn.Module, path: Path, model_name: str) -> None:
-    """Load an open_clip checkpoint into `clip` (weights only), or one line saying why it does not fit."""
-    try:
-        missing, unexpected = open_clip.load_checkpoint(clip, str(path), strict=False, weights_only=True)
-    except RuntimeError as err:
-        wrong = re.findall(r"size mismatch for ([\w.]+)", str(err))
-        if wrong:
-            raise ValueError(
-                f"CLIP checkpoint {path} does not fit open_clip model {model_name!r}: shapes differ for "
-                f"{len(wrong)} keys, e.g. {wrong[:4]} (was it saved from another model?)"
-            ) from None
-        raise ValueError(f"CLIP checkpoint {path} could not be read: {str(err).splitlines()[0]}") from None
-    except Exception as err:  # not a weights-only pickle, not a state dict, a truncated file, ...
-        first = str(err).splitlines()[0] if str(err) else ""
-        raise ValueError(f"CLIP checkpoint {path} is not an open_clip state dict ({type(err).__name__}: {first[:200]})") from None
-    if missing or unexpected:
-        raise ValueError(
-            f"CLIP checkpoint {path} does not fit open_clip model {model_name!r}: {len(missing)} keys missing, "
-            f"e.g. {list(missing)[:4]}, and {len(unexpected)} unexpected, e.g. {list(unexpected)[:4]} "
-            f"(was it saved from another model?)"
-        )

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import open_clip
 
-from omgseg.model.backbone import TINY_MODEL_NAME
+from omgseg.model.clip_model import TINY_MODEL_NAME
 from omgseg.model.criterion import LossWeights
 from omgseg.model.decoder import DecoderConfig
 from omgseg.model.pixel_decoder import PixelDecoderConfig

@@ -9,10 +9,16 @@ prediction set and for each earlier set i (0 = the initial queries, before any l
 
 The same keys come out for every batch (prompt losses are 0 without prompts), so logged
 losses line up across workers and steps.
+
+Losses are computed in float32 even under autocast, and without the host waiting for the
+device: the matcher's one transfer of all cost matrices is the only read-back (the Hungarian
+algorithm runs on the host), and every prediction set's mask losses are computed in one batch.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from omgseg.model.matcher import HungarianMatcher, clip_generator
+from omgseg.model.precision import full_precision
 from omgseg.model.structures import MatchTargets, QueryOutputs
 
 
@@ -47,14 +54,27 @@ def sample_uncertain_points(
     uniform points up to num_points. Returns (N, num_points, 2) in [0, 1]^2 (x, y).
     generator: where the uniform draws come from (None: the global generator).
     """
-    n = logits.shape[0]
-    num_sampled = int(num_points * oversample_ratio)
-    coords = torch.rand(n, num_sampled, 2, device=logits.device, generator=generator)
-    uncertainty = -_sample(logits, coords).abs()  # (N, 1, num_sampled)
     num_uncertain = int(importance_sample_ratio * num_points)
-    top = uncertainty[:, 0].topk(num_uncertain, dim=1).indices  # (N, num_uncertain)
-    uncertain = torch.gather(coords, 1, top[..., None].expand(-1, -1, 2))
-    uniform = torch.rand(n, num_points - num_uncertain, 2, device=logits.device, generator=generator)
+    candidates, uniform = _draw_points(logits.shape[0], num_points, oversample_ratio, num_uncertain, logits.device, generator)
+    return _most_uncertain(logits, candidates, uniform, num_uncertain)
+
+
+def _draw_points(n: int, num_points: int, oversample_ratio: float, num_uncertain: int, device: torch.device,
+                 generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    """`sample_uncertain_points`' random draws for n masks, in its order: the candidates
+    (n, num_points * oversample_ratio, 2), then the uniform rest (n, num_points - num_uncertain, 2)."""
+    candidates = torch.rand(n, int(num_points * oversample_ratio), 2, device=device, generator=generator)
+    uniform = torch.rand(n, num_points - num_uncertain, 2, device=device, generator=generator)
+    return candidates, uniform
+
+
+def _most_uncertain(logits: Tensor, candidates: Tensor, uniform: Tensor, num_uncertain: int) -> Tensor:
+    """logits (N, 1, h, w) -> per mask its num_uncertain most uncertain candidates, then the
+    uniform points: (N, num_uncertain + uniform points, 2)."""
+    uncertainty = -_sample(logits, candidates).abs()  # (N, 1, num_candidates)
+    # Unsorted: which points are kept matters, not their order (the losses average over them).
+    top = uncertainty[:, 0].topk(num_uncertain, dim=1, sorted=False).indices  # (N, num_uncertain)
+    uncertain = torch.gather(candidates, 1, top[..., None].expand(-1, -1, 2))
     return torch.cat([uncertain, uniform], dim=1)
 
 
@@ -83,14 +103,35 @@ def dice_loss(pred: Tensor, target: Tensor) -> Tensor:
     return (1 - (2 * inter + 1) / (prob.sum(-1) + target.sum(-1) + 1)).mean(-1)
 
 
-def _global_mean_count(count: int, device: torch.device, across_workers: bool = True) -> float:
-    """The per-worker average of a count across DDP workers (>= 1), as Mask2Former normalises;
-    this worker's own count when not `across_workers`."""
-    total = torch.tensor(float(count), device=device)
+def loss_values(losses: Mapping[str, Tensor]) -> dict[str, float]:
+    """The loss terms as floats, read from the device in one transfer; a FloatingPointError
+    naming every term when one is not finite."""
+    values = torch.stack([v.detach().float() for v in losses.values()]).cpu().tolist() if losses else []
+    terms = dict(zip(losses, values))
+    if not all(math.isfinite(v) for v in values):
+        raise FloatingPointError("non-finite loss: " + ", ".join(f"{k}={v:.4g}" for k, v in terms.items()))
+    return terms
+
+
+def _mean_count(count: int, device: torch.device, across_workers: bool = True) -> float | Tensor:
+    """The per-worker average of a count across DDP workers (at least 1), as Mask2Former
+    normalises; this worker's own count when not `across_workers` or not distributed. The
+    distributed average stays on the device: reading it would make the host wait."""
     if across_workers and dist.is_available() and dist.is_initialized():
+        total = torch.full((), float(count), device=device)  # filled on the device, not copied from the host
         dist.all_reduce(total)
-        total = total / dist.get_world_size()
-    return max(float(total), 1.0)
+        return (total / dist.get_world_size()).clamp(min=1.0)
+    return max(float(count), 1.0)
+
+
+@dataclass(frozen=True)
+class _MaskPairs:
+    """Predicted tubes and the tubes they are trained on, for the batched mask losses: src
+    (M, T, h, w) logits, tgt (M, T, H, W) bool, the clip's generator for its points."""
+
+    src: Tensor
+    tgt: Tensor
+    generator: torch.Generator | None
 
 
 class SetCriterion:
@@ -124,119 +165,126 @@ class SetCriterion:
         self.importance_sample_ratio = importance_sample_ratio
 
     def __call__(self, outputs: QueryOutputs, targets: list[MatchTargets], across_workers: bool = True, *,
-                 final_only: bool = False) -> dict[str, Tensor]:
-        """Weighted losses of all prediction sets; raises FloatingPointError if their sum is not finite.
+                 final_only: bool = False, check_finite: bool = True) -> dict[str, Tensor]:
+        """Weighted losses of all prediction sets, in float32.
+
         across_workers=False: no collective (a loss that one worker computes alone, such as a
         validation loss on rank 0, must not wait for the others). final_only=True: only the last
         set's terms (what inference uses), with the same values: each set draws its own points,
-        so skipping the earlier sets changes nothing in the last one, and saves their matching."""
-        b = outputs.mask_logits.shape[0]
-        if len(targets) != b:
-            raise ValueError(f"got {len(targets)} targets for {b} clips")
-        for i, tgt in enumerate(targets):
-            if tgt.num_frames != outputs.num_frames:
-                raise ValueError(
-                    f"clip {i}: targets have {tgt.num_frames} frames, predictions {outputs.num_frames}"
-                )
-            num_valid = int(outputs.prompt_valid[i].sum())
-            if tgt.num_prompts != num_valid:
-                raise ValueError(
-                    f"clip {i}: {num_valid} prompt queries but {tgt.num_prompts} prompt masks"
-                )
+        so skipping the earlier sets changes nothing in the last one, and saves their matching.
+        check_finite: raise FloatingPointError naming every term if one is not finite. That
+        reads the terms back from the device; the training step passes False and checks once
+        its update is queued (`loss_values`)."""
+        self._check(outputs, targets)
         device = outputs.mask_logits.device
-        num_masks = _global_mean_count(sum(t.labels.numel() for t in targets), device, across_workers)
-        num_prompts = _global_mean_count(sum(t.num_prompts for t in targets), device, across_workers)
+        num_masks = _mean_count(sum(t.labels.numel() for t in targets), device, across_workers)
+        num_prompts = _mean_count(sum(t.num_prompts for t in targets), device, across_workers)
+        sets = [*outputs.aux, outputs]
+        first = len(sets) - 1 if final_only else 0  # set s draws its points as stage s
+        suffixes = [f"_aux{i}" for i in range(len(outputs.aux))] + [""]
+        no = outputs.num_object_queries
 
         losses: dict[str, Tensor] = {}
-        sets = [(f"_aux{i}", aux) for i, aux in enumerate(outputs.aux)] + [("", outputs)]
-        for stage, (suffix, pred) in enumerate(sets):
-            if final_only and suffix:
-                continue
-            for name, value in self._set_losses(pred, targets, num_masks, num_prompts, stage).items():
-                losses[name + suffix] = value
+        with full_precision(device):  # model/precision.py
+            matches = self.matcher.match_sets(
+                [(p.class_logits[:, :no], p.mask_logits[:, :no]) for p in sets[first:]], targets, first_stage=first)
+            masks = self._mask_losses(sets[first:], matches, targets, first)
+            w = self.weights
+            for k, (pred, match) in enumerate(zip(sets[first:], matches)):
+                suffix = suffixes[first + k]
+                (bce, dice), (prompt_bce, prompt_dice) = masks[k]
+                losses["loss_ce" + suffix] = w.class_ce * self._class_loss(pred.class_logits[:, :no], match, targets)
+                losses["loss_mask" + suffix] = w.mask_bce * bce / num_masks
+                losses["loss_dice" + suffix] = w.mask_dice * dice / num_masks
+                losses["loss_prompt_mask" + suffix] = w.prompt_bce * prompt_bce / num_prompts
+                losses["loss_prompt_dice" + suffix] = w.prompt_dice * prompt_dice / num_prompts
         # Zero-weighted term: outputs.unused_parameter_sum depends on the decoder parameters
         # no loss reaches in this pass (the prompt encoder in a batch without prompts). Under
         # DDP every worker must produce a gradient for every parameter or the all-reduce waits
         # forever; co-training workers see different tasks in the same step. Adding it at
         # weight 0 gives those parameters zero gradients.
         anchor = outputs.unused_parameter_sum
-        losses["loss_zero_anchor"] = 0.0 * anchor if anchor is not None else outputs.mask_logits.new_zeros(())
-
-        total = sum(losses.values())
-        if not torch.isfinite(total):
-            shown = {k: float(v.detach()) for k, v in losses.items()}
-            raise FloatingPointError(f"non-finite total loss {float(total.detach())}; losses: {shown}")
+        losses["loss_zero_anchor"] = 0.0 * anchor if anchor is not None else outputs.mask_logits.new_zeros((), dtype=torch.float32)
+        if check_finite:
+            loss_values(losses)
         return losses
 
-    def _set_losses(
-        self, pred: QueryOutputs, targets: list[MatchTargets], num_masks: float, num_prompts: float, stage: int
-    ) -> dict[str, Tensor]:
-        """Weighted losses of one prediction set (keys without suffix); `stage` numbers the set
-        in the clips' own random draws."""
-        w = self.weights
-        no = pred.num_object_queries
-        class_logits = pred.class_logits[:, :no]  # (B, No, C+1)
-        obj_masks = pred.mask_logits[:, :no]  # (B, No, T, h, w)
-        indices = self.matcher(class_logits, obj_masks, targets, stage=stage)
+    @staticmethod
+    def _check(outputs: QueryOutputs, targets: list[MatchTargets]) -> None:
+        b = outputs.mask_logits.shape[0]
+        if len(targets) != b:
+            raise ValueError(f"got {len(targets)} targets for {b} clips")
+        for i, (tgt, num_valid) in enumerate(zip(targets, outputs.prompt_counts)):
+            if tgt.num_frames != outputs.num_frames:
+                raise ValueError(f"clip {i}: targets have {tgt.num_frames} frames, predictions {outputs.num_frames}")
+            if tgt.num_prompts != num_valid:
+                raise ValueError(f"clip {i}: {num_valid} prompt queries but {tgt.num_prompts} prompt masks")
 
-        # Classification: matched queries take their target's class, all others void.
+    def _class_loss(self, class_logits: Tensor, match: list[tuple[Tensor, Tensor]], targets: list[MatchTargets]) -> Tensor:
+        """CE over C + 1 classes of one set's object queries (B, No, C + 1): matched queries take
+        their target's class, all others void; no loss for clips that do not supervise objects."""
+        device = class_logits.device
         num_classes = class_logits.shape[-1] - 1
-        target_classes = torch.full(class_logits.shape[:2], num_classes, dtype=torch.long, device=class_logits.device)
-        for i, ((rows, cols), tgt) in enumerate(zip(indices, targets)):
-            target_classes[i, rows.to(class_logits.device)] = tgt.labels[cols].to(class_logits.device)
+        if not any(t.supervise_objects for t in targets):
+            return class_logits.sum() * 0.0  # keeps the graph connected
+        target_classes = torch.full(class_logits.shape[:2], num_classes, dtype=torch.long, device=device)
+        for i, ((rows, cols), tgt) in enumerate(zip(match, targets)):
             if not tgt.supervise_objects:
                 target_classes[i] = -100  # cross_entropy's ignore_index: no class loss at all
-        class_weight = torch.ones(num_classes + 1, device=class_logits.device, dtype=class_logits.dtype)
-        class_weight[-1] = w.void_class
-        if bool((target_classes != -100).any()):
-            loss_ce = F.cross_entropy(class_logits.transpose(1, 2), target_classes, weight=class_weight)
-        else:
-            loss_ce = class_logits.sum() * 0.0  # no clip supervises objects: keep the graph connected
+            elif rows.numel():
+                cols = cols.to(tgt.labels.device, non_blocking=True)
+                target_classes[i, rows.to(device, non_blocking=True)] = tgt.labels[cols].to(device, non_blocking=True)
+        class_weight = torch.ones(num_classes + 1, device=device)
+        class_weight[-1] = self.weights.void_class
+        return F.cross_entropy(class_logits.float().transpose(1, 2), target_classes, weight=class_weight)
 
-        # Masks of matched pairs, clip by clip (each clip samples its points from its own generator).
-        device = obj_masks.device
-        matched = [(obj_masks[i, rows.to(device)], t.masks[cols.to(t.masks.device)].to(device),
-                    clip_generator(t, device, "mask", stage)) for i, ((rows, cols), t) in enumerate(zip(indices, targets))]
-        loss_mask, loss_dice = self._mask_losses(matched, num_masks)
+    def _mask_losses(self, sets: list[QueryOutputs], matches: list[list[tuple[Tensor, Tensor]]],
+                     targets: list[MatchTargets], first: int) -> list[tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]]:
+        """Per set ((BCE, dice) summed over matched object pairs, (BCE, dice) summed over
+        prompts), not yet normalised. Every set's and clip's pairs are sampled and scored in
+        one batch; each clip still draws its points from its own generator (its seed, "mask"
+        or "prompt", the set), so a clip's losses do not depend on what else is in the batch."""
+        groups: list[tuple[int, str, _MaskPairs]] = []
+        for k, (pred, match) in enumerate(zip(sets, matches)):
+            no = pred.num_object_queries
+            device = pred.mask_logits.device
+            for i, ((rows, cols), t) in enumerate(zip(match, targets)):
+                if rows.numel():
+                    src = pred.mask_logits[i, rows.to(device, non_blocking=True)]
+                    tgt = t.masks[cols.to(t.masks.device, non_blocking=True)]
+                    groups.append((k, "mask", _MaskPairs(src, tgt, clip_generator(t, device, "mask", first + k))))
+            for i, t in enumerate(targets):
+                if t.num_prompts:
+                    src = pred.mask_logits[i, no:no + t.num_prompts]  # padded prompts come last
+                    groups.append((k, "prompt", _MaskPairs(src, t.prompt_masks, clip_generator(t, device, "prompt", first + k))))
 
-        # Prompt queries: query k is trained on prompt mask k, no matching, no class.
-        prompted = []
-        for i, t in enumerate(targets):
-            if t.prompt_masks is not None and t.num_prompts > 0:
-                valid = pred.prompt_valid[i].nonzero().squeeze(1)  # (K_i,) padded prompts are last
-                prompted.append((pred.mask_logits[i, no + valid], t.prompt_masks.to(device),
-                                 clip_generator(t, device, "prompt", stage)))
-        if prompted:
-            loss_prompt_mask, loss_prompt_dice = self._mask_losses(prompted, num_prompts)
-        else:
-            loss_prompt_mask = loss_prompt_dice = pred.mask_logits.new_zeros(())
+        sums: dict[tuple[int, str], tuple[Tensor, Tensor]] = {}
+        for (k, kind, _), (bce, dice) in zip(groups, self._score_pairs([g for *_, g in groups]) if groups else []):
+            before = sums.get((k, kind))
+            sums[(k, kind)] = (bce, dice) if before is None else (before[0] + bce, before[1] + dice)
+        out = []
+        for k, pred in enumerate(sets):
+            no_pairs = pred.mask_logits[:, :0].float().sum()  # a zero that keeps the graph connected
+            no_prompts = pred.mask_logits.new_zeros((), dtype=torch.float32)
+            out.append((sums.get((k, "mask"), (no_pairs, no_pairs)), sums.get((k, "prompt"), (no_prompts, no_prompts))))
+        return out
 
-        return {
-            "loss_ce": w.class_ce * loss_ce,
-            "loss_mask": w.mask_bce * loss_mask,
-            "loss_dice": w.mask_dice * loss_dice,
-            "loss_prompt_mask": w.prompt_bce * loss_prompt_mask,
-            "loss_prompt_dice": w.prompt_dice * loss_prompt_dice,
-        }
-
-    def _mask_losses(
-        self, pairs: list[tuple[Tensor, Tensor, torch.Generator | None]], normaliser: float
-    ) -> tuple[Tensor, Tensor]:
-        """Per clip (src (M, T, h, w) logits, tgt (M, T, H, W) bool, its generator) -> (BCE,
-        dice) summed over all M / normaliser."""
-        bce = dice = pairs[0][0].sum() * 0.0  # keeps the graph connected when no clip has targets
-        for src, tgt, generator in pairs:
-            if src.shape[0] == 0:
-                continue
-            m, t, h, w = src.shape
-            src_frames = src.reshape(m * t, 1, h, w)
-            tgt_frames = tgt.reshape(m * t, 1, *tgt.shape[-2:]).to(src.dtype)
-            with torch.no_grad():
-                coords = sample_uncertain_points(
-                    src_frames.detach(), self.num_points, self.oversample_ratio, self.importance_sample_ratio, generator
-                )  # (M*T, K, 2)
-                tgt_points = _sample(tgt_frames, coords).view(m, t, -1)  # (M, T, K)
-            src_points = _sample(src_frames, coords).view(m, t, -1)  # (M, T, K)
-            bce = bce + sigmoid_bce_loss(src_points, tgt_points).sum() / normaliser
-            dice = dice + dice_loss(src_points, tgt_points).sum() / normaliser
-        return bce, dice
+    def _score_pairs(self, groups: list[_MaskPairs]) -> list[tuple[Tensor, Tensor]]:
+        """Each group's (BCE, dice) summed over its tubes (each averaged over its frames), all
+        groups' tubes sampled and scored together."""
+        num_uncertain = int(self.importance_sample_ratio * self.num_points)
+        frames = [g.src.shape[0] * g.src.shape[1] for g in groups]  # tube frames per group
+        src = torch.cat([g.src.flatten(0, 1) for g in groups])[:, None].float()  # (R, 1, h, w)
+        draws = [_draw_points(n, self.num_points, self.oversample_ratio, num_uncertain, src.device, g.generator)
+                 for n, g in zip(frames, groups)]
+        with torch.no_grad():
+            coords = _most_uncertain(src.detach(), torch.cat([c for c, _ in draws]), torch.cat([u for _, u in draws]),
+                                     num_uncertain)  # (R, K, 2)
+            # Targets stay at input resolution, one group at a time.
+            tgt = torch.cat([_sample(g.tgt.flatten(0, 1)[:, None].to(torch.float32), c)
+                             for g, c in zip(groups, coords.split(frames))])  # (R, 1, K)
+        pred = _sample(src, coords)  # (R, 1, K): every tube frame as a one-frame tube
+        bce, dice = sigmoid_bce_loss(pred, tgt), dice_loss(pred, tgt)  # (R,)
+        # A tube's loss is the mean over its T frames: the group's sum over its frames / T.
+        return [(b.sum() / g.src.shape[1], d.sum() / g.src.shape[1])
+                for g, b, d in zip(groups, bce.split(frames), dice.split(frames))]

@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from omgseg.model.structures import PromptBatch, PromptKind, QueryOutputs
+from omgseg.model.precision import full_precision
+from omgseg.model.structures import KIND_INDEX, PromptBatch, PromptKind, QueryOutputs, point_boxes
 
 
 @dataclass(frozen=True)
@@ -155,20 +156,52 @@ class MLP(nn.Module):
         return x
 
 
+class Attention(nn.Module):
+    """Multi-head attention through `F.scaled_dot_product_attention`, which picks the flash or
+    memory-efficient kernels on CUDA. Parameters are named, shaped and initialised (in the same
+    order) as `nn.MultiheadAttention`'s, so checkpoints and seeded initial weights carry over.
+    Unlike it, the mask is one per clip, shared by the heads (broadcast, not repeated)."""
+
+    def __init__(self, d_model: int, num_heads: int) -> None:
+        super().__init__()
+        if d_model % num_heads != 0:
+            raise ValueError(f"d_model {d_model} must be divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * d_model, d_model))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * d_model))
+        self.out_proj = nn.Linear(d_model, d_model)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, allowed: Tensor) -> Tensor:
+        """query (B, Q, d), key and value (B, S, d); allowed: (B, Q, S) or (Q, S) bool, True where
+        a query may attend (every row needs one True). Returns (B, Q, d)."""
+        b, q, d = query.shape
+        heads = self.num_heads
+        w_q, w_k, w_v = self.in_proj_weight.chunk(3)
+        b_q, b_k, b_v = self.in_proj_bias.chunk(3)
+
+        def split(x: Tensor) -> Tensor:  # (B, N, d) -> (B, heads, N, d / heads)
+            return x.view(b, x.shape[1], heads, d // heads).transpose(1, 2)
+
+        mask = allowed[:, None] if allowed.dim() == 3 else allowed  # (B, 1, Q, S): the same for every head
+        out = F.scaled_dot_product_attention(
+            split(F.linear(query, w_q, b_q)), split(F.linear(key, w_k, b_k)), split(F.linear(value, w_v, b_v)),
+            attn_mask=mask)  # (B, heads, Q, d / heads)
+        return self.out_proj(out.transpose(1, 2).reshape(b, q, d))
+
+
 class CrossAttentionLayer(nn.Module):
     """Queries attend to the memory (post-norm, as Mask2Former)."""
 
     def __init__(self, d_model: int, num_heads: int) -> None:
         super().__init__()
-        self.attn = nn.MultiheadAttention(d_model, num_heads, batch_first=True)
+        self.attn = Attention(d_model, num_heads)
         self.norm = nn.LayerNorm(d_model)
 
-    def forward(
-        self, tgt: Tensor, query_pos: Tensor, memory: Tensor, memory_pos: Tensor, attn_mask: Tensor
-    ) -> Tensor:
-        """tgt, query_pos (B, Q, d); memory, memory_pos (B, S, d); attn_mask (B*heads, Q, S) True = blocked."""
-        out = self.attn(tgt + query_pos, memory + memory_pos, memory, attn_mask=attn_mask, need_weights=False)[0]
-        return self.norm(tgt + out)
+    def forward(self, tgt: Tensor, query_pos: Tensor, memory: Tensor, memory_pos: Tensor, allowed: Tensor) -> Tensor:
+        """tgt, query_pos (B, Q, d); memory, memory_pos (B, S, d); allowed (B, Q, S) True = may attend."""
+        return self.norm(tgt + self.attn(tgt + query_pos, memory + memory_pos, memory, allowed))
 
 
 class SelfAttentionLayer(nn.Module):
@@ -176,14 +209,13 @@ class SelfAttentionLayer(nn.Module):
 
     def __init__(self, d_model: int, num_heads: int) -> None:
         super().__init__()
-        self.attn = nn.MultiheadAttention(d_model, num_heads, batch_first=True)
+        self.attn = Attention(d_model, num_heads)
         self.norm = nn.LayerNorm(d_model)
 
-    def forward(self, tgt: Tensor, query_pos: Tensor, attn_mask: Tensor) -> Tensor:
-        """tgt, query_pos (B, Q, d); attn_mask (Q, Q) True = blocked."""
+    def forward(self, tgt: Tensor, query_pos: Tensor, allowed: Tensor) -> Tensor:
+        """tgt, query_pos (B, Q, d); allowed (Q, Q) True = may attend."""
         qk = tgt + query_pos
-        out = self.attn(qk, qk, tgt, attn_mask=attn_mask, need_weights=False)[0]
-        return self.norm(tgt + out)
+        return self.norm(tgt + self.attn(qk, qk, tgt, allowed))
 
 
 class FFNLayer(nn.Module):
@@ -223,27 +255,27 @@ class PromptEncoder(nn.Module):
         return self.box_mlp(sine_encoding(boxes_cxcywh * 2 * math.pi, self.d_model // 2))
 
     def forward(self, prompts: list[PromptBatch], device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-        """Pad the clips' prompts to the largest K; returns content, position (B, K, d), valid (B, K)."""
+        """Pad the clips' prompts to the largest K; returns content, position (B, K, d), valid (B, K).
+        Nothing is read back from the device, and what comes from the host (the kinds) is one
+        copy that does not wait."""
         b = len(prompts)
         k = max(p.num_prompts for p in prompts)
         n_max = max((p.clicks.shape[1] for p in prompts if p.clicks is not None), default=0)
         boxes = torch.zeros(b, k, 4, device=device)  # normalised cx, cy, w, h
-        kinds = torch.zeros(b, k, dtype=torch.long, device=device)
+        kinds = torch.zeros(b, k, dtype=torch.long)  # on the host: the kinds are Python values
         valid = torch.zeros(b, k, dtype=torch.bool, device=device)
         click_boxes = torch.zeros(b, k, n_max, 4, device=device)
         click_labels = torch.full((b, k, n_max), -1, dtype=torch.long, device=device)
         for i, p in enumerate(prompts):
             n = p.num_prompts
-            height, width = p.image_size
-            scale = torch.tensor([width, height, width, height], device=device, dtype=torch.float32)
-            boxes[i, :n] = _xyxy_to_cxcywh(p.boxes.to(device).float() / scale)
-            kinds[i, :n] = p.kind_indices().to(device)
+            boxes[i, :n] = _normalised_cxcywh(p.boxes.to(device).float(), p.image_size)
+            kinds[i, :n] = torch.tensor([KIND_INDEX[kind] for kind in p.kinds], dtype=torch.long)
             valid[i, :n] = True
             if p.clicks is not None and p.click_labels is not None:
                 m = p.clicks.shape[1]
-                pts = PromptBatch.from_points(p.clicks.reshape(-1, 2), p.image_size).boxes
-                click_boxes[i, :n, :m] = _xyxy_to_cxcywh(pts.to(device) / scale).view(n, m, 4)
+                click_boxes[i, :n, :m] = _normalised_cxcywh(point_boxes(p.clicks.to(device), p.image_size), p.image_size)
                 click_labels[i, :n, :m] = p.click_labels.to(device)
+        kinds = kinds.to(device, non_blocking=True)
         position = self.encode_boxes(boxes)  # (B, K, d)
         clicks = self.encode_boxes(click_boxes) + self.click_tokens[click_labels.clamp(min=0)]  # (B, K, N, d)
         weights = (click_labels >= 0).float()
@@ -251,6 +283,13 @@ class PromptEncoder(nn.Module):
         click_mean = (clicks * weights[..., None]).sum(2) / weights.sum(2).clamp(min=1.0)[..., None]
         content = self.kind_tokens[kinds] + click_mean  # (B, K, d)
         return content, position, valid
+
+
+def _normalised_cxcywh(boxes: Tensor, image_size: tuple[int, int]) -> Tensor:
+    """(..., 4) xyxy in input pixels -> (..., 4) cx, cy, w, h as fractions of the image."""
+    height, width = image_size
+    x1, y1, x2, y2 = boxes.unbind(-1)
+    return _xyxy_to_cxcywh(torch.stack([x1 / width, y1 / height, x2 / width, y2 / height], dim=-1))
 
 
 def _xyxy_to_cxcywh(boxes: Tensor) -> Tensor:
@@ -307,6 +346,8 @@ class OMGDecoder(nn.Module):
         num_frames: int,
         text_embeddings: Tensor,
         prompts: list[PromptBatch] | None = None,
+        *,
+        aux: bool = True,
     ) -> QueryOutputs:
         """Decode queries for B clips of T = num_frames frames.
 
@@ -315,143 +356,140 @@ class OMGDecoder(nn.Module):
         text_embeddings: (C, D) one embedding per class of the vocabulary, or (C, S, D) with S
             synonyms per class (a class's logit is its best synonym's); normalised here.
         prompts: None, or one PromptBatch per clip (possibly with 0 prompts).
-        Returns the last prediction set; earlier sets (initial queries, layers 1..L-1) in `.aux`.
+        aux: also return the earlier prediction sets (initial queries, layers 1..L-1) in `.aux`,
+            for deep supervision. Without them (inference) the earlier layers run only what the
+            next layer's attention mask needs.
+        Returns the last prediction set.
         """
-        bt, d, mh, mw = mask_features.shape
-        if num_frames < 1 or bt % num_frames != 0:
-            raise ValueError(f"mask_features batch {bt} is not a multiple of num_frames={num_frames}")
-        if d != self.d_model:
-            raise ValueError(f"mask_features must have {self.d_model} channels, got {tuple(mask_features.shape)}")
-        if len(multi_scale_memory) != self.num_levels:
-            raise ValueError(f"expected {self.num_levels} memory levels, got {len(multi_scale_memory)}")
-        for lvl, mem in enumerate(multi_scale_memory):
-            if mem.dim() != 4 or mem.shape[:2] != (bt, d):
-                raise ValueError(
-                    f"multi_scale_memory[{lvl}] must be ({bt}, {d}, h, w), got {tuple(mem.shape)}"
-                )
-        if text_embeddings.dim() not in (2, 3) or text_embeddings.shape[-1] != self.class_embed.out_features:
-            raise ValueError(
-                f"text_embeddings must be (C, {self.class_embed.out_features}) or (C, S, "
-                f"{self.class_embed.out_features}), got {tuple(text_embeddings.shape)}"
-            )
-        b, t = bt // num_frames, num_frames
-        if prompts is not None and len(prompts) != b:
-            raise ValueError(f"got {len(prompts)} PromptBatches for {b} clips")
+        self._check_inputs(mask_features, multi_scale_memory, num_frames, text_embeddings, prompts)
+        b, t = mask_features.shape[0] // num_frames, num_frames
+        mask_feats = mask_features.view(b, t, *mask_features.shape[1:])  # (B, T, d, H, W)
+        memories, memory_pos, level_sizes = self._memory(multi_scale_memory, b, t)
+        # Masked attention thresholds each query's mask logits at the level it attends to. Mask
+        # logits are linear in the mask features and so is bilinear resizing: the features
+        # brought to each level once give the same logits as resizing every full-size mask.
+        with torch.no_grad():
+            level_feats = [
+                F.interpolate(mask_features, size=size, mode="bilinear", align_corners=False).view(b, t, -1, *size)
+                for size in level_sizes
+            ]  # (B, T, d, h_l, w_l)
+        tgt, query_pos, prompt_valid = self._queries(b, prompts, mask_features.device)
+        counts = tuple(p.num_prompts for p in prompts) if prompt_valid.shape[1] else (0,) * b
+        allowed_self = self._group_attention_mask(self.num_object_queries, tgt.shape[1], tgt.device)  # (Q, Q)
+        text = F.normalize(text_embeddings.float(), dim=-1)  # (C, D) or (C, S, D)
 
-        # Unfold the frames: (B*T, d, H, W) -> (B, T, d, H, W).
-        mask_feats = mask_features.view(b, t, d, mh, mw)
-        memories, memory_pos, level_sizes = [], [], []
-        for lvl, mem in enumerate(multi_scale_memory):
-            h, w = mem.shape[-2:]
-            mem = mem.view(b, t, d, h, w).permute(0, 1, 3, 4, 2).reshape(b, t * h * w, d)  # (B, T*h*w, d)
-            memories.append(mem + self.level_embed.weight[lvl])
-            memory_pos.append(video_position_encoding(t, h, w, d, mem.device, mem.dtype)[None])  # (1, T*h*w, d)
-            level_sizes.append((h, w))
-
-        # Queries: object queries, then (padded) prompt queries.
-        num_obj = self.num_object_queries
-        tgt = self.query_feat.weight[None].expand(b, -1, -1)  # (B, No, d)
-        query_pos = self.query_pos.weight[None].expand(b, -1, -1)  # (B, No, d)
-        has_prompts = prompts is not None and any(p.num_prompts > 0 for p in prompts)
-        if has_prompts:
-            prompt_feat, prompt_pos, prompt_valid = self.prompt_encoder(prompts, mask_features.device)
-            tgt = torch.cat([tgt, prompt_feat.to(tgt.dtype)], dim=1)  # (B, Q, d)
-            query_pos = torch.cat([query_pos, prompt_pos.to(tgt.dtype)], dim=1)
-        else:
-            prompt_valid = torch.zeros(b, 0, dtype=torch.bool, device=mask_features.device)
-        q = tgt.shape[1]
-        self_mask = self._group_attention_mask(num_obj, q, tgt.device)  # (Q, Q)
-
-        text = F.normalize(text_embeddings.to(tgt.dtype), dim=-1)  # (C, D)
         predictions = []
-        pred, attn_mask = self._predict(tgt, mask_feats, text, level_sizes[0], num_obj, prompt_valid)
-        predictions.append(pred)
+        out = self.decoder_norm(tgt)  # (B, Q, d)
+        mask_emb = self.mask_embed(out)  # (B, Q, d)
         for i in range(self.num_layers):
+            if aux:
+                predictions.append(self._heads(out, mask_emb, mask_feats, text, prompt_valid, counts))
             lvl = i % self.num_levels
-            tgt = self.cross_layers[i](tgt, query_pos, memories[lvl], memory_pos[lvl], attn_mask)
-            tgt = self.self_layers[i](tgt, query_pos, self_mask)
+            allowed = self._attention_mask(mask_emb, level_feats[lvl])  # from the previous read-out
+            tgt = self.cross_layers[i](tgt, query_pos, memories[lvl], memory_pos[lvl], allowed)
+            tgt = self.self_layers[i](tgt, query_pos, allowed_self)
             tgt = self.ffn_layers[i](tgt)
-            next_size = level_sizes[(i + 1) % self.num_levels]
-            pred, attn_mask = self._predict(tgt, mask_feats, text, next_size, num_obj, prompt_valid)
-            predictions.append(pred)
+            out = self.decoder_norm(tgt)
+            mask_emb = self.mask_embed(out)
+        predictions.append(self._heads(out, mask_emb, mask_feats, text, prompt_valid, counts))
 
-        # Deep-supervision sets carry no anchor; the last set carries it (see below).
         out = predictions[-1]
         out.aux = predictions[:-1]
         # Parameters no loss reaches in this pass: in batches without prompts, the prompt
         # encoder. DDP without find_unused_parameters waits forever for their gradients, and
         # workers of a co-training run see different tasks; the criterion adds this sum with
         # weight 0 so they get (zero) gradients on every worker.
-        unused = [] if has_prompts else list(self.prompt_encoder.parameters())
-        out.unused_parameter_sum = sum(p.sum() for p in unused) if unused else None
+        if prompt_valid.shape[1] == 0:
+            out.unused_parameter_sum = sum(p.sum() for p in self.prompt_encoder.parameters())
         return out
 
-    def _group_attention_mask(self, num_obj: int, num_queries: int, device: torch.device) -> Tensor:
-        """(Q, Q) bool, True = blocked: object queries see only object queries; a prompt only itself."""
-        blocked = torch.ones(num_queries, num_queries, dtype=torch.bool, device=device)
-        blocked[:num_obj, :num_obj] = False
-        idx = torch.arange(num_obj, num_queries, device=device)
-        blocked[idx, idx] = False
-        return blocked
+    def _check_inputs(self, mask_features: Tensor, multi_scale_memory: list[Tensor], num_frames: int,
+                      text_embeddings: Tensor, prompts: list[PromptBatch] | None) -> None:
+        bt, d = mask_features.shape[:2]
+        if num_frames < 1 or bt % num_frames != 0:
+            raise ValueError(f"mask_features batch {bt} is not a multiple of num_frames={num_frames}")
+        if mask_features.dim() != 4 or d != self.d_model:
+            raise ValueError(f"mask_features must be (B*T, d, h, w) with {self.d_model} channels, got {tuple(mask_features.shape)}")
+        if len(multi_scale_memory) != self.num_levels:
+            raise ValueError(f"expected {self.num_levels} memory levels, got {len(multi_scale_memory)}")
+        for lvl, mem in enumerate(multi_scale_memory):
+            if mem.dim() != 4 or mem.shape[:2] != (bt, d):
+                raise ValueError(f"multi_scale_memory[{lvl}] must be ({bt}, {d}, h, w), got {tuple(mem.shape)}")
+        text_dim = self.class_embed.out_features
+        if text_embeddings.dim() not in (2, 3) or text_embeddings.shape[-1] != text_dim:
+            raise ValueError(
+                f"text_embeddings must be (C, {text_dim}) or (C, S, {text_dim}), got {tuple(text_embeddings.shape)}")
+        if prompts is not None and len(prompts) != bt // num_frames:
+            raise ValueError(f"got {len(prompts)} PromptBatches for {bt // num_frames} clips")
 
-    def _predict(
-        self,
-        tgt: Tensor,
-        mask_feats: Tensor,
-        text: Tensor,
-        attn_size: tuple[int, int],
-        num_obj: int,
-        prompt_valid: Tensor,
-    ) -> tuple[QueryOutputs, Tensor]:
-        """Heads on the current queries, and the attention mask for the next layer.
+    def _memory(self, multi_scale_memory: list[Tensor], b: int, t: int) -> tuple[list[Tensor], list[Tensor], list[tuple[int, int]]]:
+        """Each level's frames unfolded into one sequence per clip: memory (B, T*h*w, d) with its
+        level embedding, its (x, y, t) position encoding (1, T*h*w, d), and its (h, w)."""
+        memories, positions, sizes = [], [], []
+        for lvl, mem in enumerate(multi_scale_memory):
+            d, h, w = mem.shape[1:]
+            mem = mem.view(b, t, d, h, w).permute(0, 1, 3, 4, 2).reshape(b, t * h * w, d)
+            memories.append(mem + self.level_embed.weight[lvl])
+            positions.append(video_position_encoding(t, h, w, d, mem.device, mem.dtype)[None])
+            sizes.append((h, w))
+        return memories, positions, sizes
 
-        tgt (B, Q, d); mask_feats (B, T, d, H, W); text (C, D) or (C, S, D), normalised.
-        Returns the predictions and a (B*heads, Q, T*h*w) bool mask (True = blocked) at attn_size.
-        """
-        b, q, _ = tgt.shape
-        t = mask_feats.shape[1]
-        out = self.decoder_norm(tgt)  # (B, Q, d)
-        mask_emb = self.mask_embed(out)  # (B, Q, d)
+    def _queries(self, b: int, prompts: list[PromptBatch] | None, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+        """The object queries, then the (padded) prompt queries: content and position (B, Q, d),
+        and prompt_valid (B, K), False for padding (K = 0 without prompts)."""
+        tgt = self.query_feat.weight[None].expand(b, -1, -1)  # (B, No, d)
+        query_pos = self.query_pos.weight[None].expand(b, -1, -1)
+        if prompts is None or not any(p.num_prompts > 0 for p in prompts):
+            return tgt, query_pos, torch.zeros(b, 0, dtype=torch.bool, device=device)
+        prompt_feat, prompt_pos, prompt_valid = self.prompt_encoder(prompts, device)
+        tgt = torch.cat([tgt, prompt_feat.to(tgt.dtype)], dim=1)  # (B, Q, d)
+        query_pos = torch.cat([query_pos, prompt_pos.to(tgt.dtype)], dim=1)
+        return tgt, query_pos, prompt_valid
+
+    @staticmethod
+    def _group_attention_mask(num_obj: int, num_queries: int, device: torch.device) -> Tensor:
+        """(Q, Q) bool, True = may attend: object queries see object queries; a prompt only itself."""
+        allowed = torch.eye(num_queries, dtype=torch.bool, device=device)
+        allowed[:num_obj, :num_obj] = True
+        return allowed
+
+    @torch.no_grad()
+    def _attention_mask(self, mask_emb: Tensor, level_feats: Tensor) -> Tensor:
+        """(B, Q, T*h*w) bool, True where a query attends in the next layer: its mask logits at
+        that level (mask_emb (B, Q, d) against level_feats (B, T, d, h, w)) above the threshold."""
+        logits = torch.einsum("bqc,btchw->bqthw", mask_emb, level_feats).flatten(2)  # (B, Q, T*h*w)
+        allowed = logits.sigmoid() >= self.mask_threshold
+        # Mask2Former's fallback: a query whose mask is empty attends everywhere (an empty row
+        # would give a NaN softmax). No indexing by the empty rows: that would wait for the device.
+        return allowed | ~allowed.any(dim=-1, keepdim=True)
+
+    def _heads(self, out: Tensor, mask_emb: Tensor, mask_feats: Tensor, text: Tensor, prompt_valid: Tensor,
+               prompt_counts: tuple[int, ...]) -> QueryOutputs:
+        """One prediction set from the normed queries out (B, Q, d) and their mask embeddings;
+        mask_feats (B, T, d, H, W); text (C, D) or (C, S, D), normalised, float32."""
+        b, q, _ = out.shape
         mask_logits = torch.einsum("bqc,btchw->bqthw", mask_emb, mask_feats)  # (B, Q, T, H, W)
 
         # Classification: cosine of a projection of (query + mask-pooled features) with the text.
         # The mask is detached: masks are trained by the mask losses, not reshaped to please
-        # the classifier.
+        # the classifier. The cosines are taken in float32 even under autocast: x logit_scale,
+        # bfloat16's rounding of a cosine (about 0.004) would move a logit by 0.4.
         pooled = mask_pool(mask_feats.transpose(1, 2), mask_logits.detach())  # (B, Q, d)
-        cls_emb = F.normalize(self.class_embed(out + self.pool_proj(pooled)), dim=-1)  # (B, Q, D)
-        if text.dim() == 2:
-            class_logits = self.logit_scale * cls_emb @ text.t()  # (B, Q, C)
-        else:  # synonyms: a class scores as its best synonym
-            c, syn = text.shape[:2]
-            class_logits = (self.logit_scale * cls_emb @ text.flatten(0, 1).t()).view(b, q, c, syn).amax(-1)
+        cls_emb = F.normalize(self.class_embed(out + self.pool_proj(pooled)).float(), dim=-1)  # (B, Q, D)
+        with full_precision(out.device):
+            cosine = cls_emb @ text.flatten(0, -2).t()  # (B, Q, C) or (B, Q, C * S)
+        if text.dim() == 3:  # synonyms: a class scores as its best synonym
+            cosine = cosine.view(b, q, *text.shape[:2]).amax(-1)
         # Void logit: a learned per-query logit (the objectness logit, sign flipped), not the
         # reference's constant 0 from a zero background vector. With a constant 0 the void
         # probability depends only on how low the query scores against EVERY class, so it
         # changes with the vocabulary's size and content; a learned logit decouples "is there
         # an object" from "which class", and CE over C + 1 trains it (void weight 0.1).
-        void_logit = self.void_embed(out)  # (B, Q, 1)
-        class_logits = torch.cat([class_logits, void_logit], dim=-1)  # (B, Q, C + 1)
+        void_logit = self.void_embed(out).float()  # (B, Q, 1)
+        class_logits = torch.cat([self.logit_scale * cosine, void_logit], dim=-1)  # (B, Q, C + 1)
         # Identity: the normalised query itself, as MinVIS associates tubes across clips. A
         # separate head would need an identity loss over pairs of clips of one video, which
         # the tube formulation does not give within a clip.
-        id_embeddings = out  # (B, Q, d)
-
-        # Masked attention for the next layer: attend where sigmoid > threshold at that level.
-        h, w = attn_size
-        small = F.interpolate(
-            mask_logits.detach().flatten(1, 2), size=(h, w), mode="bilinear", align_corners=False
-        ).view(b, q, t * h * w)  # (B, Q, T*h*w)
-        blocked = small.sigmoid() < self.mask_threshold
-        # Mask2Former's fallback: a query whose mask is empty attends everywhere (an all-blocked
-        # row would give a NaN softmax).
-        blocked[blocked.all(dim=-1)] = False
-        blocked = blocked.repeat_interleave(self.num_heads, dim=0)  # (B*heads, Q, T*h*w)
-
-        pred = QueryOutputs(
-            mask_logits=mask_logits,
-            class_logits=class_logits,
-            id_embeddings=id_embeddings,
-            num_object_queries=num_obj,
-            prompt_valid=prompt_valid,
-        )
-        return pred, blocked
+        return QueryOutputs(mask_logits=mask_logits, class_logits=class_logits, id_embeddings=out,
+                            num_object_queries=self.num_object_queries, prompt_valid=prompt_valid,
+                            prompt_counts=prompt_counts)

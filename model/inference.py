@@ -1,9 +1,13 @@
 """Per-task post-processing of one clip's query predictions, and tube linking across clips.
 
 Every function takes one clip: `class_probs` (Q, C + 1) with void last, `mask_logits`
-(Q, T, H, W) at output resolution. T = 1 for images; for video a query's tube keeps one
-identity over the clip's frames, so the same code gives video panoptic and video instance
-results. Rules follow Mask2Former's inference (docs/reference.md, "Inference").
+(Q, T, H, W) at output resolution, or (Q, T, h, w) at the decoder's resolution with
+`size=(H, W)`: then only the tubes a function keeps are upsampled (the panoptic result keeps
+the few confident queries, the instance result its top k), which at the paper's 300 queries
+and 1280x736 input is most of the memory and time of post-processing. T = 1 for images; for
+video a query's tube keeps one identity over the clip's frames, so the same code gives video
+panoptic and video instance results. Rules follow Mask2Former's inference (docs/reference.md,
+"Inference").
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
@@ -71,6 +76,20 @@ def _check(class_probs: Tensor, mask_logits: Tensor, is_thing: Tensor | None = N
         )
 
 
+def upsample_masks(mask_logits: Tensor, size: tuple[int, int] | None) -> Tensor:
+    """(..., h, w) mask logits -> (..., H, W) = size, bilinear (unchanged when size is None or equal)."""
+    if size is None or tuple(mask_logits.shape[-2:]) == tuple(size):
+        return mask_logits
+    lead = mask_logits.shape[:-2]
+    up = F.interpolate(mask_logits.reshape(-1, 1, *mask_logits.shape[-2:]), size=tuple(size), mode="bilinear",
+                       align_corners=False)
+    return up.view(*lead, *size)
+
+
+def _output_size(mask_logits: Tensor, size: tuple[int, int] | None) -> tuple[int, int]:
+    return tuple(size) if size is not None else tuple(mask_logits.shape[-2:])
+
+
 def _in_unit(name: str, value: float) -> None:
     if not 0.0 <= value <= 1.0:
         raise ValueError(f"{name} must be in [0, 1], got {value}")
@@ -83,17 +102,20 @@ def panoptic_inference(
     *,
     object_mask_threshold: float = 0.8,
     overlap_threshold: float = 0.8,
+    size: tuple[int, int] | None = None,
 ) -> PanopticResult:
     """Non-overlapping segments: each pixel to the kept query maximising score x mask prob.
 
     Kept queries: argmax not void and best class score > object_mask_threshold. A query
     keeps its segment if what it wins is at least overlap_threshold of its own mask (prob >=
-    0.5) over the whole tube; stuff queries of one class become one segment.
+    0.5) over the whole tube; stuff queries of one class become one segment. size: the
+    output size when mask_logits are at the decoder's resolution (only kept tubes are upsampled).
     """
     _check(class_probs, mask_logits, is_thing)
     _in_unit("object_mask_threshold", object_mask_threshold)
     _in_unit("overlap_threshold", overlap_threshold)
-    t, h, w = mask_logits.shape[1:]
+    t = mask_logits.shape[1]
+    h, w = _output_size(mask_logits, size)
     device = mask_logits.device
     id_map = torch.zeros(t, h, w, dtype=torch.int64, device=device)
     num_classes = class_probs.shape[1] - 1
@@ -102,7 +124,7 @@ def panoptic_inference(
     kept = keep.nonzero().squeeze(1)
     if kept.numel() == 0:
         return PanopticResult(id_map=id_map, segments=())
-    probs = mask_logits[kept].float().sigmoid()  # (K, T, H, W)
+    probs = upsample_masks(mask_logits[kept.to(mask_logits.device)], size).float().sigmoid()  # (K, T, H, W)
     winner = (scores[kept].float().view(-1, 1, 1, 1) * probs).argmax(dim=0)  # (T, H, W)
 
     segments: list[PredictedSegment] = []
@@ -127,14 +149,18 @@ def panoptic_inference(
     return PanopticResult(id_map=id_map, segments=tuple(segments))
 
 
-def instance_inference(class_probs: Tensor, mask_logits: Tensor, is_thing: Tensor, *, top_k: int = 100) -> InstanceResult:
-    """The top_k (query, thing class) pairs; score = class prob x mean mask prob inside the mask."""
+def instance_inference(class_probs: Tensor, mask_logits: Tensor, is_thing: Tensor, *, top_k: int = 100,
+                       size: tuple[int, int] | None = None) -> InstanceResult:
+    """The top_k (query, thing class) pairs; score = class prob x mean mask prob inside the mask.
+    size: the output size when mask_logits are at the decoder's resolution (only the top_k
+    pairs' tubes are upsampled)."""
     _check(class_probs, mask_logits, is_thing)
     if top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
     num_classes = class_probs.shape[1] - 1
     thing_classes = is_thing.to(torch.bool).nonzero().squeeze(1).to(class_probs.device)
-    t, h, w = mask_logits.shape[1:]
+    t = mask_logits.shape[1]
+    h, w = _output_size(mask_logits, size)
     if thing_classes.numel() == 0:
         empty = torch.zeros(0, dtype=torch.int64, device=class_probs.device)
         return InstanceResult(torch.zeros(0, t, h, w, dtype=torch.bool, device=mask_logits.device),
@@ -144,7 +170,7 @@ def instance_inference(class_probs: Tensor, mask_logits: Tensor, is_thing: Tenso
     top, index = pair_scores.topk(k)
     queries = index // thing_classes.numel()
     labels = thing_classes[index % thing_classes.numel()]
-    probs = mask_logits[queries.to(mask_logits.device)].float().sigmoid()  # (k, T, H, W)
+    probs = upsample_masks(mask_logits[queries.to(mask_logits.device)], size).float().sigmoid()  # (k, T, H, W)
     masks = probs > 0.5
     area = masks.flatten(1).sum(1)
     mask_score = (probs * masks).flatten(1).sum(1) / area.clamp(min=1)
@@ -153,20 +179,22 @@ def instance_inference(class_probs: Tensor, mask_logits: Tensor, is_thing: Tenso
     return InstanceResult(masks=masks[order], labels=labels[order], scores=final[order], queries=queries[order])
 
 
-def semantic_inference(class_probs: Tensor, mask_logits: Tensor) -> SemanticResult:
-    """Per-class score = sum over queries of class prob x mask prob; label = best class."""
+def semantic_inference(class_probs: Tensor, mask_logits: Tensor, *, size: tuple[int, int] | None = None) -> SemanticResult:
+    """Per-class score = sum over queries of class prob x mask prob; label = best class. Every
+    query counts, so with `size` every tube is upsampled (to the probabilities' definition)."""
     _check(class_probs, mask_logits)
+    mask_logits = upsample_masks(mask_logits, size)
     num_classes = class_probs.shape[1] - 1
     scores = torch.einsum("qc,qthw->cthw", class_probs[:, :num_classes].float(), mask_logits.float().sigmoid())
     return SemanticResult(labels=scores.argmax(dim=0), scores=scores)
 
 
-def prompt_inference(mask_logits: Tensor, *, mask_threshold: float = 0.5) -> PromptResult:
-    """One mask per prompt: probability > mask_threshold."""
+def prompt_inference(mask_logits: Tensor, *, mask_threshold: float = 0.5, size: tuple[int, int] | None = None) -> PromptResult:
+    """One mask per prompt: probability > mask_threshold (every prompt's tube upsampled to `size`, if given)."""
     if mask_logits.dim() != 4:
         raise ValueError(f"mask_logits must be (K, T, H, W), got {tuple(mask_logits.shape)}")
     _in_unit("mask_threshold", mask_threshold)
-    probs = mask_logits.float().sigmoid()
+    probs = upsample_masks(mask_logits, size).float().sigmoid()
     masks = probs > mask_threshold
     area = masks.flatten(1).sum(1)
     scores = (probs * masks).flatten(1).sum(1) / area.clamp(min=1)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
 from omgseg.core.seeds import derive_seed
+from omgseg.model.precision import full_precision
 from omgseg.model.structures import MatchTargets
 
 
@@ -22,15 +25,19 @@ def clip_generator(target: MatchTargets, device: torch.device, *keys: int | str)
 def point_sample(masks: Tensor, points: Tensor) -> Tensor:
     """Bilinear values of masks at points given in [0, 1]^2 (x, y), the same points for every mask.
 
-    masks: (N, T, h, w) float; points: (K, 2). Returns (N, T, K). With align_corners=False,
-    point (j + 0.5) / w reads exactly pixel column j, at any mask resolution. Border padding:
-    a point within half a pixel of the image edge reads the edge pixel instead of a blend with
-    zeros outside the image (which would halve a full mask's value along the border).
+    masks: (N, T, h, w) float, points: (K, 2) -> (N, T, K); or a batch of S such pairs,
+    masks (S, N, T, h, w) and points (S, K, 2) -> (S, N, T, K), in one call. With
+    align_corners=False, point (j + 0.5) / w reads exactly pixel column j, at any mask
+    resolution. Border padding: a point within half a pixel of the image edge reads the edge
+    pixel instead of a blend with zeros outside the image (which would halve a full mask's
+    value along the border).
     """
-    n, t, h, w = masks.shape
-    grid = (2.0 * points - 1.0).to(masks.dtype).view(1, 1, -1, 2)  # (1, 1, K, 2) in [-1, 1]
-    sampled = F.grid_sample(masks.reshape(1, n * t, h, w), grid, mode="bilinear", padding_mode="border", align_corners=False)
-    return sampled.view(n, t, -1)  # (N, T, K)
+    if masks.dim() == 4:
+        return point_sample(masks[None], points[None])[0]
+    s, n, t, h, w = masks.shape
+    grid = (2.0 * points - 1.0).to(masks.dtype).view(s, 1, -1, 2)  # (S, 1, K, 2) in [-1, 1]
+    sampled = F.grid_sample(masks.reshape(s, n * t, h, w), grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return sampled.view(s, n, t, -1)  # (S, N, T, K)
 
 
 def pixel_centre_points(height: int, width: int, device: torch.device | None = None) -> Tensor:
@@ -42,27 +49,28 @@ def pixel_centre_points(height: int, width: int, device: torch.device | None = N
 
 
 def batch_sigmoid_bce_cost(pred: Tensor, target: Tensor) -> Tensor:
-    """Pairwise BCE: pred (Q, T, K) logits, target (N, T, K) in [0, 1] -> (Q, N).
+    """Pairwise BCE: pred (..., Q, T, K) logits, target (..., N, T, K) in [0, 1] -> (..., Q, N).
 
     Mean over the K points of each frame, summed over the T frames.
     """
     k = pred.shape[-1]
-    pos = F.binary_cross_entropy_with_logits(pred, torch.ones_like(pred), reduction="none")  # (Q, T, K)
-    neg = F.binary_cross_entropy_with_logits(pred, torch.zeros_like(pred), reduction="none")
-    # sum_t sum_k [pos * y + neg * (1 - y)], as matrix products over the flattened (T*K) axis.
-    cost = pos.flatten(1) @ target.flatten(1).t() + neg.flatten(1) @ (1 - target).flatten(1).t()
+    # sum_t sum_k [pos y + neg (1 - y)] with pos = BCE(x, 1) = softplus(-x) and
+    # neg = BCE(x, 0) = softplus(x) = pos + x, so the sum is sum(pos) + x . (1 - y): one product.
+    x = pred.flatten(-2)  # (..., Q, T*K)
+    pos = F.softplus(-x).sum(-1)  # (..., Q)
+    cost = pos[..., :, None] + x @ (1 - target.flatten(-2)).transpose(-1, -2)  # (..., Q, N)
     return cost / k
 
 
 def batch_dice_cost(pred: Tensor, target: Tensor) -> Tensor:
-    """Pairwise dice loss: pred (Q, T, K) logits, target (N, T, K) in [0, 1] -> (Q, N).
+    """Pairwise dice loss: pred (..., Q, T, K) logits, target (..., N, T, K) in [0, 1] -> (..., Q, N).
 
     Per frame: 1 - (2 sum(p y) + 1) / (sum p + sum y + 1), summed over frames. The +1 makes a
     frame where the object is absent and nothing is predicted cost 0.
     """
     prob = pred.sigmoid()
-    inter = torch.einsum("qtk,ntk->qnt", prob, target)  # (Q, N, T)
-    denom = prob.sum(-1)[:, None, :] + target.sum(-1)[None, :, :]  # (Q, N, T)
+    inter = torch.einsum("...qtk,...ntk->...qnt", prob, target)  # (..., Q, N, T)
+    denom = prob.sum(-1)[..., :, None, :] + target.sum(-1)[..., None, :, :]  # (..., Q, N, T)
     return (1 - (2 * inter + 1) / (denom + 1)).sum(-1)
 
 
@@ -88,27 +96,30 @@ class HungarianMatcher:
         self.num_points = num_points
 
     @torch.no_grad()
-    def cost_matrix(
-        self, class_logits: Tensor, mask_logits: Tensor, target: MatchTargets, points: Tensor
-    ) -> Tensor:
-        """Costs of one clip: class_logits (Q, C+1), mask_logits (Q, T, h, w), points (K, 2) -> (Q, N)."""
-        if mask_logits.shape[1] != target.num_frames:
-            raise ValueError(
-                f"predictions have {mask_logits.shape[1]} frames, targets {target.num_frames} "
-                f"(masks {tuple(target.masks.shape)})"
-            )
+    def cost_matrix(self, class_logits: Tensor, mask_logits: Tensor, target: MatchTargets, points: Tensor) -> Tensor:
+        """Costs of one clip: class_logits (Q, C+1), mask_logits (Q, T, h, w), points (K, 2) -> (Q, N),
+        in float32. Labels out of the vocabulary are clamped here (an index out of range would
+        abort a CUDA kernel); `match_sets` reports them once the costs are on the host."""
+        self._check_frames(mask_logits.shape[1], target)
+        return self._cost(class_logits, mask_logits, target.labels, target.masks.to(torch.float32), points)
+
+    def _cost(self, class_logits: Tensor, mask_logits: Tensor, labels: Tensor, masks: Tensor, points: Tensor) -> Tensor:
+        """cost_matrix with the targets' masks (N, T, H, W) already in float32."""
         num_classes = class_logits.shape[-1] - 1
-        if target.labels.numel() > 0 and int(target.labels.max()) >= num_classes:
-            raise ValueError(
-                f"target labels {target.labels.tolist()} out of range for {num_classes} classes"
-            )
         prob = class_logits.float().softmax(-1)  # (Q, C+1)
-        cost_class = -prob[:, target.labels]  # (Q, N)
+        cost_class = -prob[:, labels.clamp(max=num_classes)]  # (Q, N)
         pred = point_sample(mask_logits.float(), points)  # (Q, T, K)
-        tgt = point_sample(target.masks.float(), points)  # (N, T, K)
+        tgt = point_sample(masks, points)  # (N, T, K)
         cost_mask = batch_sigmoid_bce_cost(pred, tgt)
         cost_dice = batch_dice_cost(pred, tgt)
         return self.cost_class * cost_class + self.cost_mask * cost_mask + self.cost_dice * cost_dice
+
+    @staticmethod
+    def _check_frames(num_frames: int, target: MatchTargets) -> None:
+        if num_frames != target.num_frames:
+            raise ValueError(
+                f"predictions have {num_frames} frames, targets {target.num_frames} (masks {tuple(target.masks.shape)})"
+            )
 
     @torch.no_grad()
     def __call__(
@@ -119,7 +130,7 @@ class HungarianMatcher:
         points: Tensor | None = None,
         stage: int = 0,
     ) -> list[tuple[Tensor, Tensor]]:
-        """Match B clips.
+        """Match B clips of one prediction set (`match_sets` with one set).
 
         class_logits (B, Q, C+1) and mask_logits (B, Q, T, h, w) of the OBJECT queries only.
         points: (K, 2) fixed points in [0, 1]^2 for every clip (tests, or exact costs with
@@ -128,27 +139,57 @@ class HungarianMatcher:
         Returns per clip (query_indices, target_indices), int64 on CPU, sorted by query, of
         length min(Q, N).
         """
-        b, q = class_logits.shape[:2]
-        if mask_logits.shape[:2] != (b, q) or len(targets) != b:
-            raise ValueError(
-                f"class_logits {tuple(class_logits.shape)}, mask_logits {tuple(mask_logits.shape)} "
-                f"and {len(targets)} targets disagree on (B, Q)"
-            )
-        indices = []
-        for i, target in enumerate(targets):
-            if target.labels.numel() == 0:
-                empty = torch.zeros(0, dtype=torch.long)
-                indices.append((empty, empty.clone()))
-                continue
-            clip_points = points
-            if clip_points is None:
-                clip_points = torch.rand(
-                    self.num_points, 2, device=mask_logits.device,
-                    generator=clip_generator(target, mask_logits.device, "match", stage),
+        return self.match_sets([(class_logits, mask_logits)], targets, points, first_stage=stage)[0]
+
+    @torch.no_grad()
+    def match_sets(
+        self,
+        sets: Sequence[tuple[Tensor, Tensor]],
+        targets: list[MatchTargets],
+        points: Tensor | None = None,
+        first_stage: int = 0,
+    ) -> list[list[tuple[Tensor, Tensor]]]:
+        """Match every prediction set of B clips: sets[s] = (class_logits (B, Q, C+1),
+        mask_logits (B, Q, T, h, w)), the object queries only; set s draws its points as stage
+        first_stage + s. All cost matrices reach the host in ONE transfer, where the Hungarian
+        algorithm runs: a transfer per set and clip would make the host wait for the device as
+        often. Returns [set][clip] (query_indices, target_indices) as `__call__` does."""
+        b, q = sets[0][0].shape[:2]
+        for class_logits, mask_logits in sets:
+            if mask_logits.shape[:2] != (b, q) or class_logits.shape[:2] != (b, q) or len(targets) != b:
+                raise ValueError(
+                    f"class_logits {tuple(class_logits.shape)}, mask_logits {tuple(mask_logits.shape)} "
+                    f"and {len(targets)} targets disagree on (B, Q)"
                 )
-            cost = self.cost_matrix(class_logits[i], mask_logits[i], target, clip_points.to(mask_logits.device))
+        num_classes = sets[0][0].shape[-1] - 1
+        device = sets[0][1].device
+        on_device, shapes = [], []
+        for target in targets:
+            self._check_frames(sets[0][1].shape[2], target)
+        masks = [t.masks.to(torch.float32) for t in targets]  # once per clip, not per set
+        with full_precision(device):  # model/precision.py
+            for s, (class_logits, mask_logits) in enumerate(sets):
+                for i, target in enumerate(targets):
+                    if target.labels.numel() == 0:
+                        continue
+                    clip_points = points
+                    if clip_points is None:
+                        generator = clip_generator(target, device, "match", first_stage + s)
+                        clip_points = torch.rand(self.num_points, 2, device=device, generator=generator)
+                    cost = self._cost(class_logits[i], mask_logits[i], target.labels, masks[i], clip_points.to(device))
+                    on_device += [cost.flatten(), target.labels.max().to(cost.dtype).view(1)]
+                    shapes.append((s, i, cost.shape))
+        sizes = [n for *_, shape in shapes for n in (shape.numel(), 1)]
+        host = iter(torch.cat(on_device).cpu().split(sizes) if on_device else ())
+
+        empty = torch.zeros(0, dtype=torch.long)
+        matches = [[(empty, empty) for _ in targets] for _ in sets]
+        for s, i, shape in shapes:
+            cost, top_label = next(host).view(shape), int(next(host))
+            if top_label >= num_classes:
+                raise ValueError(f"clip {i}: target labels {targets[i].labels.tolist()} out of range for {num_classes} classes")
             if not torch.isfinite(cost).all():
                 raise ValueError(f"matching cost of clip {i} is not finite: {cost}")
-            rows, cols = linear_sum_assignment(cost.cpu().numpy())
-            indices.append((torch.as_tensor(rows, dtype=torch.long), torch.as_tensor(cols, dtype=torch.long)))
-        return indices
+            rows, cols = linear_sum_assignment(cost.numpy())
+            matches[s][i] = (torch.as_tensor(rows, dtype=torch.long), torch.as_tensor(cols, dtype=torch.long))
+        return matches

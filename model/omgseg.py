@@ -19,11 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from omgseg.model.backbone import ClipBackbone, TowerMaps
+from omgseg.model.backbone import TowerMaps, build_backbone
 from omgseg.model.config import ModelConfig
 from omgseg.model.criterion import SetCriterion
 from omgseg.model.decoder import build_decoder, mask_pool
-from omgseg.model.inference import ensemble_probs
+from omgseg.model.inference import ensemble_probs, upsample_masks
 from omgseg.model.matcher import HungarianMatcher
 from omgseg.model.pixel_decoder import PixelDecoderOutput, build_pixel_decoder
 from omgseg.model.structures import MatchTargets, PromptBatch, QueryOutputs
@@ -64,21 +64,36 @@ class EncodedClips:
     image_size: tuple[int, int]
 
 
-@dataclass
+@dataclass(frozen=True)
 class ClipPrediction:
-    """Inference-ready predictions for one clip of T frames at input resolution (H, W).
+    """Inference-ready predictions for one clip of T frames whose input was (H, W) = image_size.
 
     class_probs: (Qo, C + 1) object queries' class probabilities (last column: void).
-    mask_logits: (Qo, T, H, W) object queries' tubes.
+    low_res_mask_logits: (Qo, T, h, w) object queries' tubes at the decoder's resolution (H/4).
     embeddings: (Qo, d) object queries' identity embeddings, to link tubes across clips.
-    prompt_mask_logits: (K, T, H, W) one tube per prompt, in the prompts' order.
+    low_res_prompt_mask_logits: (K, T, h, w) one tube per prompt, in the prompts' order.
+
+    `mask_logits` and `prompt_mask_logits` are the tubes at input resolution, every one of
+    them upsampled on each access. Post-processing that keeps a few (panoptic, instance) takes
+    the low-resolution tubes with `size=image_size` and upsamples only those it keeps.
     """
 
     class_probs: Tensor
-    mask_logits: Tensor
+    low_res_mask_logits: Tensor
     embeddings: Tensor
-    prompt_mask_logits: Tensor
+    low_res_prompt_mask_logits: Tensor
     vocabulary: Vocabulary
+    image_size: tuple[int, int]
+
+    @property
+    def mask_logits(self) -> Tensor:
+        """(Qo, T, H, W) every object query's tube at input resolution."""
+        return upsample_masks(self.low_res_mask_logits, self.image_size)
+
+    @property
+    def prompt_mask_logits(self) -> Tensor:
+        """(K, T, H, W) every prompt's tube at input resolution."""
+        return upsample_masks(self.low_res_prompt_mask_logits, self.image_size)
 
 
 class OMGSeg(nn.Module):
@@ -87,8 +102,8 @@ class OMGSeg(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.backbone = ClipBackbone(config.clip_model, config.clip_checkpoint, config.clip_pretrained,
-                                     pyramid_channels=config.pyramid_channels)
+        self.backbone = build_backbone(config.clip_model, config.clip_checkpoint, config.clip_pretrained,
+                                       pyramid_channels=config.pyramid_channels)
         if config.decoder.text_dim != self.backbone.embed_dim:
             raise ValueError(
                 f"model {config.name!r}: decoder.text_dim {config.decoder.text_dim} must equal the CLIP "
@@ -140,26 +155,40 @@ class OMGSeg(nn.Module):
         prompts: list[PromptBatch] | None = None,
         encoded: EncodedClips | None = None,
         tower: TowerMaps | None = None,
+        *,
+        aux: bool = True,
     ) -> ModelOutputs:
         """images: (B, T, 3, H, W) uint8 or float in [0, 1], or None with `encoded` (from
         `encode`); `tower`: the images' frozen maps from `self.tower`, if computed before;
-        prompts: None or one PromptBatch per clip."""
+        prompts: None or one PromptBatch per clip. aux=False leaves out the earlier prediction
+        sets (deep supervision): for inference, or a loss with final_only=True."""
         if encoded is None:
             if images is None:
                 raise ValueError("forward needs images or encoded features")
             encoded = self.encode(images, tower)
         text = self.text_embeddings(vocabulary)
         pixels = encoded.pixels
-        queries = self.decoder(pixels.mask_features, pixels.multi_scale_memory, encoded.frames, text, prompts)
+        queries = self.decoder(pixels.mask_features, pixels.multi_scale_memory, encoded.frames, text, prompts, aux=aux)
         return ModelOutputs(queries=queries, clip_features=encoded.clip_features, text_embeddings=text,
                             image_size=encoded.image_size)
 
     def loss(self, outputs: ModelOutputs, targets: list[MatchTargets], across_workers: bool = True, *,
-             final_only: bool = False) -> dict[str, Tensor]:
+             final_only: bool = False, check_finite: bool = True) -> dict[str, Tensor]:
         """Weighted loss terms of every prediction set (see SetCriterion); sum them to train.
         across_workers=False for a loss one worker computes alone (no collective);
-        final_only=True for the last set's terms alone (validation and look-ahead targets)."""
-        return self.criterion(outputs.queries, targets, across_workers, final_only=final_only)
+        final_only=True for the last set's terms alone (validation and look-ahead targets);
+        check_finite=False leaves the check for non-finite terms to the caller, which then
+        reads them from the device when it chooses (`criterion.loss_values`)."""
+        return self.criterion(outputs.queries, targets, across_workers, final_only=final_only, check_finite=check_finite)
+
+    def compile_parts(self, **options) -> None:
+        """`torch.compile` (with `options`, e.g. backend or mode) the parts that are plain tensor
+        programs: the backbone, the pixel decoder and the decoder. The rest stays eager: the
+        text classifier's cache, and the losses, whose matching runs on the host. A batch of
+        another shape or prompt layout compiles once more (torch.compile marks the changing
+        sizes dynamic after the first such recompile)."""
+        for part in (self.backbone, self.pixel_decoder, self.decoder):
+            part.compile(**options)
 
     def text_embeddings(self, vocabulary: Vocabulary) -> Tensor:
         """(C, S, D) CLIP text embeddings of the vocabulary (cached), on the model's device."""
@@ -176,9 +205,10 @@ class OMGSeg(nn.Module):
         prompts: list[PromptBatch] | None = None,
         encoded: EncodedClips | None = None,
     ) -> list[ClipPrediction]:
-        """Predictions of B clips at input resolution, with the CLIP ensemble applied; pass
-        `encoded` (from `encode`) instead of images to reuse the features."""
-        outputs = self(images, vocabulary, prompts, encoded)
+        """Predictions of B clips, with the CLIP ensemble applied; pass `encoded` (from
+        `encode`) instead of images to reuse the features. Only the last prediction set is
+        computed, and the tubes stay at the decoder's resolution until post-processing asks."""
+        outputs = self(images, vocabulary, prompts, encoded, aux=False)
         queries = outputs.queries
         num_obj = queries.num_object_queries
         query_logits = queries.class_logits[:, :num_obj]  # (B, Qo, C + 1)
@@ -194,18 +224,17 @@ class OMGSeg(nn.Module):
             ])
         else:
             probs = query_logits.float().softmax(-1)
-        masks = _upsample(queries.mask_logits, outputs.image_size)  # (B, Q, T, H, W)
-        predictions = []
-        for i in range(masks.shape[0]):
-            valid = queries.prompt_valid[i]
-            predictions.append(ClipPrediction(
+        return [
+            ClipPrediction(
                 class_probs=probs[i],
-                mask_logits=masks[i, :num_obj],
+                low_res_mask_logits=queries.mask_logits[i, :num_obj],
                 embeddings=queries.id_embeddings[i, :num_obj],
-                prompt_mask_logits=masks[i, num_obj:][valid],
+                low_res_prompt_mask_logits=queries.mask_logits[i, num_obj:num_obj + queries.prompt_counts[i]],
                 vocabulary=vocabulary,
-            ))
-        return predictions
+                image_size=outputs.image_size,
+            )
+            for i in range(queries.mask_logits.shape[0])
+        ]
 
     def clip_logits(self, outputs: ModelOutputs) -> Tensor:
         """(B, Qo, C) the frozen CLIP's own class logits for each object query's mask: its dense
@@ -244,15 +273,6 @@ class OMGSeg(nn.Module):
 def _check_clips(images: Tensor) -> None:
     if images.dim() != 5 or images.shape[2] != 3:
         raise ValueError(f"images must be (B, T, 3, H, W), got {tuple(images.shape)}")
-
-
-def _upsample(mask_logits: Tensor, size: tuple[int, int]) -> Tensor:
-    """(B, Q, T, h, w) -> (B, Q, T, H, W), bilinear."""
-    b, q, t, h, w = mask_logits.shape
-    if (h, w) == tuple(size):
-        return mask_logits
-    up = F.interpolate(mask_logits.flatten(0, 2)[:, None], size=size, mode="bilinear", align_corners=False)
-    return up.view(b, q, t, *size)
 
 
 def parameter_counts(model: OMGSeg) -> dict[str, int]:

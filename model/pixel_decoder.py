@@ -126,7 +126,8 @@ def multi_scale_deformable_attention(
         corner of the top-left pixel, (1, 1) the bottom-right corner of the bottom-right one.
         Points outside sample zeros (bilinear weights of outside pixels are dropped).
     attention_weights: (B, Q, nH, L, P), typically a softmax over L*P.
-    Returns (B, Q, nH * hd).
+    Returns (B, Q, nH * hd) in value's dtype; the sampling runs in sampling_locations' dtype.
+    One grid_sample call per level samples every batch element, head, query and point.
     """
     batch, num_values, num_heads, head_dim = value.shape
     _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
@@ -139,7 +140,7 @@ def multi_scale_deformable_attention(
         raise ValueError(
             f"attention_weights must be {tuple(sampling_locations.shape[:-1])}, got {tuple(attention_weights.shape)}"
         )
-    values = value.split([h * w for h, w in spatial_shapes], dim=1)
+    values = value.to(sampling_locations.dtype).split([h * w for h, w in spatial_shapes], dim=1)
     # grid_sample's grid is in [-1, 1]; with align_corners=False its ends are the outer pixel
     # corners, matching the normalisation above.
     grids = 2 * sampling_locations - 1  # (B, Q, nH, L, P, 2)
@@ -153,7 +154,7 @@ def multi_scale_deformable_attention(
     sampled = torch.stack(sampled, dim=3).flatten(3)  # (B*nH, hd, Q, L*P)
     weights = attention_weights.transpose(1, 2).reshape(batch * num_heads, 1, num_queries, num_levels * num_points)
     out = (sampled * weights).sum(dim=-1)  # (B*nH, hd, Q)
-    return out.view(batch, num_heads * head_dim, num_queries).transpose(1, 2)  # (B, Q, nH*hd)
+    return out.view(batch, num_heads * head_dim, num_queries).transpose(1, 2).to(value.dtype)  # (B, Q, nH*hd)
 
 
 # --------------------------------------------------------------------------------------------
@@ -211,14 +212,17 @@ class MultiScaleDeformableAttention(nn.Module):
         nh, nl, npt = self.num_heads, self.num_levels, self.num_points
         value = self.value_proj(value_input).view(batch, value_input.shape[1], nh, d_model // nh)  # (B, S, nH, hd)
         offsets = self.sampling_offsets(query).view(batch, num_queries, nh, nl, npt, 2)
-        weights = self.attention_weights(query).view(batch, num_queries, nh, nl * npt).softmax(dim=-1)
+        weights = self.attention_weights(query).view(batch, num_queries, nh, nl * npt).float().softmax(dim=-1)
         weights = weights.view(batch, num_queries, nh, nl, npt)
         # Offsets are in pixels of each level: divide by (w_l, h_l) to move in normalised units.
-        level_size = torch.tensor(
-            [[w, h] for h, w in spatial_shapes], device=query.device, dtype=query.dtype
-        )  # (L, 2) xy order
+        # Locations are float32 whatever autocast does: in bfloat16 a location is off by up to
+        # 1/256 of the level, 2 pixels of a 512-wide one. The (L, 2) sizes (xy order) are
+        # filled in on the device: a tensor copied from the host would make it wait for the device.
+        level_size = torch.empty(nl, 2, device=query.device)
+        for lvl, (h, w) in enumerate(spatial_shapes):
+            level_size[lvl, 0], level_size[lvl, 1] = w, h
         locations = (
-            reference_points[:, :, None, None, None, :] + offsets / level_size[None, None, None, :, None, :]
+            reference_points.float()[:, :, None, None, None, :] + offsets.float() / level_size[None, None, None, :, None, :]
         )  # (B, Q, nH, L, P, 2)
         out = multi_scale_deformable_attention(value, spatial_shapes, locations, weights)  # (B, Q, d)
         return self.output_proj(out)

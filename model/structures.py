@@ -1,7 +1,9 @@
 """Typed structures that cross module boundaries in the model: prompts, decoder outputs, targets.
 
 Each is validated when built, so a wrong shape fails where it was made, with the shape that
-was received, instead of deep inside the decoder or the loss.
+was received, instead of deep inside the decoder or the loss. Values (label ranges, box
+corners, click labels) are checked where the data is made, on the host: a copy moved to a
+device is not read back, since that would make the host wait for the device.
 """
 
 from __future__ import annotations
@@ -30,6 +32,15 @@ def _check_shape(name: str, tensor: Tensor, expected: tuple[int | None, ...]) ->
     if not ok:
         want = "(" + ", ".join("*" if e is None else str(e) for e in expected) + ")"
         raise ValueError(f"{name} must have shape {want}, got {tuple(tensor.shape)}")
+
+
+def point_boxes(points: Tensor, image_size: tuple[int, int]) -> Tensor:
+    """Points (..., 2) xy in input pixels -> their +-3 px boxes (..., 4) xyxy, clipped to the image."""
+    height, width = image_size
+    x, y = points.float().unbind(-1)
+    r = POINT_BOX_HALF_SIZE
+    return torch.stack([(x - r).clamp(0, width), (y - r).clamp(0, height),
+                        (x + r).clamp(0, width), (y + r).clamp(0, height)], dim=-1)
 
 
 @dataclass(frozen=True)
@@ -64,7 +75,8 @@ class PromptBatch:
         height, width = self.image_size
         if height <= 0 or width <= 0:
             raise ValueError(f"PromptBatch.image_size must be positive (H, W), got {self.image_size}")
-        if k > 0:
+        on_host = self.boxes.device.type == "cpu"
+        if k > 0 and on_host:
             flipped = (self.boxes[:, 2] < self.boxes[:, 0]) | (self.boxes[:, 3] < self.boxes[:, 1])
             if bool(flipped.any()):
                 raise ValueError(
@@ -78,7 +90,7 @@ class PromptBatch:
             _check_shape("PromptBatch.click_labels", self.click_labels, (k, self.clicks.shape[1]))
             if self.click_labels.dtype != torch.long:
                 raise ValueError(f"PromptBatch.click_labels must be int64, got {self.click_labels.dtype}")
-            bad = set(self.click_labels.unique().tolist()) - {-1, 0, 1}
+            bad = set(self.click_labels.unique().tolist()) - {-1, 0, 1} if on_host else set()
             if bad:
                 raise ValueError(f"PromptBatch.click_labels must be 1, 0 or -1 (padding), got {sorted(bad)}")
 
@@ -92,15 +104,8 @@ class PromptBatch:
     ) -> PromptBatch:
         """Point prompts: points (K, 2) xy in input pixels become +-3 px boxes, clipped to the image."""
         _check_shape("points", points, (None, 2))
-        height, width = image_size
-        x, y = points.float().unbind(-1)
-        r = POINT_BOX_HALF_SIZE
-        boxes = torch.stack(
-            [(x - r).clamp(0, width), (y - r).clamp(0, height),
-             (x + r).clamp(0, width), (y + r).clamp(0, height)], dim=-1
-        )  # (K, 4)
         return cls(
-            boxes=boxes,
+            boxes=point_boxes(points, image_size),
             kinds=(PromptKind.POINT,) * points.shape[0],
             image_size=image_size,
             clicks=clicks,
@@ -110,10 +115,6 @@ class PromptBatch:
     @property
     def num_prompts(self) -> int:
         return self.boxes.shape[0]
-
-    def kind_indices(self) -> Tensor:
-        """(K,) int64 index of each prompt's kind, on the boxes' device."""
-        return torch.tensor([KIND_INDEX[k] for k in self.kinds], dtype=torch.long, device=self.boxes.device)
 
 
 @dataclass
@@ -133,6 +134,9 @@ class QueryOutputs:
         each has an empty aux list.
     unused_parameter_sum: () scalar, the sum of the decoder parameters that no loss reaches
         in this pass (see OMGDecoder.forward and SetCriterion), or None.
+    prompt_counts: each clip's number of real prompts (prompt_valid's row sums), known on the
+        host so that the loss never reads them back from the device; counted from
+        prompt_valid when not given.
     """
 
     mask_logits: Tensor
@@ -142,6 +146,7 @@ class QueryOutputs:
     prompt_valid: Tensor
     aux: list[QueryOutputs] = field(default_factory=list)
     unused_parameter_sum: Tensor | None = None
+    prompt_counts: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.mask_logits.dim() != 5:
@@ -161,6 +166,10 @@ class QueryOutputs:
         for i, a in enumerate(self.aux):
             if a.aux:
                 raise ValueError(f"QueryOutputs.aux[{i}] must not have its own aux sets")
+        if self.prompt_counts is None:
+            self.prompt_counts = tuple(int(n) for n in self.prompt_valid.sum(dim=1))
+        if len(self.prompt_counts) != b:
+            raise ValueError(f"QueryOutputs.prompt_counts must have {b} entries, got {self.prompt_counts}")
 
     @property
     def num_prompt_queries(self) -> int:
@@ -204,7 +213,7 @@ class MatchTargets:
             raise ValueError(f"MatchTargets.labels must be int64, got {self.labels.dtype}")
         if self.masks.dtype != torch.bool:
             raise ValueError(f"MatchTargets.masks must be bool, got {self.masks.dtype}")
-        if n > 0 and int(self.labels.min()) < 0:
+        if n > 0 and self.labels.device.type == "cpu" and int(self.labels.min()) < 0:
             raise ValueError(f"MatchTargets.labels must be >= 0, got {self.labels.tolist()}")
         if not self.supervise_objects and n > 0:
             raise ValueError(f"MatchTargets with supervise_objects=False must have no object targets, got {n}")

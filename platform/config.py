@@ -205,6 +205,8 @@ class OptimizerConfig(StrictModel):
     )
     gamma: float = Field(default=0.1, gt=0)
     amp: bool = Field(default=True, description="bfloat16 autocast where the device supports it (CUDA)")
+    compile: bool = Field(default=False, description="torch.compile the model's backbone, pixel decoder and decoder "
+                          "before training (OMGSeg.compile_parts): faster steps after a compile of a minute or more")
 
 
 class Resources(StrictModel):

@@ -161,9 +161,9 @@ class Panoptic(TaskSpec):
 
     def postprocess(self, model, pred, vocabulary) -> PanopticResult:
         settings = model.config.inference
-        return panoptic_inference(pred.class_probs.cpu(), pred.mask_logits.cpu(), torch.tensor(vocabulary.is_thing),
+        return panoptic_inference(pred.class_probs.cpu(), pred.low_res_mask_logits.cpu(), torch.tensor(vocabulary.is_thing),
                                   object_mask_threshold=settings.object_mask_threshold,
-                                  overlap_threshold=settings.overlap_threshold)
+                                  overlap_threshold=settings.overlap_threshold, size=pred.image_size)
 
     def id_maps(self, result: PanopticResult, shape) -> np.ndarray:
         return result.id_map.numpy()
@@ -199,8 +199,8 @@ class Instance(TaskSpec):
     task = Task.INSTANCE
 
     def postprocess(self, model, pred, vocabulary) -> InstanceResult:
-        return instance_inference(pred.class_probs.cpu(), pred.mask_logits.cpu(), torch.tensor(vocabulary.is_thing),
-                                  top_k=model.config.inference.instance_top_k)
+        return instance_inference(pred.class_probs.cpu(), pred.low_res_mask_logits.cpu(), torch.tensor(vocabulary.is_thing),
+                                  top_k=model.config.inference.instance_top_k, size=pred.image_size)
 
     def id_maps(self, result: InstanceResult, shape) -> np.ndarray:
         keep = (result.scores >= SHOWN_SCORE).numpy()  # best first
@@ -235,7 +235,7 @@ class Semantic(TaskSpec):
     task = Task.SEMANTIC
 
     def postprocess(self, model, pred, vocabulary) -> SemanticResult:
-        return semantic_inference(pred.class_probs.cpu(), pred.mask_logits.cpu())
+        return semantic_inference(pred.class_probs.cpu(), pred.low_res_mask_logits.cpu(), size=pred.image_size)
 
     def id_maps(self, result: SemanticResult, shape) -> np.ndarray:
         return result.labels.numpy() + 1  # class index + 1, so class 0 is coloured too
@@ -269,7 +269,8 @@ class _Prompted(TaskSpec):
     prompted = True
 
     def postprocess(self, model, pred, vocabulary) -> PromptResult:
-        return prompt_inference(pred.prompt_mask_logits.cpu(), mask_threshold=model.config.inference.prompt_mask_threshold)
+        return prompt_inference(pred.low_res_prompt_mask_logits.cpu(), mask_threshold=model.config.inference.prompt_mask_threshold,
+                                size=pred.image_size)
 
     def id_maps(self, result: PromptResult | None, shape) -> np.ndarray:
         return stack_masks(result.masks.numpy(), shape) if result is not None else np.zeros(shape, dtype=np.int64)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -23,6 +24,7 @@ from omgseg.datasets.manifest import read_meta
 from omgseg.datasets.stream import ShardStream
 from omgseg.model.checkpoint import load_weights
 from omgseg.model.config import model_config
+from omgseg.model.criterion import loss_values
 from omgseg.model.omgseg import OMGSeg
 from omgseg.model.vocabulary import Vocabulary, merge_vocabularies
 from omgseg.platform.config import DataConfig, TrainConfig
@@ -136,6 +138,8 @@ def build_parts(config: TrainConfig, rank: int, world: int, device: torch.device
     names = mixed_datasets(config)
     vocabulary, label_maps = merge_vocabularies(dataset_vocabularies(config.data, names))
     model = build_model(config).to(device)  # before the optimizer: its state follows the parameters' device
+    if config.optimizer.compile:
+        model.compile_parts()
     model.seen_names = {s for i in range(len(vocabulary)) for s in vocabulary.synonyms(i)}
     optimizer = build_optimizer(model, config)
     state = WorkerState(step=0, counts=dict.fromkeys(names, 0))
@@ -165,21 +169,20 @@ def build_parts(config: TrainConfig, rank: int, world: int, device: torch.device
 
 
 def train_step(parts: TrainParts, batch: TrainBatch) -> dict[str, float]:
-    """One optimizer step on `batch`; returns the loss terms. A non-finite loss raises with
-    every term."""
+    """One optimizer step on `batch`; returns the loss terms. Forward, backward and the update
+    are queued without the host waiting for the device (bfloat16 autocast on CUDA, the losses
+    in float32); the terms are read back once, after the update, and a non-finite one raises
+    naming every term (the update it made is never saved: the run stops there)."""
     batch = batch.to(parts.device)
-    with torch.autocast(parts.device.type, dtype=torch.bfloat16, enabled=parts.autocast):
+    with torch.autocast(parts.device.type, dtype=torch.bfloat16) if parts.autocast else nullcontext():
         outputs = parts.forward(batch.images, parts.vocabulary, batch.prompts)
-        losses = parts.model.loss(outputs, batch.targets)
-    total = sum(losses.values())
-    if not torch.isfinite(total):
-        raise FloatingPointError("non-finite loss: " + ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in losses.items()))
+        losses = parts.model.loss(outputs, batch.targets, check_finite=False)
     parts.optimizer.zero_grad(set_to_none=True)
-    total.backward()
+    sum(losses.values()).backward()
     torch.nn.utils.clip_grad_norm_([p for p in parts.model.parameters() if p.requires_grad], parts.config.optimizer.grad_clip)
     parts.optimizer.step()
     parts.scheduler.step()
-    return {k: float(v.detach()) for k, v in losses.items()}
+    return loss_values(losses)
 
 
 def train_loop(parts: TrainParts, state: WorkerState, hooks: Sequence[Hook] = ()) -> None:

@@ -3,8 +3,11 @@
 Both models are built with random weights at matching sizes (same backbone family and
 widths, same pixel-decoder and decoder depths, same number of queries, same input and
 number of loss points) and trained on the same random batch. OMG-Seg's CLIP backbone is
-frozen; Mask2Former trains its backbone, as it does by default. Each measurement runs in
-its own process so its peak resident memory is its own. Prints one JSON line.
+frozen; Mask2Former trains its backbone, as it does by default. Inference is a forward pass
+on both sides: Mask2Former's model call, OMG-Seg's `predict` (which also classifies with the
+CLIP ensemble when CLIP has weights; both leave the masks at a quarter of the input size for
+post-processing to upsample). Each measurement runs in its own process so its peak resident
+memory is its own. Prints one JSON line.
 
     python tests/benchmarks/bench_model.py [--sizes tiny mid] [--steps 5]
 """

@@ -36,8 +36,10 @@ import omgseg.model.omgseg as omgseg_module  # noqa: E402
 import omgseg.model.pixel_decoder as pixel_decoder_module  # noqa: E402
 from omgseg.model.inference import instance_inference, panoptic_inference, semantic_inference  # noqa: E402
 
-MARK = "omgseg/"  # prefix of the profiler ranges this script opens
+MARK = "omgseg/"  # prefix of the profiler ranges this script opens for the parts
+STEP = "profiled step"  # the range around one step or inference
 BACKWARD = "autograd::engine::evaluate_function: "
+OUTSIDE = "outside the parts (loss sum, text embeddings, checks)"
 
 
 def _mark_module(module: torch.nn.Module, name: str) -> None:
@@ -69,7 +71,12 @@ def _marked(name: str, fn: Callable) -> Callable:
 def _mark_parts(model: torch.nn.Module) -> None:
     """Mark the parts the breakdown reports; the innermost mark wins."""
     _mark_module(model.backbone, "backbone (frozen CLIP tower)")
-    _mark_module(model.pixel_decoder, "pixel decoder: projections, FFN, FPN")
+    pixel_decoder = model.pixel_decoder
+    _mark_module(pixel_decoder, "pixel decoder: encoder FFN, norms, position encodings")
+    for projection in pixel_decoder.input_proj:
+        _mark_module(projection, "pixel decoder: input projections")
+    for conv in (pixel_decoder.lateral_conv, pixel_decoder.output_conv, pixel_decoder.mask_features):
+        _mark_module(conv, "pixel decoder: stride-4 convolutions (FPN, mask features)")
     for layer in model.pixel_decoder.layers:
         _mark_module(layer.self_attn, "pixel decoder: deformable attention (projections)")
     pixel_decoder_module.multi_scale_deformable_attention = _marked(
@@ -121,23 +128,33 @@ def _breakdown(events) -> tuple[dict[str, float], dict[str, float]]:
     forward_mark: dict[int, str] = {}
     for event in events:
         if event.sequence_nr >= 0 and not event.name.startswith(BACKWARD) and event.fwd_thread == 0:
-            forward_mark.setdefault(event.sequence_nr, mark_of(event) or "outside the model (loss sum, optimizer)")
+            forward_mark.setdefault(event.sequence_nr, mark_of(event) or OUTSIDE)
+
+    def backward_root(event):
+        while event is not None and not event.name.startswith(BACKWARD):
+            event = event.cpu_parent
+        return event
 
     forward: dict[str, float] = defaultdict(float)
     backward: dict[str, float] = defaultdict(float)
     for event in events:
-        root = event
-        while root.cpu_parent is not None:
-            root = root.cpu_parent
         ms = event.self_cpu_time_total / 1000
-        if root.name.startswith(BACKWARD):
-            part = forward_mark.get(root.sequence_nr, "gradient accumulation") if root.sequence_nr >= 0 else "gradient accumulation"
-            backward[part] += ms
-        elif root.name.startswith("Optimizer.step") or root.name.startswith("Optimizer.zero_grad"):
+        root = backward_root(event)
+        if root is not None:
+            backward[forward_mark.get(root.sequence_nr, "gradient accumulation")] += ms
+        elif _inside(event, "Optimizer."):
             forward["optimizer (AdamW)"] += ms
         else:
-            forward[mark_of(event) or "outside the model (loss sum, optimizer)"] += ms
+            forward[mark_of(event) or OUTSIDE] += ms
     return dict(forward), dict(backward)
+
+
+def _inside(event, prefix: str) -> bool:
+    while event is not None:
+        if event.name.startswith(prefix):
+            return True
+        event = event.cpu_parent
+    return False
 
 
 def _table(title: str, forward: dict[str, float], backward: dict[str, float], steps: int, wall_ms: float) -> str:
@@ -158,7 +175,7 @@ def _profile(run: Callable[[], None], steps: int) -> tuple[dict, dict, float]:
             run()
     events = prof.events()
     forward, backward = _breakdown(events)
-    wall_ms = sum(e.cpu_time_total for e in events if e.name == "omgseg/step") / 1000 / steps
+    wall_ms = sum(e.cpu_time_total for e in events if e.name == STEP) / 1000 / steps
     return forward, backward, wall_ms
 
 
@@ -170,14 +187,14 @@ def profile_size(size: str, steps: int) -> dict:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
     def train_step() -> None:
-        with record_function("omgseg/step"):
+        with record_function(STEP):
             loss = loss_of_step()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
 
     def inference() -> None:
-        with record_function("omgseg/step"), torch.no_grad():
+        with record_function(STEP), torch.no_grad():
             (pred,) = infer()
             with record_function(MARK + "post-processing (panoptic, instance, semantic)"):
                 is_thing = torch.arange(pred.class_probs.shape[1] - 1) % 2 == 0

@@ -4,13 +4,14 @@ import pytest
 import torch
 from torch import nn
 
-from omgseg.model.backbone import TINY_MODEL_NAME, BackboneFeatures, ClipBackbone
+from omgseg.model.backbone import BackboneFeatures, ClipBackbone, build_backbone
+from omgseg.model.clip_model import TINY_MODEL_NAME
 
 
 @pytest.fixture(scope="module")
 def backbone() -> ClipBackbone:
     torch.manual_seed(0)
-    return ClipBackbone(TINY_MODEL_NAME)
+    return build_backbone(TINY_MODEL_NAME)
 
 
 def _images(b: int, h: int, w: int, seed: int = 0) -> torch.Tensor:
@@ -123,11 +124,11 @@ def test_local_checkpoint_round_trip(tmp_path):
     torch.save(source.state_dict(), path)
 
     torch.manual_seed(999)  # a different random init, which the checkpoint must overwrite
-    loaded = ClipBackbone(TINY_MODEL_NAME, checkpoint=path)
+    loaded = build_backbone(TINY_MODEL_NAME, checkpoint=path)
     for key, value in source.state_dict().items():
         assert torch.equal(loaded.clip.state_dict()[key], value), key
     torch.manual_seed(999)
-    random = ClipBackbone(TINY_MODEL_NAME)
+    random = build_backbone(TINY_MODEL_NAME)
     images = _images(1, 64, 64)
     source.eval()
     normalised = (images / 255.0 - loaded.pixel_mean) / loaded.pixel_std
@@ -140,22 +141,22 @@ def test_local_checkpoint_round_trip(tmp_path):
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
     missing = tmp_path / "nowhere" / "open_clip_pytorch_model.bin"
     with pytest.raises(FileNotFoundError, match="nowhere/open_clip_pytorch_model.bin.*never downloaded"):
-        ClipBackbone(TINY_MODEL_NAME, checkpoint=missing)
+        build_backbone(TINY_MODEL_NAME, checkpoint=missing)
     # A pretrained tag is not a local file: it must not trigger a download, and the error says
     # where tags go instead.
     with pytest.raises(FileNotFoundError, match="laion2b_s29b_b131k_ft_soup.*clip_pretrained=laion2b_s29b_b131k_ft_soup"):
-        ClipBackbone("convnext_large_d_320", checkpoint="laion2b_s29b_b131k_ft_soup")
+        build_backbone("convnext_large_d_320", checkpoint="laion2b_s29b_b131k_ft_soup")
 
 
 def test_unknown_model_lists_examples_of_each_family():
     with pytest.raises(ValueError, match="unknown open_clip model 'convnext_nope'.*convnext_large_d_320.*RN50.*ViT-B-16"):
-        ClipBackbone("convnext_nope")
+        build_backbone("convnext_nope")
 
 
 @pytest.mark.slow
 def test_paper_backbone_channels_read_from_the_model():
     """convnext_large_d_320 (random weights): the reference's channels and embedding width."""
-    backbone = ClipBackbone("convnext_large_d_320")
+    backbone = build_backbone("convnext_large_d_320")
     assert [s.channels for s in backbone.feature_specs] == [192, 384, 768, 1536]
     assert [s.stride for s in backbone.feature_specs] == [4, 8, 16, 32]
     assert backbone.embed_dim == 768

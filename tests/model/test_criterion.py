@@ -8,6 +8,7 @@ from omgseg.model.criterion import (
     LossWeights,
     SetCriterion,
     dice_loss,
+    loss_values,
     sample_uncertain_points,
 )
 from omgseg.model.matcher import HungarianMatcher
@@ -115,8 +116,12 @@ def test_non_finite_total_raises_with_the_loss_dict():
     class_logits, mask_logits = _perfect_logits(target, 3, num_classes=3)
     mask_logits = mask_logits.clone()
     mask_logits[0, 3] = float("nan")  # the prompt query: not matched, so only the loss sees it
-    with pytest.raises(FloatingPointError, match=r"non-finite total loss .*'loss_prompt_mask': nan"):
+    with pytest.raises(FloatingPointError, match=r"^non-finite loss: loss_ce=0, .*loss_prompt_mask=nan, .*loss_zero_anchor=0$"):
         _criterion()(_outputs(class_logits, mask_logits, 3), [target])
+    # check_finite=False leaves the check (and the read from the device) to the caller.
+    losses = _criterion()(_outputs(class_logits, mask_logits, 3), [target], check_finite=False)
+    with pytest.raises(FloatingPointError, match=r"loss_prompt_dice=nan"):
+        loss_values(losses)
 
 
 def test_prompt_count_must_match_prompt_masks():

@@ -215,3 +215,55 @@ def test_paper_size_parameter_count():
     # docs/reference.md: queries and heads about 1M. Ours: 0.81M, no identity head (the query
     # itself is the identity embedding, as in MinVIS), prompt encoder 0.2M included.
     assert 0.78e6 < rest < 0.85e6, rest
+
+
+def test_attention_equals_torch_multihead_attention_with_the_same_weights():
+    """The SDPA-based layer against nn.MultiheadAttention (its per-head repeated mask, True =
+    blocked): same parameter names and shapes, same outputs; and the same initial weights for
+    the same seed."""
+    from omgseg.model.decoder import Attention
+
+    torch.manual_seed(5)
+    ours = Attention(D, HEADS)
+    torch.manual_seed(5)
+    theirs = torch.nn.MultiheadAttention(D, HEADS, batch_first=True)
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
+    for key, value in theirs.state_dict().items():
+        torch.testing.assert_close(ours.state_dict()[key], value, rtol=0, atol=0, msg=key)
+    gen = torch.Generator().manual_seed(6)
+    q, k = torch.randn(2, 7, D, generator=gen), torch.randn(2, 11, D, generator=gen)
+    allowed = torch.rand(2, 7, 11, generator=gen) > 0.5
+    allowed[:, :, 0] = True  # every query attends somewhere
+    want = theirs(q, k, k, attn_mask=(~allowed).repeat_interleave(HEADS, dim=0), need_weights=False)[0]
+    torch.testing.assert_close(ours(q, k, k, allowed), want, rtol=1e-5, atol=1e-6)
+
+
+def test_attention_masks_from_resized_features_equal_resized_mask_logits():
+    """Masked attention thresholds mask logits at the memory level. The decoder resizes the
+    mask features once per level instead of every full-size mask: the slow reference resizes
+    the full-size logits, as Mask2Former does."""
+    dec = _decoder()
+    gen = torch.Generator().manual_seed(7)
+    b, t, q, h, w = 2, 2, QUERIES, SIZE // 4, SIZE // 4
+    mask_feats = torch.randn(b, t, D, h, w, generator=gen)
+    mask_emb = torch.randn(b, q, D, generator=gen)
+    for size in ((1, 1), (2, 2), (4, 4)):
+        logits = torch.einsum("bqc,btchw->bqthw", mask_emb, mask_feats)
+        small = torch.nn.functional.interpolate(logits.flatten(1, 2), size=size, mode="bilinear", align_corners=False)
+        want = small.view(b, q, -1).sigmoid() >= 0.5
+        want = want | ~want.any(-1, keepdim=True)
+        level = torch.nn.functional.interpolate(mask_feats.flatten(0, 1), size=size, mode="bilinear", align_corners=False)
+        got = dec._attention_mask(mask_emb, level.view(b, t, D, *size))
+        assert torch.equal(got, want), size
+
+
+def test_inference_without_earlier_sets_gives_the_same_last_set():
+    dec = _decoder()
+    mf, mem, text = _inputs(2, 2)
+    prompts = [_points([[4.0, 5.0]], negatives=True), _box([[1.0, 2.0, 12.0, 30.0]])]
+    full = dec(mf, mem, 2, text, prompts)
+    last = dec(mf, mem, 2, text, prompts, aux=False)
+    assert last.aux == [] and len(full.aux) == LAYERS
+    for name in ("mask_logits", "class_logits", "id_embeddings", "prompt_valid"):
+        torch.testing.assert_close(getattr(last, name), getattr(full, name), rtol=0, atol=0, msg=name)
+    assert last.prompt_counts == full.prompt_counts == (1, 1)

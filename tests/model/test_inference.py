@@ -155,3 +155,43 @@ def test_bad_inputs_name_the_argument():
         ensemble_probs(torch.zeros(1, 3), torch.zeros(1, 2), torch.tensor([True]))
     with pytest.raises(ValueError, match="no scores recorded"):
         TubeLinker().video_scores()
+
+
+def test_low_resolution_tubes_with_a_size_give_the_full_size_results_upsampling_only_what_is_kept(monkeypatch):
+    """Passing the decoder's tubes and `size` equals upsampling every tube first (the slow
+    reference), while panoptic upsamples only its confident queries and instance its top k."""
+    import omgseg.model.inference as inference
+
+    gen = torch.Generator().manual_seed(0)
+    q, t, size = 12, 2, (29, 37)
+    logits = 4 * torch.randn(q, t, 8, 10, generator=gen)
+    logits[:3] = -BIG  # three confident queries on three parts of the frame
+    logits[0, :, :4, :5] = logits[1, :, 4:] = logits[2, :, :4, 5:] = BIG
+    probs = torch.softmax(3 * torch.randn(q, 4, generator=gen), dim=1) * 0.8  # the rest below 0.8
+    probs[:, 3] = 1 - probs[:, :3].sum(1)
+    probs[:3] = torch.tensor([[0.95, 0.02, 0.02, 0.01], [0.02, 0.95, 0.02, 0.01], [0.01, 0.02, 0.95, 0.02]])
+    full = inference.upsample_masks(logits, size)
+    assert full.shape == (q, t, *size)
+
+    counted = []
+    upsample = inference.upsample_masks
+
+    def counting(masks, out_size):
+        if out_size is not None:
+            counted.append(masks.shape[0])
+        return upsample(masks, out_size)
+
+    monkeypatch.setattr(inference, "upsample_masks", counting)
+    fast = panoptic_inference(probs, logits, IS_THING, size=size)
+    slow = panoptic_inference(probs, full, IS_THING)
+    assert torch.equal(fast.id_map, slow.id_map) and fast.segments == slow.segments and len(slow.segments) > 0
+    assert counted == [3]
+    counted.clear()
+    fast = instance_inference(probs, logits, IS_THING, top_k=5, size=size)
+    slow = instance_inference(probs, full, IS_THING, top_k=5)
+    assert torch.equal(fast.masks, slow.masks) and torch.equal(fast.labels, slow.labels)
+    torch.testing.assert_close(fast.scores, slow.scores)
+    assert counted == [5]
+    sem_fast, sem_slow = semantic_inference(probs, logits, size=size), semantic_inference(probs, full)
+    assert torch.equal(sem_fast.labels, sem_slow.labels)
+    assert torch.equal(prompt_inference(logits, size=size).masks, prompt_inference(full).masks)

@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from omgseg.model.backbone import TINY_MODEL_NAME, BackboneFeatures, ClipBackbone
+from omgseg.model.backbone import BackboneFeatures, ClipBackbone, build_backbone
+from omgseg.model.clip_model import TINY_MODEL_NAME
 from omgseg.model.pixel_decoder import (
     MSDeformAttnPixelDecoder,
     PixelDecoderConfig,
@@ -22,7 +23,7 @@ TINY = PixelDecoderConfig(d_model=64, num_layers=2, num_heads=8, num_points=4, f
 @pytest.fixture(scope="module")
 def backbone() -> ClipBackbone:
     torch.manual_seed(0)
-    return ClipBackbone(TINY_MODEL_NAME)
+    return build_backbone(TINY_MODEL_NAME)
 
 
 def _pixel_decoder(backbone: ClipBackbone, seed: int = 1) -> MSDeformAttnPixelDecoder:

@@ -16,14 +16,9 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from omgseg.model.backbone import (
-    TINY_MODEL_NAME,
-    TINY_RN_MODEL_NAME,
-    TINY_VIT_MODEL_NAME,
-    ClipBackbone,
-    SimpleFeaturePyramid,
-)
+from omgseg.model.backbone import ClipBackbone, SimpleFeaturePyramid, build_backbone
 from omgseg.model.checkpoint import load_checkpoint, save_checkpoint
+from omgseg.model.clip_model import TINY_MODEL_NAME, TINY_RN_MODEL_NAME, TINY_VIT_MODEL_NAME
 from omgseg.model.config import model_config, tiny, with_overrides
 from omgseg.model.omgseg import OMGSeg, parameter_counts
 from omgseg.model.structures import MatchTargets
@@ -36,7 +31,7 @@ FAMILIES = {TINY_MODEL_NAME: "convnext", TINY_RN_MODEL_NAME: "modified_resnet", 
 @pytest.fixture(scope="module")
 def backbones() -> dict[str, ClipBackbone]:
     torch.manual_seed(0)
-    return {name: ClipBackbone(name, pyramid_channels=32) for name in FAMILIES}
+    return {name: build_backbone(name, pyramid_channels=32) for name in FAMILIES}
 
 
 @pytest.fixture(autouse=True)
@@ -259,7 +254,7 @@ def test_unknown_tower_family_is_one_clear_line(tmp_path):
     path.write_text(json.dumps(config))
     open_clip.add_model_config(path)
     with pytest.raises(ValueError, match=r"'tiny_timm_vit': its timm trunk VisionTransformer has stage strides \(16, .*supported towers"):
-        ClipBackbone("tiny_timm_vit")
+        build_backbone("tiny_timm_vit")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -273,7 +268,7 @@ def test_a_checkpoint_of_another_model_names_the_keys(tmp_path):
     with pytest.raises(
         ValueError, match=r"tiny_clip.pt does not fit open_clip model 'tiny_clip_rn': \d+ keys missing, e\.g\. \['visual\..*unexpected"
     ):
-        ClipBackbone(TINY_RN_MODEL_NAME, checkpoint=path)
+        build_backbone(TINY_RN_MODEL_NAME, checkpoint=path)
 
 
 def test_a_checkpoint_with_other_shapes_names_the_keys(tmp_path):
@@ -282,7 +277,7 @@ def test_a_checkpoint_with_other_shapes_names_the_keys(tmp_path):
     path = tmp_path / "wrong.pt"
     torch.save(state, path)
     with pytest.raises(ValueError, match=r"wrong.pt does not fit .*'tiny_clip_vit': shapes differ for 1 keys, e\.g\. \['visual.proj'\]"):
-        ClipBackbone(TINY_VIT_MODEL_NAME, checkpoint=path)
+        build_backbone(TINY_VIT_MODEL_NAME, checkpoint=path)
 
 
 def test_a_checkpoint_holding_objects_is_refused_unread(tmp_path):
@@ -290,7 +285,7 @@ def test_a_checkpoint_holding_objects_is_refused_unread(tmp_path):
     path = tmp_path / "objects.pt"
     torch.save({"state_dict": {"x": torch.zeros(1)}, "obj": pickle.PickleError("an object")}, path)
     with pytest.raises(ValueError, match="objects.pt is not an open_clip state dict"):
-        ClipBackbone(TINY_MODEL_NAME, checkpoint=path)
+        build_backbone(TINY_MODEL_NAME, checkpoint=path)
 
 
 def test_vit_and_resnet_checkpoints_round_trip_as_safetensors(tmp_path):
@@ -300,26 +295,26 @@ def test_vit_and_resnet_checkpoints_round_trip_as_safetensors(tmp_path):
         path = tmp_path / f"{name}.safetensors"
         save_file(source.state_dict(), str(path))
         torch.manual_seed(8)
-        loaded = ClipBackbone(name, checkpoint=path)
+        loaded = build_backbone(name, checkpoint=path)
         for key, value in source.state_dict().items():
             assert torch.equal(loaded.clip.state_dict()[key], value), (name, key)
 
 
 def test_unknown_tag_lists_the_models_tags():
     with pytest.raises(ValueError, match=r"unknown pretrained tag 'nope' for open_clip model 'RN50'; its tags: \['openai'"):
-        ClipBackbone("RN50", pretrained="nope")
+        build_backbone("RN50", pretrained="nope")
     with pytest.raises(
         ValueError, match=r"tag 'laion2b_s34b_b79k' for open_clip model 'tiny_clip'; its tags: none .*a tag of \[.*'ViT-B-32'"
     ):
-        ClipBackbone(TINY_MODEL_NAME, pretrained="laion2b_s34b_b79k")
+        build_backbone(TINY_MODEL_NAME, pretrained="laion2b_s34b_b79k")
     with pytest.raises(ValueError, match="either as a local file .* or as a pretrained tag"):
-        ClipBackbone(TINY_MODEL_NAME, checkpoint="x.pt", pretrained="openai")
+        build_backbone(TINY_MODEL_NAME, checkpoint="x.pt", pretrained="openai")
 
 
 def test_offline_tag_names_the_tag_the_cache_and_the_local_alternative(tmp_path):
     cache = tmp_path / "my_cache"
     with pytest.raises(FileNotFoundError) as caught:
-        ClipBackbone("convnext_large_d_320", pretrained="laion2b_s29b_b131k_ft_soup", cache_dir=cache)
+        build_backbone("convnext_large_d_320", pretrained="laion2b_s29b_b131k_ft_soup", cache_dir=cache)
     message = str(caught.value)
     assert "\n" not in message
     assert "'laion2b_s29b_b131k_ft_soup' for 'convnext_large_d_320'" in message
@@ -352,7 +347,7 @@ def test_a_cached_tag_loads_offline(monkeypatch, tmp_path):
     cache = tmp_path / "hub"
     _cache_a_tag(monkeypatch, cache, TINY_VIT_MODEL_NAME, "test_tag", source.state_dict())
     torch.manual_seed(12)
-    backbone = ClipBackbone(TINY_VIT_MODEL_NAME, pretrained="test_tag", cache_dir=cache)
+    backbone = build_backbone(TINY_VIT_MODEL_NAME, pretrained="test_tag", cache_dir=cache)
     for key, value in source.state_dict().items():
         assert torch.equal(backbone.clip.state_dict()[key], value), key
 

@@ -6,7 +6,8 @@ import torch
 from omgseg.core.structures import Category, PromptKind
 from omgseg.datasets.prompts import Prompts
 from omgseg.datasets.transforms import Targets
-from omgseg.model.backbone import TINY_MODEL_NAME, ClipBackbone
+from omgseg.model.backbone import build_backbone
+from omgseg.model.clip_model import TINY_MODEL_NAME
 from omgseg.model.structures import POINT_BOX_HALF_SIZE
 from omgseg.model.vocabulary import PROMPT_TEMPLATES, TextClassifier, Vocabulary, merge_vocabularies
 from omgseg.platform.training.targets import match_targets, prompt_batch
@@ -35,7 +36,7 @@ def test_bad_vocabularies_are_refused():
 
 
 def test_text_classifier_averages_templates_pads_synonyms_and_caches():
-    backbone = ClipBackbone(TINY_MODEL_NAME)
+    backbone = build_backbone(TINY_MODEL_NAME)
     calls = []
 
     def encode(tokens):
