@@ -74,6 +74,10 @@ def batch_dice_cost(pred: Tensor, target: Tensor) -> Tensor:
     return (1 - (2 * inter + 1) / (denom + 1)).sum(-1)
 
 
+# At most this many sampled mask logits (float32) at once when costing prediction sets together: 64 MB.
+_SAMPLED_ELEMENTS = 2**24
+
+
 class HungarianMatcher:
     """One-to-one assignment of object queries to targets minimising
 
@@ -101,15 +105,16 @@ class HungarianMatcher:
         in float32. Labels out of the vocabulary are clamped here (an index out of range would
         abort a CUDA kernel); `match_sets` reports them once the costs are on the host."""
         self._check_frames(mask_logits.shape[1], target)
-        return self._cost(class_logits, mask_logits, target.labels, target.masks.to(torch.float32), points)
-
-    def _cost(self, class_logits: Tensor, mask_logits: Tensor, labels: Tensor, masks: Tensor, points: Tensor) -> Tensor:
-        """cost_matrix with the targets' masks (N, T, H, W) already in float32."""
-        num_classes = class_logits.shape[-1] - 1
-        prob = class_logits.float().softmax(-1)  # (Q, C+1)
-        cost_class = -prob[:, labels.clamp(max=num_classes)]  # (Q, N)
         pred = point_sample(mask_logits.float(), points)  # (Q, T, K)
-        tgt = point_sample(masks, points)  # (N, T, K)
+        tgt = point_sample(target.masks.to(torch.float32), points)  # (N, T, K)
+        return self._costs(class_logits, pred, target.labels, tgt)
+
+    def _costs(self, class_logits: Tensor, pred: Tensor, labels: Tensor, tgt: Tensor) -> Tensor:
+        """class_logits (..., Q, C+1), predicted mask logits (..., Q, T, K) and target masks
+        (..., N, T, K) at the same points -> costs (..., Q, N)."""
+        num_classes = class_logits.shape[-1] - 1
+        prob = class_logits.float().softmax(-1)  # (..., Q, C+1)
+        cost_class = -prob[..., labels.clamp(max=num_classes)]  # (..., Q, N)
         cost_mask = batch_sigmoid_bce_cost(pred, tgt)
         cost_dice = batch_dice_cost(pred, tgt)
         return self.cost_class * cost_class + self.cost_mask * cost_mask + self.cost_dice * cost_dice
@@ -163,31 +168,46 @@ class HungarianMatcher:
                 )
         num_classes = sets[0][0].shape[-1] - 1
         device = sets[0][1].device
+        frames = sets[0][1].shape[2]
+        # Sets are costed together, as many at a time as keep their sampled logits under
+        # _SAMPLED_ELEMENTS: all ten sets of the bench's mid size, two of the paper's model.
+        per_batch = max(1, _SAMPLED_ELEMENTS // (q * frames * self.num_points))
         on_device, shapes = [], []
-        for target in targets:
-            self._check_frames(sets[0][1].shape[2], target)
-        masks = [t.masks.to(torch.float32) for t in targets]  # once per clip, not per set
         with full_precision(device):  # model/precision.py
-            for s, (class_logits, mask_logits) in enumerate(sets):
-                for i, target in enumerate(targets):
-                    if target.labels.numel() == 0:
-                        continue
-                    clip_points = points
-                    if clip_points is None:
-                        generator = clip_generator(target, device, "match", first_stage + s)
-                        clip_points = torch.rand(self.num_points, 2, device=device, generator=generator)
-                    cost = self._cost(class_logits[i], mask_logits[i], target.labels, masks[i], clip_points.to(device))
-                    on_device += [cost.flatten(), target.labels.max().to(cost.dtype).view(1)]
-                    shapes.append((s, i, cost.shape))
-        sizes = [n for *_, shape in shapes for n in (shape.numel(), 1)]
+            for i, target in enumerate(targets):
+                self._check_frames(frames, target)
+                if target.labels.numel() == 0:
+                    continue
+                masks = target.masks.to(torch.float32)  # once per clip, not per set
+                for first in range(0, len(sets), per_batch):
+                    batch = range(first, min(first + per_batch, len(sets)))
+                    if points is None:
+                        clip_points = torch.stack([
+                            torch.rand(self.num_points, 2, device=device,
+                                       generator=clip_generator(target, device, "match", first_stage + s))
+                            for s in batch])  # (S, K, 2)
+                    else:
+                        clip_points = points.to(device).expand(len(batch), *points.shape)
+                    pred = point_sample(torch.stack([sets[s][1][i] for s in batch]).float(), clip_points)  # (S, Q, T, K)
+                    tgt = point_sample(masks.expand(len(batch), *masks.shape), clip_points)  # (S, N, T, K)
+                    cost = self._costs(torch.stack([sets[s][0][i] for s in batch]), pred, target.labels, tgt)  # (S, Q, N)
+                    on_device.append(cost.flatten())
+                    shapes += [(s, i, cost.shape[1:]) for s in batch]
+                on_device.append(target.labels.max().to(torch.float32).view(1))
+                shapes.append((None, i, None))
+        sizes = [1 if shape is None else shape.numel() for _, _, shape in shapes]
         host = iter(torch.cat(on_device).cpu().split(sizes) if on_device else ())
 
         empty = torch.zeros(0, dtype=torch.long)
         matches = [[(empty, empty) for _ in targets] for _ in sets]
         for s, i, shape in shapes:
-            cost, top_label = next(host).view(shape), int(next(host))
-            if top_label >= num_classes:
-                raise ValueError(f"clip {i}: target labels {targets[i].labels.tolist()} out of range for {num_classes} classes")
+            value = next(host)
+            if shape is None:  # the clip's largest label, after its costs
+                if int(value) >= num_classes:
+                    raise ValueError(
+                        f"clip {i}: target labels {targets[i].labels.tolist()} out of range for {num_classes} classes")
+                continue
+            cost = value.view(shape)
             if not torch.isfinite(cost).all():
                 raise ValueError(f"matching cost of clip {i} is not finite: {cost}")
             rows, cols = linear_sum_assignment(cost.numpy())

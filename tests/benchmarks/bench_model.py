@@ -133,15 +133,16 @@ def _measure(which: str, size: str, steps: int, queue) -> None:
         if i > 0:
             times.append(time.perf_counter() - start)
     model.eval()
+    infer_times = []
     with torch.no_grad():
-        infer()
-        start = time.perf_counter()
-        for _ in range(steps):
+        for i in range(steps + 1):  # the first pass is not timed either
+            start = time.perf_counter()
             infer()
-        infer_s = (time.perf_counter() - start) / steps
-    queue.put({
+            if i > 0:
+                infer_times.append(time.perf_counter() - start)
+    queue.put({  # medians: a pass disturbed by anything else on the machine does not move them
         "train_s_per_image": sorted(times)[len(times) // 2] / BATCH,
-        "infer_s_per_image": infer_s,
+        "infer_s_per_image": sorted(infer_times)[len(infer_times) // 2],
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "params_total": sum(p.numel() for p in model.parameters()),
         "params_trainable": sum(p.numel() for p in trainable),

@@ -116,3 +116,20 @@ def test_label_out_of_vocabulary_is_reported():
     bad = MatchTargets(labels=torch.tensor([7]), masks=torch.ones(1, 1, 4, 4, dtype=torch.bool), track_ids=torch.tensor([1]))
     with pytest.raises(ValueError, match=r"\[7\] out of range for 2 classes"):
         matcher(torch.randn(1, 3, 3), torch.randn(1, 3, 1, 4, 4), [bad])
+
+
+def test_prediction_sets_costed_together_or_one_at_a_time_match_alike(monkeypatch):
+    """match_sets costs as many prediction sets at once as fit a memory budget; with a budget
+    of one set at a time, every set and clip is matched the same."""
+    import omgseg.model.matcher as matcher_module
+
+    gen = torch.Generator().manual_seed(3)
+    matcher = HungarianMatcher(num_points=40)
+    targets = [dataclasses.replace(_targets(3, 2, 16, 16, 4, gen), seed=7 + i) for i in range(2)]
+    sets = [(torch.randn(2, 5, 5, generator=gen), torch.randn(2, 5, 2, 8, 8, generator=gen)) for _ in range(4)]
+    together = matcher.match_sets(sets, targets)
+    monkeypatch.setattr(matcher_module, "_SAMPLED_ELEMENTS", 1)
+    alone = matcher.match_sets(sets, targets)
+    for s in range(len(sets)):
+        for i in range(len(targets)):
+            assert all(torch.equal(a, b) for a, b in zip(together[s][i], alone[s][i])), (s, i)
