@@ -6,7 +6,7 @@ import http.server
 import threading
 
 import pytest
-from toydata import META_JSON, SOURCE, tiny_clip
+from toydata import SOURCE, TOY_META, tiny_clip
 
 from omgseg.datasets.location import ShardLocation
 from omgseg.datasets.manifest import read_manifest, read_meta
@@ -18,7 +18,7 @@ from omgseg.datasets.stream import ShardStream
 def shards(tmp_path_factory):
     """6 shards of 2 samples under <root>/toy/train."""
     root = tmp_path_factory.mktemp("served")
-    write_shards([tiny_clip(i) for i in range(12)], root / "toy" / "train", meta=META_JSON, source=SOURCE,
+    write_shards([tiny_clip(i) for i in range(12)], root / "toy" / "train", meta=TOY_META, source=SOURCE,
                  samples_per_shard=2)
     return root
 
