@@ -172,7 +172,7 @@ def run_study(config: StudyConfig, out: Path | None = None, *, resume: bool = Fa
     logs.mkdir(parents=True, exist_ok=True)
     if not verbose:
         _quiet_libraries(logs / "driver.log")
-    dirs = prepare_data(config.data, progress=verbose)
+    dirs = prepare_data(config.data, config.splits_read(), progress=verbose)
     clock["prepared"] = time.perf_counter()
     sizes = {name: read_manifest(splits["train"]).total_samples for name, splits in dirs.items() if "train" in splits}
     plan = plan_trials(config, sizes)
