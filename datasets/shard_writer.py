@@ -161,7 +161,7 @@ def write_job(out_dir: Path, job: ShardJob) -> ShardInfo:
     return ShardInfo(path.name, count, annotated, hashing.size, hashing.sha256.hexdigest())
 
 
-def jobs_of_clips(clips: Iterable[Clip], samples_per_shard: int) -> Iterator[ShardJob]:
+def _jobs_of_clips(clips: Iterable[Clip], samples_per_shard: int) -> Iterator[ShardJob]:
     """Clips at hand cut into shard jobs of `samples_per_shard`, each read from `clips` as the
     job is reached (so an interrupted source leaves the shards before it written)."""
     iterator = iter(clips)
@@ -375,5 +375,5 @@ def write_shards(
     resume reads the clips of the shards it keeps again, and skips them."""
     if samples_per_shard < 1:
         raise ValueError(f"samples_per_shard must be at least 1, got {samples_per_shard}")
-    return write_shard_jobs(jobs_of_clips(clips, samples_per_shard), out_dir, meta=meta, source=source,
+    return write_shard_jobs(_jobs_of_clips(clips, samples_per_shard), out_dir, meta=meta, source=source,
                             samples_per_shard=samples_per_shard, total=total, progress=progress)

@@ -487,7 +487,6 @@ class StudyConfig(StrictModel):
             if sorted(ratios) != sorted(names) or any(not r >= 0 for r in ratios.values()) or not any(ratios.values()):
                 raise ValueError(f"mixing.explicit.{combo}: needs a ratio >= 0 for each of {names} (not all 0), got {ratios}")
         self._check_planted()
-        self.data.check_annotated_val(n for n, splits in self.splits_read().items() if "val" in splits)
         if self.control is not None:
             if self.control not in known:
                 raise ValueError(f"control: {self.control!r} is not a data set of data.datasets ({sorted(known)})")
@@ -504,6 +503,7 @@ class StudyConfig(StrictModel):
                                  "combine (set train_datasets)")
             if self.train.model.init_checkpoint is not None:
                 raise ValueError("give pretrain or train.model.init_checkpoint, not both")
+        self.data.check_annotated_val(n for n, splits in self.splits_read().items() if "val" in splits)
         return self
 
     def _check_planted(self) -> None:
