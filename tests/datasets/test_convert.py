@@ -16,7 +16,7 @@ from omgseg.datasets.synth import SynthSizes, write_synthetic
 from omgseg.platform.cli import main as omgseg
 
 SIZES = SynthSizes(coco_train=14, coco_val=1, ade_train=1, ade_val=1, video_train=6, video_val=1,
-                   min_frames=4, max_frames=7)
+                   min_frames=5, max_frames=7)
 
 
 @pytest.fixture(scope="module")

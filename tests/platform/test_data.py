@@ -12,8 +12,8 @@ from omgseg.platform.config import ConfigError, StudyConfig, TrainConfig, load_c
 from omgseg.platform.data import prepare_data
 
 PAPER = Path(__file__).resolve().parents[2] / "studies" / "configs" / "omgseg_paper.yaml"
-SIZES = SynthSizes(coco_train=4, coco_val=2, ade_train=2, ade_val=2, video_train=3, video_val=2, min_frames=2,
-                   max_frames=3)
+SIZES = SynthSizes(coco_train=4, coco_val=2, ade_train=2, ade_val=2, video_train=3, video_val=2, min_frames=5,
+                   max_frames=6)
 
 
 @pytest.fixture(scope="module")
