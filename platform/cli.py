@@ -51,7 +51,12 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
 def _cmd_convert(args: argparse.Namespace) -> int:
     from omgseg.datasets.convert import convert
+    from omgseg.datasets.heldout import HeldOut
 
+    heldout = None
+    if args.val_from_train is not None:
+        value = float(args.val_from_train)
+        heldout = HeldOut(fraction=value) if value < 1 else HeldOut(count=int(value))
     manifest = convert(
         args.format,
         src=Path(args.src),
@@ -59,10 +64,23 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         split=args.split,
         samples_per_shard=args.samples_per_shard,
         clip_length=args.clip_length,
+        heldout=heldout,
+        workers=args.workers,
         progress=True,
     )
     print(json.dumps({"out": args.out, "shards": len(manifest.shards), "samples": manifest.total_samples}))
     return 0
+
+
+def _held_out_amount(text: str) -> str:
+    """--val-from-train's value: a fraction in (0, 1) or a whole count >= 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction (0.1) or a count (200), got {text!r}") from None
+    if not (0 < value < 1 or (value >= 1 and value.is_integer())):
+        raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1 or a whole count, got {text!r}")
+    return text
 
 
 def _cmd_shards(args: argparse.Namespace) -> int:
@@ -83,7 +101,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     from omgseg.platform.data import prepare_data
 
     config = load_run_or_study(args.config, args.overrides)
-    dirs = prepare_data(config.data, progress=True)
+    dirs = prepare_data(config.data, config.splits_read(), progress=True)
     print(json.dumps({name: {s: str(p) for s, p in splits.items()} for name, splits in dirs.items()}))
     return 0
 
@@ -270,6 +288,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples-per-shard", type=int, default=64, metavar="N")
     p.add_argument("--clip-length", type=int, default=None, metavar="T",
                    help="cut videos into clips of T frames (default: whole videos)")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="processes writing shards at once (default: one per core); the shards are the same for any N")
+    p.add_argument("--val-from-train", type=_held_out_amount, default=None, metavar="F|N",
+                   help="hold out a fraction F (< 1) or a count N of the train images or videos, by id: --split val "
+                   "writes them, --split train the rest (for a data set whose val split has no annotations)")
     p.set_defaults(func=_cmd_convert)
 
     p = sub.add_parser("shards", help="check or describe a shard folder")

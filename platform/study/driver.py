@@ -226,7 +226,7 @@ def _prepare(config: StudyConfig, verbose: bool) -> dict[str, int]:
     from omgseg.datasets.manifest import read_manifest
     from omgseg.platform.data import prepare_data
 
-    dirs = prepare_data(config.data, progress=verbose)
+    dirs = prepare_data(config.data, config.splits_read(), progress=verbose)
     return {name: read_manifest(splits["train"]).total_samples for name, splits in dirs.items() if "train" in splits}
 
 

@@ -325,7 +325,7 @@ def run_training(config: TrainConfig, *, parent_run_id: str | None = None, tags:
     if in_process and config.resources.workers != 1:
         raise ValueError(f"in-process training runs one worker, the config asks for {config.resources.workers}")
     if prepare:
-        prepare_data(config.data, progress=not quiet)
+        prepare_data(config.data, config.splits_read(), progress=not quiet)
     check_inputs(config)
     uri = resolve_tracking_uri(config.tracking, config.output_dir)  # a study's trial: the study's URI, as given
     config.output_dir.mkdir(parents=True, exist_ok=True)
