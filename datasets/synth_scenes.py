@@ -26,7 +26,14 @@ SHAPE_COLOURS: dict[str, tuple[int, int, int]] = {
     "cross": (250, 140, 20),  # orange
     "hexagon": (125, 35, 190),  # purple
     "diamond": (250, 175, 205),  # pink
+    # Added for the large planted set's second family (omgseg.datasets.planted).
+    "pentagon": (150, 230, 50),  # lime
+    "arrow": (25, 25, 25),  # black
+    "heart": (250, 120, 110),  # salmon
 }
+# The first eight looks, the only ones COCO to DAVIS and the first planted set draw: they take
+# them from this tuple, so a look added above changes none of their pictures.
+EIGHT_SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "ring", "cross", "hexagon", "diamond")
 
 # Stuff textures and their typical colour (also written as the category's `color`).
 TEXTURE_COLOURS: dict[str, tuple[int, int, int]] = {
@@ -81,11 +88,13 @@ class Label:
         return "shape" if self.is_shape else SUPERCATEGORIES[self.look]
 
 
-def _thing(id: int, name: str, look: str | None = None) -> Label:
+def thing_label(id: int, name: str, look: str | None = None) -> Label:
+    """A thing category, drawn with the look of its name unless `look` says otherwise."""
     return Label(id, name, True, look or name)
 
 
-def _stuff(id: int, name: str, look: str | None = None) -> Label:
+def stuff_label(id: int, name: str, look: str | None = None) -> Label:
+    """A stuff category, drawn with the look of its name unless `look` says otherwise."""
     return Label(id, name, False, look or name)
 
 
@@ -93,83 +102,52 @@ def _stuff(id: int, name: str, look: str | None = None) -> Label:
 # for the designed relations between them).
 COCO_LABELS: tuple[Label, ...] = (
     # Gaps in the thing ids and stuff ids from 92 on, as in real COCO.
-    _thing(1, "circle"),
-    _thing(2, "square"),
-    _thing(3, "triangle"),
-    _thing(5, "star"),
-    _thing(7, "ring"),
-    _thing(9, "cross"),
-    _stuff(92, "sky"),
-    _stuff(93, "grass"),
-    _stuff(95, "water"),
-    _stuff(97, "sand"),
+    thing_label(1, "circle"),
+    thing_label(2, "square"),
+    thing_label(3, "triangle"),
+    thing_label(5, "star"),
+    thing_label(7, "ring"),
+    thing_label(9, "cross"),
+    stuff_label(92, "sky"),
+    stuff_label(93, "grass"),
+    stuff_label(95, "water"),
+    stuff_label(97, "sand"),
 )
 ADE_LABELS: tuple[Label, ...] = (
-    _stuff(1, "wall"),
-    _stuff(2, "floor"),
-    _stuff(3, "sky"),
-    _stuff(4, "grass"),
-    _stuff(5, "ring", "ring"),  # conflict: a thing everywhere else, stuff here
-    _thing(6, "circle"),
-    _thing(7, "square"),
-    _thing(8, "triangle"),
-    _thing(9, "hexagon"),  # ADE only: open-vocabulary target
-    _thing(10, "diamond"),  # ADE only: open-vocabulary target
+    stuff_label(1, "wall"),
+    stuff_label(2, "floor"),
+    stuff_label(3, "sky"),
+    stuff_label(4, "grass"),
+    stuff_label(5, "ring", "ring"),  # conflict: a thing everywhere else, stuff here
+    thing_label(6, "circle"),
+    thing_label(7, "square"),
+    thing_label(8, "triangle"),
+    thing_label(9, "hexagon"),  # ADE only: open-vocabulary target
+    thing_label(10, "diamond"),  # ADE only: open-vocabulary target
 )
 VIPSEG_LABELS: tuple[Label, ...] = (
     # ids 0..N-1; id 1 is stuff so that the buggy value 200 = (1 + 1) * 100 is never a thing.
-    _stuff(0, "sky"),
-    _stuff(1, "water"),
-    _stuff(2, "road"),
-    _stuff(3, "grass"),
-    _thing(4, "circle"),
-    _thing(5, "square", "triangle"),  # conflict: the triangle shape is called "square" here
-    _thing(6, "star"),
-    _thing(7, "cross"),
+    stuff_label(0, "sky"),
+    stuff_label(1, "water"),
+    stuff_label(2, "road"),
+    stuff_label(3, "grass"),
+    thing_label(4, "circle"),
+    thing_label(5, "square", "triangle"),  # conflict: the triangle shape is called "square" here
+    thing_label(6, "star"),
+    thing_label(7, "cross"),
 )
 YTVIS_LABELS: tuple[Label, ...] = (
     # YouTube-VIS numbers its categories alphabetically, so its ids differ from COCO's.
-    _thing(1, "circle"),
-    _thing(2, "cross"),
-    _thing(3, "ring"),
-    _thing(4, "square"),
-    _thing(5, "star"),
-    _thing(6, "triangle"),
+    thing_label(1, "circle"),
+    thing_label(2, "cross"),
+    thing_label(3, "ring"),
+    thing_label(4, "square"),
+    thing_label(5, "star"),
+    thing_label(6, "triangle"),
 )
 YTVIS_BACKGROUNDS: tuple[str, ...] = ("sky", "grass", "water", "sand")  # drawn, not annotated
 
-# Planted relations (omgseg.datasets.synth.write_planted, docs/datasets.md): four data sets in
-# COCO panoptic's layout whose relations are known by construction.
-#   twin     = the anchor's appearances under the anchor's names (more of the same): helps;
-#   rival    = the anchor's appearances under permuted names (each look called another
-#              anchor class, each background the other one): hurts the anchor and the twin;
-#   stranger = appearances and names that no other one has: unrelated;
-#   placebo  = the same kind of data set as the stranger, with the looks and names left over:
-#              the study's control (`control:`), the co-training partner every baseline gets.
-PLANTED_LABELS: dict[str, tuple[Label, ...]] = {
-    # The common start: every shape and every background, under names of their own. A model
-    # trained on it has the generic skills (masks of these shapes and regions, void), so the
-    # four's effects on each other are about what the four bind to their names.
-    "base": (*(_thing(k + 1, f"object {k + 1}", look) for k, look in enumerate(SHAPE_COLOURS)),
-             *(_stuff(20 + k, f"region {k + 1}", look) for k, look in enumerate(TEXTURE_COLOURS))),
-    "anchor": (_thing(1, "circle"), _thing(2, "square"), _thing(3, "triangle"), _stuff(4, "sky"), _stuff(5, "grass")),
-    "twin": (_thing(1, "circle"), _thing(2, "square"), _thing(3, "triangle"), _stuff(4, "sky"), _stuff(5, "grass")),
-    "rival": (_thing(1, "circle", "square"), _thing(2, "square", "triangle"), _thing(3, "triangle", "circle"),
-              _stuff(4, "sky", "grass"), _stuff(5, "grass", "sky")),
-    "stranger": (_thing(1, "star"), _thing(2, "cross"), _thing(3, "hexagon"), _stuff(4, "water"), _stuff(5, "road")),
-    "placebo": (_thing(1, "ring"), _thing(2, "diamond"), _stuff(3, "sand"), _stuff(4, "floor")),
-}
-# The anchor's and the twin's train splits each draw one of their three thing classes rarely
-# (their val splits draw every class alike), and each one's rare class is common in the other:
-# each fills the other's gap in the classes they share, which no unrelated data set can. Without
-# it the twin was only more images of the anchor's classes, and what that added beyond any
-# other data set's extra steps was below the study's MDE in one direction. Relative draw weights
-# of shape labels by name; a name left out weighs 1.
-PLANTED_TRAIN_WEIGHTS: dict[str, dict[str, float]] = {
-    "anchor": {"triangle": 0.1},
-    "twin": {"circle": 0.1},
-}
-DAVIS_SHAPES: tuple[str, ...] = tuple(SHAPE_COLOURS)  # class-agnostic: every shape
+DAVIS_SHAPES: tuple[str, ...] = EIGHT_SHAPES  # class-agnostic: every shape of the first eight
 DAVIS_BACKGROUNDS: tuple[str, ...] = tuple(TEXTURE_COLOURS)
 
 
@@ -249,6 +227,21 @@ def shape_outline(shape: str, cx: float, cy: float, r: float, angle: float) -> n
             [[-a, -1], [a, -1], [a, -a], [1, -a], [1, a], [a, a],
              [a, 1], [-a, 1], [-a, a], [-1, a], [-1, -a], [-a, -a]]
         )
+        return _place(pts * r, cx, cy, angle)
+    elif shape == "pentagon":
+        n, radii, start = 5, [1.0], -math.pi / 2
+    elif shape == "arrow":
+        # Pointing right: a shaft of half-width 0.28 and a head from x = 0.15 to the tip.
+        pts = np.array([[-0.95, -0.28], [0.15, -0.28], [0.15, -0.75], [1, 0],
+                        [0.15, 0.75], [0.15, 0.28], [-0.95, 0.28]])
+        return _place(pts * r, cx, cy, angle)
+    elif shape == "heart":
+        # The classic parametric heart (x = 16 sin^3 t, y from four cosines), point down, scaled
+        # and centred into the unit disc.
+        t = 2 * math.pi * np.arange(28) / 28
+        x = 16 * np.sin(t) ** 3
+        y = -(13 * np.cos(t) - 5 * np.cos(2 * t) - 2 * np.cos(3 * t) - np.cos(4 * t))
+        pts = np.stack([x, y - (y.max() + y.min()) / 2], axis=1) / 18.25
         return _place(pts * r, cx, cy, angle)
     else:
         raise ValueError(f"unknown shape {shape!r}; known: {', '.join(SHAPE_COLOURS)}")

@@ -297,9 +297,10 @@ def _thing_counts(panoptic_json):
 def test_planted_data_sets_share_and_conflict_as_documented(tmp_path):
     import json
 
-    from omgseg.datasets.synth import PLANTED_VARIANTS, write_planted
-    from omgseg.datasets.synth_scenes import PLANTED_LABELS, image_scene
+    from omgseg.datasets.planted import PLANTED, write_planted
+    from omgseg.datasets.synth_scenes import image_scene
 
+    PLANTED_LABELS, PLANTED_VARIANTS = PLANTED.labels, PLANTED.variants
     written = write_planted(tmp_path, PLANTED_VARIANTS)
     names = {v: {c["name"] for c in json.loads((written[v] / "annotations/panoptic_val2017.json").read_text())["categories"]}
              for v in PLANTED_VARIANTS}
