@@ -428,6 +428,43 @@ def _place_crowd(
     return None
 
 
+def _crowd_segments(
+    rng: np.random.Generator, shape_labels: list[Label], scale: float, rgb: np.ndarray, occupied: np.ndarray
+) -> list[SceneSegment]:
+    """[the crowd segment] of one thing label other than the ring, painted into `rgb` and
+    marked in `occupied`; [] when no crowd fits."""
+    candidates = [lab for lab in shape_labels if lab.isthing and lab.look != "ring"]
+    label = candidates[int(rng.integers(len(candidates)))]
+    union = _place_crowd(rng, label.look, scale, occupied)
+    if union is None:
+        return []
+    _paint(rgb, union, instance_colour(rng, label.look), rng)
+    occupied |= union
+    return [SceneSegment(label, union, True, None, as_rle=True)]
+
+
+def _draw_probabilities(shape_labels: list[Label], weights: Mapping[str, float] | None) -> np.ndarray | None:
+    """The shape labels' draw probabilities from relative weights by name (a name left out
+    weighs 1), or None to draw them alike. A name that is no shape label here is an error: a
+    misspelt class would leave the intended skew silently out."""
+    if weights is None:
+        return None
+    unknown = sorted(set(weights) - {lab.name for lab in shape_labels})
+    if unknown:
+        raise ValueError(f"draw weights name {unknown}, which are not shape labels here: "
+                         f"{', '.join(lab.name for lab in shape_labels)}")
+    draw = np.array([weights.get(lab.name, 1.0) for lab in shape_labels], dtype=np.float64)
+    return draw / draw.sum()
+
+
+def _draw_label(rng: np.random.Generator, shape_labels: list[Label], p: np.ndarray | None) -> Label:
+    # Two draws, not rng.choice with equal p for both: that consumes the generator differently,
+    # and every unweighted data set would change its pictures.
+    if p is None:
+        return shape_labels[int(rng.integers(len(shape_labels)))]
+    return shape_labels[int(rng.choice(len(shape_labels), p=p))]
+
+
 def image_scene(
     rng: np.random.Generator,
     labels: tuple[Label, ...],
@@ -448,41 +485,18 @@ def image_scene(
     texture_labels = {lab.look: lab for lab in labels if not lab.is_shape}
     shape_labels = [lab for lab in labels if lab.is_shape]
     bg = background(rng, list(texture_labels), height, width, void_patch=bool(rng.random() < 0.3))
-    rgb = bg.rgb
     occupied = np.zeros((height, width), dtype=bool)
-    things: list[SceneSegment] = []
+    things = _crowd_segments(rng, shape_labels, scale, bg.rgb, occupied) if crowd else []
     merged: dict[int, SceneSegment] = {}  # stuff labels drawn as shapes, by label id
-
-    if crowd:
-        candidates = [lab for lab in shape_labels if lab.isthing and lab.look != "ring"]
-        label = candidates[int(rng.integers(len(candidates)))]
-        union = _place_crowd(rng, label.look, scale, occupied)
-        if union is not None:
-            _paint(rgb, union, instance_colour(rng, label.look), rng)
-            occupied |= union
-            things.append(SceneSegment(label, union, True, None, as_rle=True))
-
-    draw = None
-    if weights is not None:
-        unknown = sorted(set(weights) - {lab.name for lab in shape_labels})
-        if unknown:
-            raise ValueError(f"draw weights name {unknown}, which are not shape labels here: "
-                             f"{', '.join(lab.name for lab in shape_labels)}")
-        draw = np.array([weights.get(lab.name, 1.0) for lab in shape_labels], dtype=np.float64)
-        draw /= draw.sum()
+    p = _draw_probabilities(shape_labels, weights)
     for _ in range(int(rng.integers(2, 6))):
-        # Two draws, not rng.choice with equal p for both: that consumes the generator
-        # differently, and every unweighted data set would change its pictures.
-        if draw is None:
-            label = shape_labels[int(rng.integers(len(shape_labels)))]
-        else:
-            label = shape_labels[int(rng.choice(len(shape_labels), p=draw))]
+        label = _draw_label(rng, shape_labels, p)
         placed = _place_shape(rng, label.look, (8 * scale, 16 * scale), occupied)
         as_rle = bool(rng.random() < rle_fraction)
         if placed is None:
             continue
         mask, polygon = placed
-        _paint(rgb, mask, instance_colour(rng, label.look), rng)
+        _paint(bg.rgb, mask, instance_colour(rng, label.look), rng)
         occupied |= mask
         if label.isthing:
             things.append(SceneSegment(label, mask, False, polygon, as_rle=as_rle or polygon is None))
@@ -490,15 +504,9 @@ def image_scene(
             merged[label.id].mask |= mask
         else:
             merged[label.id] = SceneSegment(label, mask.copy(), False, None, as_rle=True)
-
-    segments: list[SceneSegment] = []
-    for i, kind in enumerate(bg.kinds):
-        mask = (bg.region == i) & ~occupied
-        if mask.any():
-            segments.append(SceneSegment(texture_labels[kind], mask, False, None, as_rle=True))
-    segments.extend(merged.values())
-    segments.extend(things)
-    return ImageScene(rgb=to_uint8(rgb), segments=segments)
+    stuff = [SceneSegment(texture_labels[kind], mask, False, None, as_rle=True)
+             for i, kind in enumerate(bg.kinds) if (mask := (bg.region == i) & ~occupied).any()]
+    return ImageScene(rgb=to_uint8(bg.rgb), segments=[*stuff, *merged.values(), *things])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -551,6 +559,34 @@ class VideoScene:
     background: Background
 
 
+def _start_motion(
+    rng: np.random.Generator, scale: float, height: int, width: int,
+    centres: list[tuple[float, float, float]], enters_late: bool,
+) -> _Motion:
+    """One track's path. It starts clear of the tracks before it (`centres`, to which its own
+    start is added), so no object is hidden in frame 0; one that `enters_late` starts just
+    outside the left or right edge instead, heading inwards, faster."""
+    r = rng.uniform(8, 14) * scale
+    for _ in range(30):
+        cx = rng.uniform(r + 2, width - r - 2)
+        cy = rng.uniform(r + 2, height - r - 2)
+        if all((cx - x) ** 2 + (cy - y) ** 2 > (r + q + 2) ** 2 for x, y, q in centres):
+            break
+    centres.append((cx, cy, r))
+    heading = rng.uniform(0, 2 * math.pi)
+    speed = rng.uniform(0.8, 2.5) * scale
+    if enters_late:
+        side = -1 if rng.random() < 0.5 else 1
+        cx = -1.2 * r if side < 0 else width + 1.2 * r
+        heading = rng.uniform(-0.4, 0.4) + (0.0 if side < 0 else math.pi)
+        speed = rng.uniform(3.0, 4.5) * scale
+    return _Motion(
+        cx=cx, cy=cy, r=r, vx=speed * math.cos(heading), vy=speed * math.sin(heading),
+        wobble=rng.uniform(0.5, 2.0) * scale, omega=rng.uniform(0.3, 0.8),
+        phase=rng.uniform(0, 2 * math.pi), angle=rng.uniform(-0.3, 0.3), spin=rng.uniform(-0.06, 0.06),
+    )
+
+
 def video_scene(
     rng: np.random.Generator,
     shapes: list[tuple[Label | None, str]],
@@ -572,36 +608,9 @@ def video_scene(
     scale = min(height, width) / 96
     bg = background(rng, backgrounds, height, width, void_patch=False)
     n_tracks = int(rng.integers(2, 5))
-    frames = np.zeros((num_frames, height, width, 3), dtype=np.uint8)
-    track_maps = np.zeros((num_frames, height, width), dtype=np.int64)
-
-    motions = []
-    centres: list[tuple[float, float, float]] = []
     late = int(rng.integers(n_tracks)) if allow_late_entry and rng.random() < 0.5 else -1
-    for i in range(n_tracks):
-        r = rng.uniform(8, 14) * scale
-        for _ in range(30):  # start positions apart, so no object is hidden in frame 0
-            cx = rng.uniform(r + 2, width - r - 2)
-            cy = rng.uniform(r + 2, height - r - 2)
-            if all((cx - x) ** 2 + (cy - y) ** 2 > (r + q + 2) ** 2 for x, y, q in centres):
-                break
-        centres.append((cx, cy, r))
-        heading = rng.uniform(0, 2 * math.pi)
-        speed = rng.uniform(0.8, 2.5) * scale
-        if i == late:
-            # Start just outside the left or right edge, heading inwards.
-            side = -1 if rng.random() < 0.5 else 1
-            cx = -1.2 * r if side < 0 else width + 1.2 * r
-            heading = rng.uniform(-0.4, 0.4) + (0.0 if side < 0 else math.pi)
-            speed = rng.uniform(3.0, 4.5) * scale
-        motions.append(
-            _Motion(
-                cx=cx, cy=cy, r=r, vx=speed * math.cos(heading), vy=speed * math.sin(heading),
-                wobble=rng.uniform(0.5, 2.0) * scale, omega=rng.uniform(0.3, 0.8),
-                phase=rng.uniform(0, 2 * math.pi), angle=rng.uniform(-0.3, 0.3),
-                spin=rng.uniform(-0.06, 0.06),
-            )
-        )
+    centres: list[tuple[float, float, float]] = []
+    motions = [_start_motion(rng, scale, height, width, centres, i == late) for i in range(n_tracks)]
     tracks, colours = [], []
     for i in range(n_tracks):
         label, shape = shapes[int(rng.integers(len(shapes)))]
@@ -611,16 +620,15 @@ def video_scene(
     gap_start = int(rng.integers(1, num_frames - 3))
     hidden.visible[gap_start : gap_start + int(rng.integers(2, 4))] = False
 
-    base_noise = 3.0
+    frames = np.zeros((num_frames, height, width, 3), dtype=np.uint8)
+    track_maps = np.zeros((num_frames, height, width), dtype=np.int64)
     for t in range(num_frames):
-        rgb = bg.rgb + rng.normal(0.0, base_noise, (height, width, 1)).astype(np.float32)
+        rgb = bg.rgb + rng.normal(0.0, 3.0, (height, width, 1)).astype(np.float32)  # sensor noise
         for track, m, colour in zip(tracks, motions, colours):
-            if not track.visible[t]:
-                continue
-            cx, cy = m.centre(t)
-            mask, _ = shape_mask(track.shape, cx, cy, m.r, m.angle + m.spin * t, height, width)
-            _paint(rgb, mask, colour, rng)
-            track_maps[t][mask] = track.number
+            if track.visible[t]:
+                mask, _ = shape_mask(track.shape, *m.centre(t), m.r, m.angle + m.spin * t, height, width)
+                _paint(rgb, mask, colour, rng)
+                track_maps[t][mask] = track.number
         if night:
             rgb = rgb * 0.5 + np.array([0, 5, 30], np.float32)
         frames[t] = to_uint8(rgb)
