@@ -116,11 +116,13 @@ _ANCHOR_B, _RIVAL_B = _family(("pentagon", "arrow", "heart"), ("water", "road"))
 # Family a has the first set's looks and names (circle, square, triangle over sky and grass),
 # family b looks and names of its own (pentagon, arrow, heart over water and road), so that
 # within a family the twin helps and the rival hurts, and between the families nothing is
-# shared: 4 helps, 8 hurts and 18 none among the 30 ordered pairs. The placebo has the first
-# set's placebo's looks and names, which neither family has.
+# shared: 4 helps, 8 hurts and 18 none among the 30 ordered pairs. The placebo has looks and
+# names neither family has, as many as each of them (three things, two backgrounds): with the
+# first set's two-thing placebo, every cross-family partner lowered a target's loss by about
+# 0.1 more than the placebo did (version 1 of this set).
 PLANTED_LARGE = PlantedSet(
     name="planted-large",
-    version=1,
+    version=2,
     labels={
         "base_large": _base(tuple(SHAPE_COLOURS)),
         "anchor_a": _ANCHOR,
@@ -129,7 +131,8 @@ PLANTED_LARGE = PlantedSet(
         "anchor_b": _ANCHOR_B,
         "twin_b": _ANCHOR_B,
         "rival_b": _RIVAL_B,
-        "placebo_large": PLANTED.labels["placebo"],
+        "placebo_large": (thing_label(1, "ring"), thing_label(2, "diamond"), thing_label(3, "star"),
+                          stuff_label(4, "sand"), stuff_label(5, "floor")),
     },
     train_weights={"anchor_a": {"triangle": 0.1}, "twin_a": {"circle": 0.1},
                    "anchor_b": {"heart": 0.1}, "twin_b": {"pentagon": 0.1}},

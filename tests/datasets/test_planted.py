@@ -136,7 +136,7 @@ def test_planted_data_are_deterministic_and_keyed_per_variant(large, tmp_path):
 
 def test_each_set_has_its_own_cache_folder_and_unknown_variants_are_refused(tmp_path):
     assert PLANTED.folder(0) == "planted3-seed0"  # the folder planted.yaml's measured runs used
-    assert PLANTED_LARGE.folder(2) == "planted-large1-seed2"
+    assert PLANTED_LARGE.folder(2) == "planted-large2-seed2"
     assert len({s.folder(0) for s in PLANTED_SETS}) == len(PLANTED_SETS)
     with pytest.raises(ValueError, match="unknown planted variant 'anchor_c'; known: base, anchor, .*anchor_a"):
         write_planted(tmp_path, ["anchor_a", "anchor_c"])
