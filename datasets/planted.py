@@ -118,8 +118,8 @@ _ANCHOR_B, _RIVAL_B = _family(("pentagon", "arrow", "heart"), ("water", "road"))
 # within a family the twin helps and the rival hurts, and between the families nothing is
 # shared: 4 helps, 8 hurts and 18 none among the 30 ordered pairs. The placebo has looks and
 # names neither family has, as many as each of them (three things, two backgrounds): with the
-# first set's two-thing placebo, every cross-family partner lowered a target's loss by about
-# 0.1 more than the placebo did (version 1 of this set).
+# first set's two-thing placebo (version 1 of this set), a partner from the other family lowered
+# a target's loss by 0.1 more than the placebo did, on average over the 18 unrelated pairs.
 PLANTED_LARGE = PlantedSet(
     name="planted-large",
     version=2,
