@@ -96,9 +96,10 @@ class DatasetSpec(StrictModel):
         default=None, description="the val split is this part of the train split, by image or video id, and train "
         "shards leave it out: for a data set whose val split has no annotations (YouTube-VIS); the source's own "
         "val split is then not read")
-    variant: Literal["base", "anchor", "twin", "rival", "stranger", "placebo"] | None = Field(
-        default=None, description="with no src: one of the synthetic planted-relation data sets instead of the "
-        "format's default synthetic data (coco-panoptic only; docs/datasets.md, 'Planted relations')")
+    variant: str | None = Field(
+        default=None, description="with no src: one of the synthetic planted-relation data sets (omgseg.datasets."
+        "planted, e.g. anchor or anchor_a) instead of the format's default synthetic data (coco-panoptic only; "
+        "docs/datasets.md, 'Planted relations')")
 
     @field_validator("format")
     @classmethod
@@ -106,6 +107,15 @@ class DatasetSpec(StrictModel):
         from omgseg.datasets.formats import get_format
 
         get_format(value)  # raises, listing the known formats
+        return value
+
+    @field_validator("variant")
+    @classmethod
+    def _known_variant(cls, value: str | None) -> str | None:
+        from omgseg.datasets.planted import planted_set
+
+        if value is not None:
+            planted_set(value)  # raises, listing the known variants
         return value
 
     @model_validator(mode="after")

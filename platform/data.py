@@ -14,15 +14,16 @@ from pathlib import Path
 from omgseg.datasets.convert import convert
 from omgseg.datasets.heldout import HeldOut
 from omgseg.datasets.manifest import read_manifest
-from omgseg.datasets.synth import PLANTED_VARIANTS, PLANTED_VERSION, SYNTH_FORMATS, write_planted, write_synthetic
+from omgseg.datasets.planted import PlantedSet, planted_set, write_planted
+from omgseg.datasets.synth import SYNTH_FORMATS, write_synthetic
 from omgseg.platform.config import DataConfig
 
 _SYNTH_INDEX = "synth.json"
 
 
-def ensure_synthetic(target: Path, seed: int, progress: bool = False, planted: bool = False) -> dict[str, Path]:
+def ensure_synthetic(target: Path, seed: int, progress: bool = False, planted: PlantedSet | None = None) -> dict[str, Path]:
     """The synthetic sources under `target`, generated once: every format's ({format: folder}),
-    or with `planted` the planted-relation data sets ({variant: folder}).
+    or with `planted` every data set of that planted set ({variant: folder}).
 
     Generation goes to a sibling folder that is renamed into place when complete, so an
     interrupted run never leaves a half-written source that later looks finished.
@@ -31,8 +32,8 @@ def ensure_synthetic(target: Path, seed: int, progress: bool = False, planted: b
     if not index.is_file():
         partial = target.with_name(target.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
-        if planted:
-            written = write_planted(partial, PLANTED_VARIANTS, seed=seed, progress=progress)
+        if planted is not None:
+            written = write_planted(partial, planted.variants, seed=seed, progress=progress)
         else:
             written = write_synthetic(partial, formats=SYNTH_FORMATS, seed=seed, progress=progress)
         relative = {name: str(Path(path).relative_to(partial)) for name, path in written.items()}
@@ -71,9 +72,9 @@ def _prepare(config: DataConfig, splits: dict[str, list[str]], progress: bool) -
     planted: dict[str, Path] = {}
     if any(spec.src is None and spec.shards is None and spec.variant is None for spec in specs.values()):
         synthetic = ensure_synthetic(config.synth_dir(), config.synth_seed, progress)
-    if any(spec.variant is not None for spec in specs.values()):
-        folder = config.synth_dir().with_name(f"planted{PLANTED_VERSION}-seed{config.synth_seed}")
-        planted = ensure_synthetic(folder, config.synth_seed, progress, planted=True)
+    for pset in dict.fromkeys(planted_set(spec.variant) for spec in specs.values() if spec.variant is not None):
+        folder = config.synth_dir().with_name(pset.folder(config.synth_seed))
+        planted.update(ensure_synthetic(folder, config.synth_seed, progress, planted=pset))
     out: dict[str, dict[str, Path | str]] = {}
     done: set[str] = set()
     for name, spec in specs.items():
