@@ -33,7 +33,7 @@ from ray.tune import Callback
 from omgseg.platform.cluster import start_for_study, trial_resources
 from omgseg.platform.config import ConfigError, StudyConfig, flatten, load_config
 from omgseg.platform.console import elapsed, error_line, redirect_output, say
-from omgseg.platform.records import STUDY_FILE, StudyState, TrialRecord, TrialSpec
+from omgseg.platform.records import STUDY_FILE, Evaluation, StudyState, TrialRecord, TrialSpec
 from omgseg.platform.study.plan import Trial, dry_run, plan_trials, trial_config
 from omgseg.platform.study.summary import StudyResult, finish_study, print_summary
 
@@ -159,7 +159,7 @@ def run_study(config: StudyConfig, out: Path | None = None, *, resume: bool = Fa
 
     from omgseg.datasets.manifest import read_manifest
     from omgseg.platform.data import prepare_data
-    from omgseg.platform.tracking import child_runs, finished_records
+    from omgseg.platform.tracking import check_cluster_store, child_runs, finished_records
 
     out = study_dir(config, out)
     clock = {"started": time.perf_counter()}
@@ -177,6 +177,7 @@ def run_study(config: StudyConfig, out: Path | None = None, *, resume: bool = Fa
     sizes = {name: read_manifest(splits["train"]).total_samples for name, splits in dirs.items() if "train" in splits}
     plan = plan_trials(config, sizes)
     uri = tracking_uri(config, out)
+    check_cluster_store(uri, "tracking.tracking_uri")
     state = _open_study(config, out, uri, state, source)
     done = finished_records(uri, state.parent_run_id)
     pending = [t for t in plan if t.trial_id not in done]
@@ -323,8 +324,8 @@ class _Progress(Callback):
         if self.bar is not None:
             self.bar.update(1)
         record = self.records.get(trial.trial_id, {})
-        losses = " ".join(f"{d}/{g.split('_')[0]}={v['val_loss']:.3f}" for d, groups in record.get("metrics", {}).items()
-                          for g, v in groups.items() if "val_loss" in v)
+        evaluation = Evaluation.from_json(record.get("metrics", {}), "trial record")
+        losses = " ".join(f"{d}/{group}={loss:.3f}" for d, e in evaluation.datasets.items() for group, loss in e.losses.items())
         self._line(f"finished {record.get('trial_id', trial.config['spec']['trial']['trial_id'])} in "
                    f"{elapsed(record.get('wall_seconds', 0))}: val loss {losses}")
 
