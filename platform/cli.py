@@ -119,8 +119,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     print(json.dumps({
         "run_id": result.run_id, "checkpoint": str(result.checkpoint), "run_dir": str(result.run_dir),
         "steps": report.steps, "samples": report.samples, "realised_mix": report.realised_mix,
-        "metrics": {name: {task: {k: v for k, v in values.items() if k != "per_class"} for task, values in tasks.items()}
-                    for name, tasks in report.evaluation.items()},
+        "metrics": {score.key: score.value for score in report.evaluation.scores()},
     }))
     return 0
 
@@ -171,7 +170,7 @@ def _davis(a: argparse.Namespace) -> dict:
 
 
 def _interactive(a: argparse.Namespace) -> dict:
-    from omgseg.platform.evaluation.evaluate import evaluate_interactive_files
+    from omgseg.platform.evaluation.clicks import evaluate_interactive_files
 
     return evaluate_interactive_files(Path(a.checkpoint), a.gt_json, a.gt_dir, a.image_dir, max_clicks=a.max_clicks,
                                       clip_checkpoint=a.clip_checkpoint, max_images=a.max_images)
@@ -218,13 +217,17 @@ def need(args: argparse.Namespace, *names: str) -> None:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from omgseg.platform.evaluation.predict import predict
+    from omgseg.core.structures import Task
+    from omgseg.platform.evaluation.predict import PredictRequest, predict
 
-    summary = predict(Path(args.checkpoint), args.task, Path(args.input), Path(args.out), vocabulary=args.vocabulary,
-                      coco_json=Path(args.coco_json) if args.coco_json else None, clip_length=args.clip_length,
-                      clip_checkpoint=args.clip_checkpoint, points=args.points,
-                      first_frame_mask=Path(args.first_frame_mask) if args.first_frame_mask else None,
-                      videos=Path(args.videos) if args.videos else None)
+    def path(value: str | None) -> Path | None:
+        return Path(value) if value else None
+
+    summary = predict(PredictRequest(
+        checkpoint=Path(args.checkpoint), task=Task.parse(args.task), inputs=Path(args.input), out=Path(args.out),
+        vocabulary=args.vocabulary, coco_json=path(args.coco_json), clip_length=args.clip_length,
+        clip_checkpoint=args.clip_checkpoint, points=args.points, first_frame_mask=path(args.first_frame_mask),
+        videos=path(args.videos)))
     print(json.dumps({"task": summary.task, "inputs": summary.inputs, "outputs": summary.outputs}))
     return 0
 
@@ -258,6 +261,7 @@ def _cmd_model_info(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from omgseg.core.structures import Task
     from omgseg.datasets.formats import FORMATS
     from omgseg.datasets.synth import SYNTH_FORMATS
 
@@ -313,8 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="run a checkpoint on images or a video; write result formats and overlays")
     p.add_argument("--checkpoint", required=True, help="model.pt from omgseg train")
-    p.add_argument("--task", required=True, choices=("panoptic", "instance", "semantic", "interactive",
-                                                      "video_instance", "video_panoptic", "vos"))
+    p.add_argument("--task", required=True, choices=[t.value for t in Task],  # a task's name is its entry's (tasks.py)
+                   help="the task (its entry in platform/tasks.py says how it reads its input and writes its results)")
     p.add_argument("--input", required=True, help="an image, a folder of images, or (video tasks) a folder of frames")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--vocabulary", help="shard folder or JSON with 'categories' (default: the training vocabulary)")

@@ -8,7 +8,6 @@ the wrong type fails with the file and the dotted key path. Configs flatten to a
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Literal, TypeVar
@@ -306,6 +305,10 @@ class RunSpec(StrictModel):
     eval_samples: int | None = Field(default=None, ge=1, description="cap on val samples per data set for the task metrics")
     val_samples: int | None = Field(default=None, ge=1, description="cap on val samples per data set for the validation "
                                     "loss; none = the whole val split")
+    eval_batch_size: int = Field(default=4, ge=1, description="val clips per forward pass at evaluation (task metrics and "
+                                 "validation losses); 4 fits the tiny model on a CPU and the paper's on one GPU")
+    collective_timeout_s: int = Field(default=3600, ge=60, description="how long a worker of a multi-worker run waits in "
+                                      "one collective (an all-reduce, the merge of the evaluation) before the run fails")
     affinity: AffinityConfig = AffinityConfig()
     output_dir: LocalPath = Path("outputs/runs")
 
@@ -363,22 +366,23 @@ class TrainConfig(RunSpec):
 
 COMBINATION_KINDS = ("singletons", "pairs", "leave_one_out", "all")
 
-# The metric of each task that influence and correlation tables use as secondary targets
-# unless a study names others (the headline numbers of OMG-Seg's tables).
-HEADLINE_METRICS = {
-    "panoptic": ("PQ",), "instance": ("AP",), "semantic": ("mIoU",), "interactive": ("mIoU@1",),
-    "video_panoptic": ("VPQ",), "video_instance": ("AP",), "vos": ("J&F",),
-}
+def headline_metrics() -> dict[str, list[str]]:
+    """{task: its headline metrics}: a study's secondary targets unless it names others (the
+    task table's entries: the headline numbers of OMG-Seg's tables)."""
+    from omgseg.platform.tasks import TASKS  # the task table imports torch: only when a study needs it
+
+    return {spec.name: list(spec.headline) for spec in TASKS.values()}
 
 
-def metric_direction(metric: str) -> str | None:
-    """"higher" or "lower" (which is better) for a metric name the evaluators report, None for
-    one this project does not know. Lower is better for losses, clicks (NoC@t, NoF) and decays."""
-    if metric == "val_loss" or re.fullmatch(r"NoC@\d+|NoF|[JF]-Decay", metric):
+def metric_direction(task: str, metric: str) -> str | None:
+    """"higher" or "lower" (which is better) for a metric `task` reports (its task-table entry
+    says), None for one it does not. Lower is better for validation losses (any query group)."""
+    from omgseg.core.structures import Task
+    from omgseg.platform.tasks import TASKS
+
+    if metric == "val_loss":
         return "lower"
-    known = (r"(PQ|SQ|RQ)(_th|_st|_seen|_unseen)?|VPQ(@\d+)?(_th|_st)?|AP(50|75|s|m|l)?|mIoU(_seen|_unseen)?|pACC|mACC"
-             r"|mIoU@\d+|J&F|[JF]-(Mean|Recall)|IoU-.+")
-    return "higher" if re.fullmatch(known, metric) else None
+    return TASKS[Task.parse(task)].direction(metric)
 
 
 class MixingConfig(StrictModel):
@@ -439,7 +443,7 @@ class StudyConfig(StrictModel):
         default=None, description="{data set: [task, ...]} every trial is evaluated on (val split); "
         "none = every train data set on the tasks it supervises")
     metrics: dict[str, list[str]] = Field(
-        default_factory=lambda: {k: list(v) for k, v in HEADLINE_METRICS.items()},
+        default_factory=headline_metrics,
         description="secondary targets: {task or data set/task: [metric, ...]} (the primary targets are the "
         "validation losses of every evaluated data set)")
     affinity_seeds: int | None = Field(
@@ -485,7 +489,7 @@ class StudyConfig(StrictModel):
             if dataset and dataset not in known:
                 raise ValueError(f"metrics.{key}: unknown data set {dataset!r} ({sorted(known)})")
             for metric in metrics:
-                if metric_direction(metric) is None:
+                if metric_direction(task, metric) is None:
                     raise ValueError(f"metrics.{key}: metric {metric!r} has no known direction (higher or lower is "
                                      "better); use a metric the evaluators report (docs/evaluation.md)")
         if len(set(self.seeds)) != len(self.seeds):
