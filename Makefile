@@ -56,6 +56,7 @@ bench: $(STAMP)
 	$(PY) tests/benchmarks/bench_eval.py
 	$(PY) tests/benchmarks/bench_study.py --config studies/configs/planted.yaml --out outputs/studies/planted
 	$(PY) tests/benchmarks/bench_affinity.py --study outputs/studies/planted
+	$(PY) tests/benchmarks/bench_probe.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -45,7 +45,7 @@ def _config(root: Path, shards: Path, tasks: list[str], **keys) -> TrainConfig:
     """A run evaluated on `shards` (synthetic COCO val shards) only."""
     return TrainConfig.model_validate({
         "name": "bench_eval", "output_dir": str(root / "runs"), "mix": {"coco": 1.0}, "evaluation": {"coco": tasks},
-        "data": {"root": str(root), "splits": ["val"], "datasets": {"coco": {
+        "data": {"root": str(root), "datasets": {"coco": {
             "format": "coco-panoptic", "shards": f"{shards.parent}/{{split}}"}}},
         **keys,
     })
