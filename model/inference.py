@@ -76,14 +76,19 @@ def _check(class_probs: Tensor, mask_logits: Tensor, is_thing: Tensor | None = N
         )
 
 
-def upsample_masks(mask_logits: Tensor, size: tuple[int, int] | None) -> Tensor:
-    """(..., h, w) mask logits -> (..., H, W) = size, bilinear (unchanged when size is None or equal)."""
-    if size is None or tuple(mask_logits.shape[-2:]) == tuple(size):
+def upsample_masks(mask_logits: Tensor, size: tuple[int, int] | None,
+                   padded_size: tuple[int, int] | None = None) -> Tensor:
+    """(..., h, w) mask logits -> (..., H, W) = size, bilinear (unchanged when size is None or
+    equal). padded_size: the input the logits cover when the clip was padded into a larger
+    batch; they are upsampled to it and its top-left (H, W), the clip, is kept."""
+    full = tuple(padded_size or size or mask_logits.shape[-2:])
+    if tuple(mask_logits.shape[-2:]) != full:
+        lead = mask_logits.shape[:-2]
+        mask_logits = F.interpolate(mask_logits.reshape(-1, 1, *mask_logits.shape[-2:]), size=full, mode="bilinear",
+                                    align_corners=False).view(*lead, *full)
+    if size is None:
         return mask_logits
-    lead = mask_logits.shape[:-2]
-    up = F.interpolate(mask_logits.reshape(-1, 1, *mask_logits.shape[-2:]), size=tuple(size), mode="bilinear",
-                       align_corners=False)
-    return up.view(*lead, *size)
+    return mask_logits[..., :size[0], :size[1]]
 
 
 def _output_size(mask_logits: Tensor, size: tuple[int, int] | None) -> tuple[int, int]:
@@ -103,13 +108,15 @@ def panoptic_inference(
     object_mask_threshold: float = 0.8,
     overlap_threshold: float = 0.8,
     size: tuple[int, int] | None = None,
+    padded_size: tuple[int, int] | None = None,
 ) -> PanopticResult:
     """Non-overlapping segments: each pixel to the kept query maximising score x mask prob.
 
     Kept queries: argmax not void and best class score > object_mask_threshold. A query
     keeps its segment if what it wins is at least overlap_threshold of its own mask (prob >=
     0.5) over the whole tube; stuff queries of one class become one segment. size: the
-    output size when mask_logits are at the decoder's resolution (only kept tubes are upsampled).
+    output size when mask_logits are at the decoder's resolution (only kept tubes are upsampled);
+    padded_size as in `upsample_masks`.
     """
     _check(class_probs, mask_logits, is_thing)
     _in_unit("object_mask_threshold", object_mask_threshold)
@@ -124,7 +131,7 @@ def panoptic_inference(
     kept = keep.nonzero().squeeze(1)
     if kept.numel() == 0:
         return PanopticResult(id_map=id_map, segments=())
-    probs = upsample_masks(mask_logits[kept.to(mask_logits.device)], size).float().sigmoid()  # (K, T, H, W)
+    probs = upsample_masks(mask_logits[kept.to(mask_logits.device)], size, padded_size).float().sigmoid()  # (K, T, H, W)
     winner = (scores[kept].float().view(-1, 1, 1, 1) * probs).argmax(dim=0)  # (T, H, W)
 
     segments: list[PredictedSegment] = []
@@ -150,10 +157,10 @@ def panoptic_inference(
 
 
 def instance_inference(class_probs: Tensor, mask_logits: Tensor, is_thing: Tensor, *, top_k: int = 100,
-                       size: tuple[int, int] | None = None) -> InstanceResult:
+                       size: tuple[int, int] | None = None, padded_size: tuple[int, int] | None = None) -> InstanceResult:
     """The top_k (query, thing class) pairs; score = class prob x mean mask prob inside the mask.
     size: the output size when mask_logits are at the decoder's resolution (only the top_k
-    pairs' tubes are upsampled)."""
+    pairs' tubes are upsampled); padded_size as in `upsample_masks`."""
     _check(class_probs, mask_logits, is_thing)
     if top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
@@ -170,7 +177,7 @@ def instance_inference(class_probs: Tensor, mask_logits: Tensor, is_thing: Tenso
     top, index = pair_scores.topk(k)
     queries = index // thing_classes.numel()
     labels = thing_classes[index % thing_classes.numel()]
-    probs = upsample_masks(mask_logits[queries.to(mask_logits.device)], size).float().sigmoid()  # (k, T, H, W)
+    probs = upsample_masks(mask_logits[queries.to(mask_logits.device)], size, padded_size).float().sigmoid()  # (k, T, H, W)
     masks = probs > 0.5
     area = masks.flatten(1).sum(1)
     mask_score = (probs * masks).flatten(1).sum(1) / area.clamp(min=1)
@@ -179,22 +186,26 @@ def instance_inference(class_probs: Tensor, mask_logits: Tensor, is_thing: Tenso
     return InstanceResult(masks=masks[order], labels=labels[order], scores=final[order], queries=queries[order])
 
 
-def semantic_inference(class_probs: Tensor, mask_logits: Tensor, *, size: tuple[int, int] | None = None) -> SemanticResult:
+def semantic_inference(class_probs: Tensor, mask_logits: Tensor, *, size: tuple[int, int] | None = None,
+                       padded_size: tuple[int, int] | None = None) -> SemanticResult:
     """Per-class score = sum over queries of class prob x mask prob; label = best class. Every
-    query counts, so with `size` every tube is upsampled (to the probabilities' definition)."""
+    query counts, so with `size` every tube is upsampled (to the probabilities' definition);
+    padded_size as in `upsample_masks`."""
     _check(class_probs, mask_logits)
-    mask_logits = upsample_masks(mask_logits, size)
+    mask_logits = upsample_masks(mask_logits, size, padded_size)
     num_classes = class_probs.shape[1] - 1
     scores = torch.einsum("qc,qthw->cthw", class_probs[:, :num_classes].float(), mask_logits.float().sigmoid())
     return SemanticResult(labels=scores.argmax(dim=0), scores=scores)
 
 
-def prompt_inference(mask_logits: Tensor, *, mask_threshold: float = 0.5, size: tuple[int, int] | None = None) -> PromptResult:
-    """One mask per prompt: probability > mask_threshold (every prompt's tube upsampled to `size`, if given)."""
+def prompt_inference(mask_logits: Tensor, *, mask_threshold: float = 0.5, size: tuple[int, int] | None = None,
+                     padded_size: tuple[int, int] | None = None) -> PromptResult:
+    """One mask per prompt: probability > mask_threshold (every prompt's tube upsampled to
+    `size`, if given; padded_size as in `upsample_masks`)."""
     if mask_logits.dim() != 4:
         raise ValueError(f"mask_logits must be (K, T, H, W), got {tuple(mask_logits.shape)}")
     _in_unit("mask_threshold", mask_threshold)
-    probs = upsample_masks(mask_logits, size).float().sigmoid()
+    probs = upsample_masks(mask_logits, size, padded_size).float().sigmoid()
     masks = probs > mask_threshold
     area = masks.flatten(1).sum(1)
     scores = (probs * masks).flatten(1).sum(1) / area.clamp(min=1)

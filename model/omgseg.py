@@ -13,7 +13,7 @@ ensemble with the frozen CLIP's own classification of each mask and returns one 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -72,6 +72,8 @@ class ClipPrediction:
     low_res_mask_logits: (Qo, T, h, w) object queries' tubes at the decoder's resolution (H/4).
     embeddings: (Qo, d) object queries' identity embeddings, to link tubes across clips.
     low_res_prompt_mask_logits: (K, T, h, w) one tube per prompt, in the prompts' order.
+    padded_size: the input the tubes cover when the clip was padded into a larger batch and
+        then cut to its own image_size (the top-left corner); None when they cover image_size.
 
     `mask_logits` and `prompt_mask_logits` are the tubes at input resolution, every one of
     them upsampled on each access. Post-processing that keeps a few (panoptic, instance) takes
@@ -84,16 +86,22 @@ class ClipPrediction:
     low_res_prompt_mask_logits: Tensor
     vocabulary: Vocabulary
     image_size: tuple[int, int]
+    padded_size: tuple[int, int] | None = None
 
     @property
     def mask_logits(self) -> Tensor:
         """(Qo, T, H, W) every object query's tube at input resolution."""
-        return upsample_masks(self.low_res_mask_logits, self.image_size)
+        return upsample_masks(self.low_res_mask_logits, self.image_size, self.padded_size)
 
     @property
     def prompt_mask_logits(self) -> Tensor:
         """(K, T, H, W) every prompt's tube at input resolution."""
-        return upsample_masks(self.low_res_prompt_mask_logits, self.image_size)
+        return upsample_masks(self.low_res_prompt_mask_logits, self.image_size, self.padded_size)
+
+    def cropped(self, height: int, width: int) -> ClipPrediction:
+        """This prediction of a padded clip restricted to the clip's own (height, width), the
+        top-left corner; the tubes stay at low resolution."""
+        return replace(self, image_size=(height, width), padded_size=self.padded_size or self.image_size)
 
 
 class OMGSeg(nn.Module):

@@ -13,7 +13,6 @@ Adding a task: docs/architecture.md, "Adding a task".
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 import re
 from abc import ABC, abstractmethod
@@ -178,7 +177,7 @@ class ClipBatch:
         with self._autocast():
             predictions = self.model.predict(None, self.vocabulary, None if prompts is None else list(prompts),
                                              encoded=self.encoded(video))
-        return [crop_prediction(p, s.height, s.width) for p, s in zip(predictions, self.samples)]
+        return [p.cropped(s.height, s.width) for p, s in zip(predictions, self.samples)]
 
     def prompt_logits(self, video: bool, prompts: Sequence[PromptBatch]) -> list[torch.Tensor]:
         """Each clip's prompt queries' mask logits (K, T, H, W) at its own size, in prompt order:
@@ -201,14 +200,6 @@ class ClipBatch:
         if key not in self._shared:
             self._shared[key] = self.predict(video)
         return self._shared[key]
-
-
-def crop_prediction(pred: ClipPrediction, height: int, width: int) -> ClipPrediction:
-    """A prediction of a padded clip restricted to the clip's own (height, width)."""
-    if pred.mask_logits.shape[-2:] == (height, width):
-        return pred
-    return dataclasses.replace(pred, mask_logits=pred.mask_logits[..., :height, :width],
-                               prompt_mask_logits=pred.prompt_mask_logits[..., :height, :width])
 
 
 def empty_prompts(size: tuple[int, int]) -> PromptBatch:
@@ -324,7 +315,8 @@ class Panoptic(TaskSpec):
         settings = model.config.inference
         return panoptic_inference(pred.class_probs.cpu(), pred.low_res_mask_logits.cpu(), torch.tensor(vocabulary.is_thing),
                                   object_mask_threshold=settings.object_mask_threshold,
-                                  overlap_threshold=settings.overlap_threshold, size=pred.image_size)
+                                  overlap_threshold=settings.overlap_threshold, size=pred.image_size,
+                                  padded_size=pred.padded_size)
 
     def id_maps(self, result: PanopticResult, shape) -> np.ndarray:
         return result.id_map.numpy()
@@ -368,7 +360,8 @@ class Instance(TaskSpec):
 
     def postprocess(self, model, pred, vocabulary) -> InstanceResult:
         return instance_inference(pred.class_probs.cpu(), pred.low_res_mask_logits.cpu(), torch.tensor(vocabulary.is_thing),
-                                  top_k=model.config.inference.instance_top_k, size=pred.image_size)
+                                  top_k=model.config.inference.instance_top_k, size=pred.image_size,
+                                  padded_size=pred.padded_size)
 
     def id_maps(self, result: InstanceResult, shape) -> np.ndarray:
         keep = (result.scores >= SHOWN_SCORE).numpy()  # best first
@@ -407,7 +400,8 @@ class Semantic(TaskSpec):
     writer = SemanticWriter
 
     def postprocess(self, model, pred, vocabulary) -> SemanticResult:
-        return semantic_inference(pred.class_probs.cpu(), pred.low_res_mask_logits.cpu(), size=pred.image_size)
+        return semantic_inference(pred.class_probs.cpu(), pred.low_res_mask_logits.cpu(), size=pred.image_size,
+                                  padded_size=pred.padded_size)
 
     def id_maps(self, result: SemanticResult, shape) -> np.ndarray:
         return result.labels.numpy() + 1  # class index + 1, so class 0 is coloured too
@@ -437,7 +431,7 @@ class _Prompted(TaskSpec):
 
     def postprocess(self, model, pred, vocabulary) -> PromptResult:
         return prompt_inference(pred.low_res_prompt_mask_logits.cpu(), mask_threshold=model.config.inference.prompt_mask_threshold,
-                                size=pred.image_size)
+                                size=pred.image_size, padded_size=pred.padded_size)
 
     def id_maps(self, result: PromptResult, shape) -> np.ndarray:
         return stack_masks(result.masks.numpy(), shape)

@@ -177,7 +177,7 @@ def _clip_outputs(outputs: ModelOutputs, i: int) -> ModelOutputs:
     one = slice(i, i + 1)
     queries = QueryOutputs(mask_logits=q.mask_logits[one], class_logits=q.class_logits[one],
                       id_embeddings=q.id_embeddings[one], num_object_queries=q.num_object_queries,
-                      prompt_valid=q.prompt_valid[one])
+                      prompt_valid=q.prompt_valid[one], prompt_counts=q.prompt_counts[one])
     return ModelOutputs(queries=queries, clip_features=outputs.clip_features[one],
                         text_embeddings=outputs.text_embeddings, image_size=outputs.image_size)
 

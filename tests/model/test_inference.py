@@ -176,10 +176,10 @@ def test_low_resolution_tubes_with_a_size_give_the_full_size_results_upsampling_
     counted = []
     upsample = inference.upsample_masks
 
-    def counting(masks, out_size):
+    def counting(masks, out_size, padded_size=None):
         if out_size is not None:
             counted.append(masks.shape[0])
-        return upsample(masks, out_size)
+        return upsample(masks, out_size, padded_size)
 
     monkeypatch.setattr(inference, "upsample_masks", counting)
     fast = panoptic_inference(probs, logits, IS_THING, size=size)
@@ -195,3 +195,30 @@ def test_low_resolution_tubes_with_a_size_give_the_full_size_results_upsampling_
     sem_fast, sem_slow = semantic_inference(probs, logits, size=size), semantic_inference(probs, full)
     assert torch.equal(sem_fast.labels, sem_slow.labels)
     assert torch.equal(prompt_inference(logits, size=size).masks, prompt_inference(full).masks)
+
+
+def test_a_padded_clip_is_upsampled_to_the_padded_input_then_cut_to_its_own_size():
+    """A clip padded into a larger batch: its tubes cover the padded input; upsampling to that
+    and keeping the clip's top-left corner equals doing so at full size, for every task's
+    post-processing and for a ClipPrediction cut with `cropped`."""
+    from omgseg.model.omgseg import ClipPrediction
+    from omgseg.model.vocabulary import Vocabulary
+
+    gen = torch.Generator().manual_seed(2)
+    q, t, padded, own = 6, 1, (32, 40), (27, 31)
+    logits = 4 * torch.randn(q, t, 8, 10, generator=gen)
+    probs = torch.softmax(4 * torch.randn(q, 4, generator=gen), dim=1)
+    full = torch.nn.functional.interpolate(logits, size=padded, mode="bilinear", align_corners=False)
+    want = full[..., :own[0], :own[1]]
+    pred = ClipPrediction(probs, logits, torch.zeros(q, 2), logits[:2], Vocabulary.from_names(["a", "b", "c"]), padded)
+    cut = pred.cropped(*own).cropped(*own)  # cutting twice keeps the padded input
+    assert cut.padded_size == padded and cut.image_size == own
+    assert torch.equal(cut.mask_logits, want) and torch.equal(cut.prompt_mask_logits, want[:2])
+    fast = panoptic_inference(probs, logits, IS_THING, object_mask_threshold=0.3, size=own, padded_size=padded)
+    slow = panoptic_inference(probs, want, IS_THING, object_mask_threshold=0.3)
+    assert torch.equal(fast.id_map, slow.id_map) and fast.segments == slow.segments
+    fast = instance_inference(probs, logits, IS_THING, top_k=4, size=own, padded_size=padded)
+    assert torch.equal(fast.masks, instance_inference(probs, want, IS_THING, top_k=4).masks)
+    assert torch.equal(semantic_inference(probs, logits, size=own, padded_size=padded).labels,
+                       semantic_inference(probs, want).labels)
+    assert torch.equal(prompt_inference(logits, size=own, padded_size=padded).masks, prompt_inference(want).masks)
