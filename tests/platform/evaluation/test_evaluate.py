@@ -65,7 +65,7 @@ def setup(tmp_path_factory):
                 clip_length=clip_length)
         datasets[name] = {"format": fmt, "src": str(sources[fmt]), "clip_length": clip_length}
     config = TrainConfig.model_validate({
-        "name": "eval", "data": {"root": str(root / "data"), "datasets": datasets, "splits": ["val"]},
+        "name": "eval", "data": {"root": str(root / "data"), "datasets": datasets},
         "mix": {"coco": 1.0}, "evaluation": EVALUATION, "eval_batch_size": 2, "output_dir": str(root / "runs"),
         "batch": {"frames": 2, "crop": [64, 96], "prompts_per_clip": 2},
     })
