@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_model import BATCH, _ours, _sizes  # noqa: E402  (the benchmark's models and batch)
 
 import omgseg.model.criterion as criterion_module  # noqa: E402
-import omgseg.model.omgseg as omgseg_module  # noqa: E402
+import omgseg.model.inference as inference_module  # noqa: E402
 import omgseg.model.pixel_decoder as pixel_decoder_module  # noqa: E402
 from omgseg.model.inference import instance_inference, panoptic_inference, semantic_inference  # noqa: E402
 
@@ -89,13 +89,18 @@ def _mark_parts(model: torch.nn.Module) -> None:
         _mark_module(layer, "decoder layers: self-attention")
     for layer in decoder.ffn_layers:
         _mark_module(layer, "decoder layers: FFN")
-    decoder._predict = _marked("decoder: heads, mask logits, attention masks", decoder._predict)
-    model.criterion.matcher = _Marked("matching", model.criterion.matcher)
+    heads = "decoder: heads, mask logits, attention masks"
+    for module in (decoder.decoder_norm, decoder.mask_embed):
+        _mark_module(module, heads)
+    decoder._heads = _marked(heads, decoder._heads)
+    decoder._attention_mask = _marked(heads, decoder._attention_mask)
+    matcher = model.criterion.matcher
+    matcher.match_sets = _marked("matching", matcher.match_sets)
     model.criterion = _Marked("losses", model.criterion)
-    criterion_module.sample_uncertain_points = _marked(
-        "losses: uncertain point selection", criterion_module.sample_uncertain_points)
+    for name in ("_draw_points", "_most_uncertain"):
+        setattr(criterion_module, name, _marked("losses: uncertain point selection", getattr(criterion_module, name)))
     model.clip_logits = _marked("inference: CLIP ensemble", model.clip_logits)
-    omgseg_module._upsample = _marked("inference: upsampling masks", omgseg_module._upsample)
+    inference_module.upsample_masks = _marked("inference: upsampling masks", inference_module.upsample_masks)
 
 
 class _Marked:
@@ -198,9 +203,12 @@ def profile_size(size: str, steps: int) -> dict:
             (pred,) = infer()
             with record_function(MARK + "post-processing (panoptic, instance, semantic)"):
                 is_thing = torch.arange(pred.class_probs.shape[1] - 1) % 2 == 0
-                panoptic_inference(pred.class_probs, pred.mask_logits, is_thing)
-                instance_inference(pred.class_probs, pred.mask_logits, is_thing)
-                semantic_inference(pred.class_probs, pred.mask_logits)
+                # as the task table calls them: tubes at the decoder's resolution, upsampled
+                # by each function to the input size (panoptic and instance: only those kept)
+                low, size = pred.low_res_mask_logits, pred.image_size
+                panoptic_inference(pred.class_probs, low, is_thing, size=size)
+                instance_inference(pred.class_probs, low, is_thing, size=size)
+                semantic_inference(pred.class_probs, low, size=size)
 
     model.train()
     train_fwd, train_bwd, train_ms = _profile(train_step, steps)
