@@ -119,6 +119,30 @@ class HungarianMatcher:
         cost_dice = batch_dice_cost(pred, tgt)
         return self.cost_class * cost_class + self.cost_mask * cost_mask + self.cost_dice * cost_dice
 
+    def _clip_costs(self, sets: Sequence[tuple[Tensor, Tensor]], i: int, target: MatchTargets,
+                    points: Tensor | None, first_stage: int) -> list[tuple[int, Tensor]]:
+        """Clip i's cost matrices of every set, as (first set, costs (S, Q, N)) of S sets costed
+        together: as many at a time as keep their sampled logits under _SAMPLED_ELEMENTS (all
+        ten sets of the bench's mid size, two of the paper's model)."""
+        device = sets[0][1].device
+        q, frames = sets[0][1].shape[1:3]
+        per_batch = max(1, _SAMPLED_ELEMENTS // (q * frames * self.num_points))
+        masks = target.masks.to(torch.float32)  # once per clip, not per set
+        out = []
+        for first in range(0, len(sets), per_batch):
+            batch = range(first, min(first + per_batch, len(sets)))
+            if points is None:
+                clip_points = torch.stack([
+                    torch.rand(self.num_points, 2, device=device,
+                               generator=clip_generator(target, device, "match", first_stage + s))
+                    for s in batch])  # (S, K, 2)
+            else:
+                clip_points = points.to(device).expand(len(batch), *points.shape)
+            pred = point_sample(torch.stack([sets[s][1][i] for s in batch]).float(), clip_points)  # (S, Q, T, K)
+            tgt = point_sample(masks.expand(len(batch), *masks.shape), clip_points)  # (S, N, T, K)
+            out.append((first, self._costs(torch.stack([sets[s][0][i] for s in batch]), pred, target.labels, tgt)))
+        return out
+
     @staticmethod
     def _check_frames(num_frames: int, target: MatchTargets) -> None:
         if num_frames != target.num_frames:
@@ -167,32 +191,15 @@ class HungarianMatcher:
                     f"and {len(targets)} targets disagree on (B, Q)"
                 )
         num_classes = sets[0][0].shape[-1] - 1
-        device = sets[0][1].device
-        frames = sets[0][1].shape[2]
-        # Sets are costed together, as many at a time as keep their sampled logits under
-        # _SAMPLED_ELEMENTS: all ten sets of the bench's mid size, two of the paper's model.
-        per_batch = max(1, _SAMPLED_ELEMENTS // (q * frames * self.num_points))
         on_device, shapes = [], []
-        with full_precision(device):  # model/precision.py
+        with full_precision(sets[0][1].device):  # model/precision.py
             for i, target in enumerate(targets):
-                self._check_frames(frames, target)
+                self._check_frames(sets[0][1].shape[2], target)
                 if target.labels.numel() == 0:
                     continue
-                masks = target.masks.to(torch.float32)  # once per clip, not per set
-                for first in range(0, len(sets), per_batch):
-                    batch = range(first, min(first + per_batch, len(sets)))
-                    if points is None:
-                        clip_points = torch.stack([
-                            torch.rand(self.num_points, 2, device=device,
-                                       generator=clip_generator(target, device, "match", first_stage + s))
-                            for s in batch])  # (S, K, 2)
-                    else:
-                        clip_points = points.to(device).expand(len(batch), *points.shape)
-                    pred = point_sample(torch.stack([sets[s][1][i] for s in batch]).float(), clip_points)  # (S, Q, T, K)
-                    tgt = point_sample(masks.expand(len(batch), *masks.shape), clip_points)  # (S, N, T, K)
-                    cost = self._costs(torch.stack([sets[s][0][i] for s in batch]), pred, target.labels, tgt)  # (S, Q, N)
+                for first, cost in self._clip_costs(sets, i, target, points, first_stage):
                     on_device.append(cost.flatten())
-                    shapes += [(s, i, cost.shape[1:]) for s in batch]
+                    shapes += [(first + s, i, cost.shape[1:]) for s in range(cost.shape[0])]
                 on_device.append(target.labels.max().to(torch.float32).view(1))
                 shapes.append((None, i, None))
         sizes = [1 if shape is None else shape.numel() for _, _, shape in shapes]
