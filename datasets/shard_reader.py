@@ -18,7 +18,7 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
-from omgseg.datasets.location import ShardLocation
+from omgseg.datasets.location import MissingExtra, ShardLocation
 from omgseg.datasets.manifest import ShardInfo, ShardReadError
 
 
@@ -105,6 +105,8 @@ def read_shard_samples(
             raw = open(name, "rb")  # noqa: SIM115 - closed below, after the generator finishes
     except (FileNotFoundError, IsADirectoryError):
         raise ShardReadError(f"shard {name} does not exist") from None
+    except MissingExtra:
+        raise  # its own one line: not a read that may pass
     except Exception as exn:  # noqa: BLE001 - OSError, or an HTTP client's own errors (a 503): re-raised, named
         raise TransientReadError(f"shard {name}: cannot open ({exn})") from None
     stream = _HashingReader(raw)

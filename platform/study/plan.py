@@ -12,17 +12,9 @@ import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
-from omgseg.core.structures import Task
 from omgseg.platform.config import StudyConfig, TrackingConfig, TrainConfig, metric_direction
 
-# Validation losses are reported per query group: object queries serve the object tasks,
-# prompt queries the prompted ones. Tasks of one group share one loss.
-LOSS_GROUPS = {
-    "object_queries": ({Task.PANOPTIC, Task.INSTANCE, Task.SEMANTIC, Task.VIDEO_PANOPTIC, Task.VIDEO_INSTANCE},
-                       ("loss_ce", "loss_mask", "loss_dice")),
-    "prompt_queries": ({Task.INTERACTIVE, Task.VOS}, ("loss_prompt_mask", "loss_prompt_dice")),
-}
-VAL_LOSS = "val_loss"
+VAL_LOSS = "val_loss"  # the metric name of a query group's validation loss
 
 
 @dataclass(frozen=True)
@@ -141,16 +133,18 @@ def plan_trials(config: StudyConfig, sizes: dict[str, int] | None = None) -> lis
 
 
 def targets(config: StudyConfig) -> list[Target]:
-    """The primary targets (the validation loss of each query group of each evaluated data set)
-    and the secondary ones (the configured metrics), in config order."""
+    """The primary targets (the validation loss of each query group that serves an evaluated
+    data set's tasks: platform/tasks.py) and the secondary ones (the configured metrics), in
+    config order."""
+    from omgseg.platform.tasks import loss_groups  # the task table imports torch: only when targets are asked for
+
     out = []
     for name, tasks in config.evaluated().items():
-        wanted = {Task.parse(t) for t in tasks}
-        out += [Target(name, group, VAL_LOSS, "lower", True) for group, (served, _) in LOSS_GROUPS.items() if served & wanted]
+        out += [Target(name, group.value, VAL_LOSS, "lower", True) for group in loss_groups(tasks)]
     for name, tasks in config.evaluated().items():
         for task in tasks:
             for metric in config.metrics.get(f"{name}/{task}", config.metrics.get(task, [])):
-                out.append(Target(name, task, metric, metric_direction(metric), False))
+                out.append(Target(name, task, metric, metric_direction(task, metric), False))
     return out
 
 

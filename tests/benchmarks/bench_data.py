@@ -8,6 +8,8 @@ readers: the shard reader against reading COCO panoptic files directly. Both pat
     the files in the page cache ("warm") and once after dropping them from it with
     posix_fadvise ("cold", i.e. read from the disk). A read-only pass (bytes, no decoding) of
     both layouts, cold, shows the I/O difference on its own.
+convert: `omgseg convert` with 2 worker processes against 1 on the readers' source
+    (`convert_speedup`), and whether the two wrote the same bytes (`convert_identical`).
 clips: ms to make one training clip at the paper's resolution (the `batch:` block of
     studies/configs/omgseg_paper.yaml: 736x1280 crops of 2 frames, scale jitter 0.8-2, 20
     prompts) from synthetic COCO and VIPSeg data of that size, for COCO (panoptic, instance,
@@ -34,6 +36,7 @@ import itertools
 import json
 import os
 import random
+import shutil
 import statistics
 import sys
 import tempfile
@@ -49,6 +52,7 @@ from omgseg.core.seeds import derive_seed
 from omgseg.core.structures import Task
 from omgseg.datasets.clip import Segment, decode_id_map_rgb
 from omgseg.datasets.convert import convert
+from omgseg.datasets.manifest import read_manifest
 from omgseg.datasets.shard_reader import read_shard_samples
 from omgseg.datasets.stream import ClipSample, ShardStream
 from omgseg.datasets.synth import SynthSizes, write_synthetic
@@ -180,13 +184,18 @@ def folder_bytes(paths: list[Path]) -> int:
     return sum(p.stat().st_size for p in paths if p.is_file())
 
 
-def measure_readers(args: argparse.Namespace, tmp: Path) -> dict[str, object]:
-    """The `readers` section: shard reading against direct files, warm and cold."""
+def coco_source(args: argparse.Namespace, tmp: Path) -> tuple[Path, float]:
+    """The synthetic COCO panoptic source of the `readers` and `convert` sections, and the
+    seconds it took to write."""
     sizes = SynthSizes(height=args.height, width=args.width, coco_train=args.images, coco_val=1,
                        ade_train=1, ade_val=1, video_train=1, video_val=1)
     t0 = time.perf_counter()
     src = write_synthetic(tmp / "synth", formats=["coco-panoptic"], seed=0, sizes=sizes, progress=False)["coco-panoptic"]
-    synth_s = time.perf_counter() - t0
+    return src, time.perf_counter() - t0
+
+
+def measure_readers(args: argparse.Namespace, src: Path, synth_s: float, tmp: Path) -> dict[str, object]:
+    """The `readers` section: shard reading against direct files, warm and cold."""
     t0 = time.perf_counter()
     convert("coco-panoptic", src, tmp / "shards", split="train",
             samples_per_shard=args.samples_per_shard, progress=False)
@@ -237,6 +246,33 @@ def measure_readers(args: argparse.Namespace, tmp: Path) -> dict[str, object]:
             results[f"{key}_direct_mb_per_s"] = round(direct_mb / best["direct"], 1)
             results[f"{key}_speedup"] = round(best["direct"] / best["shards"], 2)
     return results
+
+
+def convert_speed(src: Path, out: Path, samples_per_shard: int = 8, repeats: int = 2) -> dict[str, object]:
+    """`omgseg convert --workers 2` against `--workers 1` on the same COCO panoptic source, best
+    of `repeats` each, interleaved, and whether the two wrote the same bytes. Small shards, so
+    that two workers share the work as evenly as on a real split of thousands of shards."""
+    best = {1: float("inf"), 2: float("inf")}
+    for _ in range(repeats):
+        for workers in best:
+            folder = out / f"w{workers}"
+            shutil.rmtree(folder, ignore_errors=True)
+            start = time.perf_counter()
+            convert("coco-panoptic", src, folder, split="train", samples_per_shard=samples_per_shard, workers=workers)
+            best[workers] = min(best[workers], time.perf_counter() - start)
+            print(f"convert --workers {workers}: {time.perf_counter() - start:.2f} s", file=sys.stderr)
+
+    def written(folder: Path) -> dict[str, bytes]:
+        return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.name != "manifest.json"}
+
+    manifests = [dataclasses.replace(read_manifest(out / f"w{w}"), created="") for w in best]
+    return {
+        "convert_samples_per_shard": samples_per_shard,
+        "convert_w1_s": round(best[1], 2),
+        "convert_w2_s": round(best[2], 2),
+        "convert_speedup": round(best[1] / best[2], 2),
+        "convert_identical": written(out / "w1") == written(out / "w2") and manifests[0] == manifests[1],
+    }
 
 
 PAPER = ROOT / "studies" / "configs" / "omgseg_paper.yaml"
@@ -354,7 +390,7 @@ def measure_wait(args: argparse.Namespace, data_root: Path) -> dict[str, object]
     return {"wait_steps": args.wait_steps, "data_wait_share": share, "step_s": step_s}
 
 
-SECTIONS = ("readers", "clips", "resume", "wait")
+SECTIONS = ("readers", "convert", "clips", "resume", "wait")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -379,8 +415,12 @@ def main(argv: list[str] | None = None) -> None:
     results: dict[str, object] = {"benchmark": "bench_data", "torch_threads": 1}
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         tmp = Path(tmp)
+        if {"readers", "convert"} & set(args.sections):
+            src, synth_s = coco_source(args, tmp)
         if "readers" in args.sections:
-            results |= measure_readers(args, tmp / "readers")
+            results |= measure_readers(args, src, synth_s, tmp / "readers")
+        if "convert" in args.sections:
+            results |= convert_speed(src, tmp / "convert", repeats=args.repeats)
         if "clips" in args.sections:
             results |= measure_clips(args, tmp / "clips")
         if {"resume", "wait"} & set(args.sections):
@@ -390,7 +430,6 @@ def main(argv: list[str] | None = None) -> None:
         if "wait" in args.sections:
             results |= measure_wait(args, tmp / "tiny")
     print(json.dumps(results))
-
 
 
 if __name__ == "__main__":
