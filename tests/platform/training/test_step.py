@@ -24,7 +24,8 @@ def test_a_non_finite_term_stops_the_loop_naming_the_step_and_every_term():
         config=SimpleNamespace(steps=3, optimizer=SimpleNamespace(grad_clip=0.01, amp=True)), model=model,
         forward=model, optimizer=optimizer, scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0),
         vocabulary=vocabulary, device=torch.device("cpu"),
-        batches=itertools.repeat(TrainBatch(images=images, targets=targets, prompts=prompts, datasets=("coco", "coco"))))
+        batches=(batch for batch in itertools.repeat(  # a generator: the loop closes its batches
+            TrainBatch(images=images, targets=targets, prompts=prompts, datasets=("coco", "coco")))))
     state = WorkerState(step=1, counts={})
     with pytest.raises(FloatingPointError) as caught:
         train_loop(parts, state)
