@@ -18,6 +18,8 @@ import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from omgseg.platform.records import Agreement  # noqa: E402
+
 DIVERGING = "RdBu"  # red: the source hurts the target, blue: it helps
 
 
@@ -122,21 +124,21 @@ def metric_bars(metrics: pl.DataFrame, targets: list[tuple[str, str, str]]) -> F
     return figure
 
 
-def affinity_scatter(estimates: dict) -> Figure | None:
+def affinity_scatter(estimates: Agreement) -> Figure | None:
     """Each ordered pair of train data sets: its mean TAG affinity against its pair influence."""
-    pairs = estimates.get("pairs") or []
+    pairs = estimates.pairs
     if not pairs:
         return None
     figure, axes = plt.subplots(figsize=(5.2, 4.2))
-    x = [p["affinity"] for p in pairs]
-    y = [p["influence"] for p in pairs]
+    x = [p.affinity for p in pairs]
+    y = [p.influence for p in pairs]
     axes.scatter(x, y, color="tab:blue")
     for p in pairs:
-        axes.annotate(f"{p['source_dataset']} -> {p['target_dataset']}", (p["affinity"], p["influence"]), fontsize=7,
+        axes.annotate(f"{p.source_dataset} -> {p.target_dataset}", (p.affinity, p.influence), fontsize=7,
                       xytext=(3, 3), textcoords="offset points")
     axes.axhline(0, color="0.6", lw=0.8)
     axes.axvline(0, color="0.6", lw=0.8)
-    rho = estimates.get("spearman")
+    rho = estimates.spearman
     rho_text = "n/a (fewer than 3 pairs)" if rho is None else f"{rho:.2f}"
     axes.set_title(f"Cheap vs exhaustive: Spearman {rho_text} over {len(pairs)} pairs", fontsize=9)
     axes.set_xlabel("TAG look-ahead affinity (mean Z, one co-training run)")

@@ -26,6 +26,8 @@ from pathlib import Path
 import pytest
 from localserver import free_port, wait_for_http
 
+from omgseg.platform.records import StudySummary
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "studies" / "cluster" / "README.md"]
 COMMANDS = ("omgseg", "python", "make", ".venv/bin/python", "mlflow", "RAY_ADDRESS=", "ray", "kubectl")
@@ -109,9 +111,9 @@ def _study_check(folder: str, planted: bool = False):
     def check(root, done):
         out = root / folder
         assert all((out / f"{t}.parquet").is_file() for t in ("runs", "metrics", "influence", "correlation", "affinity"))
-        summary = json.loads((out / "summary.json").read_text())
-        assert summary["finished"] == summary["trials"]
-        assert ("planted" in summary) == planted
+        summary = StudySummary.read(out)
+        assert summary.finished == summary.trials
+        assert (summary.planted is not None) == planted
     return check
 
 

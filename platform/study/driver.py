@@ -380,6 +380,6 @@ def main(argv: list[str] | None = None, prog: str = "omgseg study") -> int:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 1
     print_summary(result)
-    return 0 if not result.summary["failed"] else 1
+    return 0 if not result.summary.failed else 1
 
 

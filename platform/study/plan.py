@@ -53,17 +53,36 @@ class Trial:
 @dataclass(frozen=True)
 class Target:
     """A number every trial reports and the influence tables compare: (data set, task, metric).
-    Primary targets are validation losses (task = the query group, e.g. object_queries)."""
+    Primary targets are validation losses (task = the query group, e.g. object_queries).
+
+    Its scope is the trials whose training could move it: those that trained its query group
+    (one of `supervisors` among their data sets) and, for a train data set's target, trained
+    that data set (`requires`). Elsewhere its heads were never trained (a DAVIS-only trial's
+    object queries), and their values say nothing about co-training."""
 
     dataset: str
     task: str
     metric: str
     direction: str  # "higher" or "lower" is better
     primary: bool
+    requires: str | None = None  # the target's own data set when it is a train data set
+    supervisors: frozenset[str] | None = None  # data sets whose training supervises its query group; None: any
 
     @property
     def family(self) -> str:
         return "primary" if self.primary else "secondary"
+
+    def in_scope(self, datasets: tuple[str, ...]) -> bool:
+        """Whether a trial on `datasets` trained what this target measures."""
+        if self.requires is not None and self.requires not in datasets:
+            return False
+        return self.supervisors is None or not self.supervisors.isdisjoint(datasets)
+
+
+def query_group(task: str) -> str:
+    """The query group (LOSS_GROUPS) whose loss trains `task`."""
+    parsed = Task.parse(task)
+    return next(group for group, (served, _) in LOSS_GROUPS.items() if parsed in served)
 
 
 def combination_name(datasets) -> str:
@@ -142,15 +161,25 @@ def plan_trials(config: StudyConfig, sizes: dict[str, int] | None = None) -> lis
 
 def targets(config: StudyConfig) -> list[Target]:
     """The primary targets (the validation loss of each query group of each evaluated data set)
-    and the secondary ones (the configured metrics), in config order."""
+    and the secondary ones (the configured metrics), in config order, each with its scope."""
+    trainable = config.trained() + ([config.control] if config.control else [])
+    supervisors = {group: frozenset(n for n in trainable
+                                    if any(query_group(t) == group for t in config.data.datasets[n].supervised_tasks()))
+                   for group in LOSS_GROUPS}
+
+    def target(name: str, task: str, metric: str, direction: str, primary: bool, group: str) -> Target:
+        return Target(name, task, metric, direction, primary, requires=name if name in config.trained() else None,
+                      supervisors=supervisors[group])
+
     out = []
     for name, tasks in config.evaluated().items():
         wanted = {Task.parse(t) for t in tasks}
-        out += [Target(name, group, VAL_LOSS, "lower", True) for group, (served, _) in LOSS_GROUPS.items() if served & wanted]
+        out += [target(name, group, VAL_LOSS, "lower", True, group) for group, (served, _) in LOSS_GROUPS.items()
+                if served & wanted]
     for name, tasks in config.evaluated().items():
         for task in tasks:
             for metric in config.metrics.get(f"{name}/{task}", config.metrics.get(task, [])):
-                out.append(Target(name, task, metric, metric_direction(metric), False))
+                out.append(target(name, task, metric, metric_direction(metric), False, query_group(task)))
     return out
 
 
