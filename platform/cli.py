@@ -91,13 +91,13 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     from omgseg.platform.config import TrainConfig, load_config
     from omgseg.platform.console import say
-    from omgseg.platform.training.train import run_training, tracking_uri
+    from omgseg.platform.training.train import run_training
 
     config = load_config(TrainConfig, args.config, args.overrides)  # fails before any worker starts
     result = run_training(config)
     report = result.report
     say(f"model: {result.checkpoint}")
-    say(f"MLflow run {result.run_id}: mlflow ui --backend-store-uri {tracking_uri(config)}")
+    say(f"MLflow run {result.run_id}: mlflow ui --backend-store-uri {result.tracking_uri}")
     print(json.dumps({
         "run_id": result.run_id, "checkpoint": str(result.checkpoint), "run_dir": str(result.run_dir),
         "steps": report.steps, "samples": report.samples, "realised_mix": report.realised_mix,

@@ -76,8 +76,9 @@ class TrainResult:
 
     run_id: str
     run_dir: Path
-    checkpoint: Path  # the final model (load with omgseg.model.omgseg.load_checkpoint)
+    checkpoint: Path  # the final model (load with omgseg.model.checkpoint.load_checkpoint)
     report: RunReport
+    tracking_uri: str  # the MLflow store the run is in
 
 
 @dataclass
@@ -134,12 +135,11 @@ class StudyState(JsonRecord):
 
 @dataclass
 class TrialSpec:
-    """What the study driver sends to a trial: the trial, the config it trains, and where it
-    records (the MLflow parent run, its own log file)."""
+    """What the study driver sends to a trial: the trial, the config it trains (its `tracking`
+    names the study's MLflow store), and where it records (the parent run, its own log file)."""
 
     trial: Trial
     config: dict  # TrainConfig.model_dump(mode="json")
-    tracking_uri: str
     parent_run_id: str
     study: str
     log: str  # the trial's log file: everything it prints

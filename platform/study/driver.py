@@ -20,12 +20,14 @@ start-up measured here) is paid only by multi-worker trials, which keep Ray Trai
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
 import sys
 import time
 import traceback
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ray.tune import Callback
@@ -76,7 +78,8 @@ def _train_trial(spec: TrialSpec) -> TrialRecord:
     if spec.in_process:
         torch.set_num_threads(max(1, int(config.resources.cpus_per_worker)))
     # A retried or resumed trial continues its own MLflow run instead of opening a second one.
-    run_id = child_runs(spec.tracking_uri, spec.parent_run_id).get(trial.trial_id, (None, None))[0]
+    uri = config.tracking.tracking_uri  # the study resolved it and put it in every trial's config
+    run_id = child_runs(uri, spec.parent_run_id).get(trial.trial_id, (None, None))[0]
     tags = {"omgseg.trial_id": trial.trial_id, "omgseg.study": spec.study}
     print(f"[trial] {trial.trial_id}: {trial.steps} steps on {trial.combination}, seed {trial.seed}", flush=True)
     result = run_training(config, parent_run_id=spec.parent_run_id, tags=tags, run_id=run_id, prepare=False,
@@ -89,7 +92,7 @@ def _train_trial(spec: TrialSpec) -> TrialRecord:
         samples=report.samples, metrics=report.evaluation, affinity=report.affinity, affinity_se=report.affinity_se,
         affinity_halves=report.affinity_halves, reads=report.reads,
     )
-    log_record(spec.tracking_uri, record, config.output_dir / trial.trial_id)
+    log_record(uri, record, config.output_dir / trial.trial_id)
     return record
 
 
@@ -99,13 +102,6 @@ def _train_trial(spec: TrialSpec) -> TrialRecord:
 
 def study_dir(config: StudyConfig, out: Path | None) -> Path:
     return (Path(out) if out is not None else Path("outputs/studies") / config.name).absolute()
-
-
-def tracking_uri(config: StudyConfig, out: Path) -> str:
-    """The config's URI, else $MLFLOW_TRACKING_URI, else a SQLite file in the study folder."""
-    from omgseg.platform.tracking import resolve_tracking_uri
-
-    return resolve_tracking_uri(config.tracking, out)
 
 
 def _check_resume(out: Path, config: StudyConfig, resume: bool) -> StudyState | None:
@@ -125,16 +121,22 @@ def _check_resume(out: Path, config: StudyConfig, resume: bool) -> StudyState | 
 
 
 def _open_study(config: StudyConfig, out: Path, uri: str, state: StudyState | None, source: str) -> StudyState:
-    """The study's MLflow parent run (created with the config, or set RUNNING again) and study.json."""
+    """The study's MLflow parent run (created with the config, or set RUNNING again) and study.json,
+    which carries the tracking URI every later step reads."""
     from omgseg.platform.tracking import open_study_run
 
     if state is not None:
         open_study_run(config, uri, state.parent_run_id)
-        return state
-    state = StudyState(name=config.name, parent_run_id=open_study_run(config, uri), tracking_uri=uri,
-                       config=json.loads(config.model_dump_json()), source=source)
-    (out / STUDY_FILE).write_text(json.dumps(state.to_json(), indent=1))
-    (out / "config.json").write_text(config.model_dump_json(indent=2))
+        if state.tracking_uri == uri:
+            return state
+        state = dataclasses.replace(state, tracking_uri=uri)  # a moved study folder: its SQLite file moved too
+    else:
+        state = StudyState(name=config.name, parent_run_id=open_study_run(config, uri), tracking_uri=uri,
+                           config=json.loads(config.model_dump_json()), source=source)
+        (out / "config.json").write_text(config.model_dump_json(indent=2))
+    partial = out / (STUDY_FILE + ".partial")
+    partial.write_text(json.dumps(state.to_json(), indent=1))
+    partial.replace(out / STUDY_FILE)
     return state
 
 
@@ -155,107 +157,170 @@ def _quiet_libraries(log: Path) -> None:
 def run_study(config: StudyConfig, out: Path | None = None, *, resume: bool = False, source: str = "config",
               verbose: bool = False) -> StudyResult:
     """Plan, prepare data, train every unfinished trial on Ray Tune, write the tables."""
-    from ray import tune
-
-    from omgseg.datasets.manifest import read_manifest
-    from omgseg.platform.data import prepare_data
-    from omgseg.platform.tracking import child_runs, finished_records
+    from omgseg.platform.tracking import finished_records, resolve_tracking_uri
 
     out = study_dir(config, out)
-    clock = {"started": time.perf_counter()}
+    seconds = DriverSeconds()
+    started = time.perf_counter()
     plan_trials(config)  # a config that plans nothing fails before any data is made
-    state = _check_resume(out, config, resume)
-    for name, spec in config.data.datasets.items():  # a data set that cannot be read fails before any trial starts
-        if spec.src is not None and not Path(spec.src).exists():
-            raise FileNotFoundError(f"data set {name!r}: source folder {spec.src} does not exist")
+    saved = _check_resume(out, config, resume)
+    _check_sources(config)
+    logs = _log_folder(out, verbose)
+    plan = plan_trials(config, _prepare(config, verbose))
+    seconds.prepare = time.perf_counter() - started
+    uri = resolve_tracking_uri(config.tracking, out)  # resolved once: trials get it in their config
+    run = StudyRun(config, out, _open_study(config, out, uri, saved, source), logs, verbose, seconds)
+    done = finished_records(uri, run.state.parent_run_id)
+    pending = [t for t in plan if t.trial_id not in done]
+    _announce(run, plan, len(done), len(pending))
+    slots, failed = _run_trials(run, pending, done, len(plan)) if pending else (0, {})
+    records = _records(run, plan, done, failed)
+    return finish_study(config, out, uri, run.state.parent_run_id, records, asdict(seconds), slots)
+
+
+@dataclass
+class DriverSeconds:
+    """Where this driver run's time went (a resumed study: the last run only); summary.json's driver_seconds."""
+
+    prepare: float = 0.0
+    ray_init: float = 0.0
+    pretrain: float = 0.0
+    trials: float = 0.0
+
+
+@dataclass
+class StudyRun:
+    """What the steps of one driver run share: the study, its folder, its state (MLflow parent
+    run and tracking URI, as in study.json), its log folder and its clock."""
+
+    config: StudyConfig
+    out: Path
+    state: StudyState
+    logs: Path
+    verbose: bool
+    seconds: DriverSeconds
+
+    def log(self, trial: Trial) -> str:
+        return str(self.logs / f"{trial.trial_id}.log")
+
+
+def _log_folder(out: Path, verbose: bool) -> Path:
+    """<out>/logs, with Ray's, Tune's and MLflow's loggers writing to its driver.log unless `verbose`."""
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     if not verbose:
         _quiet_libraries(logs / "driver.log")
+    return logs
+
+
+def _check_sources(config: StudyConfig) -> None:
+    """A data set that cannot be read fails before anything is written or started."""
+    for name, spec in config.data.datasets.items():
+        if spec.src is not None and not Path(spec.src).exists():
+            raise FileNotFoundError(f"data set {name!r}: source folder {spec.src} does not exist")
+
+
+def _prepare(config: StudyConfig, verbose: bool) -> dict[str, int]:
+    """The study's data made ready (cached); returns each train split's size, which proportional
+    mixing needs."""
+    from omgseg.datasets.manifest import read_manifest
+    from omgseg.platform.data import prepare_data
+
     dirs = prepare_data(config.data, progress=verbose)
-    clock["prepared"] = time.perf_counter()
-    sizes = {name: read_manifest(splits["train"]).total_samples for name, splits in dirs.items() if "train" in splits}
-    plan = plan_trials(config, sizes)
-    uri = tracking_uri(config, out)
-    state = _open_study(config, out, uri, state, source)
-    done = finished_records(uri, state.parent_run_id)
-    pending = [t for t in plan if t.trial_id not in done]
+    return {name: read_manifest(splits["train"]).total_samples for name, splits in dirs.items() if "train" in splits}
+
+
+def _announce(run: StudyRun, plan: list[Trial], done: int, pending: int) -> None:
+    config = run.config
     res = config.train.resources
     _say(f"{config.name}: {len(plan)} trials ({len(plan) // len(config.seeds)} combinations x {len(config.seeds)} seeds, "
-         f"budget {config.budget}: {config.train.steps} steps per data set), {len(done)} already finished, "
-         f"{len(pending)} to run")
+         f"budget {config.budget}: {config.train.steps} steps per data set), {done} already finished, {pending} to run")
     _say(f"each trial: {res.workers} worker(s) x {res.cpus_per_worker} CPU" + (" + 1 GPU" if res.use_gpu else "")
          + (", in its own process" if res.workers == 1 else ", on Ray Train"))
-    _say(f"results: {out} (tables, summary.json); logs: {logs} (driver.log, one per trial)")
+    _say(f"results: {run.out} (tables, summary.json); logs: {run.logs} (driver.log, one per trial)")
+
+
+def _run_trials(run: StudyRun, pending: list[Trial], done: dict[str, TrialRecord], planned: int
+                ) -> tuple[int, dict[str, TrialRecord]]:
+    """Ray started (or joined), the pretrained model made, then one Tune trial per pending trial.
+    Finished trials' records go into `done`; returns the concurrency and the failed trials' records."""
+    from ray import tune
+
+    config, seconds = run.config, run.seconds
+    started = time.perf_counter()
+    slots = start_for_study(config, run.verbose)
+    seconds.ray_init = time.perf_counter() - started
+    _say(f"running up to {slots} trials at once")
+    init = _pretrain(run) if config.pretrain else None
+    seconds.pretrain = time.perf_counter() - started - seconds.ray_init
+    in_process = config.train.resources.workers == 1
+    specs = [TrialSpec(trial=t, config=trial_config(config, t, run.out, run.state.tracking_uri, init).model_dump(mode="json"),
+                       parent_run_id=run.state.parent_run_id, study=config.name, log=run.log(t),
+                       in_process=in_process).to_json() for t in pending]
+    tuner = tune.Tuner(
+        tune.with_resources(run_trial, trial_resources(config)),
+        param_space={"spec": tune.grid_search(specs)},
+        tune_config=tune.TuneConfig(max_concurrent_trials=slots, reuse_actors=in_process),
+        run_config=tune.RunConfig(
+            name=f"tune-{int(time.time())}", storage_path=str(run.out / "ray"), verbose=0,
+            failure_config=tune.FailureConfig(max_failures=config.scheduling.max_retries),
+            callbacks=[_Progress(len(pending), len(done), planned)],
+        ),
+    )
+    started = time.perf_counter()
+    results = tuner.fit()
+    seconds.trials = time.perf_counter() - started
     failed: dict[str, TrialRecord] = {}
-    slots = 0
-    seconds = {"prepare": clock["prepared"] - clock["started"], "ray_init": 0.0, "trials": 0.0}
-    if pending:
-        started = time.perf_counter()
-        slots = start_for_study(config, verbose)
-        seconds["ray_init"] = time.perf_counter() - started
-        _say(f"running up to {slots} trials at once")
-        init = _pretrain(config, out, uri, state.parent_run_id, logs) if config.pretrain else None
-        seconds["pretrain"] = time.perf_counter() - started - seconds["ray_init"]
-        in_process = res.workers == 1
-        specs = [TrialSpec(trial=t, config=trial_config(config, t, out, uri, init).model_dump(mode="json"), tracking_uri=uri,
-                           parent_run_id=state.parent_run_id, study=config.name, log=str(logs / f"{t.trial_id}.log"),
-                           in_process=in_process).to_json() for t in pending]
-        progress = _Progress(len(pending), len(done), len(plan))
-        tuner = tune.Tuner(
-            tune.with_resources(run_trial, trial_resources(config)),
-            param_space={"spec": tune.grid_search(specs)},
-            tune_config=tune.TuneConfig(max_concurrent_trials=slots, reuse_actors=in_process),
-            run_config=tune.RunConfig(
-                name=f"tune-{int(time.time())}", storage_path=str(out / "ray"), verbose=0,
-                failure_config=tune.FailureConfig(max_failures=config.scheduling.max_retries),
-                callbacks=[progress],
-            ),
-        )
-        started = time.perf_counter()
-        results = tuner.fit()
-        seconds["trials"] = time.perf_counter() - started
-        for result in results:
-            spec = TrialSpec.from_json(result.config["spec"]) if result.config else None
-            if spec is None:
-                continue
-            if result.error is None and result.metrics and "record" in result.metrics:
-                record = TrialRecord.from_json(json.loads(result.metrics["record"]))
-                done[record.trial_id] = record
-            else:
-                failed[spec.trial.trial_id] = _failed_record(spec.trial, config, result.error, spec.log)
+    for result in results:
+        if not result.config:
+            continue
+        spec = TrialSpec.from_json(result.config["spec"])
+        if result.error is None and result.metrics and "record" in result.metrics:
+            record = TrialRecord.from_json(json.loads(result.metrics["record"]))
+            done[record.trial_id] = record
+        else:
+            failed[spec.trial.trial_id] = _failed_record(spec.trial, result.error, spec.log)
+    return slots, failed
+
+
+def _records(run: StudyRun, plan: list[Trial], done: dict[str, TrialRecord], failed: dict[str, TrialRecord]
+             ) -> list[TrialRecord]:
+    """One record per planned trial, in plan order: finished, or failed with its error and MLflow run."""
+    from omgseg.platform.tracking import child_runs
+
+    runs = child_runs(run.state.tracking_uri, run.state.parent_run_id) if len(done) < len(plan) else {}
     records = []
-    runs = child_runs(uri, state.parent_run_id) if len(done) < len(plan) else {}
     for trial in plan:
         if trial.trial_id in done:
             records.append(done[trial.trial_id])
-        else:
-            record = failed.get(trial.trial_id) or _failed_record(trial, config, None, str(logs / f"{trial.trial_id}.log"))
-            record.mlflow_run_id = runs.get(trial.trial_id, (None, None))[0]
-            records.append(record)
-    return finish_study(config, out, uri, state.parent_run_id, records, seconds, slots)
+            continue
+        record = failed.get(trial.trial_id) or _failed_record(trial, None, run.log(trial))
+        record.mlflow_run_id = runs.get(trial.trial_id, (None, None))[0]
+        records.append(record)
+    return records
 
 
-def _pretrain(config: StudyConfig, out: Path, uri: str, parent_run_id: str, logs: Path) -> Path:
+def _pretrain(run: StudyRun) -> Path:
     """The study's pretrained model: trained once (in this process for one worker, else on Ray
     Train), as a child run tagged omgseg.kind=pretrain; a resumed study reuses it."""
     from omgseg.platform.study.plan import pretrain_config
     from omgseg.platform.training.train import run_training
 
-    pretrain = pretrain_config(config, out, uri)
+    config, logs = run.config, run.logs
+    pretrain = pretrain_config(config, run.out, run.state.tracking_uri)
     done = pretrain.output_dir / pretrain.name / "latest" / "model.pt"
     if done.is_file():
         _say(f"pretrained model: {done} (from an earlier run of this study)")
         return done
     _say(f"pretraining {pretrain.steps} steps on {', '.join(pretrain.mix)} (log: {logs / 'pretrain.log'})")
     with redirect_output(logs / "pretrain.log"):
-        result = run_training(pretrain, parent_run_id=parent_run_id, tags={"omgseg.kind": "pretrain"}, prepare=False,
+        result = run_training(pretrain, parent_run_id=run.state.parent_run_id, tags={"omgseg.kind": "pretrain"}, prepare=False,
                               in_process=config.train.resources.workers == 1, quiet=True)
     _say(f"pretrained model: {result.checkpoint}")
     return result.checkpoint
 
 
-def _failed_record(trial: Trial, config: StudyConfig, error: BaseException | None, log: str) -> TrialRecord:
+def _failed_record(trial: Trial, error: BaseException | None, log: str) -> TrialRecord:
     return TrialRecord(trial_id=trial.trial_id, combination=trial.combination, datasets=list(trial.datasets),
                        ratios=list(trial.ratios), seed=trial.seed, steps=trial.steps, status="failed",
                        measures_affinity=trial.measures_affinity, log=log,

@@ -58,11 +58,6 @@ READS_FILE = "reads.json"  # per rank: its node, sample counts, and the shards e
 PROGRESS_FILE = "progress.jsonl"
 
 
-def tracking_uri(config: TrainConfig) -> str:
-    """The config's URI, else $MLFLOW_TRACKING_URI, else a SQLite file in the output folder."""
-    return resolve_tracking_uri(config.tracking, config.output_dir)
-
-
 def run_dir(config: TrainConfig, run_id: str) -> Path:
     """Where a run's files go: <output_dir>/<name>/<MLflow run id>."""
     return config.output_dir / config.name / run_id
@@ -332,7 +327,7 @@ def run_training(config: TrainConfig, *, parent_run_id: str | None = None, tags:
     if prepare:
         prepare_data(config.data, progress=not quiet)
     check_inputs(config)
-    uri = tracking_uri(config)
+    uri = resolve_tracking_uri(config.tracking, config.output_dir)  # a study's trial: the study's URI, as given
     config.output_dir.mkdir(parents=True, exist_ok=True)
     run_id = open_run(config, uri, parent_run_id=parent_run_id, tags=tags, run_id=run_id)
     folder = run_dir(config, run_id)
@@ -357,4 +352,4 @@ def run_training(config: TrainConfig, *, parent_run_id: str | None = None, tags:
     # A finished run is never resumed: its resume point (weights and Adam's moments) is dead weight.
     shutil.rmtree(folder / RESUME_DIR, ignore_errors=True)
     _point_latest(folder)
-    return TrainResult(run_id=run_id, run_dir=folder, checkpoint=folder / MODEL_FILE, report=report)
+    return TrainResult(run_id=run_id, run_dir=folder, checkpoint=folder / MODEL_FILE, report=report, tracking_uri=uri)

@@ -24,7 +24,7 @@ import torch
 from omgseg.platform.config import TrainConfig, load_config
 from omgseg.platform.data import prepare_data
 from omgseg.platform.training.loop import StepLog, build_parts, train_loop
-from omgseg.platform.training.train import run_training, tracking_uri
+from omgseg.platform.training.train import run_training
 
 CONFIG = Path(__file__).resolve().parents[2] / "studies" / "configs" / "train_tiny.yaml"
 
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
             result = run_training(config)
             import mlflow
 
-            history = mlflow.MlflowClient(tracking_uri(config)).get_metric_history(result.run_id, "samples_per_s")
+            history = mlflow.MlflowClient(result.tracking_uri).get_metric_history(result.run_id, "samples_per_s")
             results[workers] = _steady([m.value for m in sorted(history, key=lambda m: m.step)])
             print(f"ray, {workers} worker(s): {results[workers]:.2f} samples/s", file=sys.stderr)
 
