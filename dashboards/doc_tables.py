@@ -1,13 +1,16 @@
 """docs/studies.md's measured tables, rendered from study folders, so that the numbers the docs
 show are the numbers the code produced, and say which run and which commit they come from.
 
-    python dashboards/doc_tables.py --default outputs/studies/default --planted outputs/studies/planted
-    python dashboards/doc_tables.py --run        # trains both studies into fresh folders first (about 25 min here)
+    python dashboards/doc_tables.py --default outputs/studies/default --planted outputs/studies/planted \
+        [--sampled outputs/studies/planted-k8 ...] [--sweep outputs/studies/planted-sweep]
+    python dashboards/doc_tables.py --run        # trains every study into fresh folders first (about 2 hours here)
 
 Each table sits in docs/studies.md between `<!-- rendered NAME -->` and `<!-- end rendered -->`;
 everything between the two markers is replaced by the table and a line that names the command,
-the study folder and the commit the study ran at. Blocks of a study that is not given are left
-as they are. A marker naming an unknown block, or a block missing from the docs, is an error
+the study folders and the commits they ran at. A block whose studies are not given is left as
+it is. `--run` trains them all: the default and planted studies, the planted config with a
+sampled design at each `--subsets` K, and its ratio sweep with its recommendations (anchor,
+all) verified. A marker naming an unknown block, or a block missing from the docs, is an error
 that names it, and the docs file is then left untouched.
 """
 
@@ -163,64 +166,123 @@ def planted_summary(study: StudyTables) -> str:
     return "\n".join(lines + _significance_lines(study) + _cheap_lines(study))
 
 
-RENDERERS: dict[str, tuple[str, Callable[[StudyTables], str]]] = {
-    "default/pairs": ("default", default_pairs),
-    "default/leave_one_out": ("default", default_leave_one_out),
-    "default/summary": ("default", default_summary),
-    "planted/rows": ("planted", planted_rows),
-    "planted/summary": ("planted", planted_summary),
+def planted_estimators(planted: StudyTables, sampled: list[StudyTables]) -> str:
+    from omgseg.dashboards.estimators import estimator_table, markdown
+
+    return markdown(estimator_table(planted, sampled))
+
+
+def planted_recommendation(sweep: StudyTables) -> str:
+    from omgseg.platform.study.recommend import describe
+
+    recommendations = sweep.summary.recommendations
+    if not recommendations:
+        raise ValueError(f"{sweep.folder}: the study has no recommendation (omgseg recommend)")
+    lines = []
+    for rec in recommendations:
+        lines += ["```", describe(rec), "```", ""]
+        verification = rec.verification
+        if verification is None:
+            lines += [f"Not verified yet (`--verify --objective {rec.objective}`).", ""]
+            continue
+        lines += [f"Verification of {rec.objective!r} (`{verification.folder}`; delta = baseline - recommended on the "
+                  "objective, lower is better, so positive means the recommendation did better):", "",
+                  "| baseline | shares | delta | 95 % CI | adjusted CI | q | MDE | beaten |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for c in verification.comparisons:
+            shares = ", ".join(f"{n} {v:.2f}" for n, v in c.shares.items())
+            lines.append(f"| {c.baseline} | {shares} | {_num(c.delta, 3)} | {_interval(c.ci_low, c.ci_high, 3)} "
+                         f"| {_interval(c.ci_low_adjusted, c.ci_high_adjusted, 3)} | {_p(c.q_value)} "
+                         f"| {_num(c.mde, 3, False)} | {'yes' if c.beaten else '**no**'} |")
+        lines += ["", "**Confirmed**: it beats every baseline." if verification.confirmed else
+                  f"**Not confirmed**: it did not beat {', '.join(verification.not_beaten)}.", ""]
+    return "\n".join(lines).rstrip()
+
+
+# name -> (the inputs it needs, how it renders them); inputs: default, planted, sweep (study folders), sampled (a list)
+RENDERERS: dict[str, tuple[tuple[str, ...], Callable]] = {
+    "default/pairs": (("default",), default_pairs),
+    "default/leave_one_out": (("default",), default_leave_one_out),
+    "default/summary": (("default",), default_summary),
+    "planted/rows": (("planted",), planted_rows),
+    "planted/summary": (("planted",), planted_summary),
+    "planted/estimators": (("planted", "sampled"), planted_estimators),
+    "planted/recommendation": (("sweep",), planted_recommendation),
 }
 
 
-def _provenance(study: StudyTables, command: str) -> str:
-    commit = study.summary.commit
-    if commit is None:
-        ran = "the study's commit is not known (it ran outside a git checkout)"
-    else:
-        ran = f"the study ran at commit `{commit.removesuffix('-dirty')[:12]}`" + (
-            " with uncommitted changes" if commit.endswith("-dirty") else "")
-    return f"Rendered from `{study.folder}` by `{command}`; {ran}."
+def _provenance(studies: list[StudyTables], command: str) -> str:
+    ran = []
+    for study in studies:
+        commit = study.summary.commit
+        ran.append(f"`{study.folder}` ran at " + ("an unknown commit (outside a git checkout)" if commit is None else
+                   f"commit `{commit.removesuffix('-dirty')[:12]}`" + (" with uncommitted changes" if commit.endswith("-dirty")
+                                                                      else "")))
+    return f"Rendered by `{command}`; " + "; ".join(ran) + "."
 
 
-def render(docs: str, studies: dict[str, StudyTables], command: str) -> str:
-    """`docs` with every block of the given studies replaced."""
+def render(docs: str, inputs: dict, command: str) -> str:
+    """`docs` with every block whose inputs are given replaced."""
     names = [m.group("name") for m in BLOCK.finditer(docs)]
     unknown = sorted(set(names) - set(RENDERERS))
     if unknown:
         raise ValueError(f"the docs name unknown rendered blocks {unknown} (known: {sorted(RENDERERS)})")
-    missing = sorted(n for n, (study, _) in RENDERERS.items() if study in studies and n not in names)
+    ready = {n for n, (needs, _) in RENDERERS.items() if all(inputs.get(k) for k in needs)}
+    missing = sorted(ready - set(names))
     if missing:
         raise ValueError(f"the docs have no block for {missing}: add `<!-- rendered NAME -->` ... `<!-- end rendered -->`")
 
     def replace(match: re.Match) -> str:
-        which, renderer = RENDERERS[match.group("name")]
-        if which not in studies:
+        name = match.group("name")
+        if name not in ready:
             return match.group(0)
-        body = f"{_provenance(studies[which], command)}\n\n{renderer(studies[which])}\n"
+        needs, renderer = RENDERERS[name]
+        args = [inputs[k] for k in needs]
+        studies = [s for a in args for s in (a if isinstance(a, list) else [a])]
+        body = f"{_provenance(studies, command)}\n\n{renderer(*args)}\n"
         return f"{match.group(1)}{body}{match.group(4)}"
 
     return BLOCK.sub(replace, docs)
 
 
-def run_studies(folder: Path) -> dict[str, Path]:
-    """Both studies trained into fresh folders under `folder`, one after the other."""
-    out = {}
-    for name, config in CONFIGS.items():
-        out[name] = folder / name
-        print(f"[doc_tables] running {config.relative_to(ROOT)} into {out[name]}", file=sys.stderr, flush=True)
-        done = subprocess.run([sys.executable, str(ROOT / "studies" / "cotrain_matrix.py"), "--config", str(config),
-                               "--out", str(out[name])], stdout=subprocess.DEVNULL)
+SWEEP = ["combinations=[]", "control=null", "train.affinity.enabled=false", "seeds=[0, 1, 2]",
+         "mixing.sampled={mixtures: 24, concentration: 1.0}", "recommend={objectives: [anchor, all]}"]
+
+
+def _study(config: Path, out: Path, overrides: list[str], verify: list[str] = ()) -> Path:
+    print(f"[doc_tables] running {config.relative_to(ROOT)} into {out} {' '.join(overrides)}", file=sys.stderr, flush=True)
+    script = [sys.executable, str(ROOT / "studies" / "cotrain_matrix.py"), "--config", str(config), "--out", str(out), *overrides]
+    for extra in [[], *(["--verify", "--objective", objective] for objective in verify)]:
+        done = subprocess.run([*script, *extra], stdout=subprocess.DEVNULL)
         if done.returncode != 0:
-            raise RuntimeError(f"the {name} study failed (exit {done.returncode}); its logs are in {out[name] / 'logs'}")
+            raise RuntimeError(f"the study {out} {' '.join(extra)} failed (exit {done.returncode}); its logs are in "
+                               f"{out / 'logs'}")
     return out
+
+
+def run_studies(folder: Path, subsets: list[int]) -> dict:
+    """Every study the docs' blocks read, trained into fresh folders under `folder`, one after
+    the other: the default and the planted studies, the planted config's sampled designs at
+    each K of `subsets`, and its ratio sweep with its recommendations verified."""
+    planted = CONFIGS["planted"]
+    return {
+        "default": _study(CONFIGS["default"], folder / "default", []),
+        "planted": _study(planted, folder / "planted", []),
+        "sampled": [_study(planted, folder / f"sampled-{k}", [f"combinations={{sampled: {{subsets: {k}, sizes: [2, 3]}}}}",
+                                                                "train.affinity.enabled=false"]) for k in subsets],
+        "sweep": _study(planted, folder / "sweep", SWEEP, verify=["anchor", "all"]),
+    }
 
 
 def build_parser(prog: str = "doc_tables.py") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--default", help="the folder of a study of studies/configs/default.yaml")
     parser.add_argument("--planted", help="the folder of a study of studies/configs/planted.yaml")
+    parser.add_argument("--sampled", nargs="*", default=[], help="folders of planted.yaml studies with a sampled design")
+    parser.add_argument("--sweep", help="the folder of a planted.yaml study with a ratio sweep and its recommendations")
     parser.add_argument("--run", action="store_true",
-                        help="train both studies into fresh folders under --runs first, then render from them")
+                        help="train every study into fresh folders under --runs first, then render from them")
+    parser.add_argument("--subsets", default="8,12", help="with --run: the K of each sampled design (default 8,12)")
     parser.add_argument("--runs", default="outputs/doc-studies", help="where --run puts its study folders "
                         "(a new sub-folder per run; default outputs/doc-studies)")
     parser.add_argument("--docs", default=str(DOCS), help="the Markdown file to update (default docs/studies.md)")
@@ -231,14 +293,18 @@ def main(argv: list[str] | None = None, prog: str = "doc_tables.py") -> int:
     args = build_parser(prog).parse_args(argv)
     try:
         if args.run:
-            folders = run_studies(Path(args.runs) / time.strftime("%Y%m%d-%H%M%S"))
+            folders = run_studies(Path(args.runs) / time.strftime("%Y%m%d-%H%M%S"),
+                                  [int(k) for k in args.subsets.split(",")])
         else:
-            folders = {name: Path(folder) for name, folder in (("default", args.default), ("planted", args.planted)) if folder}
+            folders = {"default": args.default, "planted": args.planted, "sweep": args.sweep, "sampled": args.sampled}
+        folders = {k: v for k, v in folders.items() if v}
         if not folders:
-            raise ValueError("give --default and/or --planted study folders, or --run")
-        command = "python dashboards/doc_tables.py " + " ".join(f"--{name} {folder}" for name, folder in folders.items())
+            raise ValueError("give --default, --planted, --sampled or --sweep study folders, or --run")
+        command = "python dashboards/doc_tables.py " + " ".join(
+            f"--{name} {' '.join(map(str, folder)) if isinstance(folder, list) else folder}" for name, folder in folders.items())
+        inputs = {k: [StudyTables(Path(f)) for f in v] if isinstance(v, list) else StudyTables(Path(v)) for k, v in folders.items()}
         docs = Path(args.docs)
-        text = render(docs.read_text(), {name: StudyTables(folder) for name, folder in folders.items()}, command)
+        text = render(docs.read_text(), inputs, command)
         partial = docs.with_name(docs.name + ".partial")
         partial.write_text(text)
         partial.replace(docs)

@@ -63,7 +63,9 @@ def influence_heatmap(influence: pl.DataFrame, kind: str, family: str = "primary
     axes.set_ylabel("source (added to training)")
     title = {"pair": "pair: {source, target} minus {target}",
              "controlled": "controlled: {source, target} minus {target, control}",
-             "leave_one_out": "leave-one-out: all minus all-but-source"}[kind]
+             "leave_one_out": "leave-one-out: all minus all-but-source",
+             "surrogate": "surrogate: the source's coefficient over the sampled subsets",
+             "surrogate_controlled": "surrogate, controlled: the source's coefficient minus the control's"}[kind]
     axes.set_title(f"Influence on {family} targets ({title})", fontsize=9)
     bar = figure.colorbar(image, ax=axes, fraction=0.04)
     bar.set_label("relative delta (clipped to +-1)", fontsize=8)

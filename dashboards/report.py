@@ -24,8 +24,9 @@ import polars as pl
 from omgseg.dashboards.figures import affinity_scatter, correlation_heatmap, influence_heatmap, metric_bars, png_bytes
 from omgseg.platform.config import StudyConfig
 from omgseg.platform.records import StudyState, StudySummary
+from omgseg.platform.study.design import KINDS
 from omgseg.platform.study.plan import targets
-from omgseg.platform.study.results import KINDS, TABLES
+from omgseg.platform.study.results import TABLES
 
 SECTIONS = ("summary", "influence", "correlation", "metrics", "affinity", "runs", "samples")
 STYLE = """
@@ -198,8 +199,22 @@ def build_report(folder: Path, *, out: Path | None = None, mlflow_url: str = "ht
     ]
     if study.summary.planted is not None:
         planted = study.summary.planted
-        summary_rows.insert(6, ("planted effects recovered", f"{planted.agree} of {planted.total} agree; "
-                                f"{planted.false_positives_on_none} false positives on 'none'"))
+        summary_rows.insert(6, ("planted effects recovered", f"{planted.agree} of {planted.total} agree on the "
+                                f"{planted.kind} rows; {planted.false_positives_on_none} false positives on 'none'"))
+    for rec in study.summary.recommendations:
+        low, high = rec.predicted_ci
+        shares = ", ".join(f"{n} {v:.2f}" for n, v in rec.shares.items() if v > 0)
+        text = (f"{' + '.join(rec.subset)} at {shares}; predicted {rec.predicted:.4g} [{low:.4g}, {high:.4g}] "
+                f"({rec.source})")
+        if rec.verification is not None:
+            v = rec.verification
+            text += ("; verified: beats " + ", ".join(c.baseline for c in v.comparisons) if v.confirmed
+                     else f"; not confirmed: did not beat {', '.join(v.not_beaten)}")
+        summary_rows.append((f"recommended for {rec.objective!r} (a prediction from a fit)", text))
+    for fit in study.summary.surrogate:
+        quality = "n/a" if fit.r2 is None else f"R^2 {fit.r2:.2f}, RMSE {fit.rmse:.3g}"
+        summary_rows.append((f"surrogate of {fit.dataset} {fit.task} on held-out subsets",
+                             f"{quality} ({fit.parameters} parameters, {fit.subsets} subsets)"))
     summary_html = "<table>" + "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>"
                                        for k, v in summary_rows) + "</table>"
     if parent_url:

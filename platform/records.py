@@ -86,12 +86,13 @@ class TrialRecord(JsonRecord):
     """What a finished (or failed) trial leaves behind; stored as trial.json with its MLflow run."""
 
     trial_id: str
-    combination: str  # "coco+vipseg"
+    combination: str  # "coco+vipseg", for people (the datasets are the combination)
     datasets: list[str]
     ratios: list[float]  # normalised, in the order of `datasets`
     seed: int
     steps: int
     status: str  # "finished" or "failed"
+    mixture: str | None = None  # a ratio sweep's mixture or a verification arm (plan.Trial.mixture)
     mlflow_run_id: str | None = None
     error: str | None = None
     log: str | None = None  # the trial's log file
@@ -311,6 +312,104 @@ class PlantedCheck(JsonRecord):
 
 
 @dataclass
+class SurrogateFit(JsonRecord):
+    """A sampled design's surrogate of one primary target predicting held-out subsets
+    (omgseg.platform.study.surrogate.predictive_fit)."""
+
+    dataset: str
+    task: str
+    metric: str
+    subsets: int
+    parameters: int
+    rmse: float | None
+    r2: float | None
+
+    WHAT = "summary.json surrogate fit"
+
+
+@dataclass
+class ObjectiveTerm(JsonRecord):
+    """One target of an objective (omgseg.platform.study.recommend): its weight and the scale it
+    is divided by (its mean over the fitted trials, 1 for a single target)."""
+
+    dataset: str
+    task: str
+    metric: str
+    direction: str
+    weight: float
+    scale: float
+
+    WHAT = "summary.json objective term"
+
+
+@dataclass
+class BaselineComparison(JsonRecord):
+    """The recommended mixture against one baseline, seed by seed, on the objective (lower is
+    better): delta = baseline - recommended, positive when the recommendation does better."""
+
+    baseline: str
+    shares: dict[str, float]
+    delta: float
+    n_seeds: int
+    ci_low: float | None
+    ci_high: float | None
+    ci_low_adjusted: float | None  # at the level BH used over the baselines
+    ci_high_adjusted: float | None
+    p_value: float | None
+    q_value: float | None
+    mde: float | None
+    mde_adjusted: float | None
+    beaten: bool  # the adjusted interval is above zero
+
+    WHAT = "summary.json baseline comparison"
+
+
+@dataclass
+class Verification(JsonRecord):
+    """A recommendation trained against its baselines (omgseg.platform.study.verify)."""
+
+    objective: str
+    folder: str  # the verification study's folder
+    recommended: dict[str, float]
+    comparisons: list[BaselineComparison]
+    confirmed: bool  # beats every baseline with an adjusted interval above zero
+    not_beaten: list[str]
+
+    WHAT = "summary.json verification"
+
+    @classmethod
+    def from_json(cls, data: dict):
+        known = _known(cls, data, cls.WHAT)
+        return cls(**{**known, "comparisons": [BaselineComparison.from_json(c) for c in known["comparisons"]]})
+
+
+@dataclass
+class Recommendation(JsonRecord):
+    """The data sets and mixing ratios predicted best for an objective, with the prediction's
+    uncertainty (omgseg.platform.study.recommend)."""
+
+    objective: str
+    terms: list[ObjectiveTerm]
+    source: str  # which model predicted it
+    shares: dict[str, float]  # per train data set, 0 for those left out
+    subset: list[str]
+    predicted: float  # the objective predicted at `shares`
+    predicted_ci: list[float]  # its 95 % interval
+    share_intervals: dict[str, list[float]]  # 2.5 and 97.5 percentiles of each share over bootstrap refits
+    in_subset: dict[str, float]  # how often each data set is in the recommended subset over those refits
+    bootstraps: int
+    verification: Verification | None = None
+
+    WHAT = "summary.json recommendation"
+
+    @classmethod
+    def from_json(cls, data: dict):
+        known = _known(cls, data, cls.WHAT)
+        return cls(**{**known, "terms": [ObjectiveTerm.from_json(t) for t in known["terms"]],
+                      "verification": Verification.from_json(known["verification"]) if known.get("verification") else None})
+
+
+@dataclass
 class StudySummary(JsonRecord):
     """summary.json: the study's counts, checks and comparisons, written whole at its end."""
 
@@ -331,6 +430,9 @@ class StudySummary(JsonRecord):
     driver_seconds: dict[str, float]  # this driver run (a resumed study: the last run only)
     concurrent_trials: int
     planted: PlantedCheck | None = None
+    surrogate: list[SurrogateFit] = field(default_factory=list)  # a sampled design's targets
+    recommendations: list[Recommendation] = field(default_factory=list)  # omgseg recommend, or the config's recommend
+    verification: Verification | None = None  # a verification study's result
 
     WHAT = SUMMARY_FILE
 
@@ -343,6 +445,9 @@ class StudySummary(JsonRecord):
             "null_check": {k: NullCheck.from_json(v) for k, v in known["null_check"].items()},
             "estimates": Estimates.from_json(known["estimates"]),
             "planted": PlantedCheck.from_json(known["planted"]) if known.get("planted") else None,
+            "surrogate": [SurrogateFit.from_json(f) for f in known.get("surrogate", [])],
+            "recommendations": [Recommendation.from_json(r) for r in known.get("recommendations", [])],
+            "verification": Verification.from_json(known["verification"]) if known.get("verification") else None,
         })
 
     def write(self, folder: Path) -> Path:

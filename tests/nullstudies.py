@@ -23,7 +23,8 @@ import numpy as np
 import polars as pl
 
 from omgseg.platform.config import StudyConfig, load_config
-from omgseg.platform.study.plan import Target, combinations, targets
+from omgseg.platform.study.design import StudyDesign
+from omgseg.platform.study.plan import Target, targets
 from omgseg.platform.study.results import METRICS_SCHEMA, influence_table
 
 DEFAULT = Path(__file__).resolve().parents[1] / "studies" / "configs" / "default.yaml"
@@ -32,14 +33,18 @@ DEFAULT = Path(__file__).resolve().parents[1] / "studies" / "configs" / "default
 @dataclass(frozen=True)
 class Design:
     config: StudyConfig
-    combinations: list[tuple[str, ...]]
+    study: StudyDesign
     targets: list[Target]
     seeds: list[int]
+
+    @property
+    def combinations(self) -> tuple[tuple[str, ...], ...]:
+        return self.study.combinations
 
 
 def default_design() -> Design:
     config = load_config(StudyConfig, DEFAULT)
-    return Design(config, combinations(config), [t for t in targets(config) if t.primary], list(config.seeds))
+    return Design(config, StudyDesign.from_config(config), [t for t in targets(config) if t.primary], list(config.seeds))
 
 
 def singletons_noisier(ratio: float) -> Callable[[tuple[str, ...]], float]:
@@ -74,14 +79,13 @@ class Simulation:
                         value = 5.0 + offsets[seed] + self.noise(combo) * rng.normal() - shift.get((target, combo), 0.0)
                     else:
                         value = 17.0 + 4.0 * rng.normal()
-                    rows.append({"study": "sim", "trial_id": f"{name}-s{seed}", "combination": name,
+                    rows.append({"study": "sim", "trial_id": f"{name}-s{seed}", "combination": name, "mixture": None,
                                  "train_datasets": list(combo), "seed": seed, "eval_dataset": target.dataset,
                                  "task": target.task, "metric": target.metric, "value": value})
         return pl.DataFrame(rows, schema=METRICS_SCHEMA)
 
     def influence(self, rng: np.random.Generator) -> pl.DataFrame:
-        config = self.design.config
-        return influence_table("sim", self.metrics(rng), config.trained(), self.design.targets, config.control)
+        return influence_table("sim", self.metrics(rng), self.design.study, self.design.targets)
 
 
 def row_key(row: dict) -> tuple[str, str, str, str]:

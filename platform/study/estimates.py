@@ -35,7 +35,8 @@ from omgseg.platform.records import (
     SplitHalf,
     TrialRecord,
 )
-from omgseg.platform.study.plan import Target, combination_name, with_control
+from omgseg.platform.study.design import StudyDesign
+from omgseg.platform.study.plan import Target
 from omgseg.platform.study.results import target_cells
 
 Pairs = dict[tuple[str, str], float]
@@ -108,14 +109,16 @@ def relative_effect(metrics: pl.DataFrame, targets: list[Target], dataset: str, 
     return sum(effects) / len(effects) if effects else None
 
 
-def pair_influence(metrics: pl.DataFrame, targets: list[Target], names: list[str], seeds: set[int] | None = None,
-                   control: str | None = None) -> Pairs:
-    """I_ij over the ordered pairs of `names`: {i, j} against {j}, or against {j, control}."""
+def pair_influence(metrics: pl.DataFrame, targets: list[Target], design: StudyDesign, seeds: set[int] | None = None,
+                   controlled: bool = False) -> Pairs:
+    """I_ij over the ordered pairs of train data sets the design compares: its pair rows, {i, j}
+    against {j}, or its controlled rows, against {j, control}."""
     out = {}
-    for source, target in itertools.permutations(names, 2):
-        pair = tuple(n for n in names if n in (source, target))
-        base = with_control(target, control) if control else None
-        effect = relative_effect(metrics, targets, target, pair, seeds, base)
+    for source, target in itertools.permutations(design.train, 2):
+        comparison = design.pair_comparison(source, target, controlled)
+        if comparison is None:
+            continue
+        effect = relative_effect(metrics, targets, target, comparison.with_combo, seeds, comparison.without_combo)
         if effect is not None:
             out[(source, target)] = effect
     return out
@@ -159,15 +162,15 @@ def partitions(items: list[str]) -> Iterable[list[tuple[str, ...]]]:
             yield [*part[:k], (first, *part[k]), *part[k + 1:]]
 
 
-def grouping_regret(metrics: pl.DataFrame, targets: list[Target], names: list[str], cheap: Pairs) -> Grouping | None:
-    """Over the partitions whose groups were all trained: exhaustive score = sum over data sets
-    of their relative improvement in their group over alone; cheap score = sum of A_ij within
-    groups. Regret = best exhaustive score - exhaustive score of the cheap estimate's best."""
-    trained = {tuple(c) for c in metrics["train_datasets"].to_list()}
+def grouping_regret(metrics: pl.DataFrame, targets: list[Target], design: StudyDesign, cheap: Pairs) -> Grouping | None:
+    """Over the partitions of the train data sets whose groups the design trains: exhaustive
+    score = sum over data sets of their relative improvement in their group over alone; cheap
+    score = sum of A_ij within groups. Regret = best exhaustive score - exhaustive score of the
+    cheap estimate's best."""
     scored = []
-    for part in partitions(list(names)):
-        groups = [tuple(n for n in names if n in g) for g in part]
-        if any(g not in trained for g in groups):
+    for part in partitions(list(design.train)):
+        groups = [design.order(g) for g in part]
+        if any(not design.trains(g) for g in groups):
             continue
         exhaustive = cheap_score = 0.0
         complete = True
@@ -185,19 +188,19 @@ def grouping_regret(metrics: pl.DataFrame, targets: list[Target], names: list[st
         return None
     best = max(scored, key=lambda s: s[1])
     chosen = max(scored, key=lambda s: s[2])
-    return Grouping(partitions=len(scored), best=[combination_name(g) for g in best[0]], best_score=best[1],
-                    chosen_by_affinity=[combination_name(g) for g in chosen[0]], chosen_score=chosen[1],
+    return Grouping(partitions=len(scored), best=[design.name(g) for g in best[0]], best_score=best[1],
+                    chosen_by_affinity=[design.name(g) for g in chosen[0]], chosen_score=chosen[1],
                     regret=best[1] - chosen[1])
 
 
-def compare_estimates(records: list[TrialRecord], metrics: pl.DataFrame, targets: list[Target], names: list[str],
-                      seeds: list[int], control: str | None = None) -> Estimates:
+def compare_estimates(records: list[TrialRecord], metrics: pl.DataFrame, targets: list[Target], design: StudyDesign,
+                      seeds: list[int]) -> Estimates:
     """The cheap estimate against the exhaustive one (see the module docstring)."""
-    exhaustive = pair_influence(metrics, targets, names)
+    exhaustive = pair_influence(metrics, targets, design)
     cheap = mean_affinity(records)
     first, second = _halves(seeds)
-    reliability = {"exhaustive": _split_half(pair_influence(metrics, targets, names, first),
-                                             pair_influence(metrics, targets, names, second))}
+    reliability = {"exhaustive": _split_half(pair_influence(metrics, targets, design, first),
+                                             pair_influence(metrics, targets, design, second))}
     probing_seeds = sorted({r.seed for r in records if r.affinity})
     if len(probing_seeds) >= 2:
         a, b = _halves(probing_seeds)
@@ -208,14 +211,16 @@ def compare_estimates(records: list[TrialRecord], metrics: pl.DataFrame, targets
     finished = [r for r in records if r.status == "finished"]
     hours = lambda rs: sum(r.wall_seconds for r in rs) / 3600  # noqa: E731
     # The singleton and pair trials; not a study control's trials, which this comparison does not use.
-    exhaustive_hours = hours([r for r in finished if len(r.datasets) <= 2 and set(r.datasets) <= set(names)])
+    pairs = {(n,) for n in design.train} | {design.order(p) for p in itertools.combinations(design.train, 2)}
+    exhaustive_hours = hours([r for r in finished if tuple(r.datasets) in pairs])
     affinity_hours = hours([r for r in finished if r.measures_affinity])
     return Estimates(
         **vars(agreement(cheap, exhaustive)), reliability=reliability,
-        grouping=grouping_regret(metrics, targets, names, cheap), exhaustive_trial_hours=exhaustive_hours,
+        grouping=grouping_regret(metrics, targets, design, cheap), exhaustive_trial_hours=exhaustive_hours,
         affinity_trial_hours=affinity_hours, all_trial_hours=hours(finished),
         cost_ratio=affinity_hours / exhaustive_hours if exhaustive_hours else None,
-        against_controlled=agreement(cheap, pair_influence(metrics, targets, names, control=control)) if control else None)
+        against_controlled=agreement(cheap, pair_influence(metrics, targets, design, controlled=True))
+        if "controlled" in design.kinds else None)
 
 
 def planted_check(influence: pl.DataFrame, planted: list, kind: str = "pair") -> PlantedCheck:

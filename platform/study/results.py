@@ -6,11 +6,10 @@
 - influence: one row per (kind, source, target data set, task, metric): what adding the
   source does to the target, signed so that positive always means "helps", estimated seed by
   seed (omgseg.platform.study.stats) with its interval, p- and q-value, FCR-adjusted interval
-  and minimum detectable effects before and after correction. kind "pair": {source, target}
-  against {target}; kind "controlled" (a study with a `control`): {source, target} against
-  {target, control}, so what any added data set does cancels; kind "leave_one_out": every
-  train data set against all but the source (targets may be evaluation-only data sets there).
-  A target only counts trials in its scope (plan.Target.in_scope): those that trained it.
+  and minimum detectable effects before and after correction. The kinds are the study
+  design's comparisons (omgseg.platform.study.design): pair, controlled, leave_one_out, and
+  for a sampled design the surrogate's rows. A target only counts trials in its scope
+  (plan.Target.in_scope): those that trained it.
 - correlation: for every two targets, Pearson and Spearman over the trials in both scopes.
 - affinity: TAG's look-ahead affinity of source on target, per trial that measured it.
 
@@ -27,7 +26,9 @@ from pathlib import Path
 import polars as pl
 
 from omgseg.platform.records import NullCheck, TrialRecord
-from omgseg.platform.study.plan import Target, with_control
+from omgseg.platform.study import surrogate
+from omgseg.platform.study.design import KINDS, Combination, Comparison, StudyDesign
+from omgseg.platform.study.plan import Target
 from omgseg.platform.study.stats import (
     ALPHA,
     Contrast,
@@ -40,17 +41,18 @@ from omgseg.platform.study.stats import (
 )
 
 TABLES = ("runs", "metrics", "influence", "correlation", "affinity")
-KINDS = ("pair", "controlled", "leave_one_out")  # the influence table's row kinds
 
 RUNS_SCHEMA = {
-    "study": pl.String, "trial_id": pl.String, "combination": pl.String, "train_datasets": pl.List(pl.String),
+    "study": pl.String, "trial_id": pl.String, "combination": pl.String, "mixture": pl.String,
+    "train_datasets": pl.List(pl.String),
     "mixing_ratios": pl.List(pl.Float64), "samples_per_dataset": pl.List(pl.Int64), "n_datasets": pl.Int64,
     "seed": pl.Int64, "steps": pl.Int64, "status": pl.String, "error": pl.String, "log": pl.String,
     "measures_affinity": pl.Boolean, "wall_seconds": pl.Float64, "train_seconds": pl.Float64,
     "affinity_seconds": pl.Float64, "eval_seconds": pl.Float64, "fit_seconds": pl.Float64, "mlflow_run_id": pl.String,
 }
 METRICS_SCHEMA = {
-    "study": pl.String, "trial_id": pl.String, "combination": pl.String, "train_datasets": pl.List(pl.String),
+    "study": pl.String, "trial_id": pl.String, "combination": pl.String, "mixture": pl.String,
+    "train_datasets": pl.List(pl.String),
     "seed": pl.Int64,
     "eval_dataset": pl.String, "task": pl.String, "metric": pl.String, "value": pl.Float64,
 }
@@ -79,7 +81,8 @@ SCHEMAS = {"runs": RUNS_SCHEMA, "metrics": METRICS_SCHEMA, "influence": INFLUENC
 
 def runs_table(study: str, records: list[TrialRecord]) -> pl.DataFrame:
     rows = [{
-        "study": study, "trial_id": r.trial_id, "combination": r.combination, "train_datasets": r.datasets,
+        "study": study, "trial_id": r.trial_id, "combination": r.combination, "mixture": r.mixture,
+        "train_datasets": r.datasets,
         "mixing_ratios": r.ratios, "samples_per_dataset": [r.samples[n] for n in r.datasets] if r.samples else None,
         "n_datasets": len(r.datasets), "seed": r.seed, "steps": r.steps, "status": r.status, "error": r.error,
         "log": r.log, "measures_affinity": r.measures_affinity, "wall_seconds": r.wall_seconds,
@@ -98,18 +101,19 @@ def metrics_table(study: str, records: list[TrialRecord]) -> pl.DataFrame:
                 for metric, value in values.items():
                     if isinstance(value, (int, float)) and not isinstance(value, bool):
                         rows.append({"study": study, "trial_id": r.trial_id, "combination": r.combination,
-                                     "train_datasets": r.datasets, "seed": r.seed,
+                                     "mixture": r.mixture, "train_datasets": r.datasets, "seed": r.seed,
                                      "eval_dataset": dataset, "task": task, "metric": metric, "value": float(value)})
     return pl.DataFrame(rows, schema=METRICS_SCHEMA).sort("trial_id", "eval_dataset", "task", "metric")
 
 
-Cells = dict[tuple[tuple[str, ...], int], float]  # (combination, seed) -> value
+Cells = dict[tuple[Combination, int], float]  # (combination, seed) -> value
 
 
 def target_cells(metrics: pl.DataFrame, target: Target) -> Cells:
-    """{(combination, seed): value} of every finished trial in the target's scope that reports it."""
+    """{(combination, seed): value} of every finished trial of the design's combinations (not a
+    ratio sweep's mixture) in the target's scope that reports it."""
     rows = metrics.filter((pl.col("eval_dataset") == target.dataset) & (pl.col("task") == target.task)
-                          & (pl.col("metric") == target.metric))
+                          & (pl.col("metric") == target.metric) & pl.col("mixture").is_null())
     cells = {}
     for r in rows.iter_rows(named=True):
         combo = tuple(r["train_datasets"])
@@ -140,40 +144,23 @@ def bound_flag(metric: str, values: list[float]) -> str | None:
     return None
 
 
-def contrasts_of(target: Target, train_datasets: list[str], control: str | None) -> list[tuple[str, str, tuple, tuple]]:
-    """(kind, source, with, without) of every row the study's design gives `target`: pair
-    ({source, target} against {target}), controlled (against {target, control}) and
-    leave-one-out (every train data set against all but the source)."""
-    out = []
-    everything = tuple(train_datasets)
-    for source in train_datasets:
-        if source == target.dataset:
-            continue
-        if target.dataset in train_datasets:
-            pair = tuple(n for n in train_datasets if n in (source, target.dataset))
-            out.append(("pair", source, pair, (target.dataset,)))
-            if control:
-                out.append(("controlled", source, pair, with_control(target.dataset, control)))
-        if len(train_datasets) > 1:
-            out.append(("leave_one_out", source, everything, tuple(n for n in train_datasets if n != source)))
-    return out
-
-
 @dataclass
 class InfluenceRow:
-    """One row of the influence table while the table is built: its contrast and, once its
-    family is known, its BH q-value, adjusted interval and adjusted MDE."""
+    """One row of the influence table while the table is built: its per-seed values and contrast
+    and, once its family is known, its BH q-value, adjusted interval and adjusted MDE."""
 
     kind: str
     source: str
     target: Target
-    with_combo: tuple[str, ...]
-    without_combo: tuple[str, ...]
-    with_values: list[float]  # per shared seed
-    without_values: list[float]
+    with_combo: Combination
+    without_combo: Combination
     seeds: list[int]
+    differences: list[float]  # value with - value without, per seed (a surrogate row: of its predictions)
+    with_values: list[float] | None  # per seed; None when a surrogate cannot predict the levels, only the difference
+    without_values: list[float] | None
     contrast: Contrast | None
     flag: str | None
+    scale: float | None = None  # the target's mean over its subsets: relative_delta's base when there are no levels
     q_value: float | None = None
     significant: bool = False
     adjusted: tuple[float, float] | None = None
@@ -182,56 +169,87 @@ class InfluenceRow:
     def record(self, study: str) -> dict:
         c, t = self.contrast, self.target
         sign = 1.0 if t.direction == "higher" else -1.0
-        baseline = sum(self.without_values) / len(self.seeds)
-        delta = c.estimate if c else sign * (sum(self.with_values) - sum(self.without_values)) / len(self.seeds)
+        n = len(self.seeds)
+        with_source = sum(self.with_values) / n if self.with_values is not None else None
+        without_source = sum(self.without_values) / n if self.without_values is not None else None
+        base = without_source if without_source is not None else self.scale
+        delta = c.estimate if c else sign * sum(self.differences) / n
+        paired = self.with_values is not None and self.without_values is not None
         return {
             "study": study, "family": t.family, "kind": self.kind, "source_dataset": self.source,
             "target_dataset": t.dataset, "task": t.task, "metric": t.metric, "direction": t.direction,
             "with_datasets": list(self.with_combo), "without_datasets": list(self.without_combo),
-            "with_source": sum(self.with_values) / len(self.seeds), "without_source": baseline, "delta": delta,
-            "relative_delta": delta / abs(baseline) if baseline != 0 else None, "n_seeds": len(self.seeds),
-            "seeds": self.seeds, "seed_deltas": [sign * (a - b) for a, b in zip(self.with_values, self.without_values)],
+            "with_source": with_source, "without_source": without_source, "delta": delta,
+            "relative_delta": delta / abs(base) if base else None, "n_seeds": n,
+            "seeds": self.seeds, "seed_deltas": [sign * d for d in self.differences],
             "df": c.df if c else None, "se": c.se if c else None, "ci_low": c.ci_low if c else None,
             "ci_high": c.ci_high if c else None, "p_value": c.p_value if c else None, "q_value": self.q_value,
             "significant": self.significant, "ci_low_adjusted": self.adjusted[0] if self.adjusted else None,
             "ci_high_adjusted": self.adjusted[1] if self.adjusted else None, "mde": c.mde if c else None,
-            "mde_adjusted": self.mde_adjusted, "pairing_ratio": pairing_ratio(self.with_values, self.without_values),
+            "mde_adjusted": self.mde_adjusted,
+            "pairing_ratio": pairing_ratio(self.with_values, self.without_values) if paired else None,
             "flag": self.flag,
         }
 
 
-def _influence_row(kind: str, source: str, target: Target, cells: Cells, with_combo: tuple,
-                   without_combo: tuple) -> InfluenceRow | None:
-    seeds = sorted(s for c, s in cells if c == with_combo and (without_combo, s) in cells)
+def _row(comparison: Comparison, target: Target, seeds: list[int], differences: list[float],
+         with_values: list[float] | None, without_values: list[float] | None, scale: float | None = None
+         ) -> InfluenceRow | None:
+    """The row of `comparison`: measured values for two trained combinations, the surrogate's
+    predictions for a surrogate row (flags for a metric's bounds apply to measured values only)."""
     if not seeds:
         return None
-    with_values = [cells[(with_combo, s)] for s in seeds]
-    without_values = [cells[(without_combo, s)] for s in seeds]
     sign = 1.0 if target.direction == "higher" else -1.0
-    with_flag, without_flag = bound_flag(target.metric, with_values), bound_flag(target.metric, without_values)
+    measured = not comparison.kind.startswith("surrogate")
+    with_flag = bound_flag(target.metric, with_values) if measured else None
+    without_flag = bound_flag(target.metric, without_values) if measured else None
     contrast = None
     if with_flag and without_flag:
         flag = with_flag  # both sides censored: nothing to test
     else:
         flag = f"{with_flag or without_flag}_one_side" if (with_flag or without_flag) else None
-        contrast = seed_contrast({s: sign * (a - b) for s, a, b in zip(seeds, with_values, without_values)})
+        contrast = seed_contrast({s: sign * d for s, d in zip(seeds, differences)})
         if contrast is None:
             flag = "one_seed" if len(seeds) < 2 else "no_variance"
-    return InfluenceRow(kind, source, target, with_combo, without_combo, with_values, without_values, seeds, contrast, flag)
+    return InfluenceRow(comparison.kind, comparison.source, target, comparison.with_combo, comparison.without_combo,
+                        seeds, differences, with_values, without_values, contrast, flag, scale)
 
 
-def influence_rows(metrics: pl.DataFrame, train_datasets: list[str], targets: list[Target],
-                   control: str | None = None) -> list[InfluenceRow]:
-    """Every row whose two combinations were both trained and are in the target's scope, at
-    the seeds both have; BH q-values, adjusted intervals and adjusted MDEs per family
-    (primary / secondary) and kind, over the rows that have a p-value."""
+def _measured_row(comparison: Comparison, target: Target, cells: Cells) -> InfluenceRow | None:
+    seeds = sorted(s for c, s in cells if c == comparison.with_combo and (comparison.without_combo, s) in cells)
+    with_values = [cells[(comparison.with_combo, s)] for s in seeds]
+    without_values = [cells[(comparison.without_combo, s)] for s in seeds]
+    return _row(comparison, target, seeds, [a - b for a, b in zip(with_values, without_values)], with_values,
+                without_values)
+
+
+def _surrogate_rows(cells: Cells, design: StudyDesign, target: Target) -> list[InfluenceRow | None]:
+    fits = surrogate.seed_fits(cells, design, target.dataset)
+    sampled = [v for (c, _), v in cells.items() if c in design.sampled]
+    scale = sum(sampled) / len(sampled) if sampled else None
+    rows = []
+    for comparison in surrogate.comparisons(design, target.dataset):
+        found = surrogate.predicted_row(fits, comparison)
+        rows.append(_row(comparison, target, found.seeds, found.differences, found.with_values, found.without_values,
+                         scale))
+    return rows
+
+
+def influence_rows(metrics: pl.DataFrame, design: StudyDesign, targets: list[Target]) -> list[InfluenceRow]:
+    """Every row of the design's comparisons (design.StudyDesign.comparisons) whose two
+    combinations are in the target's scope, at the seeds both were trained; with a sampled
+    design, the surrogate's rows (omgseg.platform.study.surrogate). BH q-values, adjusted
+    intervals and adjusted MDEs per family (primary / secondary) and kind, over the rows that
+    have a p-value."""
     rows = []
     for target in targets:
         cells = target_cells(metrics, target)
-        for kind, source, with_combo, without_combo in contrasts_of(target, train_datasets, control):
-            row = _influence_row(kind, source, target, cells, with_combo, without_combo)
-            if row is not None:
-                rows.append(row)
+        for comparison in design.comparisons(target.dataset):
+            if target.in_scope(comparison.with_combo) and target.in_scope(comparison.without_combo):
+                rows.append(_measured_row(comparison, target, cells))
+        if design.sampled:
+            rows += _surrogate_rows(cells, design, target)
+    rows = [r for r in rows if r is not None]
     for family in ("primary", "secondary"):
         for kind in KINDS:
             tested = [r for r in rows if r.target.family == family and r.kind == kind and r.contrast is not None]
@@ -244,10 +262,9 @@ def influence_rows(metrics: pl.DataFrame, train_datasets: list[str], targets: li
     return rows
 
 
-def influence_table(study: str, metrics: pl.DataFrame, train_datasets: list[str], targets: list[Target],
-                    control: str | None = None) -> pl.DataFrame:
+def influence_table(study: str, metrics: pl.DataFrame, design: StudyDesign, targets: list[Target]) -> pl.DataFrame:
     """The influence rows (`influence_rows`) as a table."""
-    rows = [r.record(study) for r in influence_rows(metrics, train_datasets, targets, control)]
+    rows = [r.record(study) for r in influence_rows(metrics, design, targets)]
     return pl.DataFrame(rows, schema=INFLUENCE_SCHEMA).sort("family", "kind", "target_dataset", "task", "metric",
                                                             "source_dataset")
 
@@ -299,14 +316,13 @@ def null_check(influence: pl.DataFrame) -> dict[str, NullCheck]:
     return {family: NullCheck(**check) for family, check in checks.items()}
 
 
-def build_tables(study: str, records: list[TrialRecord], train_datasets: list[str],
-                 targets: list[Target], control: str | None = None) -> dict[str, pl.DataFrame]:
+def build_tables(study: str, records: list[TrialRecord], design: StudyDesign, targets: list[Target]) -> dict[str, pl.DataFrame]:
     finished = [r for r in records if r.status == "finished"]
     metrics = metrics_table(study, finished)
     return {
         "runs": runs_table(study, records),
         "metrics": metrics,
-        "influence": influence_table(study, metrics, train_datasets, targets, control),
+        "influence": influence_table(study, metrics, design, targets),
         "correlation": correlation_table(study, metrics, targets),
         "affinity": affinity_table(study, finished),
     }

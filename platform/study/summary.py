@@ -14,10 +14,12 @@ import polars as pl
 
 from omgseg.platform.config import StudyConfig
 from omgseg.platform.console import say
-from omgseg.platform.records import FailedTrial, RowCounts, StudySummary, TrialRecord
+from omgseg.platform.records import FailedTrial, Recommendation, RowCounts, StudySummary, SurrogateFit, TrialRecord
+from omgseg.platform.study.design import KINDS, StudyDesign
 from omgseg.platform.study.estimates import compare_estimates, planted_check
-from omgseg.platform.study.plan import targets
-from omgseg.platform.study.results import KINDS, TABLES, build_tables, null_check, write_tables
+from omgseg.platform.study.plan import Target, targets
+from omgseg.platform.study.results import TABLES, build_tables, null_check, target_cells, write_tables
+from omgseg.platform.study.surrogate import predictive_fit
 from omgseg.platform.tracking import close_study_run
 
 
@@ -40,7 +42,8 @@ def finish_study(config: StudyConfig, out: Path, uri: str, parent_run_id: str, r
     the MLflow parent run, which it closes."""
     started = time.perf_counter()
     goals = targets(config)
-    tables = build_tables(config.name, records, config.trained(), goals, config.control)
+    design = StudyDesign.from_config(config)
+    tables = build_tables(config.name, records, design, goals)
     paths = write_tables(tables, out)
     influence = tables["influence"]
     finished = [r for r in records if r.status == "finished"]
@@ -55,11 +58,12 @@ def finish_study(config: StudyConfig, out: Path, uri: str, parent_run_id: str, r
             median_mde_adjusted=rows["mde_adjusted"].median()) for (family, kind), rows in _groups(influence)},
         null_check=null_check(influence),
         pairing_ratio_median=primary_pairs["pairing_ratio"].median() if primary_pairs.height else None,
-        estimates=compare_estimates(records, tables["metrics"], goals, config.trained(), config.seeds, config.control),
+        estimates=compare_estimates(records, tables["metrics"], goals, design, config.seeds),
         tables={k: str(v) for k, v in paths.items()}, tracking_uri=uri, parent_run_id=parent_run_id,
         driver_seconds=seconds, concurrent_trials=slots,
-        planted=planted_check(influence, config.planted, "controlled" if config.control else "pair")
-        if config.planted else None,
+        planted=planted_check(influence, config.planted, design.checked_kind) if config.planted else None,
+        surrogate=[_surrogate_fit(tables["metrics"], design, t) for t in goals if t.primary] if design.sampled else [],
+        recommendations=_recommendations(config, out),
     )
     seconds["tables"] = time.perf_counter() - started
     summary_file = summary.write(out)
@@ -72,6 +76,25 @@ def finish_study(config: StudyConfig, out: Path, uri: str, parent_run_id: str, r
     close_study_run(uri, parent_run_id, [paths[name] for name in TABLES] + [summary_file], values,
                     failed=bool(summary.failed))
     return StudyResult(out=out, parent_run_id=parent_run_id, tracking_uri=uri, tables=paths, summary=summary)
+
+
+def _recommendations(config: StudyConfig, out: Path) -> list[Recommendation]:
+    """The config's `recommend` objectives, from the tables just written; one that cannot be made
+    (no trial reports its targets) is said, not fatal."""
+    from omgseg.platform.study.recommend import recommend
+
+    found = []
+    for objective in config.recommend.objectives if config.recommend else []:
+        try:
+            found.append(recommend(out, objective))
+        except ValueError as err:
+            _say(f"no recommendation: {err}")
+    return found
+
+
+def _surrogate_fit(metrics: pl.DataFrame, design: StudyDesign, target: Target) -> SurrogateFit:
+    fit = predictive_fit(target_cells(metrics, target), design, target.dataset)
+    return SurrogateFit(target.dataset, target.task, target.metric, fit.subsets, fit.parameters, fit.rmse, fit.r2)
 
 
 def code_commit() -> str | None:
@@ -120,6 +143,16 @@ def print_summary(result: StudyResult) -> None:
             mde = "" if miss.mde is None else f", MDE {miss.mde:.3f}"
             _say(f"  {miss.source} -> {miss.target} ({miss.task}): planted {miss.truth}, measured "
                  f"{miss.delta:+.3f} ({interval}{mde})")
+    if summary.recommendations:
+        from omgseg.platform.study.recommend import describe
+
+        for rec in summary.recommendations:
+            for line in describe(rec).splitlines():
+                _say(line)
+    for fit in summary.surrogate:
+        quality = "too few subsets to hold one out" if fit.r2 is None else f"R^2 {fit.r2:.2f}, RMSE {fit.rmse:.3g}"
+        _say(f"surrogate of {fit.dataset} {fit.task}: {fit.parameters} parameters over {fit.subsets} subsets; on "
+             f"held-out subsets {quality}")
     if estimates.spearman is not None:
         _say(f"affinity vs influence: Spearman {estimates.spearman:.3f} over {estimates.n_pairs} pairs "
              f"(permutation p {estimates.permutation_p:.3g}); cost {estimates.affinity_trial_hours:.3f} vs "

@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nullstudies import Simulation, default_design, pair_effect, row_key, singletons_noisier  # noqa: E402
 
-from omgseg.platform.study.results import contrasts_of, influence_table, target_cells  # noqa: E402
+from omgseg.platform.study.results import influence_table, target_cells  # noqa: E402
 from omgseg.platform.study.stats import ALPHA, POWER, benjamini_hochberg, minimum_detectable_effect, noncentrality  # noqa: E402
 
 ROW = ("pair", "vipseg", "coco", "object_queries")
@@ -98,15 +98,14 @@ def _alternative(cells: dict, with_combo: tuple, without_combo: tuple, method: s
 
 
 def _alternative_rows(simulation: Simulation, metrics: pl.DataFrame, method: str) -> list[dict]:
-    config = simulation.design.config
     rows = []
     for target in simulation.design.targets:
         scoped = replace(target, supervisors=None) if method == "pooled_unscoped" else target
         cells = target_cells(metrics, scoped)
-        for kind, source, with_combo, without_combo in contrasts_of(target, config.trained(), config.control):
-            found = _alternative(cells, with_combo, without_combo, method)
+        for comparison in simulation.design.study.comparisons(target.dataset):
+            found = _alternative(cells, comparison.with_combo, comparison.without_combo, method)
             if found is not None:
-                rows.append({"kind": kind, "source_dataset": source, "target_dataset": target.dataset,
+                rows.append({"kind": comparison.kind, "source_dataset": comparison.source, "target_dataset": target.dataset,
                              "task": target.task, "delta": found[0], "p_value": found[1], "mde": found[2]})
     for kind in {r["kind"] for r in rows}:
         family = [r for r in rows if r["kind"] == kind]
@@ -118,8 +117,7 @@ def _alternative_rows(simulation: Simulation, metrics: pl.DataFrame, method: str
 def _rows(simulation: Simulation, rng: np.random.Generator, method: str) -> list[dict]:
     metrics = simulation.metrics(rng)
     if method == "per_seed_contrast":
-        config = simulation.design.config
-        table = influence_table("sim", metrics, config.trained(), simulation.design.targets, config.control)
+        table = influence_table("sim", metrics, simulation.design.study, simulation.design.targets)
         return [r for r in table.iter_rows(named=True) if r["p_value"] is not None]
     return _alternative_rows(simulation, metrics, method)
 

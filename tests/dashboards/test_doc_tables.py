@@ -23,7 +23,7 @@ def test_a_study_folder_renders_into_its_blocks(small_study, tmp_path):
     text = docs.read_text()
     blocks = {m.group("name"): m.group("body") for m in BLOCK.finditer(text)}
     pairs = blocks["default/pairs"]
-    assert f"Rendered from `{result.out}` by `python dashboards/doc_tables.py --default {result.out}`" in pairs
+    assert f"Rendered by `python dashboards/doc_tables.py --default {result.out}`; `{result.out}` ran at" in pairs
     commit = result.summary.commit
     assert commit is None or f"commit `{commit[:12]}`" in pairs
     assert "| primary | davis → coco | object_queries val_loss |" in pairs
@@ -45,7 +45,7 @@ def test_an_unknown_block_is_refused_and_the_docs_kept(small_study, tmp_path, ca
     assert docs.read_text() == before
 
 
-@pytest.mark.parametrize("args, message", [([], "give --default and/or --planted"),
+@pytest.mark.parametrize("args, message", [([], "give --default, --planted, --sampled or --sweep"),
                                            (["--default", "/nonexistent/study"], "/nonexistent/study")])
 def test_bad_arguments_are_one_line(args, message, tmp_path, capsys):
     assert main([*args, "--docs", str(tmp_path / "x.md")]) == 1
