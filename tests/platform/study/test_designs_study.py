@@ -10,11 +10,11 @@ from studyfixture import CONFIG
 
 from omgseg.platform.records import StudySummary
 
-SAMPLED = [  # 3 train data sets; 4 subsets (3 pairs, the triple) and 8 mixtures, 2 seeds: 24 trials of 1 step a data set
-    "train_datasets=[coco, vipseg, davis]", "seeds=[0, 1]", "train.steps=1", "train.log_every=1",
+SAMPLED = [  # 2 train data sets; 3 subsets (both singletons, the pair) and 3 mixtures, 2 seeds: 12 trials of 1 step a data set
+    "train_datasets=[coco, davis]", "seeds=[0, 1]", "train.steps=1", "train.log_every=1",
     "train.checkpoint_every=1", "train.eval_samples=1", "train.val_samples=2", "train.affinity.enabled=false",
-    "evaluation={coco: [panoptic], vipseg: [video_panoptic], davis: [vos]}", "metrics={panoptic: [PQ]}",
-    "combinations={sampled: {subsets: 4, sizes: [2, 3]}}", "mixing.sampled={mixtures: 8, concentration: 1.0}",
+    "evaluation={coco: [panoptic], davis: [vos]}", "metrics={panoptic: [PQ]}",
+    "combinations={sampled: {subsets: 3, sizes: [1, 2]}}", "mixing.sampled={mixtures: 3, concentration: 1.0}",
     "recommend={objectives: [coco]}", "verify={baselines: {mostly_coco: {coco: 4, davis: 1}}}",
 ]
 
@@ -41,15 +41,15 @@ def sampled_study(tmp_path_factory, study_data_root):
 def test_the_sampled_design_and_the_sweep_are_trials_with_their_tables(sampled_study):
     _, result, _ = sampled_study
     runs = pl.read_parquet(result.tables["runs"])
-    assert runs.height == (4 + 8) * 2 and (runs["status"] == "finished").all()
+    assert runs.height == (3 + 3) * 2 and (runs["status"] == "finished").all()
     swept = runs.filter(pl.col("mixture").is_not_null())
-    assert sorted(swept["trial_id"].to_list())[:2] == ["coco+vipseg+davis-m0-s0", "coco+vipseg+davis-m0-s1"]
+    assert sorted(swept["trial_id"].to_list())[:2] == ["coco+davis-m0-s0", "coco+davis-m0-s1"]
     influence = pl.read_parquet(result.tables["influence"])
     surrogate = influence.filter(pl.col("kind") == "surrogate")
     assert surrogate.height > 0 and set(surrogate["n_seeds"].to_list()) == {2}
-    assert not influence.filter(pl.col("kind") == "pair").height  # no singletons: no pair rows
+    assert influence.filter(pl.col("kind") == "pair").height  # the subsets drawn are the pair design here
     summary = StudySummary.read(result.out)
-    assert {f.dataset for f in summary.surrogate} == {"coco", "vipseg", "davis"}
+    assert {f.dataset for f in summary.surrogate} == {"coco", "davis"}
     assert [r.objective for r in summary.recommendations] == ["coco"]
     assert summary.recommendations[0].source.startswith("ratio sweep")
 
