@@ -1,5 +1,5 @@
 """Where a shard folder is: a local path, or a URL that fsspec opens (http://, https://,
-s3:// with s3fs installed, gs:// with gcsfs, file://, ...).
+s3:// with the `s3` extra installed, gs:// with the `gcs` extra, file://, ...).
 
 The location may end in a brace pattern of shard file names, e.g.
 `https://host/coco/train/shard-{000000..000127}.tar`: then only those shards are read, and
@@ -18,6 +18,12 @@ from typing import IO
 from braceexpand import braceexpand
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+# URL scheme -> (the fsspec backend it needs, the optional extra of pyproject.toml that installs it).
+EXTRAS = {"s3": ("s3fs", "s3"), "s3a": ("s3fs", "s3"), "gs": ("gcsfs", "gcs"), "gcs": ("gcsfs", "gcs")}
+
+
+class MissingExtra(ValueError):
+    """A location whose URL scheme needs an fsspec backend this installation lacks."""
 _BRACES = re.compile(r"\{[^{}]*\.\.[^{}]*\}|\{[^{}]*,[^{}]*\}")
 
 
@@ -67,8 +73,11 @@ class ShardLocation:
 
             return fsspec.open(url, "rb").open()
         except ImportError as err:  # e.g. s3:// without s3fs
-            raise FileNotFoundError(f"{url}: cannot open it: {err} (install the fsspec backend for this scheme, "
-                                    f"e.g. pip install s3fs)") from None
+            scheme = url.split("://", 1)[0].lower()
+            if scheme in EXTRAS:
+                backend, extra = EXTRAS[scheme]
+                raise MissingExtra(f"{url}: reading {scheme}:// needs {backend}: pip install 'omgseg[{extra}]'") from None
+            raise MissingExtra(f"{url}: cannot open it: {err} (install the fsspec backend for {scheme}://)") from None
         except FileNotFoundError:
             raise FileNotFoundError(f"{url} does not exist") from None
         except OSError as err:

@@ -11,10 +11,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from omgseg.core.structures import Category, Task
+from omgseg.datasets.heldout import HeldOutSplit
 from omgseg.datasets.location import ShardLocation
 
-# Bump when the bytes written for the same clips change, so old folders are rebuilt.
-CONVERTER_VERSION = "1"
+# Bump when what a conversion writes for the same clips changes (shard bytes or the manifest's
+# fields): folders of another version are rebuilt, and read nowhere else.
+CONVERTER_VERSION = "2"
 
 MANIFEST = "manifest.json"
 PARTIAL_MANIFEST = "manifest.partial.json"
@@ -39,27 +41,30 @@ class ShardReadError(RuntimeError):
 
 @dataclass(frozen=True)
 class ShardInfo:
-    """One finished shard: file name in the folder, samples, size in bytes, sha256 (hex)."""
+    """One finished shard: file name in the folder, samples, samples with at least one
+    segment (`annotated`), size in bytes, sha256 (hex)."""
 
     name: str
     samples: int
+    annotated: int
     bytes: int
     sha256: str
 
     def to_json(self) -> dict:
-        return {"name": self.name, "samples": self.samples, "bytes": self.bytes, "sha256": self.sha256}
+        return {"name": self.name, "samples": self.samples, "annotated": self.annotated, "bytes": self.bytes,
+                "sha256": self.sha256}
 
     @classmethod
     def from_json(cls, obj: object, where: str) -> ShardInfo:
         if not isinstance(obj, dict):
             raise ValueError(f"{where}: expected an object, got {obj!r}")
-        for key in ("name", "samples", "bytes", "sha256"):
+        for key in ("name", "samples", "annotated", "bytes", "sha256"):
             if key not in obj:
                 raise ValueError(f"{where}: no {key!r} field in {obj!r}")
-        for key in ("samples", "bytes"):
+        for key in ("samples", "annotated", "bytes"):
             if not isinstance(obj[key], int) or isinstance(obj[key], bool) or obj[key] < 0:
                 raise ValueError(f"{where}: {key!r} must be a count (an integer >= 0), got {obj[key]!r}")
-        return cls(str(obj["name"]), obj["samples"], obj["bytes"], str(obj["sha256"]))
+        return cls(str(obj["name"]), obj["samples"], obj["annotated"], obj["bytes"], str(obj["sha256"]))
 
 
 @dataclass(frozen=True)
@@ -69,8 +74,10 @@ class Manifest:
     source: where the clips came from ({"format", "src", "split", ...} as the caller gave it).
     parameters: conversion parameters that change the shards ({"samples_per_shard", ...}).
     created: ISO 8601 UTC time the conversion started (kept across a resume).
-    meta_sha256: sha256 of the folder's meta.json as written (None in folders converted
-        before it was recorded), so an edited vocabulary is detected.
+    meta_sha256: sha256 of the folder's meta.json as written, so an edited vocabulary is
+        detected.
+    heldout: for a folder cut from a train split with a held-out part (datasets/heldout.py),
+        which side it is and the held-out ids; None otherwise.
 
     On disk the manifest also carries `checksum`, the sha256 of its own canonical JSON
     without that field (`manifest_checksum`): an edit or corruption of the manifest itself
@@ -84,7 +91,13 @@ class Manifest:
     source: dict
     parameters: dict
     created: str
-    meta_sha256: str | None = None
+    meta_sha256: str
+    heldout: HeldOutSplit | None = None
+
+    @property
+    def annotated_samples(self) -> int:
+        """Samples with at least one segment: none means a split without annotations."""
+        return sum(s.annotated for s in self.shards)
 
     def to_json(self) -> dict:
         doc = {
@@ -95,9 +108,9 @@ class Manifest:
             "parameters": self.parameters,
             "total_samples": self.total_samples,
             "shards": [s.to_json() for s in self.shards],
+            "meta_sha256": self.meta_sha256,
+            "heldout": self.heldout.to_json() if self.heldout is not None else None,
         }
-        if self.meta_sha256 is not None:
-            doc["meta_sha256"] = self.meta_sha256
         doc["checksum"] = manifest_checksum(doc)
         return doc
 
@@ -105,7 +118,11 @@ class Manifest:
     def from_json(cls, obj: object, where: str) -> Manifest:
         if not isinstance(obj, dict):
             raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-        fields = ("dataset", "converter_version", "created", "source", "parameters", "total_samples", "shards")
+        version = obj.get("converter_version")
+        if version != CONVERTER_VERSION:
+            raise ValueError(f"{where}: written by omgseg convert version {version}, this omgseg reads version "
+                             f"{CONVERTER_VERSION}: convert the data set again")
+        fields = ("dataset", "created", "source", "parameters", "total_samples", "shards", "meta_sha256", "heldout")
         for key in fields:
             if key not in obj:
                 raise ValueError(f"{where}: no {key!r} field (fields present: {sorted(obj)})")
@@ -118,15 +135,17 @@ class Manifest:
         total = obj["total_samples"]
         if not isinstance(total, int) or isinstance(total, bool):
             raise ValueError(f"{where}: 'total_samples' must be an integer, got {total!r}")
+        heldout = obj["heldout"]
         manifest = cls(
             dataset=str(obj["dataset"]),
             shards=shards,
             total_samples=total,
-            converter_version=str(obj["converter_version"]),
+            converter_version=version,
             source=dict(obj["source"]),
             parameters=dict(obj["parameters"]),
             created=str(obj["created"]),
-            meta_sha256=str(obj["meta_sha256"]) if obj.get("meta_sha256") is not None else None,
+            meta_sha256=str(obj["meta_sha256"]),
+            heldout=HeldOutSplit.from_json(heldout, f"{where}: heldout") if heldout is not None else None,
         )
         counted = sum(s.samples for s in shards)
         if counted != manifest.total_samples:
@@ -142,18 +161,43 @@ class Manifest:
             "converter_version": self.converter_version,
             "source": self.source,
             "parameters": self.parameters,
+            "heldout": self.heldout.to_json() if self.heldout is not None else None,
         }
 
 
 @dataclass(frozen=True)
 class ShardMeta:
-    """The content of `meta.json`: the dataset, where it came from, its tasks and vocabulary."""
+    """The content of `meta.json`: the dataset, where it came from, its tasks and vocabulary.
+    The converter writes it, every reader reads it back."""
 
     dataset: str
     format: str
     split: str
     tasks: tuple[Task, ...]
     categories: tuple[Category, ...]
+
+    def to_json(self) -> dict:
+        return {"dataset": self.dataset, "format": self.format, "split": self.split,
+                "tasks": [t.value for t in self.tasks], "categories": [c.to_json() for c in self.categories]}
+
+    @classmethod
+    def from_json(cls, obj: object, where: str) -> ShardMeta:
+        """Errors name `where` and the field."""
+        if not isinstance(obj, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+        for key in ("dataset", "format", "split", "tasks", "categories"):
+            if key not in obj:
+                raise ValueError(f"{where}: no {key!r} field (fields present: {sorted(obj)})")
+        for key in ("tasks", "categories"):
+            if not isinstance(obj[key], list):
+                raise ValueError(f"{where}: {key!r} must be a list, got {type(obj[key]).__name__}")
+        try:
+            tasks = tuple(Task.parse(t) for t in obj["tasks"])
+            categories = tuple(Category.from_json(c, where) for c in obj["categories"])
+        except (TypeError, ValueError) as exn:  # a mistyped value: say where
+            message = str(exn) if str(exn).startswith(where) else f"{where}: {exn}"
+            raise ValueError(message) from None
+        return cls(str(obj["dataset"]), str(obj["format"]), str(obj["split"]), tasks, categories)
 
 
 def manifest_checksum(doc: dict) -> str:
@@ -167,7 +211,7 @@ def checksum_problem(doc: object, where: str) -> str | None:
     if not isinstance(doc, dict):
         return None
     if "checksum" not in doc:
-        return f"{where}: no checksum field, so edits cannot be detected (written before omgseg recorded one, or removed)"
+        return f"{where}: no checksum field, so edits cannot be detected (it was removed)"
     try:
         if doc["checksum"] == manifest_checksum(doc):
             return None
@@ -184,8 +228,7 @@ def read_manifest(shard_dir: Path | str | ShardLocation, *, check_checksum: bool
     location = ShardLocation.parse(shard_dir)
     doc = location.read_json(MANIFEST, "manifest")
     manifest = Manifest.from_json(doc, location.url(MANIFEST))
-    # A manifest from before checksums were recorded is read as it is.
-    problem = checksum_problem(doc, location.url(MANIFEST)) if check_checksum and "checksum" in doc else None
+    problem = checksum_problem(doc, location.url(MANIFEST)) if check_checksum else None
     if problem:
         raise ValueError(problem)
     return manifest
@@ -197,7 +240,7 @@ def read_meta(shard_dir: Path | str | ShardLocation, manifest: Manifest | None =
     one recorded at conversion is an error (an edited vocabulary)."""
     location = ShardLocation.parse(shard_dir)
     path = location.url(META)
-    if manifest is not None and manifest.meta_sha256 is not None:
+    if manifest is not None:
         try:
             with location.open(META) as stream:
                 data = stream.read()
@@ -206,22 +249,7 @@ def read_meta(shard_dir: Path | str | ShardLocation, manifest: Manifest | None =
         if hashlib.sha256(data).hexdigest() != manifest.meta_sha256:
             raise ValueError(f"{path}: sha256 differs from meta_sha256 in {MANIFEST}: meta.json was edited or "
                              "corrupted after conversion")
-    obj = location.read_json(META, "meta.json")
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(obj).__name__}")
-    for key in ("dataset", "format", "split", "tasks", "categories"):
-        if key not in obj:
-            raise ValueError(f"{path}: no {key!r} field (fields present: {sorted(obj)})")
-    for key in ("tasks", "categories"):
-        if not isinstance(obj[key], list):
-            raise ValueError(f"{path}: {key!r} must be a list, got {type(obj[key]).__name__}")
-    try:
-        tasks = tuple(Task.parse(t) for t in obj["tasks"])
-        categories = tuple(Category.from_json(c, str(path)) for c in obj["categories"])
-    except (TypeError, ValueError) as exn:  # a mistyped value: say where
-        message = str(exn) if str(exn).startswith(str(path)) else f"{path}: {exn}"
-        raise ValueError(message) from None
-    return ShardMeta(str(obj["dataset"]), str(obj["format"]), str(obj["split"]), tasks, categories)
+    return ShardMeta.from_json(location.read_json(META, "meta.json"), str(path))
 
 
 def shard_name(index: int) -> str:

@@ -63,8 +63,6 @@ from omgseg.datasets.synth_scenes import (
     COCO_LABELS,
     DAVIS_BACKGROUNDS,
     DAVIS_SHAPES,
-    PLANTED_LABELS,
-    PLANTED_TRAIN_WEIGHTS,
     VIPSEG_LABELS,
     YTVIS_BACKGROUNDS,
     YTVIS_LABELS,
@@ -165,7 +163,7 @@ def write_synthetic(
                 rng = np.random.default_rng(np.random.SeedSequence([seed, _SEED_KEYS[dataset], split_index]))
                 bar.set_postfix_str(f"{dataset} {split}")
                 if dataset == "coco":
-                    _write_coco(root, split, rng, sizes, requested, bar)
+                    write_coco_split(root, split, rng, sizes, requested, bar)
                 elif dataset == "ade":
                     _write_ade(root, split, rng, sizes, bar)
                 elif dataset == "vipseg":
@@ -177,35 +175,6 @@ def write_synthetic(
     finally:
         bar.close()
     return {f: out / SUBFOLDERS[f] for f in requested}
-
-
-PLANTED_VARIANTS: tuple[str, ...] = tuple(PLANTED_LABELS)
-PLANTED_VERSION = 3  # bump when the planted data change: their cache folder is named after it
-PLANTED_SIZES = SynthSizes(coco_train=48, coco_val=32)  # a larger val split: the targets are its losses
-
-
-def write_planted(out: Path, variants: Sequence[str] = PLANTED_VARIANTS, seed: int = 0,
-                  sizes: SynthSizes = PLANTED_SIZES, progress: bool = False) -> dict[str, Path]:
-    """The planted-relation data sets (synth_scenes.PLANTED_LABELS), each in COCO panoptic's
-    layout under out/<variant>/, without crowds; returns {variant: its source folder}. Every
-    variant draws from its own generator: the twin's images are new images, not copies. Train
-    splits draw their classes by synth_scenes.PLANTED_TRAIN_WEIGHTS, val splits alike."""
-    unknown = [v for v in variants if v not in PLANTED_LABELS]
-    if unknown:
-        raise ValueError(f"unknown planted variant(s) {unknown}; known: {', '.join(PLANTED_VARIANTS)}")
-    bar = tqdm(total=len(variants) * (sizes.coco_train + sizes.coco_val), desc="synth planted", unit="image",
-               disable=not progress)
-    try:
-        for variant in variants:
-            key = 100 + PLANTED_VARIANTS.index(variant)
-            for split_index, split in enumerate(SPLITS):
-                rng = np.random.default_rng(np.random.SeedSequence([seed, key, split_index]))
-                weights = PLANTED_TRAIN_WEIGHTS.get(variant) if split == "train" else None
-                _write_coco(Path(out) / variant, split, rng, sizes, ["coco-panoptic"], bar,
-                            labels=PLANTED_LABELS[variant], crowds=False, weights=weights)
-    finally:
-        bar.close()
-    return {v: Path(out) / v for v in variants}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -297,10 +266,13 @@ def _distinct_ids(rng: np.random.Generator, n: int) -> list[int]:
 # COCO (panoptic and instances for the same images) and ADE20K panoptic
 
 
-def _write_coco(
+def write_coco_split(
     root: Path, split: str, rng: np.random.Generator, sizes: SynthSizes, requested: list[str], bar: tqdm,
     labels: tuple[Label, ...] = COCO_LABELS, crowds: bool = True, weights: Mapping[str, float] | None = None,
 ) -> None:
+    """One split of COCO's layout under root: images, and the panoptic and/or instances
+    annotations `requested` names; `labels` and `weights` as synth_scenes.image_scene takes
+    them (the planted data sets, omgseg.datasets.planted, pass their own)."""
     first_id = 1 if split == "train" else sizes.coco_train + 1  # image ids unique across splits
     image_dir = root / f"{split}2017"
     png_dir = root / "annotations" / f"panoptic_{split}2017"

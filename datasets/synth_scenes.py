@@ -26,7 +26,14 @@ SHAPE_COLOURS: dict[str, tuple[int, int, int]] = {
     "cross": (250, 140, 20),  # orange
     "hexagon": (125, 35, 190),  # purple
     "diamond": (250, 175, 205),  # pink
+    # Added for the large planted set's second family (omgseg.datasets.planted).
+    "pentagon": (150, 230, 50),  # lime
+    "arrow": (25, 25, 25),  # black
+    "heart": (250, 120, 110),  # salmon
 }
+# The first eight looks, the only ones COCO to DAVIS and the first planted set draw: they take
+# them from this tuple, so a look added above changes none of their pictures.
+EIGHT_SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "ring", "cross", "hexagon", "diamond")
 
 # Stuff textures and their typical colour (also written as the category's `color`).
 TEXTURE_COLOURS: dict[str, tuple[int, int, int]] = {
@@ -81,11 +88,13 @@ class Label:
         return "shape" if self.is_shape else SUPERCATEGORIES[self.look]
 
 
-def _thing(id: int, name: str, look: str | None = None) -> Label:
+def thing_label(id: int, name: str, look: str | None = None) -> Label:
+    """A thing category, drawn with the look of its name unless `look` says otherwise."""
     return Label(id, name, True, look or name)
 
 
-def _stuff(id: int, name: str, look: str | None = None) -> Label:
+def stuff_label(id: int, name: str, look: str | None = None) -> Label:
+    """A stuff category, drawn with the look of its name unless `look` says otherwise."""
     return Label(id, name, False, look or name)
 
 
@@ -93,83 +102,52 @@ def _stuff(id: int, name: str, look: str | None = None) -> Label:
 # for the designed relations between them).
 COCO_LABELS: tuple[Label, ...] = (
     # Gaps in the thing ids and stuff ids from 92 on, as in real COCO.
-    _thing(1, "circle"),
-    _thing(2, "square"),
-    _thing(3, "triangle"),
-    _thing(5, "star"),
-    _thing(7, "ring"),
-    _thing(9, "cross"),
-    _stuff(92, "sky"),
-    _stuff(93, "grass"),
-    _stuff(95, "water"),
-    _stuff(97, "sand"),
+    thing_label(1, "circle"),
+    thing_label(2, "square"),
+    thing_label(3, "triangle"),
+    thing_label(5, "star"),
+    thing_label(7, "ring"),
+    thing_label(9, "cross"),
+    stuff_label(92, "sky"),
+    stuff_label(93, "grass"),
+    stuff_label(95, "water"),
+    stuff_label(97, "sand"),
 )
 ADE_LABELS: tuple[Label, ...] = (
-    _stuff(1, "wall"),
-    _stuff(2, "floor"),
-    _stuff(3, "sky"),
-    _stuff(4, "grass"),
-    _stuff(5, "ring", "ring"),  # conflict: a thing everywhere else, stuff here
-    _thing(6, "circle"),
-    _thing(7, "square"),
-    _thing(8, "triangle"),
-    _thing(9, "hexagon"),  # ADE only: open-vocabulary target
-    _thing(10, "diamond"),  # ADE only: open-vocabulary target
+    stuff_label(1, "wall"),
+    stuff_label(2, "floor"),
+    stuff_label(3, "sky"),
+    stuff_label(4, "grass"),
+    stuff_label(5, "ring", "ring"),  # conflict: a thing everywhere else, stuff here
+    thing_label(6, "circle"),
+    thing_label(7, "square"),
+    thing_label(8, "triangle"),
+    thing_label(9, "hexagon"),  # ADE only: open-vocabulary target
+    thing_label(10, "diamond"),  # ADE only: open-vocabulary target
 )
 VIPSEG_LABELS: tuple[Label, ...] = (
     # ids 0..N-1; id 1 is stuff so that the buggy value 200 = (1 + 1) * 100 is never a thing.
-    _stuff(0, "sky"),
-    _stuff(1, "water"),
-    _stuff(2, "road"),
-    _stuff(3, "grass"),
-    _thing(4, "circle"),
-    _thing(5, "square", "triangle"),  # conflict: the triangle shape is called "square" here
-    _thing(6, "star"),
-    _thing(7, "cross"),
+    stuff_label(0, "sky"),
+    stuff_label(1, "water"),
+    stuff_label(2, "road"),
+    stuff_label(3, "grass"),
+    thing_label(4, "circle"),
+    thing_label(5, "square", "triangle"),  # conflict: the triangle shape is called "square" here
+    thing_label(6, "star"),
+    thing_label(7, "cross"),
 )
 YTVIS_LABELS: tuple[Label, ...] = (
     # YouTube-VIS numbers its categories alphabetically, so its ids differ from COCO's.
-    _thing(1, "circle"),
-    _thing(2, "cross"),
-    _thing(3, "ring"),
-    _thing(4, "square"),
-    _thing(5, "star"),
-    _thing(6, "triangle"),
+    thing_label(1, "circle"),
+    thing_label(2, "cross"),
+    thing_label(3, "ring"),
+    thing_label(4, "square"),
+    thing_label(5, "star"),
+    thing_label(6, "triangle"),
 )
 YTVIS_BACKGROUNDS: tuple[str, ...] = ("sky", "grass", "water", "sand")  # drawn, not annotated
 
-# Planted relations (omgseg.datasets.synth.write_planted, docs/datasets.md): four data sets in
-# COCO panoptic's layout whose relations are known by construction.
-#   twin     = the anchor's appearances under the anchor's names (more of the same): helps;
-#   rival    = the anchor's appearances under permuted names (each look called another
-#              anchor class, each background the other one): hurts the anchor and the twin;
-#   stranger = appearances and names that no other one has: unrelated;
-#   placebo  = the same kind of data set as the stranger, with the looks and names left over:
-#              the study's control (`control:`), the co-training partner every baseline gets.
-PLANTED_LABELS: dict[str, tuple[Label, ...]] = {
-    # The common start: every shape and every background, under names of their own. A model
-    # trained on it has the generic skills (masks of these shapes and regions, void), so the
-    # four's effects on each other are about what the four bind to their names.
-    "base": (*(_thing(k + 1, f"object {k + 1}", look) for k, look in enumerate(SHAPE_COLOURS)),
-             *(_stuff(20 + k, f"region {k + 1}", look) for k, look in enumerate(TEXTURE_COLOURS))),
-    "anchor": (_thing(1, "circle"), _thing(2, "square"), _thing(3, "triangle"), _stuff(4, "sky"), _stuff(5, "grass")),
-    "twin": (_thing(1, "circle"), _thing(2, "square"), _thing(3, "triangle"), _stuff(4, "sky"), _stuff(5, "grass")),
-    "rival": (_thing(1, "circle", "square"), _thing(2, "square", "triangle"), _thing(3, "triangle", "circle"),
-              _stuff(4, "sky", "grass"), _stuff(5, "grass", "sky")),
-    "stranger": (_thing(1, "star"), _thing(2, "cross"), _thing(3, "hexagon"), _stuff(4, "water"), _stuff(5, "road")),
-    "placebo": (_thing(1, "ring"), _thing(2, "diamond"), _stuff(3, "sand"), _stuff(4, "floor")),
-}
-# The anchor's and the twin's train splits each draw one of their three thing classes rarely
-# (their val splits draw every class alike), and each one's rare class is common in the other:
-# each fills the other's gap in the classes they share, which no unrelated data set can. Without
-# it the twin was only more images of the anchor's classes, and what that added beyond any
-# other data set's extra steps was below the study's MDE in one direction. Relative draw weights
-# of shape labels by name; a name left out weighs 1.
-PLANTED_TRAIN_WEIGHTS: dict[str, dict[str, float]] = {
-    "anchor": {"triangle": 0.1},
-    "twin": {"circle": 0.1},
-}
-DAVIS_SHAPES: tuple[str, ...] = tuple(SHAPE_COLOURS)  # class-agnostic: every shape
+DAVIS_SHAPES: tuple[str, ...] = EIGHT_SHAPES  # class-agnostic: every shape of the first eight
 DAVIS_BACKGROUNDS: tuple[str, ...] = tuple(TEXTURE_COLOURS)
 
 
@@ -249,6 +227,21 @@ def shape_outline(shape: str, cx: float, cy: float, r: float, angle: float) -> n
             [[-a, -1], [a, -1], [a, -a], [1, -a], [1, a], [a, a],
              [a, 1], [-a, 1], [-a, a], [-1, a], [-1, -a], [-a, -a]]
         )
+        return _place(pts * r, cx, cy, angle)
+    elif shape == "pentagon":
+        n, radii, start = 5, [1.0], -math.pi / 2
+    elif shape == "arrow":
+        # Pointing right: a shaft of half-width 0.28 and a head from x = 0.15 to the tip.
+        pts = np.array([[-0.95, -0.28], [0.15, -0.28], [0.15, -0.75], [1, 0],
+                        [0.15, 0.75], [0.15, 0.28], [-0.95, 0.28]])
+        return _place(pts * r, cx, cy, angle)
+    elif shape == "heart":
+        # The classic parametric heart (x = 16 sin^3 t, y from four cosines), point down, scaled
+        # and centred into the unit disc.
+        t = 2 * math.pi * np.arange(28) / 28
+        x = 16 * np.sin(t) ** 3
+        y = -(13 * np.cos(t) - 5 * np.cos(2 * t) - 2 * np.cos(3 * t) - np.cos(4 * t))
+        pts = np.stack([x, y - (y.max() + y.min()) / 2], axis=1) / 18.25
         return _place(pts * r, cx, cy, angle)
     else:
         raise ValueError(f"unknown shape {shape!r}; known: {', '.join(SHAPE_COLOURS)}")
@@ -435,6 +428,43 @@ def _place_crowd(
     return None
 
 
+def _crowd_segments(
+    rng: np.random.Generator, shape_labels: list[Label], scale: float, rgb: np.ndarray, occupied: np.ndarray
+) -> list[SceneSegment]:
+    """[the crowd segment] of one thing label other than the ring, painted into `rgb` and
+    marked in `occupied`; [] when no crowd fits."""
+    candidates = [lab for lab in shape_labels if lab.isthing and lab.look != "ring"]
+    label = candidates[int(rng.integers(len(candidates)))]
+    union = _place_crowd(rng, label.look, scale, occupied)
+    if union is None:
+        return []
+    _paint(rgb, union, instance_colour(rng, label.look), rng)
+    occupied |= union
+    return [SceneSegment(label, union, True, None, as_rle=True)]
+
+
+def _draw_probabilities(shape_labels: list[Label], weights: Mapping[str, float] | None) -> np.ndarray | None:
+    """The shape labels' draw probabilities from relative weights by name (a name left out
+    weighs 1), or None to draw them alike. A name that is no shape label here is an error: a
+    misspelt class would leave the intended skew silently out."""
+    if weights is None:
+        return None
+    unknown = sorted(set(weights) - {lab.name for lab in shape_labels})
+    if unknown:
+        raise ValueError(f"draw weights name {unknown}, which are not shape labels here: "
+                         f"{', '.join(lab.name for lab in shape_labels)}")
+    draw = np.array([weights.get(lab.name, 1.0) for lab in shape_labels], dtype=np.float64)
+    return draw / draw.sum()
+
+
+def _draw_label(rng: np.random.Generator, shape_labels: list[Label], p: np.ndarray | None) -> Label:
+    # Two draws, not rng.choice with equal p for both: that consumes the generator differently,
+    # and every unweighted data set would change its pictures.
+    if p is None:
+        return shape_labels[int(rng.integers(len(shape_labels)))]
+    return shape_labels[int(rng.choice(len(shape_labels), p=p))]
+
+
 def image_scene(
     rng: np.random.Generator,
     labels: tuple[Label, ...],
@@ -455,41 +485,18 @@ def image_scene(
     texture_labels = {lab.look: lab for lab in labels if not lab.is_shape}
     shape_labels = [lab for lab in labels if lab.is_shape]
     bg = background(rng, list(texture_labels), height, width, void_patch=bool(rng.random() < 0.3))
-    rgb = bg.rgb
     occupied = np.zeros((height, width), dtype=bool)
-    things: list[SceneSegment] = []
+    things = _crowd_segments(rng, shape_labels, scale, bg.rgb, occupied) if crowd else []
     merged: dict[int, SceneSegment] = {}  # stuff labels drawn as shapes, by label id
-
-    if crowd:
-        candidates = [lab for lab in shape_labels if lab.isthing and lab.look != "ring"]
-        label = candidates[int(rng.integers(len(candidates)))]
-        union = _place_crowd(rng, label.look, scale, occupied)
-        if union is not None:
-            _paint(rgb, union, instance_colour(rng, label.look), rng)
-            occupied |= union
-            things.append(SceneSegment(label, union, True, None, as_rle=True))
-
-    draw = None
-    if weights is not None:
-        unknown = sorted(set(weights) - {lab.name for lab in shape_labels})
-        if unknown:
-            raise ValueError(f"draw weights name {unknown}, which are not shape labels here: "
-                             f"{', '.join(lab.name for lab in shape_labels)}")
-        draw = np.array([weights.get(lab.name, 1.0) for lab in shape_labels], dtype=np.float64)
-        draw /= draw.sum()
+    p = _draw_probabilities(shape_labels, weights)
     for _ in range(int(rng.integers(2, 6))):
-        # Two draws, not rng.choice with equal p for both: that consumes the generator
-        # differently, and every unweighted data set would change its pictures.
-        if draw is None:
-            label = shape_labels[int(rng.integers(len(shape_labels)))]
-        else:
-            label = shape_labels[int(rng.choice(len(shape_labels), p=draw))]
+        label = _draw_label(rng, shape_labels, p)
         placed = _place_shape(rng, label.look, (8 * scale, 16 * scale), occupied)
         as_rle = bool(rng.random() < rle_fraction)
         if placed is None:
             continue
         mask, polygon = placed
-        _paint(rgb, mask, instance_colour(rng, label.look), rng)
+        _paint(bg.rgb, mask, instance_colour(rng, label.look), rng)
         occupied |= mask
         if label.isthing:
             things.append(SceneSegment(label, mask, False, polygon, as_rle=as_rle or polygon is None))
@@ -497,15 +504,9 @@ def image_scene(
             merged[label.id].mask |= mask
         else:
             merged[label.id] = SceneSegment(label, mask.copy(), False, None, as_rle=True)
-
-    segments: list[SceneSegment] = []
-    for i, kind in enumerate(bg.kinds):
-        mask = (bg.region == i) & ~occupied
-        if mask.any():
-            segments.append(SceneSegment(texture_labels[kind], mask, False, None, as_rle=True))
-    segments.extend(merged.values())
-    segments.extend(things)
-    return ImageScene(rgb=to_uint8(rgb), segments=segments)
+    stuff = [SceneSegment(texture_labels[kind], mask, False, None, as_rle=True)
+             for i, kind in enumerate(bg.kinds) if (mask := (bg.region == i) & ~occupied).any()]
+    return ImageScene(rgb=to_uint8(bg.rgb), segments=[*stuff, *merged.values(), *things])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -558,6 +559,34 @@ class VideoScene:
     background: Background
 
 
+def _start_motion(
+    rng: np.random.Generator, scale: float, height: int, width: int,
+    centres: list[tuple[float, float, float]], enters_late: bool,
+) -> _Motion:
+    """One track's path. It starts clear of the tracks before it (`centres`, to which its own
+    start is added), so no object is hidden in frame 0; one that `enters_late` starts just
+    outside the left or right edge instead, heading inwards, faster."""
+    r = rng.uniform(8, 14) * scale
+    for _ in range(30):
+        cx = rng.uniform(r + 2, width - r - 2)
+        cy = rng.uniform(r + 2, height - r - 2)
+        if all((cx - x) ** 2 + (cy - y) ** 2 > (r + q + 2) ** 2 for x, y, q in centres):
+            break
+    centres.append((cx, cy, r))
+    heading = rng.uniform(0, 2 * math.pi)
+    speed = rng.uniform(0.8, 2.5) * scale
+    if enters_late:
+        side = -1 if rng.random() < 0.5 else 1
+        cx = -1.2 * r if side < 0 else width + 1.2 * r
+        heading = rng.uniform(-0.4, 0.4) + (0.0 if side < 0 else math.pi)
+        speed = rng.uniform(3.0, 4.5) * scale
+    return _Motion(
+        cx=cx, cy=cy, r=r, vx=speed * math.cos(heading), vy=speed * math.sin(heading),
+        wobble=rng.uniform(0.5, 2.0) * scale, omega=rng.uniform(0.3, 0.8),
+        phase=rng.uniform(0, 2 * math.pi), angle=rng.uniform(-0.3, 0.3), spin=rng.uniform(-0.06, 0.06),
+    )
+
+
 def video_scene(
     rng: np.random.Generator,
     shapes: list[tuple[Label | None, str]],
@@ -579,36 +608,9 @@ def video_scene(
     scale = min(height, width) / 96
     bg = background(rng, backgrounds, height, width, void_patch=False)
     n_tracks = int(rng.integers(2, 5))
-    frames = np.zeros((num_frames, height, width, 3), dtype=np.uint8)
-    track_maps = np.zeros((num_frames, height, width), dtype=np.int64)
-
-    motions = []
-    centres: list[tuple[float, float, float]] = []
     late = int(rng.integers(n_tracks)) if allow_late_entry and rng.random() < 0.5 else -1
-    for i in range(n_tracks):
-        r = rng.uniform(8, 14) * scale
-        for _ in range(30):  # start positions apart, so no object is hidden in frame 0
-            cx = rng.uniform(r + 2, width - r - 2)
-            cy = rng.uniform(r + 2, height - r - 2)
-            if all((cx - x) ** 2 + (cy - y) ** 2 > (r + q + 2) ** 2 for x, y, q in centres):
-                break
-        centres.append((cx, cy, r))
-        heading = rng.uniform(0, 2 * math.pi)
-        speed = rng.uniform(0.8, 2.5) * scale
-        if i == late:
-            # Start just outside the left or right edge, heading inwards.
-            side = -1 if rng.random() < 0.5 else 1
-            cx = -1.2 * r if side < 0 else width + 1.2 * r
-            heading = rng.uniform(-0.4, 0.4) + (0.0 if side < 0 else math.pi)
-            speed = rng.uniform(3.0, 4.5) * scale
-        motions.append(
-            _Motion(
-                cx=cx, cy=cy, r=r, vx=speed * math.cos(heading), vy=speed * math.sin(heading),
-                wobble=rng.uniform(0.5, 2.0) * scale, omega=rng.uniform(0.3, 0.8),
-                phase=rng.uniform(0, 2 * math.pi), angle=rng.uniform(-0.3, 0.3),
-                spin=rng.uniform(-0.06, 0.06),
-            )
-        )
+    centres: list[tuple[float, float, float]] = []
+    motions = [_start_motion(rng, scale, height, width, centres, i == late) for i in range(n_tracks)]
     tracks, colours = [], []
     for i in range(n_tracks):
         label, shape = shapes[int(rng.integers(len(shapes)))]
@@ -618,16 +620,15 @@ def video_scene(
     gap_start = int(rng.integers(1, num_frames - 3))
     hidden.visible[gap_start : gap_start + int(rng.integers(2, 4))] = False
 
-    base_noise = 3.0
+    frames = np.zeros((num_frames, height, width, 3), dtype=np.uint8)
+    track_maps = np.zeros((num_frames, height, width), dtype=np.int64)
     for t in range(num_frames):
-        rgb = bg.rgb + rng.normal(0.0, base_noise, (height, width, 1)).astype(np.float32)
+        rgb = bg.rgb + rng.normal(0.0, 3.0, (height, width, 1)).astype(np.float32)  # sensor noise
         for track, m, colour in zip(tracks, motions, colours):
-            if not track.visible[t]:
-                continue
-            cx, cy = m.centre(t)
-            mask, _ = shape_mask(track.shape, cx, cy, m.r, m.angle + m.spin * t, height, width)
-            _paint(rgb, mask, colour, rng)
-            track_maps[t][mask] = track.number
+            if track.visible[t]:
+                mask, _ = shape_mask(track.shape, *m.centre(t), m.r, m.angle + m.spin * t, height, width)
+                _paint(rgb, mask, colour, rng)
+                track_maps[t][mask] = track.number
         if night:
             rgb = rgb * 0.5 + np.array([0, 5, 30], np.float32)
         frames[t] = to_uint8(rgb)

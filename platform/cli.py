@@ -53,7 +53,12 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
 def _cmd_convert(args: argparse.Namespace) -> int:
     from omgseg.datasets.convert import convert
+    from omgseg.datasets.heldout import HeldOut
 
+    heldout = None
+    if args.val_from_train is not None:
+        value = float(args.val_from_train)
+        heldout = HeldOut(fraction=value) if value < 1 else HeldOut(count=int(value))
     manifest = convert(
         args.format,
         src=Path(args.src),
@@ -61,10 +66,23 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         split=args.split,
         samples_per_shard=args.samples_per_shard,
         clip_length=args.clip_length,
+        heldout=heldout,
+        workers=args.workers,
         progress=True,
     )
     print(json.dumps({"out": args.out, "shards": len(manifest.shards), "samples": manifest.total_samples}))
     return 0
+
+
+def _held_out_amount(text: str) -> str:
+    """--val-from-train's value: a fraction in (0, 1) or a whole count >= 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction (0.1) or a count (200), got {text!r}") from None
+    if not (0 < value < 1 or (value >= 1 and value.is_integer())):
+        raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1 or a whole count, got {text!r}")
+    return text
 
 
 def _cmd_shards(args: argparse.Namespace) -> int:
@@ -85,7 +103,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     from omgseg.platform.data import prepare_data
 
     config = load_run_or_study(args.config, args.overrides)
-    dirs = prepare_data(config.data, progress=True)
+    dirs = prepare_data(config.data, config.splits_read(), progress=True)
     print(json.dumps({name: {s: str(p) for s, p in splits.items()} for name, splits in dirs.items()}))
     return 0
 
@@ -103,8 +121,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     print(json.dumps({
         "run_id": result.run_id, "checkpoint": str(result.checkpoint), "run_dir": str(result.run_dir),
         "steps": report.steps, "samples": report.samples, "realised_mix": report.realised_mix,
-        "metrics": {name: {task: {k: v for k, v in values.items() if k != "per_class"} for task, values in tasks.items()}
-                    for name, tasks in report.evaluation.items()},
+        "metrics": {score.key: score.value for score in report.evaluation.scores()},
     }))
     return 0
 
@@ -155,7 +172,7 @@ def _davis(a: argparse.Namespace) -> dict:
 
 
 def _interactive(a: argparse.Namespace) -> dict:
-    from omgseg.platform.evaluation.evaluate import evaluate_interactive_files
+    from omgseg.platform.evaluation.clicks import evaluate_interactive_files
 
     return evaluate_interactive_files(Path(a.checkpoint), a.gt_json, a.gt_dir, a.image_dir, max_clicks=a.max_clicks,
                                       clip_checkpoint=a.clip_checkpoint, max_images=a.max_images)
@@ -202,13 +219,17 @@ def need(args: argparse.Namespace, *names: str) -> None:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from omgseg.platform.evaluation.predict import predict
+    from omgseg.core.structures import Task
+    from omgseg.platform.evaluation.predict import PredictRequest, predict
 
-    summary = predict(Path(args.checkpoint), args.task, Path(args.input), Path(args.out), vocabulary=args.vocabulary,
-                      coco_json=Path(args.coco_json) if args.coco_json else None, clip_length=args.clip_length,
-                      clip_checkpoint=args.clip_checkpoint, points=args.points,
-                      first_frame_mask=Path(args.first_frame_mask) if args.first_frame_mask else None,
-                      videos=Path(args.videos) if args.videos else None)
+    def path(value: str | None) -> Path | None:
+        return Path(value) if value else None
+
+    summary = predict(PredictRequest(
+        checkpoint=Path(args.checkpoint), task=Task.parse(args.task), inputs=Path(args.input), out=Path(args.out),
+        vocabulary=args.vocabulary, coco_json=path(args.coco_json), clip_length=args.clip_length,
+        clip_checkpoint=args.clip_checkpoint, points=args.points, first_frame_mask=path(args.first_frame_mask),
+        videos=path(args.videos)))
     print(json.dumps({"task": summary.task, "inputs": summary.inputs, "outputs": summary.outputs}))
     return 0
 
@@ -242,6 +263,7 @@ def _cmd_model_info(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from omgseg.core.structures import Task
     from omgseg.datasets.formats import FORMATS
     from omgseg.datasets.synth import SYNTH_FORMATS
 
@@ -272,6 +294,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples-per-shard", type=int, default=64, metavar="N")
     p.add_argument("--clip-length", type=int, default=None, metavar="T",
                    help="cut videos into clips of T frames (default: whole videos)")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="processes writing shards at once (default: one per core); the shards are the same for any N")
+    p.add_argument("--val-from-train", type=_held_out_amount, default=None, metavar="F|N",
+                   help="hold out a fraction F (< 1) or a count N of the train images or videos, by id: --split val "
+                   "writes them, --split train the rest (for a data set whose val split has no annotations)")
     p.set_defaults(func=_cmd_convert)
 
     p = sub.add_parser("shards", help="check or describe a shard folder")
@@ -292,8 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="run a checkpoint on images or a video; write result formats and overlays")
     p.add_argument("--checkpoint", required=True, help="model.pt from omgseg train")
-    p.add_argument("--task", required=True, choices=("panoptic", "instance", "semantic", "interactive",
-                                                      "video_instance", "video_panoptic", "vos"))
+    p.add_argument("--task", required=True, choices=[t.value for t in Task],  # a task's name is its entry's (tasks.py)
+                   help="the task (its entry in platform/tasks.py says how it reads its input and writes its results)")
     p.add_argument("--input", required=True, help="an image, a folder of images, or (video tasks) a folder of frames")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--vocabulary", help="shard folder or JSON with 'categories' (default: the training vocabulary)")

@@ -8,14 +8,12 @@ the wrong type fails with the file and the dotted key path. Configs flatten to a
 from __future__ import annotations
 
 import os
-import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Literal, TypeVar
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-
-SPLITS = ("train", "val")
 
 
 class ConfigError(ValueError):
@@ -53,6 +51,20 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
 
+class HeldOutSpec(StrictModel):
+    """Part of a data set's train split held out as its val split: a fraction of its images or
+    videos, or a count of them (datasets/heldout.py chooses which, by id)."""
+
+    fraction: float | None = Field(default=None, gt=0, lt=1)
+    count: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _one_of(self) -> HeldOutSpec:
+        if (self.fraction is None) == (self.count is None):
+            raise ValueError("give fraction (e.g. 0.1) or count (e.g. 200), not both or neither")
+        return self
+
+
 class DatasetSpec(StrictModel):
     """One dataset of a study or training run: where it comes from and how it is sharded."""
 
@@ -79,9 +91,14 @@ class DatasetSpec(StrictModel):
         "annotates (e.g. coco-panoptic: panoptic, instance, semantic, interactive)",
     )
 
-    variant: Literal["base", "anchor", "twin", "rival", "stranger", "placebo"] | None = Field(
-        default=None, description="with no src: one of the synthetic planted-relation data sets instead of the "
-        "format's default synthetic data (coco-panoptic only; docs/datasets.md, 'Planted relations')")
+    val_from_train: HeldOutSpec | None = Field(
+        default=None, description="the val split is this part of the train split, by image or video id, and train "
+        "shards leave it out: for a data set whose val split has no annotations (YouTube-VIS); the source's own "
+        "val split is then not read")
+    variant: str | None = Field(
+        default=None, description="with no src: one of the synthetic planted-relation data sets (omgseg.datasets."
+        "planted, e.g. anchor or anchor_a) instead of the format's default synthetic data (coco-panoptic only; "
+        "docs/datasets.md, 'Planted relations')")
 
     @field_validator("format")
     @classmethod
@@ -91,11 +108,22 @@ class DatasetSpec(StrictModel):
         get_format(value)  # raises, listing the known formats
         return value
 
+    @field_validator("variant")
+    @classmethod
+    def _known_variant(cls, value: str | None) -> str | None:
+        from omgseg.datasets.planted import planted_set
+
+        if value is not None:
+            planted_set(value)  # raises, listing the known variants
+        return value
+
     @model_validator(mode="after")
     def _tasks_of_the_format(self) -> DatasetSpec:
         if self.shards is not None:
             if self.src is not None:
                 raise ValueError("give src (convert here) or shards (converted already), not both")
+            if self.val_from_train is not None:
+                raise ValueError("val_from_train cuts a val split at conversion; shards are converted already")
             if "{split}" not in self.shards:
                 raise ValueError(f"shards must contain {{split}} where the split name goes, got {self.shards!r}")
         if self.variant is not None and (self.src is not None or self.shards is not None or self.format != "coco-panoptic"):
@@ -132,7 +160,8 @@ class DataConfig(StrictModel):
     )
     synth_seed: int = Field(default=0, description="seed of the synthetic sources")
     datasets: dict[str, DatasetSpec]
-    splits: tuple[Literal["train", "val"], ...] = SPLITS
+    convert_workers: int | None = Field(default=None, ge=1, description="processes converting shards at once; "
+                                        "none = one per core")
 
     @field_validator("datasets")
     @classmethod
@@ -146,15 +175,37 @@ class DataConfig(StrictModel):
 
     def shard_dir(self, name: str, split: str) -> Path | str:
         """Where the shards of (data set, split) are: the data set's `shards` location with the
-        split filled in (a URL stays a string), else the conversion cache under root."""
+        split filled in (a URL stays a string), else the conversion cache under root. Data
+        sets converted alike from one source (coco and coco_sam: one COCO, other tasks) share
+        the folder of the first of them."""
         spec = self.datasets[name]
         if spec.shards is not None:
             location = spec.shards.replace("{split}", split)
             return location if "://" in location else Path(location)
-        return self.root / "shards" / name / split
+        converted = spec.model_dump(include={"format", "src", "variant", "clip_length", "samples_per_shard",
+                                             "val_from_train"})
+        owner = next(n for n, s in self.datasets.items() if s.shards is None and s.model_dump(include=set(converted))
+                     == converted)
+        return self.root / "shards" / owner / split
 
     def synth_dir(self) -> Path:
         return self.root / "synth" / f"seed{self.synth_seed}"
+
+    def check_annotated_val(self, names: Iterable[str]) -> None:
+        """Raise naming the data set and the key to set when one of `names`, whose val split a
+        run reads, has a val split without annotations (YouTube-VIS's public one): its metric
+        and validation loss would be empty. Synthetic val splits are annotated; a shards
+        location is checked when prepared (its manifest counts annotated samples)."""
+        from omgseg.datasets.formats import get_format
+
+        for name in names:
+            spec = self.datasets[name]
+            if spec.src is None or spec.val_from_train is not None:
+                continue
+            if not get_format(spec.format).annotated(spec.src, "val"):
+                raise ValueError(f"data set {name!r}: the val split of {spec.src} ({spec.format}) has no annotations, "
+                                 f"so nothing could be measured on it; set data.datasets.{name}.val_from_train "
+                                 "(a fraction or a count of train images or videos held out as val)")
 
 
 class ModelSpec(StrictModel):
@@ -254,6 +305,10 @@ class RunSpec(StrictModel):
     eval_samples: int | None = Field(default=None, ge=1, description="cap on val samples per data set for the task metrics")
     val_samples: int | None = Field(default=None, ge=1, description="cap on val samples per data set for the validation "
                                     "loss; none = the whole val split")
+    eval_batch_size: int = Field(default=4, ge=1, description="val clips per forward pass at evaluation (task metrics and "
+                                 "validation losses); 4 fits the tiny model on a CPU and the paper's on one GPU")
+    collective_timeout_s: int = Field(default=3600, ge=60, description="how long a worker of a multi-worker run waits in "
+                                      "one collective (an all-reduce, the merge of the evaluation) before the run fails")
     affinity: AffinityConfig = AffinityConfig()
     output_dir: LocalPath = Path("outputs/runs")
 
@@ -295,29 +350,39 @@ class TrainConfig(RunSpec):
         if not any(v > 0 for v in self.mix.values()):
             raise ValueError(f"mix needs at least one ratio > 0, got {dict(self.mix)}")
         check_evaluation(self.evaluation, known)
-        if self.evaluation and "val" not in self.data.splits:
-            raise ValueError(f"evaluation needs the val split, but data.splits is {list(self.data.splits)}")
+        self.data.check_annotated_val(n for n, splits in self.splits_read().items() if "val" in splits)
         return self
+
+    def splits_read(self) -> dict[str, set[str]]:
+        """{data set: splits} this run reads: train of every mixed data set, val of every
+        evaluated one, and of every mixed one when TAG affinity probes (its held-out batches)."""
+        mixed = [n for n, r in self.mix.items() if r > 0]
+        probed = mixed if self.affinity.enabled and len(mixed) > 1 else []
+        out: dict[str, set[str]] = {n: {"train"} for n in mixed}
+        for name in [*self.evaluation, *probed]:
+            out.setdefault(name, set()).add("val")
+        return out
 
 
 COMBINATION_KINDS = ("singletons", "pairs", "leave_one_out", "all")
 
-# The metric of each task that influence and correlation tables use as secondary targets
-# unless a study names others (the headline numbers of OMG-Seg's tables).
-HEADLINE_METRICS = {
-    "panoptic": ("PQ",), "instance": ("AP",), "semantic": ("mIoU",), "interactive": ("mIoU@1",),
-    "video_panoptic": ("VPQ",), "video_instance": ("AP",), "vos": ("J&F",),
-}
+def headline_metrics() -> dict[str, list[str]]:
+    """{task: its headline metrics}: a study's secondary targets unless it names others (the
+    task table's entries: the headline numbers of OMG-Seg's tables)."""
+    from omgseg.platform.tasks import TASKS  # the task table imports torch: only when a study needs it
+
+    return {spec.name: list(spec.headline) for spec in TASKS.values()}
 
 
-def metric_direction(metric: str) -> str | None:
-    """"higher" or "lower" (which is better) for a metric name the evaluators report, None for
-    one this project does not know. Lower is better for losses, clicks (NoC@t, NoF) and decays."""
-    if metric == "val_loss" or re.fullmatch(r"NoC@\d+|NoF|[JF]-Decay", metric):
+def metric_direction(task: str, metric: str) -> str | None:
+    """"higher" or "lower" (which is better) for a metric `task` reports (its task-table entry
+    says), None for one it does not. Lower is better for validation losses (any query group)."""
+    from omgseg.core.structures import Task
+    from omgseg.platform.tasks import TASKS
+
+    if metric == "val_loss":
         return "lower"
-    known = (r"(PQ|SQ|RQ)(_th|_st|_seen|_unseen)?|VPQ(@\d+)?(_th|_st)?|AP(50|75|s|m|l)?|mIoU(_seen|_unseen)?|pACC|mACC"
-             r"|mIoU@\d+|J&F|[JF]-(Mean|Recall)|IoU-.+")
-    return "higher" if re.fullmatch(known, metric) else None
+    return TASKS[Task.parse(task)].direction(metric)
 
 
 class SampledSpec(StrictModel):
@@ -432,7 +497,7 @@ class StudyConfig(StrictModel):
         default=None, description="{data set: [task, ...]} every trial is evaluated on (val split); "
         "none = every train data set on the tasks it supervises")
     metrics: dict[str, list[str]] = Field(
-        default_factory=lambda: {k: list(v) for k, v in HEADLINE_METRICS.items()},
+        default_factory=headline_metrics,
         description="secondary targets: {task or data set/task: [metric, ...]} (the primary targets are the "
         "validation losses of every evaluated data set)")
     affinity_seeds: int | None = Field(
@@ -498,7 +563,7 @@ class StudyConfig(StrictModel):
             if dataset and dataset not in known:
                 raise ValueError(f"metrics.{key}: unknown data set {dataset!r} ({sorted(known)})")
             for metric in metrics:
-                if metric_direction(metric) is None:
+                if metric_direction(task, metric) is None:
                     raise ValueError(f"metrics.{key}: metric {metric!r} has no known direction (higher or lower is "
                                      "better); use a metric the evaluators report (docs/evaluation.md)")
         if len(set(self.seeds)) != len(self.seeds):
@@ -537,6 +602,7 @@ class StudyConfig(StrictModel):
                                  "combine (set train_datasets)")
             if self.train.model.init_checkpoint is not None:
                 raise ValueError("give pretrain or train.model.init_checkpoint, not both")
+        self.data.check_annotated_val(n for n, splits in self.splits_read().items() if "val" in splits)
         return self
 
     def _check_planted(self) -> None:
@@ -567,6 +633,18 @@ class StudyConfig(StrictModel):
         if self.evaluation is not None:
             return {k: list(v) for k, v in self.evaluation.items()}
         return {n: list(self.data.datasets[n].supervised_tasks()) for n in self.trained()}
+
+    def splits_read(self) -> dict[str, set[str]]:
+        """{data set: splits} the study's runs read: train of every data set a trial or the
+        pretraining trains on, val of every evaluated one, and of every train data set when
+        TAG affinity probes (the held-out batches of the trial on all of them)."""
+        pretrained = [n for n, r in self.pretrain.mix.items() if r > 0] if self.pretrain else []
+        trained = [*self.trained(), *([self.control] if self.control else []), *pretrained]
+        probed = self.trained() if self.train.affinity.enabled and len(self.trained()) > 1 else []
+        out: dict[str, set[str]] = {n: {"train"} for n in trained}
+        for name in [*self.evaluated(), *probed]:
+            out.setdefault(name, set()).add("val")
+        return out
 
 
 ConfigT = TypeVar("ConfigT", bound=BaseModel)

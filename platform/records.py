@@ -1,5 +1,7 @@
 """The typed records that cross process edges, each with `to_json` / `from_json`:
 
+- Evaluation: a run's evaluation, per data set its tasks' metrics and its query groups'
+  validation losses (eval.json; inside RunReport and TrialRecord).
 - RunReport: what a finished training run reports (rank 0 writes it beside the final
   checkpoint; the driver reads it back).
 - TrainResult: a RunReport with where the run went (MLflow run, folder, model file).
@@ -18,7 +20,7 @@ from __future__ import annotations
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
-from omgseg.platform.study.plan import Trial
+from omgseg.platform.study.plan import VAL_LOSS, Trial
 
 REPORT_FILE = "report.json"
 TRIAL_FILE = "trial.json"
@@ -48,6 +50,64 @@ class JsonRecord:
         return cls(**_known(cls, data, cls.WHAT))
 
 
+@dataclass(frozen=True)
+class Score:
+    """One number of an evaluation: a task's metric, or a query group's validation loss
+    (task = the group, metric = "val_loss")."""
+
+    dataset: str
+    task: str
+    metric: str
+    value: float
+
+    @property
+    def key(self) -> str:
+        return f"{self.dataset}/{self.task}/{self.metric}"
+
+
+@dataclass
+class DatasetEvaluation:
+    """One data set's evaluation on its val split."""
+
+    tasks: dict[str, dict] = field(default_factory=dict)  # {task: {metric: value}}, nested tables such as per_class too
+    losses: dict[str, float] = field(default_factory=dict)  # {query group: mean validation loss}
+
+
+@dataclass
+class Evaluation:
+    """A run's evaluation, {data set: DatasetEvaluation}; in JSON (eval.json, report.json,
+    trial.json) {data set: {"tasks": {task: metrics}, "losses": {query group: loss}}}."""
+
+    datasets: dict[str, DatasetEvaluation] = field(default_factory=dict)
+
+    def scores(self) -> list[Score]:
+        """Every scalar: the tasks' metrics (nested tables left out), then the validation losses."""
+        out = []
+        for name, evaluation in self.datasets.items():
+            out += [Score(name, task, metric, float(value)) for task, values in evaluation.tasks.items()
+                    for metric, value in values.items() if isinstance(value, (int, float)) and not isinstance(value, bool)]
+            out += [Score(name, group, VAL_LOSS, float(loss)) for group, loss in evaluation.losses.items()]
+        return out
+
+    def to_json(self) -> dict:
+        return {name: {"tasks": e.tasks, "losses": e.losses} for name, e in self.datasets.items()}
+
+    @classmethod
+    def from_json(cls, data: object, where: str = "evaluation") -> Evaluation:
+        if not isinstance(data, dict):
+            raise ValueError(f"{where}: an evaluation is an object of data sets, got {type(data).__name__}")
+        datasets = {}
+        for name, entry in data.items():
+            if not isinstance(entry, dict) or sorted(entry) != ["losses", "tasks"]:
+                raise ValueError(f"{where}: data set {name!r} needs exactly 'tasks' and 'losses', got "
+                                 f"{sorted(entry) if isinstance(entry, dict) else type(entry).__name__}")
+            bad = {g: v for g, v in entry["losses"].items() if not isinstance(v, (int, float)) or isinstance(v, bool)}
+            if bad or not all(isinstance(v, dict) for v in entry["tasks"].values()):
+                raise ValueError(f"{where}: data set {name!r}: losses are numbers and tasks objects of metrics")
+            datasets[name] = DatasetEvaluation(dict(entry["tasks"]), {g: float(v) for g, v in entry["losses"].items()})
+        return cls(datasets)
+
+
 @dataclass
 class RunReport(JsonRecord):
     """What one training run measured, summed over its ranks."""
@@ -55,7 +115,7 @@ class RunReport(JsonRecord):
     steps: int
     samples: dict[str, int]  # samples drawn per data set, all ranks
     seconds: dict[str, float]  # rank 0's time: "train" (inside steps), "affinity", "eval"; the driver adds "fit"
-    evaluation: dict[str, dict[str, dict]] = field(default_factory=dict)  # {data set: {task or loss group: metrics}}
+    evaluation: Evaluation = field(default_factory=Evaluation)
     affinity: dict[str, dict[str, float]] = field(default_factory=dict)  # {source: {target: mean Z}}
     affinity_se: dict[str, dict[str, float]] = field(default_factory=dict)  # standard error over probes
     affinity_probes: int = 0
@@ -68,6 +128,14 @@ class RunReport(JsonRecord):
         return {k: v / total for k, v in self.samples.items()} if total else {}
 
     WHAT = "run report"
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "evaluation": self.evaluation.to_json()}
+
+    @classmethod
+    def from_json(cls, data: dict) -> RunReport:
+        known = _known(cls, data, cls.WHAT)
+        return cls(**{**known, "evaluation": Evaluation.from_json(known.get("evaluation", {}), cls.WHAT)})
 
 
 @dataclass
@@ -100,13 +168,21 @@ class TrialRecord(JsonRecord):
     wall_seconds: float = 0.0  # the trial function, start to end
     seconds: dict[str, float] = field(default_factory=dict)  # "train" (inside steps), "affinity", "eval", "setup"
     samples: dict[str, int] = field(default_factory=dict)  # realised samples per data set
-    metrics: dict[str, dict[str, dict]] = field(default_factory=dict)  # {data set: {task: {metric: value}}}
+    metrics: Evaluation = field(default_factory=Evaluation)  # the run's evaluation (empty for a failed trial)
     affinity: dict[str, dict[str, float]] = field(default_factory=dict)  # {source: {target: mean Z}}
     affinity_se: dict[str, dict[str, float]] = field(default_factory=dict)
     affinity_halves: list[dict] = field(default_factory=list)  # mean Z of the even and of the odd probes
     reads: list[dict] = field(default_factory=list)
 
     WHAT = "trial record"
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "metrics": self.metrics.to_json()}
+
+    @classmethod
+    def from_json(cls, data: dict) -> TrialRecord:
+        known = _known(cls, data, cls.WHAT)
+        return cls(**{**known, "metrics": Evaluation.from_json(known.get("metrics", {}), cls.WHAT)})
 
 
 @dataclass

@@ -1,24 +1,33 @@
-"""One object per task: what it prompts, how the model's output becomes its result, how that
-result is scored, and how it is drawn.
+"""The task table: one object per task holding everything about it, read by every concern.
 
-Evaluation (platform/evaluation/evaluate.py), the report's sample pictures (dashboards/samples.py) and
-`omgseg predict` on images (platform/evaluation/predict.py) all go through `TASKS`, so a task's rules
-live in one place: its first-frame prompts (interior clicks, boxes), its post-processing with
-the model's own inference settings (`model.config.inference`), its evaluator behind one
-`process(sample, result)` signature, and the id maps its overlays show.
+A task's entry (`TASKS[task]`, a `TaskSpec`) says which query group it trains and is validated
+through (the training batches' prompts and object supervision, the validation losses and the
+study's primary targets), its headline metrics and which way each of its metrics is better
+(the study's secondary targets), its prompts (interior clicks, first-frame boxes), its
+post-processing with the model's own inference settings (`model.config.inference`), its
+evaluator, the id maps its overlays show, and how `omgseg predict` reads its input and writes
+its public result format. Its name is its command-line name.
+
+Adding a task: docs/architecture.md, "Adding a task".
 """
 
 from __future__ import annotations
 
+import dataclasses
+import enum
+import re
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from omgseg.core.structures import Category, PromptKind, Task
 from omgseg.datasets.clip import Segment
+from omgseg.datasets.prompts import tight_box
 from omgseg.datasets.stream import ClipSample
 from omgseg.model.inference import (
     InstanceResult,
@@ -30,22 +39,44 @@ from omgseg.model.inference import (
     prompt_inference,
     semantic_inference,
 )
-from omgseg.model.omgseg import ClipPrediction, OMGSeg
 from omgseg.model.structures import PromptBatch
 from omgseg.model.vocabulary import Vocabulary
+from omgseg.platform.evaluation import predict as files
+from omgseg.platform.evaluation.clicks import simulate_clicks
 from omgseg.platform.evaluation.metrics.instance import InstanceEvaluator
-from omgseg.platform.evaluation.metrics.interactive import InteractiveEvaluator, interior_point, mask_iou, next_click
+from omgseg.platform.evaluation.metrics.interactive import InteractiveEvaluator, interior_point
 from omgseg.platform.evaluation.metrics.panoptic import GtSegment, PanopticEvaluator
 from omgseg.platform.evaluation.metrics.semantic import SemanticEvaluator
 from omgseg.platform.evaluation.metrics.video_instance import VideoInstanceEvaluator
 from omgseg.platform.evaluation.metrics.video_panoptic import VideoPanopticEvaluator
 from omgseg.platform.evaluation.metrics.vos import VOSEvaluator
+from omgseg.platform.evaluation.writers import CocoInstancesWriter, CocoPanopticWriter, SemanticWriter
+
+if TYPE_CHECKING:
+    from omgseg.model.omgseg import ClipPrediction, EncodedClips, OMGSeg
 
 IGNORE = 255  # the semantic ignore label
 SHOWN_SCORE = 0.5  # an instance is drawn in an overlay from this score on (the confident ones)
-# RITM / SimpleClick binarise the predicted probability at 0.49 (docs/reference.md, Metrics).
+# RITM / SimpleClick binarise the predicted probability at 0.49 (docs/evaluation.md, interactive).
 CLICK_THRESHOLD = 0.49
 MAX_CLICKS = 20  # clicks per object in the evaluation protocol (RITM's)
+# Padding of a batch's smaller frames: the ImageNet mean in uint8, which the model's input
+# normalisation turns into about 0 (detectron2 pads normalised images with 0).
+PAD_RGB = (124, 116, 104)
+
+
+class QueryGroup(str, enum.Enum):
+    """The model's two kinds of queries. A task is trained and validated through one of them."""
+
+    OBJECT = "object_queries"  # learned queries, matched to the ground truth's segments
+    PROMPT = "prompt_queries"  # one query per prompt, supervised by the prompted object
+
+
+# The weighted loss terms (model/criterion.py, last prediction set) of each group's validation loss.
+GROUP_LOSS_TERMS = {
+    QueryGroup.OBJECT: ("loss_ce", "loss_mask", "loss_dice"),
+    QueryGroup.PROMPT: ("loss_prompt_mask", "loss_prompt_dice"),
+}
 
 
 @dataclass(frozen=True)
@@ -74,13 +105,8 @@ def prompted_objects(sample: ClipSample) -> tuple[Segment, ...]:
 
 
 def first_frame_boxes(sample: ClipSample, objects: Sequence[Segment]) -> tuple[tuple[float, float, float, float], ...]:
-    """(x0, y0, x1, y1) of each object's frame-0 mask, in pixels."""
-    ids = sample.id_maps[0].numpy()
-    boxes = []
-    for s in objects:
-        rows, cols = np.nonzero(ids == s.id)
-        boxes.append((float(cols.min()), float(rows.min()), float(cols.max() + 1), float(rows.max() + 1)))
-    return tuple(boxes)
+    """(x0, y0, x1, y1) of each object's frame-0 mask, in pixels (objects visible in frame 0)."""
+    return tuple(tuple(tight_box(sample.id_maps[0] == s.id).tolist()) for s in objects)
 
 
 def stack_masks(masks: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -91,33 +117,170 @@ def stack_masks(masks: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     return ids
 
 
+def class_map(sample: ClipSample, vocabulary: Vocabulary, frames: int, void: int) -> np.ndarray:
+    """(frames, H, W) class indices of the vocabulary (void pixels -> `void`); crowds keep their class."""
+    index = vocabulary.label_map()
+    ids = sample.id_maps[:frames].numpy()
+    out = np.full(ids.shape, void, dtype=np.int64)
+    for s in sample.segments:
+        out[ids == s.id] = index[s.category_id]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Clips evaluated together
+
+
+class ClipBatch:
+    """Clips of one data set evaluated together: one forward pass over their frames, padded to
+    the largest height and width (bottom and right, as Mask2Former batches images) and cropped
+    back to each clip's own size in every prediction. The encoding and the prompt-free
+    predictions are computed once for every task that takes them. A task that reads images
+    (`video=False`) sees each clip's first frame. `autocast`: bf16 forward passes (CUDA runs)."""
+
+    def __init__(self, model: OMGSeg, samples: Sequence[ClipSample], vocabulary: Vocabulary,
+                 autocast: bool = False) -> None:
+        frames = sorted({s.num_frames for s in samples})
+        if len(frames) != 1:
+            raise ValueError(f"the clips of a batch need one number of frames, got {frames}")
+        self.model = model
+        self.samples = list(samples)
+        self.vocabulary = vocabulary
+        self.autocast = autocast
+        self.size = (max(s.height for s in samples), max(s.width for s in samples))
+        self._encoded: dict[bool, EncodedClips] = {}
+        self._shared: dict[bool, list[ClipPrediction]] = {}
+
+    def _view(self, video: bool) -> bool:
+        """The cache key: whole clips, or first frames (the same thing for images)."""
+        return video or self.samples[0].num_frames == 1
+
+    def _autocast(self):
+        device = next(self.model.parameters()).device
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.autocast)
+
+    def encoded(self, video: bool) -> EncodedClips:
+        """The clips (or their first frames) through the frozen CLIP and the pixel decoder."""
+        key = self._view(video)
+        if key not in self._encoded:
+            device = next(self.model.parameters()).device
+            frames = self.samples[0].num_frames if key else 1
+            images = torch.tensor(PAD_RGB, dtype=torch.uint8).view(1, 1, 3, 1, 1).repeat(
+                len(self.samples), frames, 1, *self.size)  # (B, T, 3, H, W)
+            for i, s in enumerate(self.samples):
+                images[i, :, :, :s.height, :s.width] = s.images[:frames]
+            with torch.no_grad(), self._autocast():
+                self._encoded[key] = self.model.encode(images.to(device))
+        return self._encoded[key]
+
+    def predict(self, video: bool, prompts: Sequence[PromptBatch] | None = None) -> list[ClipPrediction]:
+        """One prediction per clip, cropped to its size; prompts at the batch's size (`self.size`)."""
+        with self._autocast():
+            predictions = self.model.predict(None, self.vocabulary, None if prompts is None else list(prompts),
+                                             encoded=self.encoded(video))
+        return [crop_prediction(p, s.height, s.width) for p, s in zip(predictions, self.samples)]
+
+    def prompt_logits(self, video: bool, prompts: Sequence[PromptBatch]) -> list[torch.Tensor]:
+        """Each clip's prompt queries' mask logits (K, T, H, W) at its own size, in prompt order:
+        what `predict` gives as `prompt_mask_logits`, without upsampling the object queries'
+        masks and classifying them (the click rounds need neither)."""
+        with torch.no_grad(), self._autocast():
+            queries = self.model(None, self.vocabulary, list(prompts), encoded=self.encoded(video)).queries
+        out = []
+        for i, sample in enumerate(self.samples):
+            logits = queries.mask_logits[i, queries.num_object_queries:][queries.prompt_valid[i]]  # (K, T, h, w)
+            if logits.shape[0]:  # bilinear, as the model upsamples its predictions
+                logits = F.interpolate(logits.flatten(0, 1)[:, None], size=self.size, mode="bilinear",
+                                       align_corners=False).view(*logits.shape[:2], *self.size)
+            out.append(logits[..., :sample.height, :sample.width])
+        return out
+
+    def shared(self, video: bool) -> list[ClipPrediction]:
+        """The prompt-free predictions, computed once for every task that takes them."""
+        key = self._view(video)
+        if key not in self._shared:
+            self._shared[key] = self.predict(video)
+        return self._shared[key]
+
+
+def crop_prediction(pred: ClipPrediction, height: int, width: int) -> ClipPrediction:
+    """A prediction of a padded clip restricted to the clip's own (height, width)."""
+    if pred.mask_logits.shape[-2:] == (height, width):
+        return pred
+    return dataclasses.replace(pred, mask_logits=pred.mask_logits[..., :height, :width],
+                               prompt_mask_logits=pred.prompt_mask_logits[..., :height, :width])
+
+
+def empty_prompts(size: tuple[int, int]) -> PromptBatch:
+    """No prompt for a clip of a prompted batch (the decoder pads it)."""
+    return PromptBatch(torch.zeros(0, 4), (), size)
+
+
+# ---------------------------------------------------------------------------------------------
+# The task entries
+
+
+class TaskEvaluator:
+    """A task's metric over one data set: `process` each clip with its index in the val split,
+    `merge` another worker's metric, then `compute`."""
+
+    def __init__(self, spec: TaskSpec, metric, context: Context) -> None:
+        self.spec = spec
+        self.metric = metric  # the metric module's evaluator: a picklable state that merges
+        self.context = context
+
+    def process(self, index: int, sample: ClipSample, result: object) -> None:
+        self.spec.score(self.metric, self.context, index, sample, result, f"{sample.shard} sample {sample.key}")
+
+    def merge(self, metric) -> None:
+        self.metric.merge(metric)
+
+    def compute(self) -> dict:
+        return self.metric.compute()
+
+
 class TaskSpec(ABC):
     """The rules of one task. Subclasses override what differs from a prompt-free image task."""
 
     task: Task
+    queries = QueryGroup.OBJECT  # the query group that trains it and carries its validation loss
     video = False  # whether the task reads whole clips (else frame 0)
-    prompted = False  # whether its queries are prompted (so it cannot reuse a prompt-free prediction)
+    headline: tuple[str, ...] = ()  # the metrics a study measures unless it names others
+    higher = ""  # the names (a regex) of its metrics where higher is better
+    lower = ""  # ... and where lower is better
+    forwards_per_clip = 1  # the model's forward passes to score one val clip (a dry run's evaluation cost)
 
-    def prompts(self, sample: ClipSample) -> Prompts:
+    @property
+    def name(self) -> str:
+        """Its name on the command line and in configs."""
+        return self.task.value
+
+    @property
+    def prompted(self) -> bool:
+        return self.queries is QueryGroup.PROMPT
+
+    def direction(self, metric: str) -> str | None:
+        """"higher" or "lower" (which is better) for one of its metrics; None for a name it does not report."""
+        for way, pattern in (("higher", self.higher), ("lower", self.lower)):
+            if pattern and re.fullmatch(pattern, metric):
+                return way
+        return None
+
+    def prompts(self, sample: ClipSample, size: tuple[int, int] | None = None) -> Prompts:
+        """The prompts of one clip, for an input of `size` (default: the clip's own)."""
         return Prompts()
 
-    def run(self, model: OMGSeg, sample: ClipSample, vocabulary: Vocabulary,
-            shared: ClipPrediction | None = None) -> object:
-        """The task's result on one clip. `shared`: the prompt-free prediction of these frames,
-        if another task computed it already (prompt-free tasks reuse it)."""
-        frames = sample.images if self.video else sample.images[:1]
-        prompts = self.prompts(sample)
-        if prompts.batch is None and shared is not None and (self.video or sample.num_frames == 1):
-            pred = shared
-        else:
-            device = next(model.parameters()).device
-            (pred,) = model.predict(frames[None].to(device), vocabulary, None if prompts.batch is None else [prompts.batch])
-        return self.postprocess(model, pred, vocabulary)
+    def results(self, batch: ClipBatch) -> list[object]:
+        """The task's result for every clip of `batch`, with the model's inference settings."""
+        return [self.postprocess(batch.model, p, batch.vocabulary) for p in batch.shared(self.video)]
 
-    def scored_result(self, model: OMGSeg, sample: ClipSample, vocabulary: Vocabulary,
-                      shared: ClipPrediction | None = None) -> object:
-        """What the evaluator scores: `run`'s result, unless the protocol asks for more."""
-        return self.run(model, sample, vocabulary, shared)
+    def scored(self, batch: ClipBatch) -> list[object]:
+        """What the evaluator scores for every clip: `results`, unless the protocol asks for more."""
+        return self.results(batch)
+
+    def run(self, model: OMGSeg, sample: ClipSample, vocabulary: Vocabulary) -> object:
+        """The task's result on one clip (the report's pictures)."""
+        return self.results(ClipBatch(model, [sample], vocabulary))[0]
 
     @abstractmethod
     def postprocess(self, model: OMGSeg, pred: ClipPrediction, vocabulary: Vocabulary) -> object:
@@ -132,24 +295,20 @@ class TaskSpec(ABC):
         return sample.id_maps[:frames].numpy()
 
     @abstractmethod
+    def metric(self, context: Context):
+        """A fresh evaluator of this task's metric over one data set (platform/evaluation/metrics/)."""
+
+    @abstractmethod
+    def score(self, metric, context: Context, index: int, sample: ClipSample, result: object, where: str) -> None:
+        """Hand one clip's ground truth and scored result to `metric`; `index`: the clip's
+        position in the val split (an id that is the same on every worker)."""
+
     def evaluator(self, context: Context) -> TaskEvaluator:
-        """A fresh evaluator of this task over one data set."""
+        return TaskEvaluator(self, self.metric(context), context)
 
-
-class TaskEvaluator:
-    """A task's metric over a data set: `process` one clip's ground truth and result, then `compute`."""
-
-    def __init__(self, metric, process) -> None:
-        self.metric = metric
-        self._process = process
-        self.clips = 0
-
-    def process(self, sample: ClipSample, result: object) -> None:
-        self._process(self.metric, sample, result, f"{sample.shard} sample {sample.key}", self.clips)
-        self.clips += 1
-
-    def compute(self) -> dict:
-        return self.metric.compute()
+    @abstractmethod
+    def predict_files(self, model: OMGSeg, vocabulary: Vocabulary, request: files.PredictRequest) -> files.PredictSummary:
+        """`omgseg predict`: the task on the request's input files, written in its result format."""
 
 
 def _labels(vocabulary: Vocabulary, indices: torch.Tensor) -> list[int]:
@@ -158,6 +317,9 @@ def _labels(vocabulary: Vocabulary, indices: torch.Tensor) -> list[int]:
 
 class Panoptic(TaskSpec):
     task = Task.PANOPTIC
+    headline = ("PQ",)
+    higher = r"(PQ|SQ|RQ)(_th|_st|_seen|_unseen)?"
+    writer = CocoPanopticWriter
 
     def postprocess(self, model, pred, vocabulary) -> PanopticResult:
         settings = model.config.inference
@@ -168,35 +330,42 @@ class Panoptic(TaskSpec):
     def id_maps(self, result: PanopticResult, shape) -> np.ndarray:
         return result.id_map.numpy()
 
-    def evaluator(self, context: Context) -> TaskEvaluator:
+    def metric(self, context: Context) -> PanopticEvaluator:
         groups = {name: {context.vocabulary.category_ids[i] for i in index} for name, index in context.seen.items()}
-        vocabulary = context.vocabulary
+        return PanopticEvaluator(context.categories, groups)
 
-        def process(metric, sample, result: PanopticResult, where, _):
-            gt = {s.id: GtSegment(s.category_id, s.iscrowd, int(sum(s.area))) for s in sample.segments}
-            predicted = {s.id: vocabulary.category_ids[s.label] for s in result.segments}
-            metric.add(sample.id_maps[0].numpy(), gt, result.id_map[0].numpy(), predicted, where)
+    def score(self, metric, context, index, sample, result: PanopticResult, where) -> None:
+        gt = {s.id: GtSegment(s.category_id, s.iscrowd, int(sum(s.area))) for s in sample.segments}
+        predicted = {s.id: context.vocabulary.category_ids[s.label] for s in result.segments}
+        metric.add(sample.id_maps[0].numpy(), gt, result.id_map[0].numpy(), predicted, where)
 
-        return TaskEvaluator(PanopticEvaluator(context.categories, groups), process)
+    def predict_files(self, model, vocabulary, request):
+        return files.predict_images(self, model, vocabulary, request)
 
 
 class VideoPanoptic(Panoptic):
     task = Task.VIDEO_PANOPTIC
     video = True
+    headline = ("VPQ",)
+    higher = r"VPQ(@\d+)?(_th|_st)?"
 
-    def evaluator(self, context: Context) -> TaskEvaluator:
-        vocabulary = context.vocabulary
+    def metric(self, context: Context) -> VideoPanopticEvaluator:
+        return VideoPanopticEvaluator(context.categories, context.video_windows)
 
-        def process(metric, sample, result: PanopticResult, where, _):
-            gt = {s.id: (s.category_id, s.iscrowd) for s in sample.segments}
-            predicted = {s.id: vocabulary.category_ids[s.label] for s in result.segments}
-            metric.add(sample.id_maps.numpy(), gt, result.id_map.numpy(), predicted, where)
+    def score(self, metric, context, index, sample, result: PanopticResult, where) -> None:
+        gt = {s.id: (s.category_id, s.iscrowd) for s in sample.segments}
+        predicted = {s.id: context.vocabulary.category_ids[s.label] for s in result.segments}
+        metric.add(sample.id_maps.numpy(), gt, result.id_map.numpy(), predicted, where)
 
-        return TaskEvaluator(VideoPanopticEvaluator(context.categories, context.video_windows), process)
+    def predict_files(self, model, vocabulary, request):
+        return files.predict_video_panoptic(self, model, vocabulary, request)
 
 
 class Instance(TaskSpec):
     task = Task.INSTANCE
+    headline = ("AP",)
+    higher = r"AP(50|75|s|m|l)?"
+    writer = CocoInstancesWriter
 
     def postprocess(self, model, pred, vocabulary) -> InstanceResult:
         return instance_inference(pred.class_probs.cpu(), pred.mask_logits.cpu(), torch.tensor(vocabulary.is_thing),
@@ -206,33 +375,37 @@ class Instance(TaskSpec):
         keep = (result.scores >= SHOWN_SCORE).numpy()  # best first
         return stack_masks(result.masks.numpy()[keep], shape)
 
-    def _tubes(self, sample: ClipSample) -> np.ndarray:
-        """(N, T', H, W) ground-truth masks of the clip's segments (T' = 1 for an image task)."""
-        ids = sample.id_maps.numpy() if self.video else sample.id_maps[:1].numpy()
-        if not sample.segments:
-            return np.zeros((0, *ids.shape), dtype=bool)
-        return np.stack([ids == s.id for s in sample.segments])
+    def metric(self, context: Context) -> InstanceEvaluator:
+        return InstanceEvaluator(context.categories)
 
-    def evaluator(self, context: Context) -> TaskEvaluator:
-        vocabulary = context.vocabulary
-        metric = VideoInstanceEvaluator(context.categories) if self.video else InstanceEvaluator(context.categories)
+    def score(self, metric, context, index, sample, result: InstanceResult, where) -> None:
+        ids = sample.id_maps.numpy() if self.video else sample.id_maps[0].numpy()
+        gt = np.stack([ids == s.id for s in sample.segments]) if sample.segments else np.zeros((0, *ids.shape), bool)
+        masks = result.masks.numpy() if self.video else result.masks[:, 0].numpy()
+        metric.add(index, gt, [s.category_id for s in sample.segments], [s.iscrowd for s in sample.segments],
+                   masks, _labels(context.vocabulary, result.labels), result.scores.tolist(), where)
 
-        def process(metric, sample, result: InstanceResult, where, index):
-            gt = self._tubes(sample) if self.video else self._tubes(sample)[:, 0]  # images: (N, H, W)
-            masks = result.masks.numpy() if self.video else result.masks[:, 0].numpy()
-            metric.add(index, gt, [s.category_id for s in sample.segments], [s.iscrowd for s in sample.segments],
-                       masks, _labels(vocabulary, result.labels), result.scores.tolist(), where)
-
-        return TaskEvaluator(metric, process)
+    def predict_files(self, model, vocabulary, request):
+        return files.predict_images(self, model, vocabulary, request)
 
 
 class VideoInstance(Instance):
     task = Task.VIDEO_INSTANCE
     video = True
+    higher = r"AP(50|75|s|m|l)?|AR(1|10)"
+
+    def metric(self, context: Context) -> VideoInstanceEvaluator:
+        return VideoInstanceEvaluator(context.categories)
+
+    def predict_files(self, model, vocabulary, request):
+        return files.predict_video_instances(self, model, vocabulary, request)
 
 
 class Semantic(TaskSpec):
     task = Task.SEMANTIC
+    headline = ("mIoU",)
+    higher = r"mIoU(_seen|_unseen)?|fwIoU|pACC|mACC|IoU-.+"
+    writer = SemanticWriter
 
     def postprocess(self, model, pred, vocabulary) -> SemanticResult:
         return semantic_inference(pred.class_probs.cpu(), pred.mask_logits.cpu())
@@ -243,36 +416,31 @@ class Semantic(TaskSpec):
     def ground_truth_maps(self, sample, vocabulary, frames) -> np.ndarray:
         return class_map(sample, vocabulary, frames, void=-1) + 1
 
-    def evaluator(self, context: Context) -> TaskEvaluator:
-        vocabulary = context.vocabulary
-
-        def process(metric, sample, result: SemanticResult, where, _):
-            metric.add(class_map(sample, vocabulary, 1, void=IGNORE)[0], result.labels[0].numpy(), where)
-
+    def metric(self, context: Context) -> SemanticEvaluator:
         names = [c.name for c in context.categories]
-        return TaskEvaluator(SemanticEvaluator(len(context.categories), IGNORE, names, context.seen), process)
+        return SemanticEvaluator(len(context.categories), IGNORE, names, context.seen)
 
+    def score(self, metric, context, index, sample, result: SemanticResult, where) -> None:
+        metric.add(class_map(sample, context.vocabulary, 1, void=IGNORE)[0], result.labels[0].numpy(), where)
 
-def class_map(sample: ClipSample, vocabulary: Vocabulary, frames: int, void: int) -> np.ndarray:
-    """(frames, H, W) class indices of the vocabulary (void pixels -> `void`); crowds keep their class."""
-    index = vocabulary.label_map()
-    ids = sample.id_maps[:frames].numpy()
-    out = np.full(ids.shape, void, dtype=np.int64)
-    for s in sample.segments:
-        out[ids == s.id] = index[s.category_id]
-    return out
+    def predict_files(self, model, vocabulary, request):
+        return files.predict_images(self, model, vocabulary, request)
 
 
 class _Prompted(TaskSpec):
     """A task whose queries are prompted by the ground truth's frame-0 objects."""
 
-    prompted = True
+    queries = QueryGroup.PROMPT
+
+    def results(self, batch: ClipBatch) -> list[object]:
+        prompts = [self.prompts(s, batch.size).batch or empty_prompts(batch.size) for s in batch.samples]
+        return [self.postprocess(batch.model, p, batch.vocabulary) for p in batch.predict(self.video, prompts)]
 
     def postprocess(self, model, pred, vocabulary) -> PromptResult:
         return prompt_inference(pred.prompt_mask_logits.cpu(), mask_threshold=model.config.inference.prompt_mask_threshold)
 
-    def id_maps(self, result: PromptResult | None, shape) -> np.ndarray:
-        return stack_masks(result.masks.numpy(), shape) if result is not None else np.zeros(shape, dtype=np.int64)
+    def id_maps(self, result: PromptResult, shape) -> np.ndarray:
+        return stack_masks(result.masks.numpy(), shape)
 
     def ground_truth_maps(self, sample, vocabulary, frames) -> np.ndarray:
         ids = sample.id_maps[:frames].numpy()
@@ -286,102 +454,84 @@ class VOS(_Prompted):
 
     task = Task.VOS
     video = True
+    headline = ("J&F",)
+    higher = r"J&F|[JF]-(Mean|Recall)"
+    lower = r"[JF]-Decay"
 
-    def prompts(self, sample: ClipSample) -> Prompts:
+    def prompts(self, sample: ClipSample, size: tuple[int, int] | None = None) -> Prompts:
         objects = prompted_objects(sample)
         if not objects:
             return Prompts()
         boxes = first_frame_boxes(sample, objects)
         batch = PromptBatch(torch.tensor(boxes, dtype=torch.float32), (PromptKind.BOX,) * len(boxes),
-                            (sample.height, sample.width))
+                            size or (sample.height, sample.width))
         return Prompts(batch, objects, boxes=boxes)
 
-    def run(self, model, sample, vocabulary, shared=None) -> PromptResult | None:
-        return super().run(model, sample, vocabulary) if prompted_objects(sample) else None
+    def metric(self, context: Context) -> VOSEvaluator:
+        return VOSEvaluator()
 
-    def evaluator(self, context: Context) -> TaskEvaluator:
-        def process(metric, sample, result: PromptResult | None, where, _):
-            if result is None:
-                return  # nothing to track in this clip
-            ids = sample.id_maps.numpy()
-            gt = np.stack([ids == s.id for s in prompted_objects(sample)])  # (N, T, H, W)
-            metric.add(where, gt, result.masks.numpy())
+    def score(self, metric, context, index, sample, result: PromptResult, where) -> None:
+        objects = prompted_objects(sample)
+        if not objects:
+            return  # nothing to track in this clip
+        ids = sample.id_maps.numpy()
+        metric.add(where, np.stack([ids == s.id for s in objects]), result.masks.numpy())
 
-        return TaskEvaluator(VOSEvaluator(), process)
+    def predict_files(self, model, vocabulary, request):
+        return files.predict_vos(self, model, vocabulary, request)
 
 
 class Interactive(_Prompted):
     """One click at the interior-most point of every frame-0 object. Evaluated with simulated
-    corrective clicks (`click_curves`); drawn after the first click."""
+    corrective clicks (platform/evaluation/clicks.py); drawn after the first click."""
 
     task = Task.INTERACTIVE
+    headline = ("mIoU@1",)
+    higher = r"mIoU@\d+"
+    lower = r"NoC@\d+|NoF@\d+"
+    forwards_per_clip = MAX_CLICKS  # at most one forward per simulated click
 
-    def prompts(self, sample: ClipSample) -> Prompts:
+    def prompts(self, sample: ClipSample, size: tuple[int, int] | None = None) -> Prompts:
         objects = prompted_objects(sample)
         ids = sample.id_maps[0].numpy()
         points = tuple(interior_point(ids == s.id) for s in objects)
         batch = PromptBatch.from_points(torch.tensor(points, dtype=torch.float32).reshape(-1, 2),
-                                        (sample.height, sample.width))
+                                        size or (sample.height, sample.width))
         return Prompts(batch, objects, points=points)
 
-    def scored_result(self, model, sample, vocabulary, shared=None) -> list[list[float]]:
-        """The IoU curve of every object over simulated corrective clicks."""
-        ids = sample.id_maps[0].numpy()
-        masks = [ids == s.id for s in prompted_objects(sample)]
-        return click_curves(model, sample.images[0], masks, vocabulary, MAX_CLICKS,
-                            next(model.parameters()).device)
+    def protocol(self) -> InteractiveEvaluator:
+        """The click protocol's settings (RITM's 20 clicks), which the simulation follows and the metric counts."""
+        return InteractiveEvaluator(max_clicks=MAX_CLICKS)
 
-    def evaluator(self, context: Context) -> TaskEvaluator:
-        def process(metric, sample, curves: list[list[float]], where, _):
-            for k, curve in enumerate(curves):
-                metric.add(curve, f"{where} segment {k}")
+    def scored(self, batch: ClipBatch) -> list[list[list[float]]]:
+        """The IoU curve of every object of every clip over simulated corrective clicks."""
+        objects = []
+        for sample in batch.samples:
+            ids = sample.id_maps[0].numpy()
+            objects.append([ids == s.id for s in prompted_objects(sample)])
+        return simulate_clicks(batch, objects, self.protocol(), CLICK_THRESHOLD)
 
-        return TaskEvaluator(InteractiveEvaluator(max_clicks=MAX_CLICKS), process)
+    def metric(self, context: Context) -> InteractiveEvaluator:
+        return self.protocol()
+
+    def score(self, metric, context, index, sample, curves: list[list[float]], where) -> None:
+        for k, curve in enumerate(curves):
+            metric.add(curve, f"{where} segment {k}")
+
+    def predict_files(self, model, vocabulary, request):
+        return files.predict_clicks(self, model, vocabulary, request)
 
 
 TASKS: dict[Task, TaskSpec] = {spec.task: spec for spec in (
     Panoptic(), Instance(), Semantic(), Interactive(), VideoPanoptic(), VideoInstance(), VOS())}
 
 
-@torch.no_grad()
-def click_curves(model: OMGSeg, image: torch.Tensor, masks: Sequence[np.ndarray], vocabulary: Vocabulary,
-                 max_clicks: int, device: torch.device) -> list[list[float]]:
-    """Simulated clicks on each object of one image: the IoU after click 1, 2, ... per object.
+def loss_groups(tasks: Iterable[Task | str]) -> list[QueryGroup]:
+    """The query groups whose validation losses serve `tasks`, in QueryGroup order."""
+    served = {TASKS[Task.parse(t) if isinstance(t, str) else t].queries for t in tasks}
+    return [g for g in QueryGroup if g in served]
 
-    image: (3, H, W) uint8; masks: one (H, W) bool mask per object. The first click is at the
-    interior-most point of the mask, each next one at `next_click` of the current error; all
-    objects go through the decoder together in each round and the image is encoded once. An
-    object stops once its prediction is exact (the evaluator carries its last IoU forward).
-    """
-    if not masks:
-        return []
-    size = tuple(image.shape[-2:])
-    encoded = model.encode(image[None, None].to(device))
-    first = torch.tensor([interior_point(m) for m in masks], dtype=torch.float32)
-    extra: list[list[tuple[float, float, int]]] = [[] for _ in masks]  # further clicks per object
-    curves: list[list[float]] = [[] for _ in masks]
-    active = list(range(len(masks)))
-    for _ in range(max_clicks):
-        most = max(len(extra[k]) for k in active)
-        clicks = labels = None
-        if most:
-            clicks = torch.zeros(len(active), most, 2)
-            labels = torch.full((len(active), most), -1, dtype=torch.long)
-            for row, k in enumerate(active):
-                for j, (x, y, positive) in enumerate(extra[k]):
-                    clicks[row, j] = torch.tensor([x, y])
-                    labels[row, j] = positive
-        prompts = PromptBatch.from_points(first[active], size, clicks, labels)
-        (pred,) = model.predict(None, vocabulary, [prompts], encoded=encoded)
-        predicted = prompt_inference(pred.prompt_mask_logits.cpu(), mask_threshold=CLICK_THRESHOLD).masks[:, 0].numpy()
-        still = []
-        for row, k in enumerate(active):
-            curves[k].append(mask_iou(predicted[row], masks[k]))
-            click = next_click(predicted[row], masks[k])
-            if click is not None:
-                extra[k].append((click[0], click[1], int(click[2])))
-                still.append(k)
-        active = still
-        if not active:
-            break
-    return curves
+
+def tasks_of(group: QueryGroup) -> set[Task]:
+    """The tasks trained through `group`'s queries."""
+    return {task for task, spec in TASKS.items() if spec.queries is group}

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from omgseg.platform.config import TrackingConfig, TrainConfig, absolute_path, absolute_tracking_uri
-from omgseg.platform.records import TRIAL_FILE, RunReport, TrialRecord
+from omgseg.platform.records import TRIAL_FILE, Evaluation, RunReport, TrialRecord
 
 
 def resolve_tracking_uri(tracking: TrackingConfig, default_dir: Path) -> str:
@@ -52,14 +52,47 @@ def mlflow_key(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_\-. :/]", "_", name)
 
 
-def metric_values(evaluation: dict[str, dict[str, dict]]) -> dict[str, float]:
-    """{eval data set: {task: metrics}} -> {"<data set>/<task>/<metric>": value} of the scalars
+def metric_values(evaluation: Evaluation) -> dict[str, float]:
+    """{"<data set>/<task or query group>/<metric>": value} of an evaluation's scalars
     (per-class tables and other nested values are left to the eval.json artifact)."""
-    return {
-        mlflow_key(f"{name}/{task}/{key}"): float(value)
-        for name, tasks in evaluation.items() for task, values in tasks.items()
-        for key, value in values.items() if isinstance(value, (int, float)) and not isinstance(value, bool)
-    }
+    return {mlflow_key(score.key): score.value for score in evaluation.scores()}
+
+
+def cluster_store_error(uri: str, address: str | None, nodes: int, key: str) -> str | None:
+    """Why a SQLite tracking store cannot serve a Ray cluster of `nodes` nodes at `address`, or
+    None when it can (no cluster address, one node, or a store that is not SQLite)."""
+    if not uri.startswith("sqlite:") or not address or nodes <= 1:
+        return None
+    path = uri.removeprefix("sqlite:///")
+    return (f"{key}: a SQLite store ({uri}) cannot serve the {nodes}-node Ray cluster at {address}: other nodes see "
+            f"another file or a shared one whose locking is not safe across machines. Start a tracking server on "
+            f"the head node, e.g. `mlflow server --backend-store-uri sqlite:///{path} --host 0.0.0.0 --port 5000`, "
+            f"and set {key}=http://<head node>:5000")
+
+
+def check_cluster_store(uri: str, key: str) -> None:
+    """Raise when $RAY_ADDRESS names a Ray cluster of more than one node and `uri` is a SQLite
+    store (`cluster_store_error`); `key` names the setting in the message. Counts the cluster's
+    nodes through a connection of its own (closed again: the run connects as it needs), or
+    through the one this process has."""
+    address = os.environ.get("RAY_ADDRESS")
+    if not uri.startswith("sqlite:") or not address:
+        return
+    import logging
+
+    import ray
+
+    connected = ray.is_initialized()
+    if not connected:
+        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+    try:
+        nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
+    finally:
+        if not connected:
+            ray.shutdown()
+    error = cluster_store_error(uri, address, nodes, key)
+    if error:
+        raise ValueError(error)
 
 
 class StepLogger:

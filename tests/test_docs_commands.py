@@ -153,6 +153,8 @@ RUN = [
          check=_study_check("outputs/studies/mine")),
     Rule(r"^python studies/cotrain_matrix\.py --config studies/configs/planted\.yaml$", extra=SMALL_PLANTED,
          check=_study_check("outputs/studies/planted", planted=True)),
+    Rule(r"^python studies/cotrain_matrix\.py --config studies/configs/planted_large\.yaml$", extra=SMALL_PLANTED,
+         check=_study_check("outputs/studies/planted_large", planted=True)),
     Rule(r"^python studies/cotrain_matrix\.py --config studies/configs/omgseg_paper\.yaml --dry-run$",
          check=lambda f, d: json.loads(d.stdout)["n_trials"] > 0),
     Rule(r"^python dashboards/report\.py outputs/studies/default$", extra=["--samples", "1"],

@@ -5,16 +5,11 @@ import io
 import numpy as np
 from PIL import Image
 
-from omgseg.core.structures import Task
+from omgseg.core.structures import Category, Task
 from omgseg.datasets.clip import Clip, Segment
+from omgseg.datasets.manifest import ShardMeta
 
-META_JSON = {
-    "dataset": "toy",
-    "format": "toy-format",
-    "split": "train",
-    "tasks": ["panoptic"],
-    "categories": [{"id": 1, "name": "thing", "isthing": 1}],
-}
+TOY_META = ShardMeta("toy", "toy-format", "train", (Task.PANOPTIC,), (Category(id=1, name="thing", isthing=True),))
 SOURCE = {"format": "toy-format", "src": "/nowhere", "split": "train"}
 
 

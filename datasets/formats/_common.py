@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import io
+import itertools
 import json
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -20,6 +21,7 @@ from PIL import Image
 
 from omgseg.core.structures import Category, Task
 from omgseg.datasets.clip import Clip, Segment
+from omgseg.datasets.formats.base import ClipRef
 
 # Ids live in 24-bit RGB id maps once written to shards (docs/datasets.md).
 MAX_SEGMENT_ID = 256**3 - 1
@@ -27,6 +29,7 @@ MAX_SEGMENT_ID = 256**3 - 1
 POLYGON_MARGIN = 4
 
 Index = TypeVar("Index")
+V = TypeVar("V")
 
 _IMAGE_EXTS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png"}
 
@@ -109,6 +112,43 @@ def records_by_id(entries: Sequence[object], fields: Sequence[str], where: str, 
             raise ValueError(f"{where}: {kind} id {record['id']} is listed twice")
         records[record["id"]] = record
     return records
+
+
+def annotations_by_record(
+    annotations: Sequence[object],
+    records: Mapping[object, dict],
+    categories: Mapping[int, Category],
+    *,
+    record_field: str,
+    mask_field: str,
+    kind: str,
+    where: str,
+) -> dict[object, list[dict]]:
+    """{record id: its annotations} for the records (images or videos) of an instances-style
+    JSON, each list in annotation-id order, every record present. `record_field` is the
+    annotation's field holding its record's id ("image_id"), `mask_field` the one holding its
+    masks. An annotation lacking a field, naming a record or a category that does not exist,
+    or repeating an annotation id is an error naming it."""
+    fields = ("id", record_field, "category_id", mask_field)
+    grouped: dict[object, list[dict]] = {r: [] for r in records}
+    seen: set[int] = set()
+    for k, ann in enumerate(annotations):
+        require(ann, fields, f"{where}: annotations[{k}]")
+        record = records.get(ann[record_field])
+        if record is None:
+            raise ValueError(f"{where}: annotation {ann['id']} refers to unknown {kind} id {ann[record_field]}")
+        if int(ann["category_id"]) not in categories:
+            name = f" ({record['file_name']})" if "file_name" in record else ""
+            raise ValueError(
+                f"{where}: {kind} {record['id']}{name} annotation {ann['id']} has unknown category id {ann['category_id']}"
+            )
+        if int(ann["id"]) in seen:
+            raise ValueError(f"{where}: annotation id {ann['id']} is listed twice")
+        seen.add(int(ann["id"]))
+        grouped[ann[record_field]].append(ann)
+    for anns in grouped.values():
+        anns.sort(key=lambda a: int(a["id"]))
+    return grouped
 
 
 def read_name_list(path: Path) -> list[str]:
@@ -211,6 +251,17 @@ def sort_key(value: object) -> tuple[int, object]:
     if isinstance(value, int | float) and not isinstance(value, bool):
         return (0, value)
     return (1, str(value))
+
+
+def by_text_id(records: Mapping[object, V], where: str, kind: str) -> dict[str, V]:
+    """`records` ({id: record}) in id order (`sort_key`), keyed by the id as text: how a
+    `ClipRef` names its image or video. Two ids of one text (1 and "1") are an error."""
+    out: dict[str, V] = {}
+    for key in sorted(records, key=sort_key):
+        if str(key) in out:
+            raise ValueError(f"{where}: {kind} ids {key!r} and {str(key)!r} are the same as text")
+        out[str(key)] = records[key]
+    return out
 
 
 # Below this largest id, counting with bincount (a table of that many ints) beats sorting.
@@ -326,32 +377,46 @@ def frame_files(folder: Path, suffixes: tuple[str, ...], where: str) -> list[Pat
 MaskDecoder = Callable[[np.ndarray, str, Path, str], tuple[np.ndarray, dict[int, tuple[int, bool, int]]]]
 
 
+def video_frames(image_dir: Path, video: str, listed_in: Path) -> list[Path]:
+    """The frames of a video stored as a folder of images (DAVIS, VIPSeg): its .jpg/.png
+    files in file-name order. `listed_in`: the split list that named the video, for the error
+    when its folder is missing."""
+    return frame_files(image_dir / video, (".jpg", ".jpeg", ".png"), f"video {video} (listed in {listed_in})")
+
+
+def video_folder_plan(videos: Sequence[str], image_dir: Path, listed_in: Path, clip_length: int | None) -> list[ClipRef]:
+    """The clips of videos stored as folders of frames, from the folder listings alone."""
+    clip_ranges(1, clip_length)  # reject a bad clip_length before reading anything
+    return [ClipRef(video, start, stop) for video in videos
+            for start, stop in clip_ranges(len(video_frames(image_dir, video, listed_in)), clip_length)]
+
+
 def mask_video_clips(
     *,
     dataset: str,
     tasks: tuple[Task, ...],
-    video: str,
+    refs: Sequence[ClipRef],
     image_dir: Path,
     mask_dir: Path,
     clip_length: int | None,
     decode: MaskDecoder,
-    listed_in: Path | None = None,
+    listed_in: Path,
 ) -> Iterator[Clip]:
-    """Clips of a video stored as a folder of frames plus a folder of one PNG per frame.
+    """The clips `refs` name, of videos stored as a folder of frames plus a folder of one PNG
+    per frame.
 
-    Frames are the video folder's .jpg/.png files in file-name order; frame `<stem>.jpg` has
-    its mask at `mask_dir/<video>/<stem>.png` (DAVIS and VIPSeg). Frame names are
-    "<video>/<file>". Only the frames of the current clip are held in memory. `listed_in`: the
-    split list that named the video, for the error when its folder is missing.
+    Frame `<stem>.jpg` of a video has its mask at `mask_dir/<video>/<stem>.png` (DAVIS and
+    VIPSeg). Frame names are "<video>/<file>". Only the frames of the current clip are held in
+    memory.
     """
-    listed = f" (listed in {listed_in})" if listed_in is not None else ""
-    frames = frame_files(image_dir / video, (".jpg", ".jpeg", ".png"), f"video {video}{listed}")
-    for start, stop in clip_ranges(len(frames), clip_length):
-        paths = frames[start:stop]
-        where = f"video {video} ({paths[0].name})"
-        with field_errors(where):
-            clip = _mask_clip(dataset, tasks, video, paths, mask_dir, clip_length, start, where, decode)
-        yield clip
+    for video, video_refs in itertools.groupby(refs, key=lambda r: r.item):
+        frames = video_frames(image_dir, video, listed_in)
+        for ref in video_refs:
+            paths = frames[ref.start:ref.stop]
+            where = f"video {video} ({paths[0].name})"
+            with field_errors(where):
+                clip = _mask_clip(dataset, tasks, video, paths, mask_dir, clip_length, ref.start, where, decode)
+            yield clip
 
 
 def _mask_clip(dataset: str, tasks: tuple[Task, ...], video: str, paths: Sequence[Path], mask_dir: Path,

@@ -5,7 +5,7 @@ Layout (docs/datasets.md):
     DIR/{split}2017/<name>.jpg
 
 One clip (T = 1) per image listed in the JSON (images without annotations too), in image-id
-order. Masks (polygons, compressed or uncompressed RLE) are decoded with pycocotools and
+order; a clip's item is its image id. Masks (polygons, compressed or uncompressed RLE) are decoded with pycocotools and
 painted into one id map; where they overlap, `resolve_overlaps` decides. Every category is a
 thing. Segment ids are the annotation ids, unless one of them does not fit the 24-bit id map
 (COCO's crowd annotations have ids near 9e11): then the image's ids are renumbered 1..N and
@@ -25,8 +25,10 @@ import pycocotools.mask as mask_utils
 from omgseg.core.structures import Category, Task
 from omgseg.datasets.clip import Clip
 from omgseg.datasets.formats._common import (
+    annotations_by_record,
     assign_segment_ids,
     build_clip,
+    by_text_id,
     cached_index,
     check_segmentation,
     check_size,
@@ -36,10 +38,9 @@ from omgseg.datasets.formats._common import (
     read_image,
     records_by_id,
     require,
-    sort_key,
     thing_categories,
 )
-from omgseg.datasets.formats.base import SourceFormat
+from omgseg.datasets.formats.base import ClipRef, SourceFormat
 
 DATASET = "coco_instances"
 TASKS = (Task.INSTANCE, Task.INTERACTIVE)
@@ -118,8 +119,8 @@ def resolve_overlaps(
 @dataclass(frozen=True)
 class _InstancesIndex:
     categories: list[Category]
-    images: list[dict]  # by image id
-    annotations: dict[object, list[dict]]  # image id -> its annotations, by annotation id
+    images: dict[str, dict]  # str(image id) -> image record, by image id
+    annotations: dict[str, list[dict]]  # str(image id) -> its annotations, by annotation id
 
 
 def _parse_index(json_path: Path) -> _InstancesIndex:
@@ -128,28 +129,12 @@ def _parse_index(json_path: Path) -> _InstancesIndex:
     require(data, ("images", "annotations", "categories"), where)
     categories = thing_categories(data["categories"], where)
     images = records_by_id(data["images"], ("id", "file_name", "height", "width"), where, "image")
-    by_image: dict[object, list[dict]] = {i: [] for i in images}
-    seen: set[int] = set()
-    for k, ann in enumerate(data["annotations"]):
-        require(ann, ("id", "image_id", "category_id", "segmentation"), f"{where}: annotations[{k}]")
-        if ann["image_id"] not in images:
-            raise ValueError(f"{where}: annotation {ann['id']} refers to unknown image id {ann['image_id']}")
-        if int(ann["category_id"]) not in categories:
-            image = images[ann["image_id"]]
-            raise ValueError(
-                f"{where}: image {image['id']} ({image['file_name']}) annotation {ann['id']} "
-                f"has unknown category id {ann['category_id']}"
-            )
-        if int(ann["id"]) in seen:
-            raise ValueError(f"{where}: annotation id {ann['id']} is listed twice")
-        seen.add(int(ann["id"]))
-        by_image[ann["image_id"]].append(ann)
-    for anns in by_image.values():
-        anns.sort(key=lambda a: int(a["id"]))
+    annotations = annotations_by_record(data["annotations"], images, categories, record_field="image_id",
+                                        mask_field="segmentation", kind="image", where=where)
     return _InstancesIndex(
         categories=list(categories.values()),
-        images=[images[i] for i in sorted(images, key=sort_key)],
-        annotations=by_image,
+        images=by_text_id(images, where, "image"),
+        annotations=by_text_id(annotations, where, "image"),
     )
 
 
@@ -206,20 +191,19 @@ def categories(src: Path, split: str) -> list[Category]:
     return list(load_index(_json_path(src, split)).categories)
 
 
-def count(src: Path, split: str) -> int:
-    return len(load_index(_json_path(src, split)).images)
+def plan(src: Path, split: str, clip_length: int | None = None) -> list[ClipRef]:
+    return [ClipRef(item) for item in load_index(_json_path(src, split)).images]
 
 
-def clips(src: Path, split: str, clip_length: int | None = None) -> Iterator[Clip]:
+def read(src: Path, split: str, refs: Sequence[ClipRef], clip_length: int | None = None) -> Iterator[Clip]:
     json_path = _json_path(src, split)
     index = load_index(json_path)
     image_dir = Path(src) / f"{split}2017"
-    for image in index.images:
+    for ref in refs:
+        image = index.images[ref.item]
         with field_errors(f"{json_path.name}: image {image['id']}"):
-            clip = read_instances_image(json_path, image_dir, image, index.annotations[image["id"]])
+            clip = read_instances_image(json_path, image_dir, image, index.annotations[ref.item])
         yield clip
 
 
-FORMAT = SourceFormat(
-    name="coco-instances", dataset=DATASET, tasks=TASKS, categories=categories, clips=clips, count=count
-)
+FORMAT = SourceFormat(name="coco-instances", dataset=DATASET, tasks=TASKS, categories=categories, plan=plan, read=read)

@@ -5,14 +5,14 @@ Layout (docs/datasets.md):
     DIR/annotations/panoptic_{split}2017/<name>.png   RGB, id = R + 256 G + 256^2 B, 0 = void
     DIR/{split}2017/<name>.jpg
 
-One clip (T = 1) per annotated image, in image-id order. Segment areas are counted from the
+One clip (T = 1) per annotated image, in image-id order; a clip's item is its image id. Segment areas are counted from the
 PNG; panopticapi evaluates against the JSON `area` instead, so JSON areas that differ from
 the pixel count are kept in `extra["json_area"]` ({str(segment id): area}).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +21,7 @@ from omgseg.datasets.clip import Clip, decode_id_map_rgb
 from omgseg.datasets.formats._common import (
     MAX_SEGMENT_ID,
     build_clip,
+    by_text_id,
     cached_index,
     check_size,
     field_errors,
@@ -30,9 +31,8 @@ from omgseg.datasets.formats._common import (
     read_image,
     read_png,
     require,
-    sort_key,
 )
-from omgseg.datasets.formats.base import SourceFormat
+from omgseg.datasets.formats.base import ClipRef, SourceFormat
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ class _PanopticIndex:
     """The checked contents of a panoptic JSON: vocabulary and (image, annotation) pairs."""
 
     categories: list[Category]
-    items: list[tuple[dict, dict]]  # (image record, annotation record), by image id
+    items: dict[str, tuple[dict, dict]]  # str(image id) -> (image record, annotation record), by image id
 
 
 def _parse_index(json_path: Path) -> _PanopticIndex:
@@ -83,8 +83,7 @@ def _parse_index(json_path: Path) -> _PanopticIndex:
                 f"{where}: image {image_id} ({ann['file_name']}) segments_info[{j}]",
             )
         items[image_id] = (images[image_id], ann)
-    ordered = [items[i] for i in sorted(items, key=sort_key)]
-    return _PanopticIndex(categories=categories, items=ordered)
+    return _PanopticIndex(categories=categories, items=by_text_id(items, where, "image"))
 
 
 load_index = cached_index(_parse_index)  # the panoptic JSON, parsed and checked once per file version
@@ -158,21 +157,20 @@ def panoptic_format(
     def categories(src: Path, split: str) -> list[Category]:
         return list(load_index(layout(src, split).json_path).categories)
 
-    def count(src: Path, split: str) -> int:
-        return len(load_index(layout(src, split).json_path).items)
+    def plan(src: Path, split: str, clip_length: int | None = None) -> list[ClipRef]:
+        return [ClipRef(item) for item in load_index(layout(src, split).json_path).items]
 
-    def clips(src: Path, split: str, clip_length: int | None = None) -> Iterator[Clip]:
+    def read(src: Path, split: str, refs: Sequence[ClipRef], clip_length: int | None = None) -> Iterator[Clip]:
         paths = layout(src, split)
         index = load_index(paths.json_path)
         by_id = {c.id: c for c in index.categories}
-        for image, ann in index.items:
+        for ref in refs:
+            image, ann = index.items[ref.item]
             with field_errors(f"{paths.json_path.name}: image {image['id']}"):
                 clip = read_panoptic_image(paths, image, ann, by_id, dataset, tasks)
             yield clip
 
-    return SourceFormat(
-        name=name, dataset=dataset, tasks=tasks, categories=categories, clips=clips, count=count
-    )
+    return SourceFormat(name=name, dataset=dataset, tasks=tasks, categories=categories, plan=plan, read=read)
 
 
 def coco_layout(src: Path, split: str) -> PanopticLayout:

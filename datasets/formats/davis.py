@@ -10,15 +10,15 @@ its segment id and track id are its palette index. Sequences come in name order.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from omgseg.core.structures import Category, Task
 from omgseg.datasets.clip import Clip
-from omgseg.datasets.formats._common import clip_ranges, id_counts, mask_video_clips, read_name_list
-from omgseg.datasets.formats.base import SourceFormat
+from omgseg.datasets.formats._common import id_counts, mask_video_clips, read_name_list, video_folder_plan
+from omgseg.datasets.formats.base import ClipRef, SourceFormat
 
 DATASET = "davis"
 TASKS = (Task.VOS,)
@@ -36,32 +36,25 @@ def decode_davis_mask(pixels: np.ndarray, mode: str, path: Path, where: str) -> 
 
 
 def _sequences(src: Path, split: str) -> list[str]:
-    return sorted(read_name_list(Path(src) / "ImageSets" / "2017" / f"{split}.txt"))
+    return sorted(read_name_list(_listing(src, split)))
 
 
 def categories(src: Path, split: str) -> list[Category]:
     return [OBJECT]
 
 
-def count(src: Path, split: str) -> int:
-    return len(_sequences(src, split))
+def _listing(src: Path, split: str) -> Path:
+    return Path(src) / "ImageSets" / "2017" / f"{split}.txt"
 
 
-def clips(src: Path, split: str, clip_length: int | None = None) -> Iterator[Clip]:
-    clip_ranges(1, clip_length)  # reject a bad clip_length before reading anything
-    for sequence in _sequences(src, split):
-        yield from mask_video_clips(
-            dataset=DATASET,
-            tasks=TASKS,
-            video=sequence,
-            image_dir=Path(src) / "JPEGImages" / "480p",
-            listed_in=Path(src) / "ImageSets" / "2017" / f"{split}.txt",
-            mask_dir=Path(src) / "Annotations" / "480p",
-            clip_length=clip_length,
-            decode=decode_davis_mask,
-        )
+def plan(src: Path, split: str, clip_length: int | None = None) -> list[ClipRef]:
+    return video_folder_plan(_sequences(src, split), Path(src) / "JPEGImages" / "480p", _listing(src, split), clip_length)
 
 
-FORMAT = SourceFormat(
-    name="davis", dataset=DATASET, tasks=TASKS, categories=categories, clips=clips, count=count
-)
+def read(src: Path, split: str, refs: Sequence[ClipRef], clip_length: int | None = None) -> Iterator[Clip]:
+    return mask_video_clips(dataset=DATASET, tasks=TASKS, refs=refs, image_dir=Path(src) / "JPEGImages" / "480p",
+                            mask_dir=Path(src) / "Annotations" / "480p", clip_length=clip_length,
+                            decode=decode_davis_mask, listed_in=_listing(src, split))
+
+
+FORMAT = SourceFormat(name="davis", dataset=DATASET, tasks=TASKS, categories=categories, plan=plan, read=read)

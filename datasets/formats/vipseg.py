@@ -14,7 +14,7 @@ across a video's frames and fits the 24-bit id map.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -22,14 +22,14 @@ import numpy as np
 from omgseg.core.structures import Category, Task
 from omgseg.datasets.clip import Clip
 from omgseg.datasets.formats._common import (
-    clip_ranges,
     field_errors,
     id_counts,
     load_json,
     mask_video_clips,
     read_name_list,
+    video_folder_plan,
 )
-from omgseg.datasets.formats.base import SourceFormat
+from omgseg.datasets.formats.base import ClipRef, SourceFormat
 
 DATASET = "vipseg"
 TASKS = (Task.VIDEO_PANOPTIC, Task.VIDEO_INSTANCE)
@@ -94,26 +94,15 @@ def _videos(src: Path, split: str) -> list[str]:
     return sorted(read_name_list(Path(src) / f"{split}.txt"))
 
 
-def count(src: Path, split: str) -> int:
-    return len(_videos(src, split))
+def plan(src: Path, split: str, clip_length: int | None = None) -> list[ClipRef]:
+    return video_folder_plan(_videos(src, split), _root(src) / "images", Path(src) / f"{split}.txt", clip_length)
 
 
-def clips(src: Path, split: str, clip_length: int | None = None) -> Iterator[Clip]:
-    clip_ranges(1, clip_length)  # reject a bad clip_length before reading anything
+def read(src: Path, split: str, refs: Sequence[ClipRef], clip_length: int | None = None) -> Iterator[Clip]:
     decode = functools.partial(decode_vipseg_mask, categories={c.id: c for c in categories(src, split)})
-    for video in _videos(src, split):
-        yield from mask_video_clips(
-            dataset=DATASET,
-            tasks=TASKS,
-            video=video,
-            image_dir=_root(src) / "images",
-            listed_in=Path(src) / f"{split}.txt",
-            mask_dir=_root(src) / "panomasks",
-            clip_length=clip_length,
-            decode=decode,
-        )
+    return mask_video_clips(dataset=DATASET, tasks=TASKS, refs=refs, image_dir=_root(src) / "images",
+                            mask_dir=_root(src) / "panomasks", clip_length=clip_length, decode=decode,
+                            listed_in=Path(src) / f"{split}.txt")
 
 
-FORMAT = SourceFormat(
-    name="vipseg", dataset=DATASET, tasks=TASKS, categories=categories, clips=clips, count=count
-)
+FORMAT = SourceFormat(name="vipseg", dataset=DATASET, tasks=TASKS, categories=categories, plan=plan, read=read)

@@ -6,9 +6,11 @@
 JSON: `videos` (`id`, `width`, `height`, `length`, `file_names` relative to JPEGImages/),
 `annotations` (`id`, `video_id`, `category_id`, `iscrowd`, `segmentations`: one entry per
 frame, null where the object is absent, RLE or polygons), `categories` (`id`, `name`).
-The test-server splits ship without `annotations`; their videos have no segments.
+The test-server splits ship without `annotations`; their videos have no segments (a data set
+that needs a labelled val split holds out part of train instead: datasets/heldout.py).
 
-Videos come in video-id order, cut into clips of `clip_length` frames. Overlapping masks in
+Videos come in video-id order, cut into clips of `clip_length` frames; a clip's item is its
+video id. Overlapping masks in
 a frame are resolved as for COCO instances (`extra["overlap_pixels"]` sums the clip's frames).
 Segment ids and track ids are the annotation ids; if one does not fit the 24-bit id map, the
 video's annotations are renumbered 1..N for the map (track ids keep the annotation ids).
@@ -16,7 +18,8 @@ video's annotations are renumbered 1..N for the map (track ids keep the annotati
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import itertools
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,8 +28,10 @@ import numpy as np
 from omgseg.core.structures import Category, Task
 from omgseg.datasets.clip import Clip
 from omgseg.datasets.formats._common import (
+    annotations_by_record,
     assign_segment_ids,
     build_clip,
+    by_text_id,
     cached_index,
     check_size,
     clip_ranges,
@@ -36,10 +41,9 @@ from omgseg.datasets.formats._common import (
     read_frames,
     records_by_id,
     require,
-    sort_key,
     thing_categories,
 )
-from omgseg.datasets.formats.base import SourceFormat
+from omgseg.datasets.formats.base import ClipRef, SourceFormat
 from omgseg.datasets.formats.coco_instances import decode_segmentation, resolve_overlaps
 
 DATASET = "ytvis"
@@ -50,8 +54,8 @@ _SPLITS = {"train": "train", "val": "valid"}
 @dataclass(frozen=True)
 class _YtvisIndex:
     categories: list[Category]
-    videos: list[dict]  # by video id
-    annotations: dict[object, list[dict]]  # video id -> its annotations, by annotation id
+    videos: dict[str, dict]  # str(video id) -> video record, by video id
+    annotations: dict[str, list[dict]]  # str(video id) -> its annotations, by annotation id
 
 
 def _parse_index(json_path: Path) -> _YtvisIndex:
@@ -68,35 +72,20 @@ def _parse_index(json_path: Path) -> _YtvisIndex:
                 f"{where}: video {video['id']} has length {video['length']} "
                 f"but {len(video['file_names'])} file_names"
             )
-    by_video: dict[object, list[dict]] = {v: [] for v in videos}
-    seen: set[int] = set()
-    for k, ann in enumerate(data.get("annotations") or []):
-        require(ann, ("id", "video_id", "category_id", "segmentations"), f"{where}: annotations[{k}]")
-        video = videos.get(ann["video_id"])
-        if video is None:
-            raise ValueError(f"{where}: annotation {ann['id']} refers to unknown video id {ann['video_id']}")
-        if int(ann["category_id"]) not in categories:
-            raise ValueError(
-                f"{where}: video {video['id']} annotation {ann['id']} "
-                f"has unknown category id {ann['category_id']}"
-            )
-        # The reference evaluation zips frame lists and so ignores a length mismatch; a
-        # mismatch means the annotation and the video disagree, so it is an error here.
-        if len(ann["segmentations"]) != len(video["file_names"]):
-            raise ValueError(
-                f"{where}: video {video['id']} annotation {ann['id']} has {len(ann['segmentations'])} "
-                f"segmentations for {len(video['file_names'])} frames"
-            )
-        if int(ann["id"]) in seen:
-            raise ValueError(f"{where}: annotation id {ann['id']} is listed twice")
-        seen.add(int(ann["id"]))
-        by_video[ann["video_id"]].append(ann)
-    for anns in by_video.values():
-        anns.sort(key=lambda a: int(a["id"]))
+    by_video = annotations_by_record(data.get("annotations") or [], videos, categories, record_field="video_id",
+                                     mask_field="segmentations", kind="video", where=where)
+    for video_id, anns in by_video.items():
+        frames = len(videos[video_id]["file_names"])
+        for ann in anns:
+            # The reference evaluation zips frame lists and so ignores a length mismatch; a
+            # mismatch means the annotation and the video disagree, so it is an error here.
+            if len(ann["segmentations"]) != frames:
+                raise ValueError(f"{where}: video {video_id} annotation {ann['id']} has {len(ann['segmentations'])} "
+                                 f"segmentations for {frames} frames")
     return _YtvisIndex(
         categories=list(categories.values()),
-        videos=[videos[v] for v in sorted(videos, key=sort_key)],
-        annotations=by_video,
+        videos=by_text_id(videos, where, "video"),
+        annotations=by_text_id(by_video, where, "video"),
     )
 
 
@@ -117,16 +106,17 @@ def load_index(src: Path, split: str) -> _YtvisIndex:
 
 
 def read_video(
-    json_path: Path, image_dir: Path, video: dict, anns: list[dict], clip_length: int | None
+    json_path: Path, image_dir: Path, video: dict, anns: list[dict], refs: Sequence[ClipRef], clip_length: int | None
 ) -> Iterator[Clip]:
-    """The clips of one video, each with the annotations visible in its frames."""
+    """The clips `refs` name of one video, each with the annotations visible in its frames."""
     height, width = int(video["height"]), int(video["width"])
     names = list(video["file_names"])
     seg_ids = assign_segment_ids([int(a["id"]) for a in anns])
     info = {
         seg_ids[int(a["id"])]: (int(a["category_id"]), bool(a.get("iscrowd", 0)), int(a["id"])) for a in anns
     }
-    for start, stop in clip_ranges(len(names), clip_length):
+    for ref in refs:
+        start, stop = ref.start, ref.stop
         where = f"{json_path.name}: video {video['id']} ({names[start]})"
         paths = [image_dir / n for n in names[start:stop]]
         images, sizes, ext = read_frames(paths, where)
@@ -167,20 +157,28 @@ def categories(src: Path, split: str) -> list[Category]:
     return list(load_index(src, split).categories)
 
 
-def count(src: Path, split: str) -> int:
-    return len(load_index(src, split).videos)
-
-
-def clips(src: Path, split: str, clip_length: int | None = None) -> Iterator[Clip]:
+def plan(src: Path, split: str, clip_length: int | None = None) -> list[ClipRef]:
     clip_ranges(1, clip_length)  # reject a bad clip_length before reading anything
+    return [ClipRef(item, start, stop) for item, video in load_index(src, split).videos.items()
+            for start, stop in clip_ranges(len(video["file_names"]), clip_length)]
+
+
+def read(src: Path, split: str, refs: Sequence[ClipRef], clip_length: int | None = None) -> Iterator[Clip]:
     json_path, image_dir = _paths(src, split)
     index = load_index(src, split)
-    for video in index.videos:
+    for item, video_refs in itertools.groupby(refs, key=lambda r: r.item):
+        video = index.videos[item]
         # No exception from the consumer of these clips reaches this block: only read_video's.
         with field_errors(f"{json_path.name}: video {video['id']}"):
-            yield from read_video(json_path, image_dir, video, index.annotations[video["id"]], clip_length)
+            yield from read_video(json_path, image_dir, video, index.annotations[item], list(video_refs), clip_length)
 
 
-FORMAT = SourceFormat(
-    name="ytvis", dataset=DATASET, tasks=TASKS, categories=categories, clips=clips, count=count
-)
+def annotated(src: Path, split: str) -> bool:
+    json_path = _paths(src, split)[0]
+    if not json_path.is_file():
+        return split == "train"  # the public release withholds the val split's annotations
+    return any(load_index(src, split).annotations.values())
+
+
+FORMAT = SourceFormat(name="ytvis", dataset=DATASET, tasks=TASKS, categories=categories, plan=plan, read=read,
+                      annotated=annotated)

@@ -5,6 +5,10 @@ a folder of images; video tasks (video_instance, video_panoptic, vos with --firs
 take a folder of frames (one video), cut into clips whose tubes are linked across clips by
 their query embeddings (MinVIS), or, for VOS, re-prompted from the previous clip's last frame.
 Every frame also gets an overlay PNG.
+
+Each task's entry in platform/tasks.py chooses its handler here (`predict_files`) and
+post-processes the model's predictions with the model's own inference settings; the handlers
+take that entry as their first argument.
 """
 
 from __future__ import annotations
@@ -12,29 +16,26 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from omgseg.core.structures import Category, Task
+from omgseg.core.structures import Category, PromptKind, Task
 from omgseg.datasets.manifest import read_meta
-from omgseg.model.checkpoint import load_checkpoint
-from omgseg.model.inference import TubeLinker
+from omgseg.datasets.prompts import tight_box
+from omgseg.model.inference import InstanceResult, PromptResult, TubeLinker
+from omgseg.model.structures import PromptBatch
 from omgseg.model.vocabulary import Vocabulary
 from omgseg.platform.evaluation.metrics.files import field_errors, read_json
-from omgseg.platform.evaluation.writers import (
-    CocoInstancesWriter,
-    CocoPanopticWriter,
-    SemanticWriter,
-    YtvisWriter,
-    save_overlay,
-    write_atomic,
-)
-from omgseg.platform.tasks import SHOWN_SCORE, TASKS
+from omgseg.platform.evaluation.writers import YtvisWriter, save_overlay, write_atomic
+
+if TYPE_CHECKING:
+    from omgseg.model.omgseg import OMGSeg
+    from omgseg.platform.tasks import TaskSpec
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-PREDICT_TASKS = ("panoptic", "instance", "semantic", "interactive", "video_instance", "video_panoptic", "vos")
 STUFF_ID_BASE = 1_000_000  # video panoptic: stuff segments get a per-class id above every track id
 
 
@@ -119,11 +120,14 @@ def _image_ids(coco_json: Path | None) -> dict[str, object]:
 class PredictRequest:
     """What `omgseg predict` was asked, checked; each task's handler reads what it needs."""
 
+    checkpoint: Path
     task: Task
     inputs: Path
     out: Path
+    vocabulary: str | None = None  # a shard folder or a JSON with 'categories'; None: the checkpoint's
     coco_json: Path | None = None
     clip_length: int = 4
+    clip_checkpoint: str | None = None
     points: str | None = None
     first_frame_mask: Path | None = None
     videos: Path | None = None
@@ -140,85 +144,75 @@ class PredictRequest:
             raise ValueError(f"clip_length must be >= 1, got {self.clip_length}")
 
 
-def predict(
-    checkpoint: Path,
-    task: str,
-    inputs: Path,
-    out: Path,
-    *,
-    vocabulary: str | None = None,
-    coco_json: Path | None = None,
-    clip_length: int = 4,
-    clip_checkpoint: str | None = None,
-    points: str | None = None,
-    first_frame_mask: Path | None = None,
-    videos: Path | None = None,
-    progress: bool = True,
-) -> PredictSummary:
-    if task not in PREDICT_TASKS:
-        raise ValueError(f"unknown predict task {task!r}; available: {', '.join(PREDICT_TASKS)}")
-    request = PredictRequest(Task(task), Path(inputs), Path(out), None if coco_json is None else Path(coco_json),
-                             clip_length, points, None if first_frame_mask is None else Path(first_frame_mask),
-                             None if videos is None else Path(videos), progress)
-    model, extra = load_checkpoint(checkpoint, clip_checkpoint=clip_checkpoint)
-    vocab = load_vocabulary(vocabulary, extra)
+def predict(request: PredictRequest) -> PredictSummary:
+    """Load the checkpoint and its vocabulary, then the task's handler (its entry in platform/tasks.py)."""
+    from omgseg.model.checkpoint import load_checkpoint  # open_clip: only when a checkpoint is loaded
+    from omgseg.platform.tasks import TASKS  # the task table imports this module: looked up when called
+
+    model, extra = load_checkpoint(request.checkpoint, clip_checkpoint=request.clip_checkpoint)
+    vocab = load_vocabulary(request.vocabulary, extra)
     model.eval()
-    return HANDLERS[request.task](model, vocab, request)
+    return TASKS[request.task].predict_files(model, vocab, request)
 
 
-def _predict_images(model, vocab: Vocabulary, request: PredictRequest) -> PredictSummary:
-    """Panoptic, instance or semantic on every image: the task's result format and overlays."""
-    spec = TASKS[request.task]
+def _frames_tensor(frames: list[np.ndarray]) -> torch.Tensor:
+    """(T, H, W, 3) uint8 frames -> (1, T, 3, H, W), one clip for the model."""
+    return torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2)[None]
+
+
+def predict_images(spec: TaskSpec, model: OMGSeg, vocab: Vocabulary, request: PredictRequest) -> PredictSummary:
+    """Panoptic, instance or semantic on every image: the task's result format (`spec.writer`) and overlays."""
     files = _images(request.inputs)
     ids = _image_ids(request.coco_json)
-    writer = IMAGE_WRITERS[request.task](request.out, vocab)
-    for path in tqdm(files, desc=f"predict {request.task.value}", disable=not request.progress):
+    writer = spec.writer(request.out, vocab)
+    for path in tqdm(files, desc=f"predict {spec.name}", disable=not request.progress):
         rgb = _read_rgb(path)
-        (pred,) = model.predict(torch.from_numpy(rgb).permute(2, 0, 1)[None, None], vocab)
+        (pred,) = model.predict(_frames_tensor([rgb]), vocab)
         result = spec.postprocess(model, pred, vocab)
         writer.add(ids.get(path.name, path.stem), path.name, result)
         save_overlay(request.out / "overlays" / f"{path.stem}.png", rgb, spec.id_maps(result, (1, *rgb.shape[:2]))[0])
     written = writer.close()
-    return PredictSummary(task=request.task.value, inputs=len(files), outputs=[str(written), str(request.out / "overlays")])
+    return PredictSummary(task=spec.name, inputs=len(files), outputs=[str(written), str(request.out / "overlays")])
 
 
-def _predict_video(model, vocab: Vocabulary, request: PredictRequest) -> PredictSummary:
-    """Clips of clip_length frames; tubes linked across clips; one YouTube-VIS entry per track."""
-    frames, out, clip_length, progress = _images(request.inputs), request.out, request.clip_length, request.progress
+def predict_video_instances(spec: TaskSpec, model: OMGSeg, vocab: Vocabulary, request: PredictRequest) -> PredictSummary:
+    """Clips of clip_length frames, each post-processed as the task does it (its instances, with
+    the model's settings); the queries' tubes linked across clips into tracks (MinVIS), a
+    track's class from its class probabilities averaged over the clips; one YouTube-VIS entry
+    per track."""
+    frames, out = _images(request.inputs), request.out
     linker = TubeLinker()
-    tubes: dict[int, np.ndarray] = {}
-    rgb0 = _read_rgb(frames[0])
+    height, width = _read_rgb(frames[0]).shape[:2]
     total = len(frames)
-    for start in tqdm(range(0, total, clip_length), desc="predict video_instance", disable=not progress):
-        clip = [_read_rgb(p) for p in frames[start:start + clip_length]]
-        images = torch.from_numpy(np.stack(clip)).permute(0, 3, 1, 2)[None]
-        (pred,) = model.predict(images, vocab)
-        track_ids = linker.link(pred.embeddings)
-        linker.add_scores(track_ids, pred.class_probs)
-        masks = (pred.mask_logits.sigmoid() > 0.5).numpy()  # (Q, t, H, W)
-        for q, track in enumerate(track_ids.tolist()):
-            if track not in tubes:
-                tubes[track] = np.zeros((total, *rgb0.shape[:2]), dtype=bool)
-            tubes[track][start:start + len(clip)] = masks[q]
-    tracks, scores = linker.video_scores()
+    tubes: dict[int, np.ndarray] = {}  # per track: (total, H, W) bool
+    for start in tqdm(range(0, total, request.clip_length), desc=f"predict {spec.name}", disable=not request.progress):
+        clip = [_read_rgb(p) for p in frames[start:start + request.clip_length]]
+        (pred,) = model.predict(_frames_tensor(clip), vocab)
+        tracks = linker.link(pred.embeddings)
+        linker.add_scores(tracks, pred.class_probs)
+        result = spec.postprocess(model, pred, vocab)
+        for mask, query in zip(result.masks.numpy(), result.queries.tolist()):  # a query kept for several classes: one mask
+            tube = tubes.setdefault(int(tracks[query]), np.zeros((total, height, width), dtype=bool))
+            tube[start:start + len(clip)] = mask
+    track_ids, scores = linker.video_scores()
     things = torch.tensor(vocab.is_thing)
-    writer = YtvisWriter(out, vocab)
-    labels, values = [], []
-    for row in scores:
+    kept = []  # (score, label, track) of every track with a mask and a thing class
+    for track, row in zip(track_ids.tolist(), scores):
         thing_scores = torch.where(things, row[:-1], torch.zeros_like(row[:-1]))
-        labels.append(int(thing_scores.argmax()))
-        values.append(float(thing_scores.max()))
-    kept = [i for i, track in enumerate(tracks.tolist()) if tubes[track].any() and values[i] > 0]
-    writer.add(frames[0].parent.name, np.stack([tubes[tracks[i].item()] for i in kept]) if kept else
-               np.zeros((0, total, *rgb0.shape[:2]), bool), [labels[i] for i in kept], [values[i] for i in kept])
+        if track in tubes and tubes[track].any() and float(thing_scores.max()) > 0:
+            kept.append((float(thing_scores.max()), int(thing_scores.argmax()), track))
+    kept.sort(key=lambda k: -k[0])
+    video = InstanceResult(
+        masks=torch.from_numpy(np.stack([tubes[t] for _, _, t in kept]) if kept else np.zeros((0, total, height, width), bool)),
+        labels=torch.tensor([label for _, label, _ in kept], dtype=torch.int64),
+        scores=torch.tensor([score for score, _, _ in kept]), queries=torch.tensor([t for _, _, t in kept]))
+    writer = YtvisWriter(out, vocab)
+    writer.add(frames[0].parent.name, video.masks.numpy(), video.labels.tolist(), video.scores.tolist())
+    shown = spec.id_maps(video, (total, height, width))
     for t, path in enumerate(frames):
-        shown = np.zeros(rgb0.shape[:2], dtype=np.int64)
-        for rank, i in enumerate(sorted(kept, key=lambda i: -values[i])):
-            if values[i] >= SHOWN_SCORE:
-                shown[tubes[tracks[i].item()][t] & (shown == 0)] = rank + 1
-        save_overlay(out / "overlays" / f"{path.stem}.png", _read_rgb(path), shown)
+        save_overlay(out / "overlays" / f"{path.stem}.png", _read_rgb(path), shown[t])
     written = writer.close()
-    return PredictSummary(task="video_instance", inputs=total, outputs=[str(written), str(out / "overlays")])
+    return PredictSummary(task=spec.name, inputs=total, outputs=[str(written), str(out / "overlays")])
 
 
 def parse_points(text: str) -> torch.Tensor:
@@ -248,52 +242,38 @@ def _save_indices(path: Path, indices: np.ndarray) -> None:
     partial.replace(path)
 
 
-def _indices(probs: np.ndarray, threshold: float) -> np.ndarray:
-    """(K, H, W) probabilities -> (H, W) index of the most likely object above threshold, else 0."""
-    if probs.shape[0] == 0:
-        return np.zeros(probs.shape[1:], dtype=np.int64)
-    best = probs.argmax(0)
-    return np.where(probs.max(0) > threshold, best + 1, 0)
+def _object_indices(result: PromptResult, logits: torch.Tensor) -> np.ndarray:
+    """(T, H, W) object index k + 1 of the prompt whose mask covers a pixel (the most likely one
+    where masks overlap), 0 where none does. result: the task's post-processing of `logits` (K, T, H, W)."""
+    if result.masks.shape[0] == 0:
+        return np.zeros(result.masks.shape[1:], dtype=np.int64)
+    best = torch.where(result.masks, logits.float(), torch.tensor(float("-inf"))).argmax(0)
+    return torch.where(result.masks.any(0), best + 1, 0).numpy()
 
 
-def _predict_clicks(model, vocab: Vocabulary, request: PredictRequest) -> PredictSummary:
+def predict_clicks(spec: TaskSpec, model: OMGSeg, vocab: Vocabulary, request: PredictRequest) -> PredictSummary:
     """One mask per click (the same clicks on every image given)."""
     files, out, clicks = _images(request.inputs), request.out, parse_points(request.points)
-    from omgseg.model.structures import PromptBatch
-
-    threshold = model.config.inference.prompt_mask_threshold
     for path in files:
         rgb = _read_rgb(path)
         height, width = rgb.shape[:2]
         outside = [(x, y) for x, y in clicks.tolist() if not (0 <= x < width and 0 <= y < height)]
         if outside:
             raise ValueError(f"{path}: clicks {outside} are outside the {width}x{height} image")
-        prompts = PromptBatch.from_points(clicks, (height, width))
-        (pred,) = model.predict(torch.from_numpy(rgb).permute(2, 0, 1)[None, None], vocab, [prompts])
-        indices = _indices(pred.prompt_mask_logits[:, 0].sigmoid().numpy(), threshold)
+        (pred,) = model.predict(_frames_tensor([rgb]), vocab, [PromptBatch.from_points(clicks, (height, width))])
+        indices = _object_indices(spec.postprocess(model, pred, vocab), pred.prompt_mask_logits)[0]
         _save_indices(out / "interactive" / f"{path.stem}.png", indices)
         save_overlay(out / "overlays" / f"{path.stem}.png", rgb, indices)
-    return PredictSummary(task="interactive", inputs=len(files), outputs=[str(out / "interactive"), str(out / "overlays")])
+    return PredictSummary(task=spec.name, inputs=len(files), outputs=[str(out / "interactive"), str(out / "overlays")])
 
 
-def _box(mask: np.ndarray) -> list[float] | None:
-    rows, cols = np.nonzero(mask)
-    if rows.size == 0:
-        return None
-    return [float(cols.min()), float(rows.min()), float(cols.max() + 1), float(rows.max() + 1)]
-
-
-def _predict_vos(model, vocab: Vocabulary, request: PredictRequest) -> PredictSummary:
+def predict_vos(spec: TaskSpec, model: OMGSeg, vocab: Vocabulary, request: PredictRequest) -> PredictSummary:
     """Semi-supervised VOS: objects of the first-frame mask are prompted by their boxes; each
     later clip is prompted by the boxes of the previous clip's last predicted frame (an object
     that vanished keeps its last box)."""
     from PIL import Image
 
-    from omgseg.core.structures import PromptKind
-    from omgseg.model.structures import PromptBatch
-
-    frames, first_mask = _images(request.inputs), request.first_frame_mask
-    out, clip_length, progress = request.out, request.clip_length, request.progress
+    frames, first_mask, out = _images(request.inputs), request.first_frame_mask, request.out
     if not first_mask.is_file():
         raise FileNotFoundError(f"first-frame mask {first_mask} does not exist")
     with Image.open(first_mask) as image:
@@ -304,29 +284,28 @@ def _predict_vos(model, vocab: Vocabulary, request: PredictRequest) -> PredictSu
     objects = [int(i) for i in np.unique(given) if i not in (0, 255)]
     if not objects:
         raise ValueError(f"{first_mask}: no object indices (values other than 0 and 255)")
-    boxes = [_box(given == i) for i in objects]
-    threshold = model.config.inference.prompt_mask_threshold
+    boxes = [tight_box(torch.from_numpy(given == i)).tolist() for i in objects]
     video = out / "vos" / frames[0].parent.name
-    for start in tqdm(range(0, len(frames), clip_length), desc="predict vos", disable=not progress):
-        clip = [_read_rgb(p) for p in frames[start:start + clip_length]]
+    for start in tqdm(range(0, len(frames), request.clip_length), desc=f"predict {spec.name}", disable=not request.progress):
+        clip = [_read_rgb(p) for p in frames[start:start + request.clip_length]]
         prompts = PromptBatch(torch.tensor(boxes), (PromptKind.BOX,) * len(boxes), rgb0.shape[:2])
-        (pred,) = model.predict(torch.from_numpy(np.stack(clip)).permute(0, 3, 1, 2)[None], vocab, [prompts])
-        probs = pred.prompt_mask_logits.sigmoid().numpy()  # (K, t, H, W)
+        (pred,) = model.predict(_frames_tensor(clip), vocab, [prompts])
+        result = spec.postprocess(model, pred, vocab)
+        winners = _object_indices(result, pred.prompt_mask_logits)  # (t, H, W): 0, or k + 1 for object k
         for t, rgb in enumerate(clip):
             path = frames[start + t]
             if start + t == 0:
                 indices = given.copy()  # the given mask, as DAVIS expects for the first frame
             else:
-                winner = _indices(probs[:, t], threshold)  # 0, or k + 1 for object k
-                indices = np.where(winner > 0, np.asarray(objects)[np.maximum(winner - 1, 0)], 0)
+                indices = np.where(winners[t] > 0, np.asarray(objects)[np.maximum(winners[t] - 1, 0)], 0)
             _save_indices(video / f"{path.stem}.png", indices)
             save_overlay(out / "overlays" / f"{path.stem}.png", rgb, indices)
-        last = probs[:, -1] > threshold
-        boxes = [_box(m) or b for m, b in zip(last, boxes)]
-    return PredictSummary(task="vos", inputs=len(frames), outputs=[str(video), str(out / "overlays")])
+        last = result.masks[:, -1]
+        boxes = [tight_box(m).tolist() if m.any() else b for m, b in zip(last, boxes)]
+    return PredictSummary(task=spec.name, inputs=len(frames), outputs=[str(video), str(out / "overlays")])
 
 
-def _predict_video_panoptic(model, vocab: Vocabulary, request: PredictRequest) -> PredictSummary:
+def predict_video_panoptic(spec: TaskSpec, model: OMGSeg, vocab: Vocabulary, request: PredictRequest) -> PredictSummary:
     """Every video (a list of frames, named by their folder), as VIPSeg's result format, what
     `omgseg eval vipseg` and VIPSeg's eval_vpq_vspw.py read: out/pan_pred/<video>/<frame
     stem>.png (RGB ids) and out/pred.json {"annotations": [{"video_id", "annotations":
@@ -334,15 +313,15 @@ def _predict_video_panoptic(model, vocab: Vocabulary, request: PredictRequest) -
     videos, out = _videos(request.inputs, request.videos), request.out
     clip_length, progress = request.clip_length, request.progress
     entries = [{"video_id": frames[0].parent.name,
-                "annotations": _video_panoptic(model, vocab, frames, out, clip_length, progress, len(videos) > 1)}
+                "annotations": _video_panoptic(spec, model, vocab, frames, out, clip_length, progress, len(videos) > 1)}
                for frames in videos]
     path = out / "pred.json"
     write_atomic(path, json.dumps({"annotations": entries}).encode())
-    return PredictSummary(task="video_panoptic", inputs=sum(len(f) for f in videos),
+    return PredictSummary(task=spec.name, inputs=sum(len(f) for f in videos),
                           outputs=[str(path), str(out / "pan_pred"), str(out / "overlays")])
 
 
-def _video_panoptic(model, vocab: Vocabulary, frames: list[Path], out: Path, clip_length: int, progress: bool,
+def _video_panoptic(spec: TaskSpec, model: OMGSeg, vocab: Vocabulary, frames: list[Path], out: Path, clip_length: int, progress: bool,
                     overlay_per_video: bool) -> list[dict]:
     """One video's frames: per-clip panoptic fusion of tubes; thing ids follow the linked tracks
     across clips, stuff ids follow the class. Writes its PNGs; returns its frame annotations."""
@@ -356,11 +335,11 @@ def _video_panoptic(model, vocab: Vocabulary, frames: list[Path], out: Path, cli
     # clips gets a new id for the new class.
     thing_ids: dict[tuple[int, int], int] = {}
     annotations = []
-    for start in tqdm(range(0, len(frames), clip_length), desc=f"predict video_panoptic {video}", disable=not progress):
+    for start in tqdm(range(0, len(frames), clip_length), desc=f"predict {spec.name} {video}", disable=not progress):
         clip = [_read_rgb(p) for p in frames[start:start + clip_length]]
-        (pred,) = model.predict(torch.from_numpy(np.stack(clip)).permute(0, 3, 1, 2)[None], vocab)
+        (pred,) = model.predict(_frames_tensor(clip), vocab)
         tracks = linker.link(pred.embeddings).tolist()
-        result = TASKS[Task.VIDEO_PANOPTIC].postprocess(model, pred, vocab)
+        result = spec.postprocess(model, pred, vocab)
         global_id = {s.id: (thing_ids.setdefault((tracks[s.query], s.label), len(thing_ids) + 1) if s.isthing
                             else STUFF_ID_BASE + s.label) for s in result.segments}
         if len(thing_ids) >= STUFF_ID_BASE:
@@ -384,9 +363,3 @@ def _video_panoptic(model, vocab: Vocabulary, frames: list[Path], out: Path, cli
     for ann in annotations:
         ann["segments_info"] = list({s["id"]: s for s in ann["segments_info"]}.values())
     return annotations
-
-
-IMAGE_WRITERS = {Task.PANOPTIC: CocoPanopticWriter, Task.INSTANCE: CocoInstancesWriter, Task.SEMANTIC: SemanticWriter}
-HANDLERS = {Task.PANOPTIC: _predict_images, Task.INSTANCE: _predict_images, Task.SEMANTIC: _predict_images,
-            Task.INTERACTIVE: _predict_clicks, Task.VIDEO_INSTANCE: _predict_video,
-            Task.VIDEO_PANOPTIC: _predict_video_panoptic, Task.VOS: _predict_vos}

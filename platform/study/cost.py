@@ -30,8 +30,6 @@ from pathlib import Path
 from omgseg.core.structures import Task
 from omgseg.platform.config import StudyConfig
 
-INTERACTIVE_CLICKS = 20  # the interactive evaluation's most clicks per sample (NoC@90's limit)
-
 
 @dataclass(frozen=True)
 class TrialCost:
@@ -87,6 +85,8 @@ def _probes(config: StudyConfig, steps: int, n: int) -> float | None:
 
 
 def _evaluation(config: StudyConfig, val_sizes: dict[str, int] | None) -> float | None:
+    from omgseg.platform.tasks import TASKS  # the task table imports torch: only when evaluation is costed
+
     forward = config.scheduling.seconds_per_forward_clip
     if forward is None:
         return None
@@ -97,18 +97,19 @@ def _evaluation(config: StudyConfig, val_sizes: dict[str, int] | None) -> float 
         losses, metrics = (cap if size is None else size if cap is None else min(cap, size) for cap in caps)
         if losses is None or metrics is None:
             return None
-        clips += losses + sum(metrics * (INTERACTIVE_CLICKS if Task.parse(t) == Task.INTERACTIVE else 1) for t in tasks)
+        clips += losses + sum(metrics * TASKS[Task.parse(t)].forwards_per_clip for t in tasks)
     return clips * forward
 
 
 def prepared_sizes(config: StudyConfig) -> dict[str, dict[str, int]] | None:
-    """{data set: {split: samples}} from the manifests of converted local shard folders, else
+    """{data set: {split: samples}} of the splits the study reads (StudyConfig.splits_read), from
+    the manifests of converted local shard folders, else
     the config's assumed `scheduling.split_samples`, else None (the dry run prepares nothing)."""
     from omgseg.datasets.manifest import MANIFEST, read_manifest
 
     sizes: dict[str, dict[str, int]] = {}
-    for name in config.data.datasets:
-        for split in config.data.splits:
+    for name, splits in sorted(config.splits_read().items()):
+        for split in sorted(splits):
             folder = config.data.shard_dir(name, split)
             if not isinstance(folder, Path) or not (folder / MANIFEST).is_file():
                 return config.scheduling.split_samples

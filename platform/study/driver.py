@@ -35,7 +35,7 @@ from ray.tune import Callback
 from omgseg.platform.cluster import start_for_study, trial_resources
 from omgseg.platform.config import ConfigError, StudyConfig, flatten, load_config
 from omgseg.platform.console import elapsed, error_line, redirect_output, say
-from omgseg.platform.records import STUDY_FILE, StudyState, TrialRecord, TrialSpec
+from omgseg.platform.records import STUDY_FILE, Evaluation, StudyState, TrialRecord, TrialSpec
 from omgseg.platform.study.cost import prepared_sizes
 from omgseg.platform.study.plan import Trial, dry_run, plan_trials, trial_config
 from omgseg.platform.study.summary import StudyResult, finish_study, print_summary
@@ -159,7 +159,7 @@ def _quiet_libraries(log: Path) -> None:
 def run_study(config: StudyConfig, out: Path | None = None, *, resume: bool = False, source: str = "config",
               verbose: bool = False) -> StudyResult:
     """Plan, prepare data, train every unfinished trial on Ray Tune, write the tables."""
-    from omgseg.platform.tracking import finished_records, resolve_tracking_uri
+    from omgseg.platform.tracking import check_cluster_store, finished_records, resolve_tracking_uri
 
     out = study_dir(config, out)
     seconds = DriverSeconds()
@@ -171,6 +171,7 @@ def run_study(config: StudyConfig, out: Path | None = None, *, resume: bool = Fa
     plan = plan_trials(config, _prepare(config, verbose))
     seconds.prepare = time.perf_counter() - started
     uri = resolve_tracking_uri(config.tracking, out)  # resolved once: trials get it in their config
+    check_cluster_store(uri, "tracking.tracking_uri")
     run = StudyRun(config, out, _open_study(config, out, uri, saved, source), logs, verbose, seconds)
     done = finished_records(uri, run.state.parent_run_id)
     pending = [t for t in plan if t.trial_id not in done]
@@ -228,7 +229,7 @@ def _prepare(config: StudyConfig, verbose: bool) -> dict[str, int]:
     from omgseg.datasets.manifest import read_manifest
     from omgseg.platform.data import prepare_data
 
-    dirs = prepare_data(config.data, progress=verbose)
+    dirs = prepare_data(config.data, config.splits_read(), progress=verbose)
     return {name: read_manifest(splits["train"]).total_samples for name, splits in dirs.items() if "train" in splits}
 
 
@@ -390,8 +391,8 @@ class _Progress(Callback):
         if self.bar is not None:
             self.bar.update(1)
         record = self.records.get(trial.trial_id, {})
-        losses = " ".join(f"{d}/{g.split('_')[0]}={v['val_loss']:.3f}" for d, groups in record.get("metrics", {}).items()
-                          for g, v in groups.items() if "val_loss" in v)
+        evaluation = Evaluation.from_json(record.get("metrics", {}), "trial record")
+        losses = " ".join(f"{d}/{group}={loss:.3f}" for d, e in evaluation.datasets.items() for group, loss in e.losses.items())
         self._line(f"finished {record.get('trial_id', trial.config['spec']['trial']['trial_id'])} in "
                    f"{elapsed(record.get('wall_seconds', 0))}: val loss {losses}")
 

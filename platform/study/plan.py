@@ -11,19 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from omgseg.core.structures import Task
 from omgseg.platform.config import StudyConfig, TrackingConfig, TrainConfig, metric_direction
 from omgseg.platform.study.design import Combination, StudyDesign
 from omgseg.platform.study.mixtures import dirichlet_mixtures
 
-# Validation losses are reported per query group: object queries serve the object tasks,
-# prompt queries the prompted ones. Tasks of one group share one loss.
-LOSS_GROUPS = {
-    "object_queries": ({Task.PANOPTIC, Task.INSTANCE, Task.SEMANTIC, Task.VIDEO_PANOPTIC, Task.VIDEO_INSTANCE},
-                       ("loss_ce", "loss_mask", "loss_dice")),
-    "prompt_queries": ({Task.INTERACTIVE, Task.VOS}, ("loss_prompt_mask", "loss_prompt_dice")),
-}
-VAL_LOSS = "val_loss"
+VAL_LOSS = "val_loss"  # the metric name of a query group's validation loss
 
 
 @dataclass(frozen=True)
@@ -81,12 +73,6 @@ class Target:
         if self.requires is not None and self.requires not in datasets:
             return False
         return self.supervisors is None or not self.supervisors.isdisjoint(datasets)
-
-
-def query_group(task: str) -> str:
-    """The query group (LOSS_GROUPS) whose loss trains `task`."""
-    parsed = Task.parse(task)
-    return next(group for group, (served, _) in LOSS_GROUPS.items() if parsed in served)
 
 
 def mixing_ratios(config: StudyConfig, combo: Combination, sizes: dict[str, int] | None) -> tuple[float, ...]:
@@ -158,26 +144,27 @@ def arm_trials(config: StudyConfig, design: StudyDesign) -> list[Trial]:
 
 
 def targets(config: StudyConfig) -> list[Target]:
-    """The primary targets (the validation loss of each query group of each evaluated data set)
-    and the secondary ones (the configured metrics), in config order, each with its scope."""
+    """The primary targets (the validation loss of each query group that serves an evaluated
+    data set's tasks: platform/tasks.py) and the secondary ones (the configured metrics), in
+    config order, each with its scope: the data sets whose training supervises its query group."""
+    from omgseg.platform.tasks import QueryGroup, loss_groups  # the task table imports torch: only when asked
+
     trainable = config.trained() + ([config.control] if config.control else [])
     supervisors = {group: frozenset(n for n in trainable
-                                    if any(query_group(t) == group for t in config.data.datasets[n].supervised_tasks()))
-                   for group in LOSS_GROUPS}
+                                    if group in loss_groups(config.data.datasets[n].supervised_tasks()))
+                   for group in QueryGroup}
 
-    def target(name: str, task: str, metric: str, direction: str, primary: bool, group: str) -> Target:
+    def target(name: str, task: str, metric: str, direction: str, primary: bool, group: QueryGroup) -> Target:
         return Target(name, task, metric, direction, primary, requires=name if name in config.trained() else None,
                       supervisors=supervisors[group])
 
     out = []
     for name, tasks in config.evaluated().items():
-        wanted = {Task.parse(t) for t in tasks}
-        out += [target(name, group, VAL_LOSS, "lower", True, group) for group, (served, _) in LOSS_GROUPS.items()
-                if served & wanted]
+        out += [target(name, group.value, VAL_LOSS, "lower", True, group) for group in loss_groups(tasks)]
     for name, tasks in config.evaluated().items():
         for task in tasks:
             for metric in config.metrics.get(f"{name}/{task}", config.metrics.get(task, [])):
-                out.append(target(name, task, metric, metric_direction(metric), False, query_group(task)))
+                out.append(target(name, task, metric, metric_direction(task, metric), False, loss_groups([task])[0]))
     return out
 
 

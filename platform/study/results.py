@@ -94,15 +94,10 @@ def runs_table(study: str, records: list[TrialRecord]) -> pl.DataFrame:
 
 def metrics_table(study: str, records: list[TrialRecord]) -> pl.DataFrame:
     """Every scalar metric of every finished trial (per-class tables stay in eval.json)."""
-    rows = []
-    for r in records:
-        for dataset, tasks in r.metrics.items():
-            for task, values in tasks.items():
-                for metric, value in values.items():
-                    if isinstance(value, (int, float)) and not isinstance(value, bool):
-                        rows.append({"study": study, "trial_id": r.trial_id, "combination": r.combination,
-                                     "mixture": r.mixture, "train_datasets": r.datasets, "seed": r.seed,
-                                     "eval_dataset": dataset, "task": task, "metric": metric, "value": float(value)})
+    rows = [{"study": study, "trial_id": r.trial_id, "combination": r.combination, "mixture": r.mixture,
+             "train_datasets": r.datasets, "seed": r.seed,
+             "eval_dataset": s.dataset, "task": s.task, "metric": s.metric, "value": s.value}
+            for r in records for s in r.metrics.scores()]
     return pl.DataFrame(rows, schema=METRICS_SCHEMA).sort("trial_id", "eval_dataset", "task", "metric")
 
 

@@ -30,10 +30,11 @@ from omgseg.datasets.stream import ClipSample
 from omgseg.datasets.transforms import ClipTransform, build_targets
 from omgseg.model.structures import MatchTargets, PromptBatch
 from omgseg.platform.config import BatchConfig
+from omgseg.platform.tasks import QueryGroup, tasks_of
 from omgseg.platform.training.targets import match_targets, prompt_batch
 
-PROMPTED_TASKS = {Task.INTERACTIVE, Task.VOS}
-OBJECT_TASKS = {Task.PANOPTIC, Task.INSTANCE, Task.SEMANTIC, Task.VIDEO_PANOPTIC, Task.VIDEO_INSTANCE}
+PROMPTED_TASKS = tasks_of(QueryGroup.PROMPT)  # trained through prompt queries (the task table says)
+OBJECT_TASKS = tasks_of(QueryGroup.OBJECT)
 
 
 @dataclass

@@ -29,10 +29,11 @@ from omgseg.model.checkpoint import save_checkpoint
 from omgseg.model.vocabulary import merge_vocabularies
 from omgseg.platform.config import TrainConfig
 from omgseg.platform.console import ProgressFile, TrainingFailed, error_line, follow_progress, redirect_output, say
-from omgseg.platform.evaluation.evaluate import evaluate_run
-from omgseg.platform.records import REPORT_FILE, RunReport, TrainResult
+from omgseg.platform.evaluation.evaluate import Share, evaluate_run
+from omgseg.platform.records import REPORT_FILE, Evaluation, RunReport, TrainResult
 from omgseg.platform.tracking import (
     StepLogger,
+    check_cluster_store,
     fail_run,
     finish_run,
     metric_values,
@@ -99,7 +100,7 @@ def _hooks(parts: TrainParts, state: WorkerState, logger, progress: ProgressFile
         if not last and state.step % config.checkpoint_every == 0:
             checkpoint(parts, state)
         if config.eval_every and config.evaluation and not last and state.step % config.eval_every == 0:
-            evaluation = _evaluate_on_rank_0(parts, progress)
+            evaluation = _evaluate(parts, progress)
             if evaluation is not None and logger is not None:
                 logger(metric_values(evaluation), state.step)
 
@@ -107,25 +108,22 @@ def _hooks(parts: TrainParts, state: WorkerState, logger, progress: ProgressFile
     return hooks
 
 
-def _evaluate_on_rank_0(parts: TrainParts, progress: ProgressFile | None) -> dict | None:
-    """Rank 0 evaluates `config.evaluation`; the other ranks wait at a barrier, so that no
-    collective times out meanwhile."""
-    results = None
-    if parts.rank == 0:
-        if progress is not None:
-            progress.write(event="note", message=f"evaluating {', '.join(parts.config.evaluation)} on their val splits")
-        results = evaluate_run(parts.model, parts.config)
-        parts.model.train()
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-    return results
+def _evaluate(parts: TrainParts, progress: ProgressFile | None) -> Evaluation | None:
+    """Every rank evaluates its share of `config.evaluation`'s val clips (the same path for the
+    periodic and the final evaluation); the shares merge on rank 0, which gets the result (the
+    others None)."""
+    if progress is not None:
+        progress.write(event="note", message=f"evaluating {', '.join(parts.config.evaluation)} on their val splits")
+    evaluation = evaluate_run(parts.model, parts.config, Share(parts.rank, parts.world), autocast=parts.autocast)
+    parts.model.train()
+    return evaluation
 
 
-def _final_evaluation(parts: TrainParts, state: WorkerState, progress: ProgressFile | None) -> dict:
+def _final_evaluation(parts: TrainParts, state: WorkerState, progress: ProgressFile | None) -> Evaluation:
     started = time.perf_counter()
-    evaluation = _evaluate_on_rank_0(parts, progress) if parts.config.evaluation else None
+    evaluation = _evaluate(parts, progress) if parts.config.evaluation else None
     state.seconds["eval"] += time.perf_counter() - started
-    return evaluation or {}
+    return evaluation or Evaluation()
 
 
 def _payload(parts: TrainParts, states: list[WorkerState]) -> dict:
@@ -153,14 +151,14 @@ def _report(states: list[WorkerState]) -> RunReport:
                      affinity_se=se, affinity_probes=probes, affinity_halves=halves, reads=reads)
 
 
-def _write_final_files(folder: Path, parts: TrainParts, report: RunReport, evaluation: dict) -> None:
+def _write_final_files(folder: Path, parts: TrainParts, report: RunReport, evaluation: Evaluation) -> None:
     """model.pt, eval.json, reads.json and report.json in `folder`."""
     folder.mkdir(parents=True, exist_ok=True)
     save_checkpoint(parts.model, folder / MODEL_FILE, extra={
         "step": report.steps, "config": parts.config.model_dump(mode="json"), "vocabulary": vocabulary_record(parts.config),
     }, frozen_clip_from=parts.config.model.init_checkpoint)
     report.evaluation = evaluation
-    (folder / EVAL_FILE).write_text(json.dumps(evaluation, indent=2, sort_keys=True))
+    (folder / EVAL_FILE).write_text(json.dumps(evaluation.to_json(), indent=2, sort_keys=True))
     (folder / READS_FILE).write_text(json.dumps(report.reads, indent=1))
     (folder / REPORT_FILE).write_text(json.dumps(report.to_json(), indent=1))
 
@@ -208,13 +206,13 @@ def _train_worker(loop_config: dict, folder: Path) -> None:
     logger = StepLogger(loop_config["tracking_uri"], loop_config["run_id"]) if rank == 0 else None
     progress = ProgressFile(folder / PROGRESS_FILE) if rank == 0 else None
     train_loop(parts, state, _hooks(parts, state, logger, progress, _ray_checkpoint))
-    # The last report: after the final evaluation (rank 0; the others wait), so its checkpoint
-    # holds the weights, their metrics and the run's report.
+    # The last report: after the final evaluation (every rank its share, merged on rank 0), so
+    # its checkpoint holds the weights, their metrics and the run's report.
     evaluation = _final_evaluation(parts, state, progress)
     _ray_checkpoint(parts, state, final=evaluation)
 
 
-def _ray_checkpoint(parts: TrainParts, state: WorkerState, final: dict | None = None) -> None:
+def _ray_checkpoint(parts: TrainParts, state: WorkerState, final: Evaluation | None = None) -> None:
     """Every worker reports (a barrier); rank 0 attaches the checkpoint with every rank's
     state, and with `final` (the evaluation) the run's final files too."""
     import ray.train
@@ -233,7 +231,7 @@ def _ray_checkpoint(parts: TrainParts, state: WorkerState, final: dict | None = 
 def _fit_on_ray(config: TrainConfig, uri: str, run_id: str, folder: Path) -> None:
     """A TorchTrainer run of `train_worker`; its final checkpoint's files are copied to `folder`."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     from omgseg.platform.cluster import connect
 
@@ -243,6 +241,9 @@ def _fit_on_ray(config: TrainConfig, uri: str, run_id: str, folder: Path) -> Non
         train_worker,
         train_loop_config={"config": config.model_dump(mode="json"), "run_id": run_id, "tracking_uri": uri,
                            "run_dir": str(folder)},
+        # Set, not left at Ray's 30 minutes: a worker waits in a collective for the slowest one
+        # (at the merge of an evaluation, say), and a timeout there fails the run.
+        torch_config=TorchConfig(timeout_s=config.collective_timeout_s),
         scaling_config=ScalingConfig(num_workers=resources.workers, use_gpu=resources.use_gpu,
                                      resources_per_worker={"CPU": resources.cpus_per_worker}),
         run_config=RunConfig(
@@ -325,9 +326,10 @@ def run_training(config: TrainConfig, *, parent_run_id: str | None = None, tags:
     if in_process and config.resources.workers != 1:
         raise ValueError(f"in-process training runs one worker, the config asks for {config.resources.workers}")
     if prepare:
-        prepare_data(config.data, progress=not quiet)
+        prepare_data(config.data, config.splits_read(), progress=not quiet)
     check_inputs(config)
     uri = resolve_tracking_uri(config.tracking, config.output_dir)  # a study's trial: the study's URI, as given
+    check_cluster_store(uri, "tracking.tracking_uri")
     config.output_dir.mkdir(parents=True, exist_ok=True)
     run_id = open_run(config, uri, parent_run_id=parent_run_id, tags=tags, run_id=run_id)
     folder = run_dir(config, run_id)

@@ -6,7 +6,9 @@ tar shards, or one JPEG, one PNG and a parsed JSON record per image (as detectro
 loaders do). Each path runs a full pass with 0 and with 2 DataLoader workers, interleaved,
 best of `--repeats`, once with the files in the page cache ("warm") and once after dropping
 them from it with posix_fadvise ("cold", i.e. read from the disk). A read-only pass (bytes,
-no decoding) of both layouts, cold, shows the I/O difference on its own. Prints one JSON line.
+no decoding) of both layouts, cold, shows the I/O difference on its own. `omgseg convert` with
+2 worker processes against 1 on the same source gives `convert_speedup` and
+`convert_identical` (the two wrote the same bytes). Prints one JSON line.
 
     python tests/benchmarks/bench_data.py --images 200 --height 384 --width 512
 """
@@ -17,9 +19,11 @@ import argparse
 import json
 import os
 import random
+import shutil
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +34,7 @@ from omgseg.core.seeds import derive_seed
 from omgseg.core.structures import Task
 from omgseg.datasets.clip import Segment, decode_id_map_rgb
 from omgseg.datasets.convert import convert
+from omgseg.datasets.manifest import read_manifest
 from omgseg.datasets.shard_reader import read_shard_samples
 from omgseg.datasets.stream import ClipSample, ShardStream
 from omgseg.datasets.synth import SynthSizes, write_synthetic
@@ -145,6 +150,33 @@ def folder_bytes(paths: list[Path]) -> int:
     return sum(p.stat().st_size for p in paths if p.is_file())
 
 
+def convert_speed(src: Path, out: Path, samples_per_shard: int = 8, repeats: int = 2) -> dict[str, object]:
+    """`omgseg convert --workers 2` against `--workers 1` on the same COCO panoptic source, best
+    of `repeats` each, interleaved, and whether the two wrote the same bytes. Small shards, so
+    that two workers share the work as evenly as on a real split of thousands of shards."""
+    best = {1: float("inf"), 2: float("inf")}
+    for _ in range(repeats):
+        for workers in best:
+            folder = out / f"w{workers}"
+            shutil.rmtree(folder, ignore_errors=True)
+            start = time.perf_counter()
+            convert("coco-panoptic", src, folder, split="train", samples_per_shard=samples_per_shard, workers=workers)
+            best[workers] = min(best[workers], time.perf_counter() - start)
+            print(f"convert --workers {workers}: {time.perf_counter() - start:.2f} s", file=sys.stderr)
+
+    def written(folder: Path) -> dict[str, bytes]:
+        return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.name != "manifest.json"}
+
+    manifests = [replace(read_manifest(out / f"w{w}"), created="") for w in best]
+    return {
+        "convert_samples_per_shard": samples_per_shard,
+        "convert_w1_s": round(best[1], 2),
+        "convert_w2_s": round(best[2], 2),
+        "convert_speedup": round(best[1] / best[2], 2),
+        "convert_identical": written(out / "w1") == written(out / "w2") and manifests[0] == manifests[1],
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=200, help="COCO train images to generate")
@@ -170,6 +202,7 @@ def main(argv: list[str] | None = None) -> None:
                 samples_per_shard=args.samples_per_shard, progress=False)
         convert_s = time.perf_counter() - t0
 
+        results_convert = convert_speed(src, tmp / "convert")
         transform = ClipTransform(crop_size=(args.crop, args.crop))
         shard_files = sorted((tmp / "shards").glob("*.tar"))
         direct_files = [src / "annotations" / "panoptic_train2017.json"]
@@ -189,6 +222,7 @@ def main(argv: list[str] | None = None) -> None:
             "synth_s": round(synth_s, 2),
             "convert_s": round(convert_s, 2),
             "torch_threads": 1,
+            **results_convert,
         }
         io = read_only_pass(shard_files, direct_files)
         results["io_cold_shards_mb_per_s"] = round(shard_mb / io["shards"], 1)

@@ -11,7 +11,7 @@ import pytest
 from omgseg.dashboards.estimators import estimator_table, main, markdown
 from omgseg.dashboards.report import StudyTables
 from omgseg.platform.config import StudyConfig, load_config
-from omgseg.platform.records import Estimates, StudyState, StudySummary, TrialRecord
+from omgseg.platform.records import DatasetEvaluation, Estimates, Evaluation, StudyState, StudySummary, TrialRecord
 from omgseg.platform.study.design import StudyDesign
 from omgseg.platform.study.plan import plan_trials, targets
 from omgseg.platform.study.results import build_tables, write_tables
@@ -30,7 +30,8 @@ def _loss(config: StudyConfig, target: str, datasets: tuple, seed: int) -> float
 def _folder(folder: Path, config: StudyConfig, affinity: bool = False) -> Path:
     records = []
     for t in plan_trials(config):
-        metrics = {n: {"object_queries": {"val_loss": _loss(config, n, t.datasets, t.seed)}} for n in config.trained()}
+        metrics = Evaluation({n: DatasetEvaluation(losses={"object_queries": _loss(config, n, t.datasets, t.seed)})
+                              for n in config.trained()})
         z = {s: {j: -100 * ({(p.source, p.target): TRUTH[p.effect] for p in config.planted}.get((s, j), 0.0)) for j in t.datasets}
              for s in t.datasets} if t.measures_affinity and affinity else {}
         se = {s: {j: 10.0 for j in t.datasets} for s in t.datasets} if z else {}

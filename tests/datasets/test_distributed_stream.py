@@ -8,7 +8,7 @@ import subprocess
 import sys
 import textwrap
 
-from toydata import META_JSON, SOURCE, tiny_clip
+from toydata import SOURCE, TOY_META, tiny_clip
 
 from omgseg.datasets.shard_writer import write_shards
 
@@ -72,7 +72,7 @@ def _run_two_ranks(shard_dir, epoch_samples: int, workers: int) -> list[dict]:
 
 
 def test_uneven_shards_do_not_hang_two_gloo_ranks(tmp_path):
-    write_shards([tiny_clip(i) for i in range(13)], tmp_path, meta=META_JSON, source=SOURCE,
+    write_shards([tiny_clip(i) for i in range(13)], tmp_path, meta=TOY_META, source=SOURCE,
                  samples_per_shard=3)  # 5 shards: 3, 3, 3, 3, 1 samples
     for workers in (0, 2):
         ranks = _run_two_ranks(tmp_path, epoch_samples=7, workers=workers)

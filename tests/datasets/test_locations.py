@@ -6,9 +6,9 @@ import http.server
 import threading
 
 import pytest
-from toydata import META_JSON, SOURCE, tiny_clip
+from toydata import SOURCE, TOY_META, tiny_clip
 
-from omgseg.datasets.location import ShardLocation
+from omgseg.datasets.location import MissingExtra, ShardLocation
 from omgseg.datasets.manifest import read_manifest, read_meta
 from omgseg.datasets.shard_writer import write_shards
 from omgseg.datasets.stream import ShardStream
@@ -18,7 +18,7 @@ from omgseg.datasets.stream import ShardStream
 def shards(tmp_path_factory):
     """6 shards of 2 samples under <root>/toy/train."""
     root = tmp_path_factory.mktemp("served")
-    write_shards([tiny_clip(i) for i in range(12)], root / "toy" / "train", meta=META_JSON, source=SOURCE,
+    write_shards([tiny_clip(i) for i in range(12)], root / "toy" / "train", meta=TOY_META, source=SOURCE,
                  samples_per_shard=2)
     return root
 
@@ -105,3 +105,41 @@ def test_fewer_shards_than_parts_split_the_samples(shards, monkeypatch):
         keys.append(_keys(stream))
     flat = [k for ks in keys for k in ks]
     assert len(flat) == len(set(flat)) == 8  # every rank its own sample
+
+
+@pytest.mark.parametrize(("url", "backend", "extra"), [("s3://bucket/coco/val", "s3fs", "s3"),
+                                                        ("gs://bucket/coco/val", "gcsfs", "gcs")])
+def test_an_object_store_without_its_backend_names_the_extra_to_install(url, backend, extra, monkeypatch):
+    import importlib
+    import sys
+
+    monkeypatch.setitem(sys.modules, backend, None)  # as if not installed (importing it fails)
+    monkeypatch.setattr(importlib.import_module("fsspec.registry"), "registry", {})  # nor imported before
+    with pytest.raises(MissingExtra) as err:
+        read_manifest(url)
+    assert str(err.value) == f"{url}/manifest.json: reading {url[:2]}:// needs {backend}: pip install 'omgseg[{extra}]'"
+
+
+def test_an_s3_location_reads_as_the_folder(shards, monkeypatch):
+    """Through s3fs (the `s3` extra) against a local S3 (moto's server on loopback)."""
+    pytest.importorskip("s3fs")
+    boto3 = pytest.importorskip("boto3")
+    moto_server = pytest.importorskip("moto.server")
+    from localserver import free_port
+
+    port = free_port()
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    try:
+        for key, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+                           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}.items():
+            monkeypatch.setenv(key, value)
+        client = boto3.client("s3")
+        client.create_bucket(Bucket="shards")
+        for path in (shards / "toy" / "train").iterdir():
+            client.upload_file(str(path), "shards", f"toy/train/{path.name}")
+        assert read_manifest("s3://shards/toy/train") == read_manifest(shards / "toy" / "train")
+        assert _keys(ShardStream("s3://shards/toy/train")) == _keys(ShardStream(shards / "toy" / "train"))
+        assert _keys(ShardStream("s3://shards/toy/train/shard-{000001..000002}.tar")) == [f"{i:09d}" for i in (2, 3, 4, 5)]
+    finally:
+        server.stop()

@@ -9,21 +9,25 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from omgseg.core.structures import Task
+from omgseg.core.structures import Category, Task
 from omgseg.datasets.clip import Clip, Segment, segment_areas
-from omgseg.datasets.manifest import CONVERTER_VERSION, MANIFEST, META, PARTIAL_MANIFEST, ShardReadError, read_manifest, read_meta
+from omgseg.datasets.manifest import (
+    CONVERTER_VERSION,
+    MANIFEST,
+    META,
+    PARTIAL_MANIFEST,
+    ShardMeta,
+    ShardReadError,
+    read_manifest,
+    read_meta,
+)
 from omgseg.datasets.shard_check import shard_stats, verify_shards
 from omgseg.datasets.shard_reader import read_shard_samples
 from omgseg.datasets.shard_writer import write_shards
 from omgseg.datasets.stream import ShardStream
 
-META_JSON = {
-    "dataset": "toy",
-    "format": "toy-format",
-    "split": "train",
-    "tasks": ["panoptic", "vos"],
-    "categories": [{"id": 1, "name": "cat", "isthing": 1}, {"id": 2, "name": "sky", "isthing": 0}],
-}
+TOY_META = ShardMeta("toy", "toy-format", "train", (Task.PANOPTIC, Task.VOS),
+                     (Category(id=1, name="cat", isthing=True), Category(id=2, name="sky", isthing=False)))
 SOURCE = {"format": "toy-format", "src": "/nowhere", "split": "train", "clip_length": None}
 
 
@@ -77,7 +81,7 @@ def clips_then_fail(clips, n):
 
 def test_round_trip_keeps_ids_attributes_and_jpeg_bytes(tmp_path):
     clips = [make_clip(i, ext="jpg" if i % 2 else "png") for i in range(5)]
-    manifest = write_shards(clips, tmp_path, meta=META_JSON, source=SOURCE, samples_per_shard=2)
+    manifest = write_shards(clips, tmp_path, meta=TOY_META, source=SOURCE, samples_per_shard=2)
     assert [s.samples for s in manifest.shards] == [2, 2, 1]
     assert manifest.total_samples == 5 and manifest.converter_version == CONVERTER_VERSION
     assert manifest.parameters == {"samples_per_shard": 2, "clip_length": None}
@@ -106,11 +110,11 @@ def test_round_trip_keeps_ids_attributes_and_jpeg_bytes(tmp_path):
 
 def test_interrupted_conversion_resumes_to_the_uninterrupted_result(tmp_path):
     clips = [make_clip(i, frames=1) for i in range(7)]
-    whole = write_shards(clips, tmp_path / "whole", meta=META_JSON, source=SOURCE, samples_per_shard=3)
+    whole = write_shards(clips, tmp_path / "whole", meta=TOY_META, source=SOURCE, samples_per_shard=3)
 
     out = tmp_path / "resumed"
     with pytest.raises(Interrupted):
-        write_shards(clips_then_fail(clips, 4), out, meta=META_JSON, source=SOURCE, samples_per_shard=3)
+        write_shards(clips_then_fail(clips, 4), out, meta=TOY_META, source=SOURCE, samples_per_shard=3)
     # One full shard finished; the second one was interrupted and left nothing behind.
     assert sorted(p.name for p in out.iterdir()) == sorted([META, PARTIAL_MANIFEST, "shard-000000.tar"])
     assert not (out / MANIFEST).exists()
@@ -128,7 +132,7 @@ def test_interrupted_conversion_resumes_to_the_uninterrupted_result(tmp_path):
             seen.append(c.source_id)
             yield c
 
-    resumed = write_shards(counting(clips), out, meta=META_JSON, source=SOURCE, samples_per_shard=3)
+    resumed = write_shards(counting(clips), out, meta=TOY_META, source=SOURCE, samples_per_shard=3)
     assert (out / "shard-000000.tar").stat().st_mtime_ns == kept_mtime
     # `created` is the wall-clock second of each run, and the checksum covers it.
     assert replace(resumed, created="").to_json() == replace(whole, created="").to_json()
@@ -136,20 +140,20 @@ def test_interrupted_conversion_resumes_to_the_uninterrupted_result(tmp_path):
     assert len(seen) == 7  # the source is read through, but the first shard is not rewritten
 
     # Finished with identical parameters: a no-op returning the same manifest.
-    again = write_shards(iter(()), out, meta=META_JSON, source=SOURCE, samples_per_shard=3)
+    again = write_shards(iter(()), out, meta=TOY_META, source=SOURCE, samples_per_shard=3)
     assert again == resumed
 
 
 def test_changed_parameters_restart_cleanly(tmp_path):
     clips = [make_clip(i, frames=1) for i in range(5)]
     with pytest.raises(Interrupted):
-        write_shards(clips_then_fail(clips, 3), tmp_path, meta=META_JSON, source=SOURCE, samples_per_shard=2)
+        write_shards(clips_then_fail(clips, 3), tmp_path, meta=TOY_META, source=SOURCE, samples_per_shard=2)
     # Other parameters: the partial shard of the first run is removed, not mixed in.
-    manifest = write_shards(clips, tmp_path, meta=META_JSON, source=SOURCE, samples_per_shard=4)
+    manifest = write_shards(clips, tmp_path, meta=TOY_META, source=SOURCE, samples_per_shard=4)
     assert [s.samples for s in manifest.shards] == [4, 1]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([MANIFEST, META, "shard-000000.tar", "shard-000001.tar"])
     # A finished folder for other parameters restarts too.
-    manifest = write_shards(clips[:3], tmp_path, meta=META_JSON, source=SOURCE | {"split": "val"}, samples_per_shard=4)
+    manifest = write_shards(clips[:3], tmp_path, meta=TOY_META, source=SOURCE | {"split": "val"}, samples_per_shard=4)
     assert manifest.total_samples == 3 and [s.name for s in manifest.shards] == ["shard-000000.tar"]
     assert verify_shards(tmp_path) == []
 
@@ -157,17 +161,17 @@ def test_changed_parameters_restart_cleanly(tmp_path):
 def test_resume_rewrites_a_finished_shard_whose_hash_changed(tmp_path):
     clips = [make_clip(i, frames=1) for i in range(5)]
     with pytest.raises(Interrupted):
-        write_shards(clips_then_fail(clips, 4), tmp_path, meta=META_JSON, source=SOURCE, samples_per_shard=2)
+        write_shards(clips_then_fail(clips, 4), tmp_path, meta=TOY_META, source=SOURCE, samples_per_shard=2)
     shard = tmp_path / "shard-000001.tar"
     data = bytearray(shard.read_bytes())
     data[600] ^= 0xFF
     shard.write_bytes(bytes(data))
-    manifest = write_shards(clips, tmp_path, meta=META_JSON, source=SOURCE, samples_per_shard=2)
+    manifest = write_shards(clips, tmp_path, meta=TOY_META, source=SOURCE, samples_per_shard=2)
     assert manifest.total_samples == 5 and verify_shards(tmp_path) == []
 
 
 def test_verify_detects_changed_byte_missing_and_extra_files(tmp_path):
-    write_shards([make_clip(i, frames=1) for i in range(4)], tmp_path, meta=META_JSON, source=SOURCE, samples_per_shard=2)
+    write_shards([make_clip(i, frames=1) for i in range(4)], tmp_path, meta=TOY_META, source=SOURCE, samples_per_shard=2)
     assert verify_shards(tmp_path) == []
     shard = tmp_path / "shard-000000.tar"
     data = bytearray(shard.read_bytes())
@@ -183,7 +187,7 @@ def test_verify_detects_changed_byte_missing_and_extra_files(tmp_path):
 
 
 def test_verify_counts_samples_by_reading_the_tar(tmp_path):
-    manifest = write_shards([make_clip(i, frames=1) for i in range(2)], tmp_path, meta=META_JSON, source=SOURCE)
+    manifest = write_shards([make_clip(i, frames=1) for i in range(2)], tmp_path, meta=TOY_META, source=SOURCE)
     doc = json.loads((tmp_path / MANIFEST).read_text())
     doc["shards"][0]["samples"] = 3
     doc["total_samples"] = 3
@@ -193,7 +197,7 @@ def test_verify_counts_samples_by_reading_the_tar(tmp_path):
 
 
 def test_shard_stats(tmp_path):
-    write_shards([make_clip(i, frames=2) for i in range(3)], tmp_path, meta=META_JSON, source=SOURCE, samples_per_shard=2)
+    write_shards([make_clip(i, frames=2) for i in range(3)], tmp_path, meta=TOY_META, source=SOURCE, samples_per_shard=2)
     stats = shard_stats(tmp_path)
     assert stats["samples"] == 3 and stats["frames"] == 6 and stats["shards"] == 2
     assert stats["tasks"] == ["panoptic", "vos"]
@@ -207,13 +211,13 @@ def test_shard_stats(tmp_path):
 def test_read_manifest_and_meta_errors_name_file_and_field(tmp_path):
     with pytest.raises(FileNotFoundError, match="manifest.json"):
         read_manifest(tmp_path)
-    write_shards([make_clip(0, frames=1)], tmp_path, meta=META_JSON, source=SOURCE)
+    write_shards([make_clip(0, frames=1)], tmp_path, meta=TOY_META, source=SOURCE)
     doc = json.loads((tmp_path / MANIFEST).read_text())
     del doc["shards"]
     (tmp_path / MANIFEST).write_text(json.dumps(doc))
     with pytest.raises(ValueError, match=r"manifest.json: no 'shards' field"):
         read_manifest(tmp_path)
-    (tmp_path / META).write_text(json.dumps({k: v for k, v in META_JSON.items() if k != "categories"}))
+    (tmp_path / META).write_text(json.dumps({k: v for k, v in TOY_META.to_json().items() if k != "categories"}))
     with pytest.raises(ValueError, match=r"meta.json: no 'categories' field"):
         read_meta(tmp_path)
     (tmp_path / META).write_text("{not json")
@@ -222,7 +226,7 @@ def test_read_manifest_and_meta_errors_name_file_and_field(tmp_path):
 
 
 def test_tar_members_are_adjacent_and_named_by_key_and_field(tmp_path):
-    write_shards([make_clip(0, frames=2)], tmp_path, meta=META_JSON, source=SOURCE)
+    write_shards([make_clip(0, frames=2)], tmp_path, meta=TOY_META, source=SOURCE)
     with tarfile.open(tmp_path / "shard-000000.tar") as tar:
         names = tar.getnames()
     assert names == [
@@ -233,8 +237,8 @@ def test_tar_members_are_adjacent_and_named_by_key_and_field(tmp_path):
 
 def test_errors_on_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="samples_per_shard"):
-        write_shards([], tmp_path, meta=META_JSON, source=SOURCE, samples_per_shard=0)
+        write_shards([], tmp_path, meta=TOY_META, source=SOURCE, samples_per_shard=0)
     with pytest.raises(ValueError, match="no clips"):
-        write_shards([], tmp_path, meta=META_JSON, source=SOURCE)
+        write_shards([], tmp_path, meta=TOY_META, source=SOURCE)
     with pytest.raises(ShardReadError, match="does not exist"):
         list(read_shard_samples(tmp_path / "nope.tar"))

@@ -8,7 +8,7 @@ import tarfile
 import pytest
 import torch
 import webdataset as wds
-from toydata import META_JSON, SOURCE, tiny_clip
+from toydata import SOURCE, TOY_META, tiny_clip
 
 from omgseg.core.seeds import derive_seed
 from omgseg.datasets.manifest import MANIFEST, ShardReadError, sha256_file
@@ -20,7 +20,7 @@ from omgseg.datasets.stream import ClipSample, ShardStream, decode_sample
 def uneven(tmp_path_factory):
     """5 shards holding 3, 3, 3, 3 and 1 samples."""
     out = tmp_path_factory.mktemp("uneven")
-    write_shards([tiny_clip(i) for i in range(13)], out, meta=META_JSON, source=SOURCE, samples_per_shard=3)
+    write_shards([tiny_clip(i) for i in range(13)], out, meta=TOY_META, source=SOURCE, samples_per_shard=3)
     return out
 
 

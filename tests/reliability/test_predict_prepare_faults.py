@@ -53,7 +53,7 @@ def test_prepare_with_a_damaged_source(examples, sources, tmp_path):
         with damaged_copy(clean, fault, tmp_path, "davis") as src:
             case = src.parent
             config = {"name": "damaged", "mix": {"davis": 1},
-                      "data": {"root": str(case / "data"), "splits": ["train"],
+                      "data": {"root": str(case / "data"),
                                "datasets": {"davis": {"format": "davis", "src": str(src)}}}}
             (case / "config.yaml").write_text(yaml.safe_dump(config))
             outcome = run_cli(["prepare", "--config", case / "config.yaml"])

@@ -4,7 +4,7 @@ stream, as a retried trial opens, reads every sample exactly as from the folder)
 
 import pytest
 from localserver import ShardServer
-from toydata import META_JSON, SOURCE, tiny_clip
+from toydata import SOURCE, TOY_META, tiny_clip
 
 from omgseg.datasets.manifest import ShardReadError
 from omgseg.datasets.shard_writer import write_shards
@@ -14,7 +14,7 @@ from omgseg.datasets.stream import ShardStream
 @pytest.fixture
 def served(tmp_path):
     """6 shards of 2 samples under <root>/toy/train, and a server for <root>."""
-    write_shards([tiny_clip(i) for i in range(12)], tmp_path / "toy" / "train", meta=META_JSON, source=SOURCE,
+    write_shards([tiny_clip(i) for i in range(12)], tmp_path / "toy" / "train", meta=TOY_META, source=SOURCE,
                  samples_per_shard=2)
     server = ShardServer(tmp_path)
     yield tmp_path, server

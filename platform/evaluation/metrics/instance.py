@@ -29,8 +29,13 @@ def encode(mask: np.ndarray) -> dict:
     return rle
 
 
-class InstanceEvaluator:
-    """reset / add one image's ground truth and predictions / merge / compute (COCO mask AP)."""
+class ThingEvaluator:
+    """What the image and the video AP evaluators share: thing categories only, and per image
+    (or video, named by `KEY`) its entry, ground truth and results. Workers' states merge by
+    concatenation and are put in id order when computed, so merged workers give exactly the
+    numbers of one process."""
+
+    KEY = "image_id"
 
     def __init__(self, categories: Sequence[Category]) -> None:
         self.categories = [c for c in categories if c.isthing]
@@ -38,9 +43,31 @@ class InstanceEvaluator:
         self.reset()
 
     def reset(self) -> None:
-        self.images: list[dict] = []
-        self.annotations: list[dict] = []
+        self.entries: list[dict] = []  # one per image (or video): {"id", ...}
+        self.gt: list[dict] = []
         self.results: list[dict] = []
+
+    def _open(self, entry: dict, pred_categories: Sequence[int], where: str) -> None:
+        """Check the predicted categories and record the image's (or video's) entry."""
+        unknown = sorted({int(c) for c in pred_categories} - self._ids)
+        if unknown:
+            raise ValueError(f"{where}: predicted category ids {unknown} are not thing categories {sorted(self._ids)}")
+        self.entries.append(entry)
+
+    def merge(self, other: ThingEvaluator) -> ThingEvaluator:
+        self.entries += other.entries
+        self.gt += other.gt
+        self.results += other.results
+        return self
+
+    def in_order(self) -> tuple[list[dict], list[dict], list[dict]]:
+        """Entries, ground truth and results sorted by image (or video) id, each image's own order kept."""
+        return (sorted(self.entries, key=lambda e: e["id"]), sorted(self.gt, key=lambda a: a[self.KEY]),
+                sorted(self.results, key=lambda r: r[self.KEY]))
+
+
+class InstanceEvaluator(ThingEvaluator):
+    """reset / add one image's ground truth and predictions / merge / compute (COCO mask AP)."""
 
     def add(self, image_id: int, gt_masks: np.ndarray, gt_categories: Sequence[int], gt_iscrowd: Sequence[bool],
             pred_masks: np.ndarray, pred_categories: Sequence[int], pred_scores: Sequence[float],
@@ -49,33 +76,22 @@ class InstanceEvaluator:
         height, width = gt_masks.shape[-2:] if gt_masks.ndim == 3 and gt_masks.shape[0] else pred_masks.shape[-2:]
         if pred_masks.ndim != 3 or (pred_masks.shape[0] and pred_masks.shape[-2:] != (height, width)):
             raise ValueError(f"{where}: predicted masks are {pred_masks.shape}, image is {height}x{width}")
-        unknown = sorted({int(c) for c in pred_categories} - self._ids)
-        if unknown:
-            raise ValueError(f"{where}: predicted category ids {unknown} are not thing categories {sorted(self._ids)}")
-        self.images.append({"id": image_id, "height": int(height), "width": int(width)})
+        self._open({"id": image_id, "height": int(height), "width": int(width)}, pred_categories, where)
         for mask, category, crowd in zip(gt_masks, gt_categories, gt_iscrowd):
             if int(category) not in self._ids:
                 continue  # stuff: not an instance
-            self.annotations.append({
-                "id": len(self.annotations) + 1, "image_id": image_id, "category_id": int(category),
-                "segmentation": encode(mask), "area": float(mask.sum()), "iscrowd": int(bool(crowd)),
-                "bbox": list(mask_utils.toBbox(encode(mask))),
-            })
+            rle = encode(mask)
+            self.gt.append({"image_id": image_id, "category_id": int(category), "segmentation": rle,
+                            "area": float(mask.sum()), "iscrowd": int(bool(crowd)), "bbox": list(mask_utils.toBbox(rle))})
         for mask, category, score in zip(pred_masks, pred_categories, pred_scores):
             self.results.append({"image_id": image_id, "category_id": int(category),
                                  "segmentation": encode(mask), "score": float(score)})
 
-    def merge(self, other: InstanceEvaluator) -> InstanceEvaluator:
-        offset = len(self.annotations)
-        self.images += other.images
-        self.annotations += [{**a, "id": a["id"] + offset} for a in other.annotations]
-        self.results += other.results
-        return self
-
     def compute(self) -> dict:
-        gt = {"images": self.images, "annotations": self.annotations,
-              "categories": [{"id": c.id, "name": c.name} for c in self.categories]}
-        return coco_mask_ap(gt, self.results)
+        images, gt, results = self.in_order()
+        annotations = [{**a, "id": k} for k, a in enumerate(gt, start=1)]
+        return coco_mask_ap({"images": images, "annotations": annotations,
+                             "categories": [{"id": c.id, "name": c.name} for c in self.categories]}, results)
 
 
 def coco_mask_ap(gt: dict, results: list[dict]) -> dict:

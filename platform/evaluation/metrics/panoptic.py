@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -34,15 +35,16 @@ class GtSegment:
 
 @dataclass
 class PQStats:
-    """Per category: sum of matched IoUs, TP, FP, FN. Summable across images and workers."""
+    """Per category: sum of matched IoUs, TP, FP, FN. Summable across images and workers; the
+    IoU sums are exact fractions, so the merged sum does not depend on the order of the merges."""
 
-    iou: dict[int, float] = field(default_factory=dict)
+    iou: dict[int, Fraction] = field(default_factory=dict)
     tp: dict[int, int] = field(default_factory=dict)
     fp: dict[int, int] = field(default_factory=dict)
     fn: dict[int, int] = field(default_factory=dict)
 
     def add_match(self, category: int, iou: float) -> None:
-        self.iou[category] = self.iou.get(category, 0.0) + iou
+        self.iou[category] = self.iou.get(category, 0) + Fraction(iou)
         self.tp[category] = self.tp.get(category, 0) + 1
 
     def merge(self, other: PQStats) -> PQStats:
@@ -51,6 +53,23 @@ class PQStats:
             for k, v in theirs.items():
                 mine[k] = mine.get(k, 0) + v
         return self
+
+
+def _check_segments(pred_area: Mapping[int, int], pred_segments: Mapping[int, int],
+                    gt_segments: Mapping[int, GtSegment], categories: Mapping[int, Category], where: str) -> None:
+    """The prediction's map and segment list agree and every category is known; raises naming `where`."""
+    missing = sorted(set(pred_area) - set(pred_segments))
+    if missing:
+        raise ValueError(f"{where}: segment ids {missing} are in the prediction map but not in its segments_info")
+    unknown = sorted({c for c in pred_segments.values() if c not in categories})
+    if unknown:
+        raise ValueError(f"{where}: predicted category ids {unknown} are not in the category list")
+    not_drawn = sorted(set(pred_segments) - set(pred_area))
+    if not_drawn:
+        raise ValueError(f"{where}: segments_info ids {not_drawn} do not occur in the prediction map")
+    gt_unknown = sorted({s.category_id for s in gt_segments.values() if s.category_id not in categories})
+    if gt_unknown:
+        raise ValueError(f"{where}: ground-truth category ids {gt_unknown} are not in the category list")
 
 
 def pq_stats(
@@ -71,44 +90,36 @@ def pq_stats(
     pred_labels, pred_areas = np.unique(pred_ids, return_counts=True)
     pred_area = dict(zip(pred_labels.tolist(), pred_areas.tolist()))
     pred_area.pop(0, None)
-    missing = sorted(set(pred_area) - set(pred_segments))
-    if missing:
-        raise ValueError(f"{where}: segment ids {missing} are in the prediction map but not in its segments_info")
-    unknown = sorted({c for c in pred_segments.values() if c not in categories})
-    if unknown:
-        raise ValueError(f"{where}: predicted category ids {unknown} are not in the category list")
-    not_drawn = sorted(set(pred_segments) - set(pred_area))
-    if not_drawn:
-        raise ValueError(f"{where}: segments_info ids {not_drawn} do not occur in the prediction map")
-    gt_unknown = sorted({s.category_id for s in gt_segments.values() if s.category_id not in categories})
-    if gt_unknown:
-        raise ValueError(f"{where}: ground-truth category ids {gt_unknown} are not in the category list")
-
+    _check_segments(pred_area, pred_segments, gt_segments, categories, where)
     pairs, counts = np.unique(gt_ids.astype(np.uint64) * OFFSET + pred_ids.astype(np.uint64), return_counts=True)
     intersection = {(int(p // OFFSET), int(p % OFFSET)): int(c) for p, c in zip(pairs.tolist(), counts.tolist())}
 
     stats = PQStats()
-    gt_matched: set[int] = set()
-    pred_matched: set[int] = set()
+    matched: set[tuple[int, int]] = set()
     for (gt, pred), inter in intersection.items():
-        if gt not in gt_segments or pred not in pred_segments:
+        g, category = gt_segments.get(gt), pred_segments.get(pred)
+        if g is None or category is None or g.iscrowd or g.category_id != category:
             continue
-        g = gt_segments[gt]
-        if g.iscrowd or g.category_id != pred_segments[pred]:
-            continue
-        union = pred_area[pred] + g.area - inter - intersection.get((0, pred), 0)
-        iou = inter / union
+        iou = inter / (pred_area[pred] + g.area - inter - intersection.get((0, pred), 0))
         if iou > 0.5:
             stats.add_match(g.category_id, iou)
-            gt_matched.add(gt)
-            pred_matched.add(pred)
+            matched.add((gt, pred))
+    _count_unmatched(stats, gt_segments, pred_segments, pred_area, intersection, matched)
+    return stats
 
+
+def _count_unmatched(stats: PQStats, gt_segments: Mapping[int, GtSegment], pred_segments: Mapping[int, int],
+                     pred_area: Mapping[int, int], intersection: Mapping[tuple[int, int], int],
+                     matched: set[tuple[int, int]]) -> None:
+    """False negatives (unmatched non-crowd ground truth) and false positives (unmatched
+    predictions, unless more than half of one lies on void or on its category's crowd region)."""
+    gt_matched = {gt for gt, _ in matched}
+    pred_matched = {pred for _, pred in matched}
     crowd_by_category: dict[int, int] = {}
     for gt, g in gt_segments.items():
         if g.iscrowd:
             crowd_by_category[g.category_id] = gt  # the last one wins, as in panopticapi
-            continue
-        if gt not in gt_matched:
+        elif gt not in gt_matched:
             stats.fn[g.category_id] = stats.fn.get(g.category_id, 0) + 1
     for pred, category in pred_segments.items():
         if pred in pred_matched:
@@ -116,10 +127,8 @@ def pq_stats(
         ignored = intersection.get((0, pred), 0)
         if category in crowd_by_category:
             ignored += intersection.get((crowd_by_category[category], pred), 0)
-        if ignored / pred_area[pred] > 0.5:
-            continue
-        stats.fp[category] = stats.fp.get(category, 0) + 1
-    return stats
+        if ignored / pred_area[pred] <= 0.5:
+            stats.fp[category] = stats.fp.get(category, 0) + 1
 
 
 def pq_summary(stats: PQStats, categories: Sequence[Category], class_groups: Mapping[str, set[int]] | None = None) -> dict:
@@ -132,7 +141,7 @@ def pq_summary(stats: PQStats, categories: Sequence[Category], class_groups: Map
         tp, fp, fn = stats.tp.get(c.id, 0), stats.fp.get(c.id, 0), stats.fn.get(c.id, 0)
         if tp + fp + fn == 0:
             continue
-        iou = stats.iou.get(c.id, 0.0)
+        iou = float(stats.iou.get(c.id, 0))
         denominator = tp + 0.5 * fp + 0.5 * fn
         per_class[c.id] = {
             "name": c.name, "isthing": c.isthing, "PQ": 100 * iou / denominator,

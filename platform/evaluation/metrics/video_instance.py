@@ -22,6 +22,7 @@ from pycocotools.cocoeval import COCOeval
 
 from omgseg.core.structures import Category
 from omgseg.platform.evaluation.metrics.files import check_segmentation, field_errors, read_json
+from omgseg.platform.evaluation.metrics.instance import ThingEvaluator
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10")
 
@@ -62,18 +63,10 @@ class _TubeEval(COCOeval):
         return np.array([[tube_iou(d["tube"], g["tube"], bool(g["iscrowd"])) for g in gts] for d in dts])
 
 
-class VideoInstanceEvaluator:
+class VideoInstanceEvaluator(ThingEvaluator):
     """reset / add one video / merge / compute (YouTube-VIS AP, AR1, AR10)."""
 
-    def __init__(self, categories: Sequence[Category]) -> None:
-        self.categories = [c for c in categories if c.isthing]
-        self._ids = {c.id for c in self.categories}
-        self.reset()
-
-    def reset(self) -> None:
-        self.videos: list[dict] = []
-        self.gt: list[dict] = []
-        self.results: list[dict] = []
+    KEY = "video_id"
 
     def add(self, video_id: int, gt_masks: np.ndarray, gt_categories: Sequence[int], gt_iscrowd: Sequence[bool],
             pred_masks: np.ndarray, pred_categories: Sequence[int], pred_scores: Sequence[float],
@@ -83,10 +76,7 @@ class VideoInstanceEvaluator:
             raise ValueError(f"{where}: masks must be (N, T, H, W), got {gt_masks.shape} and {pred_masks.shape}")
         if len(pred_masks) and len(gt_masks) and pred_masks.shape[1:] != gt_masks.shape[1:]:
             raise ValueError(f"{where}: predicted tubes are {pred_masks.shape[1:]}, ground truth {gt_masks.shape[1:]}")
-        unknown = sorted({int(c) for c in pred_categories} - self._ids)
-        if unknown:
-            raise ValueError(f"{where}: predicted category ids {unknown} are not thing categories {sorted(self._ids)}")
-        self.videos.append({"id": video_id})
+        self._open({"id": video_id}, pred_categories, where)
         for tube, category, crowd in zip(gt_masks, gt_categories, gt_iscrowd):
             if int(category) in self._ids:
                 self.gt.append({"video_id": video_id, "category_id": int(category), "iscrowd": int(bool(crowd)),
@@ -95,14 +85,8 @@ class VideoInstanceEvaluator:
             self.results.append({"video_id": video_id, "category_id": int(category), "score": float(score),
                                  "tube": _encode_tube(tube)})
 
-    def merge(self, other: VideoInstanceEvaluator) -> VideoInstanceEvaluator:
-        self.videos += other.videos
-        self.gt += other.gt
-        self.results += other.results
-        return self
-
     def compute(self) -> dict:
-        return tube_ap(self.videos, self.gt, self.results, self.categories)
+        return tube_ap(*self.in_order(), self.categories)
 
 
 def _encode_tube(tube: np.ndarray) -> Tube:

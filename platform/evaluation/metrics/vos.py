@@ -93,7 +93,8 @@ class VOSEvaluator:
         return self
 
     def compute(self) -> dict:
-        scored = [o for o in self.objects if not math.isnan(o["J"][0])]
+        # In (sequence, object) order: merged workers give exactly the numbers of one process.
+        scored = sorted((o for o in self.objects if not math.isnan(o["J"][0])), key=lambda o: (o["sequence"], o["object"]))
         if not scored:
             return {"J&F": 0.0, "objects": 0}
         out = {}

@@ -12,7 +12,8 @@ from omgseg.model.checkpoint import save_checkpoint
 from omgseg.model.config import model_config
 from omgseg.model.omgseg import OMGSeg
 from omgseg.platform.cli import main
-from omgseg.platform.evaluation.evaluate import evaluate_interactive_files, evaluate_shards
+from omgseg.platform.evaluation.clicks import evaluate_interactive_files
+from omgseg.platform.evaluation.evaluate import evaluate_shards
 
 SIZES = SynthSizes(coco_train=1, coco_val=2, ade_train=1, ade_val=1, video_train=1, video_val=1)
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from omgseg.platform.config import StudyConfig, load_config
-from omgseg.platform.records import Recommendation, StudyState, StudySummary, TrialRecord
+from omgseg.platform.records import DatasetEvaluation, Evaluation, Recommendation, StudyState, StudySummary, TrialRecord
 from omgseg.platform.study.design import StudyDesign
 from omgseg.platform.study.plan import plan_trials, targets
 from omgseg.platform.study.recommend import main, parse_objective, recommend
@@ -34,7 +34,8 @@ def _loss(target: str, shares: dict[str, float], seed: int) -> float:
 
 def _record(trial) -> TrialRecord:
     shares = dict(zip(trial.datasets, trial.ratios))
-    metrics = {t: {"object_queries": {"val_loss": _loss(t, shares, trial.seed)}, "panoptic": {"PQ": 10.0}} for t in NAMES}
+    metrics = Evaluation({t: DatasetEvaluation({"panoptic": {"PQ": 10.0}}, {"object_queries": _loss(t, shares, trial.seed)})
+                          for t in NAMES})
     return TrialRecord(trial_id=trial.trial_id, combination=trial.combination, datasets=list(trial.datasets),
                        ratios=list(trial.ratios), seed=trial.seed, steps=trial.steps, status="finished",
                        mixture=trial.mixture, wall_seconds=60.0,
@@ -134,7 +135,7 @@ def _arm_record(label: str, seed: int, ratios: dict[str, float], gain: float) ->
     loss = 3.0 + 0.1 * seed - gain + 0.03 * np.sin(3 * seed + len(label))  # each arm its own noise
     return TrialRecord(trial_id=f"{label}-s{seed}", combination="+".join(datasets), datasets=datasets,
                        ratios=[ratios[n] for n in datasets], seed=seed, steps=40, status="finished", mixture=label,
-                       metrics={"anchor": {"object_queries": {"val_loss": loss}}})
+                       metrics=Evaluation({"anchor": DatasetEvaluation(losses={"object_queries": loss})}))
 
 
 def test_verification_compares_each_baseline_seed_by_seed(sweep, tmp_path):

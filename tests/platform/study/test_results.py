@@ -11,7 +11,7 @@ import polars as pl
 import pytest
 from scipy import stats
 
-from omgseg.platform.records import Estimates, StudySummary, TrialRecord
+from omgseg.platform.records import DatasetEvaluation, Estimates, Evaluation, StudySummary, TrialRecord
 from omgseg.platform.study.design import StudyDesign
 from omgseg.platform.study.estimates import compare_estimates, pair_influence, partitions, planted_check
 from omgseg.platform.study.plan import Target
@@ -57,18 +57,18 @@ def _record(datasets, seed, affinity=None, status="finished"):
         return TrialRecord(trial_id=f"{combo}-s{seed}", combination=combo, datasets=list(datasets),
                            ratios=[1 / len(datasets)] * len(datasets), seed=seed, steps=10 * len(datasets),
                            status=status, error="killed")
-    metrics = {"z": {"object_queries": {"val_loss": _z_loss(combo, seed)}}}
+    metrics = {"z": DatasetEvaluation(losses={"object_queries": _z_loss(combo, seed)})}
     if "a" in datasets:
-        metrics["a"] = {"object_queries": {"val_loss": _a_loss(combo, seed)},
-                        "panoptic": {"PQ": 0.0 if combo == "a" else 3.0 + seed, "N": 3, "per_class": {"1": {}}}}
+        metrics["a"] = DatasetEvaluation({"panoptic": {"PQ": 0.0 if combo == "a" else 3.0 + seed, "N": 3,
+                                                       "per_class": {"1": {}}}}, {"object_queries": _a_loss(combo, seed)})
     if "b" in datasets:
-        metrics["b"] = {"prompt_queries": {"val_loss": _b_loss(combo, seed)}}
+        metrics["b"] = DatasetEvaluation(losses={"prompt_queries": _b_loss(combo, seed)})
     return TrialRecord(
         trial_id=f"{combo}-s{seed}", combination=combo, datasets=list(datasets), ratios=[1 / len(datasets)] * len(datasets),
         seed=seed, steps=10 * len(datasets), status=status, mlflow_run_id=f"run-{combo}-{seed}",
         measures_affinity=affinity is not None, wall_seconds=3600.0 if len(datasets) == 1 else 7200.0,
         seconds={"train": 1.0, "fit": 2.0}, samples={n: 20 for n in datasets},
-        metrics=metrics, affinity=affinity or {},
+        metrics=Evaluation(metrics), affinity=affinity or {},
     )
 
 
@@ -260,13 +260,13 @@ def _controlled_record(datasets, seed):
     metrics = {}
     if "a" in datasets:
         loss = {"a": 10.0, "a+b": 9.0, "a+c": 9.7}[combo] + OFFSET[seed] + float(rng.normal(0, 0.03))
-        metrics["a"] = {"object_queries": {"val_loss": loss}}
+        metrics["a"] = DatasetEvaluation(losses={"object_queries": loss})
     if "b" in datasets:
         loss = {"b": 5.0, "a+b": 4.8, "b+c": 4.8}[combo] + OFFSET[seed] + float(rng.normal(0, 0.03))
-        metrics["b"] = {"object_queries": {"val_loss": loss}}
+        metrics["b"] = DatasetEvaluation(losses={"object_queries": loss})
     return TrialRecord(trial_id=f"{combo}-s{seed}", combination=combo, datasets=list(datasets),
                        ratios=[1 / len(datasets)] * len(datasets), seed=seed, steps=10 * len(datasets),
-                       status="finished", wall_seconds=3600.0 * len(datasets), metrics=metrics,
+                       status="finished", wall_seconds=3600.0 * len(datasets), metrics=Evaluation(metrics),
                        samples={n: 20 for n in datasets})
 
 
@@ -289,7 +289,7 @@ def test_a_control_cancels_what_any_added_data_set_does(controlled_tables):
     goals, records, tables = CONTROLLED_GOALS, CONTROLLED_RECORDS, controlled_tables
     pair, controlled = _row(tables, "pair", "a", "b"), _row(tables, "controlled", "a", "b")
     assert pair["delta"] == pytest.approx(0.2, abs=0.05) and pair["significant"]  # the generic effect, against b alone
-    assert controlled["without_source"] == pytest.approx(np.mean([r.metrics["b"]["object_queries"]["val_loss"]
+    assert controlled["without_source"] == pytest.approx(np.mean([r.metrics.datasets["b"].losses["object_queries"]
                                                                   for r in records if r.combination == "b+c"]))
     assert abs(controlled["delta"]) < 0.05 and not controlled["significant"]
     assert _row(tables, "controlled", "b", "a")["delta"] == pytest.approx(0.7, abs=0.05)

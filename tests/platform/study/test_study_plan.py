@@ -164,7 +164,7 @@ def test_a_control_is_trained_with_every_train_data_set():
     ("planted=[{source: twin, target: twin, effect: helps}]", r"planted\[0\]: source and target are both 'twin'"),
     ("pretrain.mix={anchor: 1}", r"pretrain.mix: \['anchor'\] are train data sets"),
     ("pretrain.mix={kitti: 1}", r"pretrain.mix names data sets \['kitti'\]"),
-    ("data.datasets.base.variant=planet", r"data.datasets.base.variant: Input should be 'base', 'anchor'"),
+    ("data.datasets.base.variant=planet", r"data.datasets.base.variant: .*unknown planted variant 'planet'; known: base, anchor"),
     ("control=nobody", r"control: 'nobody' is not a data set of data.datasets"),
     ("control=stranger", r"control: 'stranger' is a train data set"),
 ])

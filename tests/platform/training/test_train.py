@@ -70,7 +70,7 @@ def test_tiny_two_worker_run_is_tracked_and_reloads(tmp_path, local_ray):
     assert set(report.samples) == {"coco", "ade", "vipseg", "ytvis", "davis"}
     assert sum(report.samples.values()) == 30 * 2 * 2  # steps x workers x batch
     assert set(report.samples.values()) == {24}  # exact exposure: 120 samples in fifths
-    assert report.evaluation["coco"]["object_queries"]["val_loss"] > 0
+    assert report.evaluation.datasets["coco"].losses["object_queries"] > 0
     assert (result.run_dir / "logs" / "rank0.log").is_file() and (result.run_dir / "logs" / "rank1.log").is_file()
 
     client, runs = _runs(config)
