@@ -3,6 +3,8 @@ table, for any planted config.
 
     python dashboards/estimators.py --reference outputs/studies/planted --sampled outputs/studies/planted-k8 ...
     python dashboards/estimators.py --run --config studies/configs/planted.yaml --subsets 6,10 --sizes 2,3
+    python dashboards/estimators.py --recompute --config studies/configs/planted_large.yaml \
+        --reference outputs/studies/planted_large --sampled ...
 
 The reference is a study of the exhaustive pair design (singletons and pairs, with the control's
 pairs when the config has one); each `--sampled` folder a study of the same config with a
@@ -18,7 +20,10 @@ sign), those among them above the row's MDE, false positives on `none`, Spearman
 estimator's per-pair effect against the exhaustive pair influence (mean relative delta over the
 target's primary targets), trial-hours and training steps of the trials it used. `--run` trains
 the reference and one sampled study per `--subsets` value first (a planted study takes about 15
-minutes here). Prints the table as Markdown and one JSON line.
+minutes here). `--recompute` re-reads a reference study written by an earlier version of the
+code: its influence table is recomputed from its metrics and runs tables with this version's
+statistics, its design and planted truth read from `--config` (the saved config may hold keys
+this version no longer reads). Prints the table as Markdown and one JSON line.
 """
 
 from __future__ import annotations
@@ -35,8 +40,12 @@ import polars as pl
 from scipy import stats
 
 from omgseg.dashboards.report import StudyTables
+from omgseg.platform.config import StudyConfig, load_config
+from omgseg.platform.records import StudyState
 from omgseg.platform.study.design import StudyDesign
 from omgseg.platform.study.estimates import spearman
+from omgseg.platform.study.plan import targets
+from omgseg.platform.study.results import influence_table
 from omgseg.platform.study.stats import ALPHA, benjamini_hochberg
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -143,6 +152,41 @@ def tag_row(study: StudyTables, reference: dict[str, dict]) -> EstimatorRow:
                         float(runs["wall_seconds"].sum()) / 3600, int(runs["steps"].sum()))
 
 
+@dataclass
+class Recomputed:
+    """A reference study of an earlier version, its influence table recomputed (what the
+    estimator rows read of a StudyTables)."""
+
+    folder: Path
+    config: StudyConfig
+    tables: dict[str, pl.DataFrame]
+
+
+def recomputed(folder: Path, config: StudyConfig) -> Recomputed:
+    """`folder`'s tables with its influence recomputed by this version's statistics from its
+    metrics and runs tables, under `config` (which must name the folder's study and train data
+    sets). A metrics table without the train_datasets and mixture columns takes them from the
+    runs table (a design's trial: no mixture)."""
+    saved = StudyState.read(folder).config
+    if saved.get("name") != config.name or list(saved.get("train_datasets", [])) != config.train_datasets:
+        raise ValueError(f"{folder}: its study ({saved.get('name')}, {saved.get('train_datasets')}) is not the "
+                         f"config's ({config.name}, {config.train_datasets})")
+    tables = {}
+    for name in ("runs", "metrics", "affinity"):
+        path = folder / f"{name}.parquet"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} does not exist: the study has not written its tables yet")
+        tables[name] = pl.read_parquet(path)
+    metrics = tables["metrics"]
+    if "train_datasets" not in metrics.columns:
+        metrics = metrics.join(tables["runs"].select("trial_id", "train_datasets"), on="trial_id", how="left")
+    if "mixture" not in metrics.columns:
+        metrics = metrics.with_columns(pl.lit(None, dtype=pl.String).alias("mixture"))
+    tables["metrics"] = metrics
+    tables["influence"] = influence_table(config.name, metrics, StudyDesign.from_config(config), targets(config))
+    return Recomputed(Path(folder), config, tables)
+
+
 def estimator_table(reference: StudyTables, sampled: list[StudyTables]) -> list[EstimatorRow]:
     if not reference.config.planted:
         raise ValueError(f"{reference.folder}: not a planted study (its config has no `planted:`)")
@@ -174,7 +218,10 @@ def main(argv: list[str] | None = None, prog: str = "estimators.py") -> int:
     parser.add_argument("--reference", help="the exhaustive planted study's folder")
     parser.add_argument("--sampled", nargs="*", default=[], help="folders of sampled-design studies of the same config")
     parser.add_argument("--run", action="store_true", help="train the reference and the sampled studies first")
-    parser.add_argument("--config", default=str(ROOT / "studies" / "configs" / "planted.yaml"), help="with --run")
+    parser.add_argument("--config", default=str(ROOT / "studies" / "configs" / "planted.yaml"),
+                        help="with --run: the config to train; with --recompute: the reference's design and truth")
+    parser.add_argument("--recompute", action="store_true",
+                        help="recompute the reference's influence table with this version's statistics (an older study)")
     parser.add_argument("--out", default="outputs/estimators", help="with --run: the folder of the studies")
     parser.add_argument("--subsets", default="6,10", help="with --run: K of each sampled study, comma-separated")
     parser.add_argument("--sizes", default="2,3", help="with --run: the sampled subsets' sizes")
@@ -189,7 +236,9 @@ def main(argv: list[str] | None = None, prog: str = "estimators.py") -> int:
                 sampled.append(str(_run(args.config, out / f"sampled-{k}", [spec, "train.affinity.enabled=false"])))
         if reference is None:
             raise ValueError("give --reference (and --sampled) study folders, or --run")
-        rows = estimator_table(StudyTables(Path(reference)), [StudyTables(Path(s)) for s in sampled])
+        study = (recomputed(Path(reference), load_config(StudyConfig, args.config)) if args.recompute
+                 else StudyTables(Path(reference)))
+        rows = estimator_table(study, [StudyTables(Path(s)) for s in sampled])
     except (FileNotFoundError, ValueError, RuntimeError) as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 1

@@ -42,6 +42,21 @@ PASSTHROUGH = {
 }
 
 
+def _add_synth(sub: argparse._SubParsersAction) -> None:
+    from omgseg.datasets.synth import SYNTH_FORMATS
+
+    p = sub.add_parser("synth", help="write small synthetic data sets in the public formats")
+    p.add_argument("--out", required=True, help="output folder (one sub-folder per format)")
+    p.add_argument(
+        "--formats",
+        default=",".join(SYNTH_FORMATS),
+        help=f"comma-separated formats (default: all: {','.join(SYNTH_FORMATS)})",
+    )
+    p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same bytes)")
+    p.set_defaults(func=_cmd_synth)
+
+
+
 def _cmd_synth(args: argparse.Namespace) -> int:
     from omgseg.datasets.synth import write_synthetic
 
@@ -49,6 +64,26 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     written = write_synthetic(Path(args.out), formats=formats, seed=args.seed, progress=True)
     print(json.dumps({name: str(path) for name, path in written.items()}))
     return 0
+
+
+def _add_convert(sub: argparse._SubParsersAction) -> None:
+    from omgseg.datasets.formats import FORMATS
+
+    p = sub.add_parser("convert", help="convert a data set in its public layout to WebDataset shards")
+    p.add_argument("format", choices=sorted(FORMATS), help="source format")
+    p.add_argument("--src", required=True, help="source folder in the format's layout (docs/datasets.md)")
+    p.add_argument("--out", required=True, help="shard folder to write")
+    p.add_argument("--split", choices=("train", "val"), default="train")
+    p.add_argument("--samples-per-shard", type=int, default=64, metavar="N")
+    p.add_argument("--clip-length", type=int, default=None, metavar="T",
+                   help="cut videos into clips of T frames (default: whole videos)")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="processes writing shards at once (default: one per core); the shards are the same for any N")
+    p.add_argument("--val-from-train", type=_held_out_amount, default=None, metavar="F|N",
+                   help="hold out a fraction F (< 1) or a count N of the train images or videos, by id: --split val "
+                   "writes them, --split train the rest (for a data set whose val split has no annotations)")
+    p.set_defaults(func=_cmd_convert)
+
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
@@ -85,6 +120,15 @@ def _held_out_amount(text: str) -> str:
     return text
 
 
+def _add_shards(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("shards", help="check or describe a shard folder")
+    p.add_argument("action", choices=("verify", "stats"),
+                   help="verify: re-hash every shard against manifest.json; stats: counts")
+    p.add_argument("dir", help="shard folder")
+    p.set_defaults(func=_cmd_shards)
+
+
+
 def _cmd_shards(args: argparse.Namespace) -> int:
     from omgseg.datasets.shard_check import shard_stats, verify_shards
 
@@ -98,6 +142,14 @@ def _cmd_shards(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_prepare(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("prepare", help="generate (if synthetic) and convert a config's data sets, cached")
+    p.add_argument("--config", required=True, help="study or training config YAML")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    p.set_defaults(func=_cmd_prepare)
+
+
+
 def _cmd_prepare(args: argparse.Namespace) -> int:
     from omgseg.platform.config import load_run_or_study
     from omgseg.platform.data import prepare_data
@@ -106,6 +158,14 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     dirs = prepare_data(config.data, config.splits_read(), progress=True)
     print(json.dumps({name: {s: str(p) for s, p in splits.items()} for name, splits in dirs.items()}))
     return 0
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="co-train the model on a mix of data sets (Ray Train, MLflow)")
+    p.add_argument("--config", required=True, help="training config YAML, e.g. studies/configs/train_tiny.yaml")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. steps=50")
+    p.set_defaults(func=_cmd_train)
+
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -193,6 +253,26 @@ EVAL_FORMATS = {
 }
 
 
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="score predictions in a public result format against ground truth")
+    p.add_argument("task", choices=tuple(EVAL_FORMATS), help="; ".join(
+        f"{name}: {' '.join('--' + a.replace('_', '-') for a in f.needs)} ({f.about})" for name, f in EVAL_FORMATS.items()))
+    p.add_argument("--gt-json")
+    p.add_argument("--gt-dir")
+    p.add_argument("--pred-json")
+    p.add_argument("--pred-dir")
+    p.add_argument("--num-classes", type=int)
+    p.add_argument("--ignore-label", type=int, default=255)
+    p.add_argument("--image-dir", help="interactive: folder of the images the ground-truth JSON names")
+    p.add_argument("--checkpoint", help="interactive: model.pt to click with")
+    p.add_argument("--clip-checkpoint", help="interactive: local CLIP weights, if the model was trained with them")
+    p.add_argument("--max-clicks", type=int, default=20, help="interactive: clicks per object (default 20, as RITM)")
+    p.add_argument("--max-images", type=int, help="interactive: only the first N images")
+    p.add_argument("--out", help="also write the JSON result to this file")
+    p.set_defaults(func=_cmd_eval)
+
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     fmt = EVAL_FORMATS[args.task]
     need(args, *fmt.needs)
@@ -218,6 +298,27 @@ def need(args: argparse.Namespace, *names: str) -> None:
         raise ValueError(f"eval {args.task} needs {', '.join(missing)}")
 
 
+def _add_predict(sub: argparse._SubParsersAction) -> None:
+    from omgseg.core.structures import Task
+
+    p = sub.add_parser("predict", help="run a checkpoint on images or a video; write result formats and overlays")
+    p.add_argument("--checkpoint", required=True, help="model.pt from omgseg train")
+    p.add_argument("--task", required=True, choices=[t.value for t in Task],  # a task's name is its entry's (tasks.py)
+                   help="the task (its entry in platform/tasks.py says how it reads its input and writes its results)")
+    p.add_argument("--input", required=True, help="an image, a folder of images, or (video tasks) a folder of frames")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--vocabulary", help="shard folder or JSON with 'categories' (default: the training vocabulary)")
+    p.add_argument("--coco-json", help="COCO JSON whose 'images' give the image ids of the file names")
+    p.add_argument("--clip-length", type=int, default=4, help="frames per clip for video tasks")
+    p.add_argument("--clip-checkpoint", help="local CLIP weights, if the model was trained with a CLIP checkpoint")
+    p.add_argument("--points", help="interactive: clicks 'x,y;x,y' in pixels, one object per click")
+    p.add_argument("--first-frame-mask", help="vos: palette PNG of object indices in the first frame")
+    p.add_argument("--videos", help="video_panoptic with a folder of video folders: a text file of the videos to "
+                   "predict, one name a line (VIPSeg's val.txt)")
+    p.set_defaults(func=_cmd_predict)
+
+
+
 def _cmd_predict(args: argparse.Namespace) -> int:
     from omgseg.core.structures import Task
     from omgseg.platform.evaluation.predict import PredictRequest, predict
@@ -232,6 +333,16 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         videos=path(args.videos)))
     print(json.dumps({"task": summary.task, "inputs": summary.inputs, "outputs": summary.outputs}))
     return 0
+
+
+def _add_model_info(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("model-info", help="parameter counts of a model config, without weights")
+    p.add_argument("config", help="model config preset: tiny or omgseg_convnext_large")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="model config overrides, e.g. clip_model=RN50, clip_model=ViT-B-16, "
+                   "clip_pretrained=laion2b_s34b_b79k, decoder.num_layers=3")
+    p.set_defaults(func=_cmd_model_info)
+
 
 
 def _cmd_model_info(args: argparse.Namespace) -> int:
@@ -262,11 +373,13 @@ def _cmd_model_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from omgseg.core.structures import Task
-    from omgseg.datasets.formats import FORMATS
-    from omgseg.datasets.synth import SYNTH_FORMATS
+def _add_passthrough(sub: argparse._SubParsersAction) -> None:
+    """Commands with parsers of their own, listed here for `omgseg --help` (main runs them)."""
+    for name, (_, text) in PASSTHROUGH.items():
+        sub.add_parser(name, help=f"{text}; `omgseg {name} --help` for its options", add_help=False)
 
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="omgseg",
         description="One segmentation model for every task, and the platform that measures "
@@ -275,90 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser("synth", help="write small synthetic data sets in the public formats")
-    p.add_argument("--out", required=True, help="output folder (one sub-folder per format)")
-    p.add_argument(
-        "--formats",
-        default=",".join(SYNTH_FORMATS),
-        help=f"comma-separated formats (default: all: {','.join(SYNTH_FORMATS)})",
-    )
-    p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same bytes)")
-    p.set_defaults(func=_cmd_synth)
-
-    p = sub.add_parser("convert", help="convert a data set in its public layout to WebDataset shards")
-    p.add_argument("format", choices=sorted(FORMATS), help="source format")
-    p.add_argument("--src", required=True, help="source folder in the format's layout (docs/datasets.md)")
-    p.add_argument("--out", required=True, help="shard folder to write")
-    p.add_argument("--split", choices=("train", "val"), default="train")
-    p.add_argument("--samples-per-shard", type=int, default=64, metavar="N")
-    p.add_argument("--clip-length", type=int, default=None, metavar="T",
-                   help="cut videos into clips of T frames (default: whole videos)")
-    p.add_argument("--workers", type=int, default=None, metavar="N",
-                   help="processes writing shards at once (default: one per core); the shards are the same for any N")
-    p.add_argument("--val-from-train", type=_held_out_amount, default=None, metavar="F|N",
-                   help="hold out a fraction F (< 1) or a count N of the train images or videos, by id: --split val "
-                   "writes them, --split train the rest (for a data set whose val split has no annotations)")
-    p.set_defaults(func=_cmd_convert)
-
-    p = sub.add_parser("shards", help="check or describe a shard folder")
-    p.add_argument("action", choices=("verify", "stats"),
-                   help="verify: re-hash every shard against manifest.json; stats: counts")
-    p.add_argument("dir", help="shard folder")
-    p.set_defaults(func=_cmd_shards)
-
-    p = sub.add_parser("prepare", help="generate (if synthetic) and convert a config's data sets, cached")
-    p.add_argument("--config", required=True, help="study or training config YAML")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
-    p.set_defaults(func=_cmd_prepare)
-
-    p = sub.add_parser("train", help="co-train the model on a mix of data sets (Ray Train, MLflow)")
-    p.add_argument("--config", required=True, help="training config YAML, e.g. studies/configs/train_tiny.yaml")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. steps=50")
-    p.set_defaults(func=_cmd_train)
-
-    p = sub.add_parser("predict", help="run a checkpoint on images or a video; write result formats and overlays")
-    p.add_argument("--checkpoint", required=True, help="model.pt from omgseg train")
-    p.add_argument("--task", required=True, choices=[t.value for t in Task],  # a task's name is its entry's (tasks.py)
-                   help="the task (its entry in platform/tasks.py says how it reads its input and writes its results)")
-    p.add_argument("--input", required=True, help="an image, a folder of images, or (video tasks) a folder of frames")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--vocabulary", help="shard folder or JSON with 'categories' (default: the training vocabulary)")
-    p.add_argument("--coco-json", help="COCO JSON whose 'images' give the image ids of the file names")
-    p.add_argument("--clip-length", type=int, default=4, help="frames per clip for video tasks")
-    p.add_argument("--clip-checkpoint", help="local CLIP weights, if the model was trained with a CLIP checkpoint")
-    p.add_argument("--points", help="interactive: clicks 'x,y;x,y' in pixels, one object per click")
-    p.add_argument("--first-frame-mask", help="vos: palette PNG of object indices in the first frame")
-    p.add_argument("--videos", help="video_panoptic with a folder of video folders: a text file of the videos to "
-                   "predict, one name a line (VIPSeg's val.txt)")
-    p.set_defaults(func=_cmd_predict)
-
-    p = sub.add_parser("eval", help="score predictions in a public result format against ground truth")
-    p.add_argument("task", choices=tuple(EVAL_FORMATS), help="; ".join(
-        f"{name}: {' '.join('--' + a.replace('_', '-') for a in f.needs)} ({f.about})" for name, f in EVAL_FORMATS.items()))
-    p.add_argument("--gt-json")
-    p.add_argument("--gt-dir")
-    p.add_argument("--pred-json")
-    p.add_argument("--pred-dir")
-    p.add_argument("--num-classes", type=int)
-    p.add_argument("--ignore-label", type=int, default=255)
-    p.add_argument("--image-dir", help="interactive: folder of the images the ground-truth JSON names")
-    p.add_argument("--checkpoint", help="interactive: model.pt to click with")
-    p.add_argument("--clip-checkpoint", help="interactive: local CLIP weights, if the model was trained with them")
-    p.add_argument("--max-clicks", type=int, default=20, help="interactive: clicks per object (default 20, as RITM)")
-    p.add_argument("--max-images", type=int, help="interactive: only the first N images")
-    p.add_argument("--out", help="also write the JSON result to this file")
-    p.set_defaults(func=_cmd_eval)
-
-    for name, (_, text) in PASSTHROUGH.items():
-        sub.add_parser(name, help=f"{text}; `omgseg {name} --help` for its options", add_help=False)
-
-    p = sub.add_parser("model-info", help="parameter counts of a model config, without weights")
-    p.add_argument("config", help="model config preset: tiny or omgseg_convnext_large")
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="model config overrides, e.g. clip_model=RN50, clip_model=ViT-B-16, "
-                   "clip_pretrained=laion2b_s34b_b79k, decoder.num_layers=3")
-    p.set_defaults(func=_cmd_model_info)
+    for add in (_add_synth, _add_convert, _add_shards, _add_prepare, _add_train, _add_predict, _add_eval, _add_passthrough,
+                _add_model_info):
+        add(sub)  # in the order `omgseg --help` lists them
     return parser
 
 

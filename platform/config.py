@@ -285,6 +285,10 @@ class AffinityConfig(StrictModel):
     forward_batch_size: int | None = Field(
         default=None, ge=1, description="clips per forward pass of a probe (a source's batch, a target's held-out "
         "loss); none: the training batch size. Larger is faster, on a CPU most of all, and needs more memory")
+    heldout_maps: Literal["device", "host", "recompute"] = Field(
+        default="host", description="where the held-out batches and their frozen CLIP maps are kept between probes: "
+        "host (the device holds one batch at a time, whatever the number of data sets), device (no copies, but "
+        "every target's maps stay on the device) or recompute (no maps kept, the tower runs at every look-ahead)")
 
 
 class RunSpec(StrictModel):

@@ -311,17 +311,15 @@ def predict_video_panoptic(spec: TaskSpec, model: OMGSeg, vocab: Vocabulary, req
     stem>.png (RGB ids) and out/pred.json {"annotations": [{"video_id", "annotations":
     [{"file_name", "segments_info": [{"id", "category_id"}]}, ...one per frame]}, ...one per video]}."""
     videos, out = _videos(request.inputs, request.videos), request.out
-    clip_length, progress = request.clip_length, request.progress
     entries = [{"video_id": frames[0].parent.name,
-                "annotations": _video_panoptic(spec, model, vocab, frames, out, clip_length, progress, len(videos) > 1)}
-               for frames in videos]
+                "annotations": _video_panoptic(spec, model, vocab, frames, request, len(videos) > 1)} for frames in videos]
     path = out / "pred.json"
     write_atomic(path, json.dumps({"annotations": entries}).encode())
     return PredictSummary(task=spec.name, inputs=sum(len(f) for f in videos),
                           outputs=[str(path), str(out / "pan_pred"), str(out / "overlays")])
 
 
-def _video_panoptic(spec: TaskSpec, model: OMGSeg, vocab: Vocabulary, frames: list[Path], out: Path, clip_length: int, progress: bool,
+def _video_panoptic(spec: TaskSpec, model: OMGSeg, vocab: Vocabulary, frames: list[Path], request: PredictRequest,
                     overlay_per_video: bool) -> list[dict]:
     """One video's frames: per-clip panoptic fusion of tubes; thing ids follow the linked tracks
     across clips, stuff ids follow the class. Writes its PNGs; returns its frame annotations."""
@@ -329,13 +327,15 @@ def _video_panoptic(spec: TaskSpec, model: OMGSeg, vocab: Vocabulary, frames: li
 
     from omgseg.datasets.clip import encode_id_map_rgb
 
+    out, clip_length = request.out, request.clip_length
     linker = TubeLinker()
     video = frames[0].parent.name
     # A segment id names one tube with one category: a track whose class changes between
     # clips gets a new id for the new class.
     thing_ids: dict[tuple[int, int], int] = {}
     annotations = []
-    for start in tqdm(range(0, len(frames), clip_length), desc=f"predict {spec.name} {video}", disable=not progress):
+    for start in tqdm(range(0, len(frames), clip_length), desc=f"predict {spec.name} {video}",
+                      disable=not request.progress):
         clip = [_read_rgb(p) for p in frames[start:start + clip_length]]
         (pred,) = model.predict(_frames_tensor(clip), vocab)
         tracks = linker.link(pred.embeddings).tolist()

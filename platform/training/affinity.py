@@ -26,6 +26,7 @@ gradient buffer is left behind, and every random draw comes from the probe's own
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -46,7 +47,12 @@ from omgseg.platform.training.loop import TrainParts, WorkerState, train_stream
 class HeldOut:
     """A data set's fixed held-out batches and the vocabulary its loss is measured with.
     `towers`: each batch's frozen CLIP maps (`OMGSeg.tower`), computed once: every look-ahead
-    of every probe runs these same images, and the frozen tower was about a third of that time."""
+    of every probe runs these same images, and the frozen tower was about a third of that time.
+
+    Batches and maps stay where they were made; `mean_loss` moves one batch at a time to the
+    model's device. Kept on the host, the device holds one batch's inputs and maps at a time
+    whatever the number of data sets: with (1 + n) look-aheads over n targets, maps of every
+    target on the device grow with n (an estimated 12-23 GB at n = 4 for the paper model)."""
 
     batches: Sequence[TrainBatch]
     vocabulary: Vocabulary
@@ -54,11 +60,46 @@ class HeldOut:
 
     @classmethod
     def cached(cls, model: OMGSeg, batches: Sequence[TrainBatch], vocabulary: Vocabulary, *,
-               autocast: bool = False) -> HeldOut:
+               autocast: bool = False, keep: str = "device") -> HeldOut:
+        """`keep`: "device" (batches and maps on the model's device: no copy per look-ahead),
+        "host" (both in host memory, pinned on CUDA so the copies overlap compute) or
+        "recompute" (no maps kept: the tower runs again at every look-ahead)."""
+        if keep not in HELDOUT_KEEP:
+            raise ValueError(f"affinity.heldout_maps must be one of {HELDOUT_KEEP}, got {keep!r}")
+        if keep == "recompute":
+            return cls(list(batches), vocabulary)
         device = next(model.parameters()).device
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            towers = [model.tower(b.images) for b in batches]
-        return cls(batches, vocabulary, towers)
+        home = device if keep == "device" else torch.device("cpu")
+        pin = keep == "host" and device.type == "cuda"
+        kept, towers = [], []
+        for batch in batches:
+            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                maps = model.tower(batch.images.to(device))
+            kept.append(_pinned(batch.to(home)) if pin else batch.to(home))
+            towers.append(_maps_to(maps, home, pin))
+        return cls(kept, vocabulary, towers)
+
+
+HELDOUT_KEEP = ("device", "host", "recompute")
+
+
+def _maps_to(maps: TowerMaps, device: torch.device, pin: bool = False) -> TowerMaps:
+    def move(t: Tensor) -> Tensor:
+        t = t.to(device, non_blocking=True)
+        return t.pin_memory() if pin else t
+
+    return TowerMaps(stages=tuple(move(t) for t in maps.stages), dense=move(maps.dense))
+
+
+def _pinned(batch: TrainBatch) -> TrainBatch:
+    """Pinned host memory for the images, the bulk of a batch's bytes."""
+    return dataclasses.replace(batch, images=batch.images.pin_memory())
+
+
+def held_out_bytes(heldout: HeldOut) -> int:
+    """Bytes of the held-out images and maps: what sits on the device when kept there."""
+    maps = [t for m in heldout.towers or () for t in (*m.stages, m.dense)]
+    return sum(t.numel() * t.element_size() for t in [*maps, *(b.images for b in heldout.batches)])
 
 
 def in_batches(examples: Sequence[TrainExample], size: int) -> list[TrainBatch]:
@@ -79,9 +120,11 @@ def mean_loss(model: OMGSeg, vocabulary: Vocabulary, batches: Sequence[TrainBatc
     device = next(model.parameters()).device
     total = 0.0
     for k, batch in enumerate(batches):
+        batch = batch.to(device)  # held-out batches may live on the host
+        tower = None if towers is None else _maps_to(towers[k], device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             # No collective: every rank probes on its own batches, for its own estimate.
-            outputs = model(batch.images, vocabulary, batch.prompts, tower=None if towers is None else towers[k])
+            outputs = model(batch.images, vocabulary, batch.prompts, tower=tower)
             losses = model.loss(outputs, batch.targets, across_workers=False, final_only=final)
         total = total + (final_loss(losses) if final else sum(losses.values()))
     return total / len(batches)
@@ -269,8 +312,8 @@ class AffinityProbe:
                                                        self.settings.heldout_samples)
             if not examples:
                 raise ValueError(f"affinity: data set {name!r} has no val samples for its held-out batch")
-            batches = [b.to(parts.device) for b in in_batches(examples, self.forward_size)]
-            self.heldout[name] = HeldOut.cached(parts.model, batches, vocabulary, autocast=parts.autocast)
+            self.heldout[name] = HeldOut.cached(parts.model, in_batches(examples, self.forward_size), vocabulary,
+                                                autocast=parts.autocast, keep=self.settings.heldout_maps)
 
     def _probe_batches(self, parts: TrainParts, name: str) -> list[TrainBatch]:
         examples = []

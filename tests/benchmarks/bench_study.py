@@ -64,6 +64,7 @@ def main() -> int:
         "evaluation_s": round(evaluation, 1),
         "ray_startup_and_scheduling_s": round(overhead, 1),
         "share_inside_steps": round(steps / trial_wall, 3),
+        "share_evaluation": round(evaluation / trial_wall, 3),
         "share_ray_overhead": round(overhead / trial_wall, 3),
         "idle_slot_s": round(idle, 1),
         "share_ray_overhead_with_idle_slots": round((overhead + idle) / (trial_wall + idle), 3),

@@ -86,3 +86,32 @@ def test_the_command_prints_the_table_and_refuses_a_study_that_is_not_sampled(fo
     assert out[0].startswith("| estimator |") and json.loads(out[-1])["benchmark"] == "estimators"
     assert main(["--reference", str(reference), "--sampled", str(reference)]) == 1
     assert "is not a study of a sampled design" in capsys.readouterr().err
+
+
+def test_an_earlier_versions_reference_is_recomputed_from_its_metrics(folders, tmp_path, capsys):
+    """A reference whose metrics table lacks train_datasets and mixture (an earlier version),
+    whose saved config holds a key this version no longer reads, and whose influence table is
+    stale: --recompute gives the rows the current code builds from the same trials."""
+    import polars as pl
+
+    reference, sampled = folders
+    old = tmp_path / "old"
+    old.mkdir()
+    for name in ("runs", "affinity"):
+        (old / f"{name}.parquet").write_bytes((reference / f"{name}.parquet").read_bytes())
+    pl.read_parquet(reference / "metrics.parquet").drop("train_datasets", "mixture").write_parquet(old / "metrics.parquet")
+    state = json.loads((reference / "study.json").read_text())
+    state["config"]["data"]["splits"] = ["train", "val"]
+    (old / "study.json").write_text(json.dumps(state))
+    config = ["--config", str(PLANTED), "--reference"]
+    assert main([*config, str(reference), "--sampled", str(sampled)]) == 0
+    fresh = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert main(["--recompute", *config, str(old), "--sampled", str(sampled)]) == 0
+    again = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert again["rows"] == fresh["rows"] and fresh["rows"][0]["helps_hurts_recovered"] == "6/6"
+    other = tmp_path / "other"
+    other.mkdir()
+    state["config"]["name"] = "another"
+    (other / "study.json").write_text(json.dumps(state))
+    assert main(["--recompute", *config, str(other)]) == 1
+    assert "is not the config's" in capsys.readouterr().err

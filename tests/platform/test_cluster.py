@@ -2,7 +2,8 @@
 `ray start --address`, 1 CPU each), the synthetic shards served over HTTP, `mlflow server` on
 SQLite, and a two-trial study driven through RAY_ADDRESS. Both nodes train, the shards they
 read in an epoch are disjoint, the tracking server holds the parent and child runs, and the
-workers ran the wheel the driver shipped. Everything is stopped afterwards, pass or fail.
+workers ran the wheel the driver shipped; the same study on a SQLite store is refused there.
+Everything is stopped afterwards, pass or fail.
 
 Slow (about 2 minutes): `make test-cluster` runs it, and `.ci/run` calls that.
 """
@@ -80,3 +81,12 @@ def test_a_two_trial_study_on_a_two_node_cluster(services, tmp_path):
                 assert not set(epochs[0][epoch]) & set(epochs[1][epoch]), f"{trial} {name} epoch {epoch}: shards overlap"
         by_node = {k for k in child.data.metrics if k.startswith("samples_by_node/")}
         assert len({k.split("/")[1] for k in by_node}) == 2  # logged per node
+
+    # The same study with MLflow's default, a SQLite file, is refused on this two-node cluster
+    # before anything is written to it.
+    sqlite_env = {k: v for k, v in env.items() if k != "MLFLOW_TRACKING_URI"}
+    refused = tmp_path / "sqlite_study"
+    done = subprocess.run([sys.executable, str(ROOT / "studies" / "cotrain_matrix.py"), "--out", str(refused), *overrides],
+                          env=sqlite_env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 1 and "tracking.tracking_uri: a SQLite store" in done.stderr, done.stderr[-4000:]
+    assert "the 2-node Ray cluster" in done.stderr and not (refused / "mlflow.db").exists()

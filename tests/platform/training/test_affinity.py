@@ -12,7 +12,14 @@ from omgseg.model.config import model_config
 from omgseg.model.omgseg import OMGSeg
 from omgseg.model.structures import MatchTargets, PromptBatch
 from omgseg.model.vocabulary import Vocabulary
-from omgseg.platform.training.affinity import AffinityAverage, HeldOut, Lookahead, final_loss, lookahead_affinity
+from omgseg.platform.training.affinity import (
+    AffinityAverage,
+    HeldOut,
+    Lookahead,
+    final_loss,
+    held_out_bytes,
+    lookahead_affinity,
+)
 from omgseg.platform.training.batches import TrainBatch
 
 H, W = 64, 64
@@ -62,8 +69,14 @@ def test_affinity_equals_an_adamw_step_on_a_copy_and_leaves_weights_and_moments_
     assert all(p.grad is None for p in model.parameters())
     assert torch.equal(z, lookahead_affinity(model, optimizer, vocabulary, probes, heldout, grad_clip=CLIP))
     # The held-out batches' frozen CLIP maps computed once (what the probe does) change nothing.
-    cached = {name: HeldOut.cached(model, h.batches, h.vocabulary) for name, h in heldout.items()}
-    assert torch.equal(z, lookahead_affinity(model, optimizer, vocabulary, probes, cached, grad_clip=CLIP))
+    # So do the other places to keep them: host memory, moved a batch at a time, or not kept.
+    for keep in ("device", "host", "recompute"):
+        cached = {name: HeldOut.cached(model, h.batches, h.vocabulary, keep=keep) for name, h in heldout.items()}
+        assert (cached["a"].towers is None) == (keep == "recompute")
+        assert torch.equal(z, lookahead_affinity(model, optimizer, vocabulary, probes, cached, grad_clip=CLIP)), keep
+    assert held_out_bytes(cached["a"]) == heldout["a"].batches[0].images.numel()  # uint8 images, no maps
+    with pytest.raises(ValueError, match="affinity.heldout_maps must be one of"):
+        HeldOut.cached(model, heldout["a"].batches, vocabulary, keep="disk")
 
     lr = optimizer.param_groups[0]["lr"]
 
