@@ -78,10 +78,16 @@ class ShardLocation:
                 backend, extra = EXTRAS[scheme]
                 raise MissingExtra(f"{url}: reading {scheme}:// needs {backend}: pip install 'omgseg[{extra}]'") from None
             raise MissingExtra(f"{url}: cannot open it: {err} (install the fsspec backend for {scheme}://)") from None
-        except FileNotFoundError:
+        except FileNotFoundError as err:
+            # fsspec's HTTP reader says "not found" for any failure to reach the file; only an
+            # answer of 404 or 410 (or none given) means it is missing, a refused connection may pass.
+            cause = err.__cause__
+            missing = cause is None or isinstance(cause, FileNotFoundError) or getattr(cause, "status", None) in (404, 410)
+            if not missing:
+                raise OSError(f"{url}: cannot open it ({type(cause).__name__}: {cause})") from None
             raise FileNotFoundError(f"{url} does not exist") from None
-        except OSError as err:
-            raise FileNotFoundError(f"{url}: cannot open it ({type(err).__name__}: {err})") from None
+        except OSError as err:  # a refused or dropped connection: not a missing file, and may pass
+            raise OSError(f"{url}: cannot open it ({type(err).__name__}: {err})") from None
 
     def exists(self, name: str) -> bool:
         if not self.remote:

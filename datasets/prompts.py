@@ -8,6 +8,7 @@ Every draw comes from the caller's seeded `torch.Generator`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -59,17 +60,52 @@ def _as_points(rc: torch.Tensor) -> torch.Tensor:
     return rc.flip(1).to(torch.float32) + 0.5
 
 
+def _near(mask: torch.Tensor, band: int) -> torch.Tensor:
+    """bool (H, W): pixels within `band` pixels (Chebyshev distance) of `mask`, as a
+    (2 band + 1)^2 max-pool gives them. Written with prefix sums, a row pass then a column
+    pass, because the max-pool costs (2 band + 1)^2 per pixel (0.27 s at 736x1280, band 10)."""
+    near = mask
+    for dim in (1, 0):
+        size = near.shape[dim]
+        counts = F.pad(near.to(torch.int32).cumsum(dim, dtype=torch.int32), (1, 0) if dim == 1 else (0, 0, 1, 0))
+        position = torch.arange(size, device=mask.device)
+        high = (position + band + 1).clamp_(max=size)  # the window [p - band, p + band], inside the frame
+        low = (position - band).clamp_(min=0)
+        near = counts.index_select(dim, high) > counts.index_select(dim, low)
+    return near
+
+
 def negative_band(mask: torch.Tensor, band: int) -> torch.Tensor:
     """bool (H, W): pixels outside `mask` within `band` pixels (Chebyshev distance) of it."""
-    dilated = F.max_pool2d(mask[None, None].float(), kernel_size=2 * band + 1, stride=1, padding=band)[0, 0] > 0
-    return dilated & ~mask
+    return _near(mask, band) & ~mask
+
+
+def bounding_boxes(masks: torch.Tensor) -> torch.Tensor:
+    """bool (N, H, W) -> int64 (N, 4): each mask's rows and columns (row0, col0, row1, col1),
+    ends exclusive; (0, 0, 0, 0) for an empty mask. One pass over the masks for all of them."""
+    n, h, w = masks.shape
+    rows = masks.any(dim=2)  # (N, H)
+    present = rows.any(dim=1)
+    rows = rows.to(torch.uint8)
+    cols = masks.any(dim=1).to(torch.uint8)  # (N, W)
+    boxes = torch.stack([
+        rows.argmax(dim=1), cols.argmax(dim=1), h - rows.flip(1).argmax(dim=1), w - cols.flip(1).argmax(dim=1),
+    ], dim=1)  # argmax gives the first maximum: the first row or column with a pixel
+    return torch.where(present[:, None], boxes, torch.zeros_like(boxes))
 
 
 def tight_box(mask: torch.Tensor) -> torch.Tensor:
     """bool (H, W), non-empty -> float32 (4,) xyxy over pixel edges."""
-    rows = torch.nonzero(mask.any(dim=1)).flatten()
-    cols = torch.nonzero(mask.any(dim=0)).flatten()
-    return torch.stack([cols[0], rows[0], cols[-1] + 1, rows[-1] + 1]).to(torch.float32)
+    row0, col0, row1, col1 = bounding_boxes(mask[None])[0]
+    return torch.stack([col0, row0, col1, row1]).to(torch.float32)
+
+
+def _check_options(num_positive: int, num_negative: int, band: int, box_jitter: float) -> None:
+    if num_positive < 1 or num_negative < 0 or band < 0 or box_jitter < 0:
+        raise ValueError(
+            f"need num_positive >= 1, num_negative >= 0, band >= 0, box_jitter >= 0; got "
+            f"{num_positive}, {num_negative}, {band}, {box_jitter}"
+        )
 
 
 def sample_prompt(
@@ -94,35 +130,50 @@ def sample_prompt(
     """
     if mask.dtype != torch.bool or mask.ndim != 2:
         raise ValueError(f"mask must be bool (H, W), got {mask.dtype} {tuple(mask.shape)}")
-    if num_positive < 1 or num_negative < 0 or band < 0 or box_jitter < 0:
-        raise ValueError(
-            f"need num_positive >= 1, num_negative >= 0, band >= 0, box_jitter >= 0; got "
-            f"{num_positive}, {num_negative}, {band}, {box_jitter}"
-        )
-    if not mask.any():
-        return None
+    _check_options(num_positive, num_negative, band, box_jitter)
+    return _prompt_in_box(mask, bounding_boxes(mask[None])[0].tolist(), kind, generator, segment_index,
+                          num_positive, num_negative, band, box_jitter)
+
+
+def _prompt_in_box(mask: torch.Tensor, box: list[int], kind: PromptKind, generator: torch.Generator,
+                   segment_index: int, num_positive: int, num_negative: int, band: int,
+                   box_jitter: float) -> Prompts | None:
+    """`sample_prompt` for a mask whose pixels all lie in `box` (row0, col0, row1, col1).
+
+    Every candidate pixel is looked for inside the box (or the box widened by `band` for the
+    negatives), never in the whole frame. Candidates come in the frame's row-major order, as
+    `torch.nonzero` of the whole frame gives them, so every draw picks the same pixel.
+    """
+    row0, col0, row1, col1 = box
+    if row1 == 0:
+        return None  # an empty mask
     device = mask.device
     no_points = torch.zeros(0, 2, dtype=torch.float32, device=device)
     no_labels = torch.zeros(0, dtype=torch.int64, device=device)
+    h, w = mask.shape
     if kind is PromptKind.BOX:
-        h, w = mask.shape
-        box = tight_box(mask)
-        side = torch.stack([box[2] - box[0], box[3] - box[1]]).repeat(2)  # (w, h, w, h)
+        box_xyxy = torch.tensor([col0, row0, col1, row1], dtype=torch.float32, device=device)
+        side = torch.stack([box_xyxy[2] - box_xyxy[0], box_xyxy[3] - box_xyxy[1]]).repeat(2)  # (w, h, w, h)
         noise = torch.randn(4, generator=generator, device=generator.device).to(device)
-        x1, y1, x2, y2 = (box + noise * box_jitter * side).unbind()
+        x1, y1, x2, y2 = (box_xyxy + noise * box_jitter * side).unbind()
         x1 = x1.clamp(0, w - 1)
         y1 = y1.clamp(0, h - 1)
         x2 = torch.maximum(x2, x1 + 1).clamp(max=w)
         y2 = torch.maximum(y2, y1 + 1).clamp(max=h)
         return Prompts(kind, segment_index, no_points, no_labels, torch.stack([x1, y1, x2, y2])[None])
-    positive = _as_points(_pick(torch.nonzero(mask), num_positive, generator))
+    origin = torch.tensor([row0, col0], device=device)
+    inside = torch.nonzero(mask[row0:row1, col0:col1]) + origin
+    positive = _as_points(_pick(inside, num_positive, generator))
     negative = no_points
     if num_negative > 0:
-        region = negative_band(mask, band)
-        if not region.any():
-            region = ~mask
-        if region.any():
-            negative = _as_points(_pick(torch.nonzero(region), num_negative, generator))
+        # Pixels farther than `band` from the box are farther than `band` from the mask.
+        top, left = max(row0 - band, 0), max(col0 - band, 0)
+        window = mask[top : min(row1 + band, h), left : min(col1 + band, w)]
+        near = torch.nonzero(negative_band(window, band)) + torch.tensor([top, left], device=device)
+        if near.shape[0] == 0:
+            near = torch.nonzero(~mask)  # no band: anywhere outside (rare, a mask filling its surroundings)
+        if near.shape[0] > 0:
+            negative = _as_points(_pick(near, num_negative, generator))
     points = torch.cat([positive, negative])
     labels = torch.cat([
         torch.ones(positive.shape[0], dtype=torch.int64, device=device),
@@ -135,17 +186,27 @@ def sample_prompts(
     masks: torch.Tensor,
     kind: PromptKind,
     generator: torch.Generator,
+    *,
+    rows: Sequence[int] | None = None,
     **options: int | float,
 ) -> list[Prompts]:
     """One prompt per non-empty mask of `masks` (bool (N, H, W)), in order; empty masks get
     none. For a clip, pass one frame of `Targets.masks`, e.g. `targets.masks[:, 0]`.
+    rows: the masks to prompt (default: all); a prompt's `segment_index` is its row.
     `options` are `sample_prompt`'s keyword arguments (num_positive, num_negative, band,
-    box_jitter); an unknown one is a TypeError there."""
+    box_jitter); an unknown one is a TypeError. The masks' boxes are found in one pass."""
     if masks.dtype != torch.bool or masks.ndim != 3:
         raise ValueError(f"masks must be bool (N, H, W), got {masks.dtype} {tuple(masks.shape)}")
+    settings = {"num_positive": 1, "num_negative": 0, "band": 10, "box_jitter": 0.1}
+    unknown = sorted(set(options) - set(settings))
+    if unknown:
+        raise TypeError(f"sample_prompts() got unexpected keyword arguments {unknown} (known: {sorted(settings)})")
+    settings.update(options)
+    _check_options(**settings)
+    boxes = bounding_boxes(masks).tolist()
     out = []
-    for n in range(masks.shape[0]):
-        prompt = sample_prompt(masks[n], kind, generator, segment_index=n, **options)
+    for n in range(masks.shape[0]) if rows is None else rows:
+        prompt = _prompt_in_box(masks[n], boxes[n], kind, generator, n, **settings)
         if prompt is not None:
             out.append(prompt)
     return out

@@ -1,5 +1,11 @@
 """Reading a shard's raw samples back, local or remote, checked against the manifest's count,
-size and sha256 as they stream (`read_shard_samples`)."""
+size and sha256 as they stream (`read_shard_samples`).
+
+A read that stopped before the shard's end (a connection cut, a refused connection, a short
+transfer) raises `TransientReadError`: reading the shard again may succeed, and remote readers
+retry it (omgseg.datasets.stream). A shard that was read whole but whose sha256 differs from
+the manifest, or that does not exist, raises a plain `ShardReadError`: reading it again gives
+the same bytes."""
 
 from __future__ import annotations
 
@@ -12,8 +18,12 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
-from omgseg.datasets.location import ShardLocation
+from omgseg.datasets.location import MissingExtra, ShardLocation
 from omgseg.datasets.manifest import ShardInfo, ShardReadError
+
+
+class TransientReadError(ShardReadError):
+    """A shard read that stopped early; the same read may succeed when tried again."""
 
 
 class _TarContext:
@@ -39,7 +49,7 @@ class _TarContext:
         if isinstance(exn, ShardReadError):
             raise exn
         first = exn.args[0] if exn.args else ""
-        raise ShardReadError(f"{self.where()}: cannot read tar ({type(exn).__name__}: {first})") from exn
+        raise TransientReadError(f"{self.where()}: cannot read tar ({type(exn).__name__}: {first})") from exn
 
 
 class _HashingReader(io.RawIOBase):
@@ -95,8 +105,10 @@ def read_shard_samples(
             raw = open(name, "rb")  # noqa: SIM115 - closed below, after the generator finishes
     except (FileNotFoundError, IsADirectoryError):
         raise ShardReadError(f"shard {name} does not exist") from None
-    except OSError as exn:
-        raise ShardReadError(f"shard {name}: cannot open ({exn})") from None
+    except MissingExtra:
+        raise  # its own one line: not a read that may pass
+    except Exception as exn:  # noqa: BLE001 - OSError, or an HTTP client's own errors (a 503): re-raised, named
+        raise TransientReadError(f"shard {name}: cannot open ({exn})") from None
     stream = _HashingReader(raw)
     buffered = io.BufferedReader(stream)  # held here: when collected it would close the file
     try:
@@ -112,10 +124,10 @@ def read_shard_samples(
             return
         try:
             stream.drain()
-        except OSError as exn:
-            raise ShardReadError(f"shard {name}: read failed after sample {last_key} ({exn})") from None
+        except Exception as exn:  # noqa: BLE001 - as for opening
+            raise TransientReadError(f"shard {name}: read failed after sample {last_key} ({exn})") from None
         if count != expected.samples or stream.size != expected.bytes:
-            raise ShardReadError(
+            raise TransientReadError(
                 f"shard {name}: read {count} samples ({stream.size} bytes) but the manifest says "
                 f"{expected.samples} ({expected.bytes} bytes); last sample read: {last_key}; "
                 f"the shard is truncated or corrupt"

@@ -162,6 +162,10 @@ class DataConfig(StrictModel):
     datasets: dict[str, DatasetSpec]
     convert_workers: int | None = Field(default=None, ge=1, description="processes converting shards at once; "
                                         "none = one per core")
+    read_retries: int = Field(
+        default=5, ge=0, description="times a remote shard whose read stops early (a dropped connection) is read "
+        "again before the run fails; the stream goes on at the sample it had reached")
+    read_retry_backoff: float = Field(default=1.0, ge=0, description="seconds before the first retry, doubled at each next")
 
     @field_validator("datasets")
     @classmethod
@@ -242,6 +246,11 @@ class BatchConfig(StrictModel):
     positive_points: int = Field(default=2, ge=1, description="point prompts get 1 to this many positive clicks")
     negative_points: int = Field(default=1, ge=0)
     shuffle_buffer: int = Field(default=32, ge=0)
+    loader_workers: int | None = Field(
+        default=None, ge=0, description="processes that decode samples and make clips, per training worker (0: the "
+        "training process itself); none: one fewer than the CPUs a training worker holds (resources.cpus_per_worker). "
+        "The batches are the same for any number")
+    loader_prefetch: int = Field(default=2, ge=1, description="batches each loader process makes ahead")
 
 
 class OptimizerConfig(StrictModel):

@@ -478,6 +478,11 @@ def check_segmentation(segm: object, height: int, width: int, where: str) -> Non
         if not all(isinstance(p, list) and all(isinstance(v, int | float) and not isinstance(v, bool) for v in p)
                    for p in segm):
             raise ValueError(f"{where}: polygons must be lists of numbers")
+        # pycocotools reads a list by its first polygon: 4 numbers make it a box (a COCO encoding), fewer an
+        # unsupported input; an odd count has no last y.
+        if not segm or len(segm[0]) < 4 or any(len(p) % 2 for p in segm):
+            raise ValueError(f"{where}: polygons need an even number of coordinates, the first at least 4 "
+                             f"(got lengths {[len(p) for p in segm]})")
         # Points may lie outside the image (pycocotools clips them), but not far outside:
         # pycocotools allocates along every edge, so one huge or non-finite coordinate
         # exhausts memory or crashes the process.

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from omgseg.core.seeds import derive_seed
+from omgseg.datasets.stream import decode_sample
 from omgseg.model.backbone import TowerMaps
 from omgseg.model.omgseg import OMGSeg
 from omgseg.model.vocabulary import Vocabulary
@@ -300,8 +301,11 @@ class AffinityProbe:
         self.names = list(parts.batches.counts)
         self.average = AffinityAverage.from_state(state.affinity) if state.affinity else AffinityAverage(self.names)
         drawn = self.average.probes * self.settings.batch_size  # per data set, this rank
-        self.streams = {n: iter(train_stream(config, n, derive_seed(config.seed, "probe-stream", n, parts.rank), drawn))
-                        for n in self.names}
+        if drawn and set(state.probe_streams) != set(self.names):
+            raise ValueError("the checkpoint has probe sums but not the probe streams' positions: it was written "
+                             "before streams recorded them; start the run afresh")
+        self.streams = {n: train_stream(config, n, derive_seed(config.seed, "probe-stream", n, parts.rank)).raw_samples(
+            parts.rank, parts.world, start=state.probe_streams.get(n)) for n in self.names}
         self.drawn = dict.fromkeys(self.names, drawn)
         self.seed, self.rank = config.seed, parts.rank
         self.forward_size = self.settings.forward_batch_size or config.batch.batch_size
@@ -315,19 +319,20 @@ class AffinityProbe:
             self.heldout[name] = HeldOut.cached(parts.model, in_batches(examples, self.forward_size), vocabulary,
                                                 autocast=parts.autocast, keep=self.settings.heldout_maps)
 
-    def _probe_batches(self, parts: TrainParts, name: str) -> list[TrainBatch]:
+    def _probe_batches(self, parts: TrainParts, state: WorkerState, name: str) -> list[TrainBatch]:
         examples = []
         for _ in range(self.settings.batch_size):
             key = derive_seed(self.seed, "probe-sample", name, self.rank, self.drawn[name])
-            examples.append(parts.batches.maker(name, next(self.streams[name]), key))
+            examples.append(parts.batches.maker(name, decode_sample(next(self.streams[name])), key))
             self.drawn[name] += 1
+        state.probe_streams[name] = self.streams[name].position
         return [b.to(parts.device) for b in in_batches(examples, self.forward_size)]
 
     def __call__(self, parts: TrainParts, state: WorkerState, batch: TrainBatch, losses: dict[str, float]) -> None:
         if state.step % self.settings.every:
             return
         started = time.perf_counter()
-        probes = {name: self._probe_batches(parts, name) for name in self.names}
+        probes = {name: self._probe_batches(parts, state, name) for name in self.names}
         z = lookahead_affinity(parts.model, parts.optimizer, parts.vocabulary, probes, self.heldout,
                                grad_clip=parts.config.optimizer.grad_clip, autocast=parts.autocast)
         self.average.add(z)

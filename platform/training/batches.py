@@ -16,7 +16,8 @@ study's comparison of two mixes sees the mix, not a different draw of augmentati
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Iterator
+from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -26,7 +27,7 @@ from omgseg.core.seeds import derive_seed
 from omgseg.core.structures import PromptKind, Task
 from omgseg.datasets.mixer import Mixer
 from omgseg.datasets.prompts import sample_prompts
-from omgseg.datasets.stream import ClipSample
+from omgseg.datasets.stream import ClipSample, ShardStream, StreamPosition, decode_sample
 from omgseg.datasets.transforms import ClipTransform, build_targets
 from omgseg.model.structures import MatchTargets, PromptBatch
 from omgseg.platform.config import BatchConfig
@@ -55,6 +56,7 @@ class TrainBatch:
     datasets: tuple[str, ...]
 
     def to(self, device: torch.device) -> TrainBatch:
+        """On `device`; copies from pinned memory (`pin_memory`) overlap with the host's work."""
         return TrainBatch(
             images=self.images.to(device, non_blocking=True),
             targets=[_targets_to(t, device) for t in self.targets],
@@ -62,19 +64,36 @@ class TrainBatch:
             datasets=self.datasets,
         )
 
+    def pin_memory(self) -> TrainBatch:
+        """In page-locked memory (what the DataLoader calls with pin_memory=True)."""
+        return TrainBatch(
+            images=self.images.pin_memory(),
+            targets=[_targets_apply(t, torch.Tensor.pin_memory) for t in self.targets],
+            prompts=[_prompts_apply(p, torch.Tensor.pin_memory) for p in self.prompts],
+            datasets=self.datasets,
+        )
+
 
 def _targets_to(t: MatchTargets, device: torch.device) -> MatchTargets:
-    return dataclasses.replace(
-        t, labels=t.labels.to(device), masks=t.masks.to(device), track_ids=t.track_ids.to(device),
-        prompt_masks=None if t.prompt_masks is None else t.prompt_masks.to(device),
-    )
+    return _targets_apply(t, lambda x: x.to(device, non_blocking=True))
 
 
 def _prompts_to(p: PromptBatch, device: torch.device) -> PromptBatch:
+    return _prompts_apply(p, lambda x: x.to(device, non_blocking=True))
+
+
+def _targets_apply(t: MatchTargets, move: Callable[[Tensor], Tensor]) -> MatchTargets:
     return dataclasses.replace(
-        p, boxes=p.boxes.to(device),
-        clicks=None if p.clicks is None else p.clicks.to(device),
-        click_labels=None if p.click_labels is None else p.click_labels.to(device),
+        t, labels=move(t.labels), masks=move(t.masks), track_ids=move(t.track_ids),
+        prompt_masks=None if t.prompt_masks is None else move(t.prompt_masks),
+    )
+
+
+def _prompts_apply(p: PromptBatch, move: Callable[[Tensor], Tensor]) -> PromptBatch:
+    return dataclasses.replace(
+        p, boxes=move(p.boxes),
+        clicks=None if p.clicks is None else move(p.clicks),
+        click_labels=None if p.click_labels is None else move(p.click_labels),
     )
 
 
@@ -83,6 +102,12 @@ class ClipMaker:
 
     augment=False (validation): the first T frames, resized to fit the crop (no jitter, no
     flip) and padded; prompts are still sampled, from the sample's key.
+
+    The work follows the crop, not the frame: a repeated image frame is transformed and
+    compared with the segment ids once, only the crop's part of the resized id maps is made,
+    and prompts look for pixels in their mask's bounding box. The result equals the plain
+    whole-frame computation (tests/clip_reference.py) except the image pixels, which are within
+    one grey level of it (integer resizing instead of float; tests/platform/training/test_batches.py).
     """
 
     def __init__(self, config: BatchConfig, label_maps: dict[str, dict[int, int]],
@@ -101,19 +126,24 @@ class ClipMaker:
         if name not in self.label_maps:
             raise KeyError(f"no vocabulary map for data set {name!r} (known: {sorted(self.label_maps)})")
         generator = torch.Generator().manual_seed(derive_seed(key, "augment"))
-        sample = self._frames(sample, generator)
-        sample = self.transform(sample, generator)
-        targets = build_targets(sample)
+        frames = self._frames(sample.num_frames, generator)
+        plan = self.transform.plan(sample.height, sample.width, generator)
+        distinct, position = torch.unique(frames, return_inverse=True)  # an image's repeats: computed once
+        window = slice(int(distinct[0]), int(distinct[-1]) + 1)  # consecutive frames: a view, not a copy
+        images = self.transform.images(sample.images[window], plan)
+        if len(distinct) < len(frames):
+            images = images[position]
+        targets = build_targets(self.transform.id_maps(sample.id_maps[window], plan), sample.segments, position)
         tasks = set(sample.tasks)
         if name in self.supervised:
             tasks &= self.supervised[name]
         prompts = []
         if tasks & PROMPTED_TASKS and self.config.prompts_per_clip > 0:
-            first = targets.masks[:, 0] & ~targets.iscrowd[:, None, None]  # prompts from frame 0
             kind = PromptKind.POINT if torch.rand((), generator=generator) < self.config.point_prob else PromptKind.BOX
             positives = 1 + int(torch.randint(self.config.positive_points, (), generator=generator))
-            candidates = sample_prompts(first, kind, generator, num_positive=positives,
-                                        num_negative=self.config.negative_points)
+            objects = [n for n, crowd in enumerate(targets.iscrowd.tolist()) if not crowd]  # a crowd is no object
+            candidates = sample_prompts(targets.masks[:, 0], kind, generator, rows=objects,  # prompts from frame 0
+                                        num_positive=positives, num_negative=self.config.negative_points)
             if len(candidates) > self.config.prompts_per_clip:
                 keep = torch.randperm(len(candidates), generator=generator)[: self.config.prompts_per_clip]
                 candidates = [candidates[i] for i in sorted(keep.tolist())]
@@ -122,28 +152,19 @@ class ClipMaker:
         supervision = match_targets(targets, self.label_maps[name], prompts, objects=objects)
         return TrainExample(
             dataset=name,
-            images=sample.images,
+            images=images,
             targets=dataclasses.replace(supervision, seed=derive_seed(key, "loss")),
             prompts=prompt_batch(prompts, self.config.crop),
         )
 
-    def _frames(self, sample: ClipSample, generator: torch.Generator) -> ClipSample:
-        """Exactly T frames: a random window of a longer clip, the frames repeated for a shorter one."""
-        t, want = sample.num_frames, self.config.frames
-        if t == want:
-            return sample
-        if t > want:
-            start = int(torch.randint(t - want + 1, (), generator=generator)) if self.augment else 0
-            index = torch.arange(start, start + want)
-        else:
-            index = torch.arange(want).clamp(max=t - 1)
-        return dataclasses.replace(
-            sample,
-            images=sample.images[index],
-            id_maps=sample.id_maps[index],
-            frame_names=tuple(sample.frame_names[i] for i in index.tolist()),
-            segments=tuple(dataclasses.replace(s, area=tuple(s.area[i] for i in index.tolist())) for s in sample.segments),
-        )
+    def _frames(self, available: int, generator: torch.Generator) -> Tensor:
+        """The clip's T frames, as indices into the sample's: a random window of a longer clip,
+        the frames repeated for a shorter one."""
+        want = self.config.frames
+        if available > want:
+            start = int(torch.randint(available - want + 1, (), generator=generator)) if self.augment else 0
+            return torch.arange(start, start + want)
+        return torch.arange(want).clamp(max=available - 1)
 
 
 def collate(examples: list[TrainExample]) -> TrainBatch:
@@ -155,43 +176,131 @@ def collate(examples: list[TrainExample]) -> TrainBatch:
     )
 
 
+@dataclass
+class BatchPlan:
+    """One batch as the training process hands it to a loader worker: per clip, its data set,
+    its raw (undecoded) sample and its key."""
+
+    samples: list[tuple[str, dict, int]]
+
+
+class MakeBatches(torch.utils.data.Dataset):
+    """What a loader worker does with a `BatchPlan`: decode, make the examples, collate.
+
+    An error is returned, not raised: the DataLoader would re-raise it in the training process
+    with the worker's traceback inside the message, and the run's one-line error would be lost.
+    """
+
+    def __init__(self, maker: ClipMaker) -> None:
+        self.maker = maker
+
+    def __getitem__(self, plan: BatchPlan) -> TrainBatch | Exception:
+        try:
+            return collate([self.maker(name, decode_sample(raw), key) for name, raw, key in plan.samples])
+        except Exception as err:  # noqa: BLE001 - raised again by TrainBatches, in the training process
+            return err
+
+
+def _as_is(batch: TrainBatch | Exception) -> TrainBatch | Exception:
+    return batch
+
+
+@dataclass(frozen=True)
+class Drawn:
+    """Where the batches are after one: samples drawn from each data set, each stream's
+    position, and the mix schedule's `Mixer.block_counts`."""
+
+    counts: dict[str, int]
+    positions: dict[str, StreamPosition]
+    schedule: dict[str, int]
+
+
 class TrainBatches:
     """The training batches of one rank, without end: each data set's repeating stream,
     interleaved at `ratios` with exact exposure (omgseg.datasets.mixer), each sample made into
     an example from its own key (see the module docstring).
 
-    streams: {data set: its repeating stream, already advanced past `counts[data set]` samples}.
-    counts: samples this rank drew from each data set before (a resumed run); the schedule
-        continues after their total and must agree with them.
-    `counts` is updated as batches are drawn; `state()` is what a checkpoint keeps.
+    This process reads the shards and decides every batch (which samples, which keys); `workers`
+    DataLoader processes decode and make the clips, `prefetch` batches ahead each, and the
+    batches come back in order. What a batch holds therefore does not depend on the number of
+    workers (0: made here, when asked for).
+
+    streams: {data set: its training stream (repeat=True)}.
+    counts, positions, schedule: samples this rank drew from each data set before, where each
+        stream was then, and the mix schedule's block counts (a resumed run); the schedule
+        continues after the counts' total and must agree with them.
+    `counts`, `positions` and `schedule` describe the batches handed out so far (not those being
+    made ahead): what a checkpoint keeps.
     """
 
-    def __init__(self, streams: dict[str, Iterable[ClipSample]], ratios: dict[str, float], maker: ClipMaker,
-                 batch_size: int, seed: int, rank: int = 0, counts: dict[str, int] | None = None) -> None:
+    def __init__(self, streams: dict[str, ShardStream], ratios: dict[str, float], maker: ClipMaker,
+                 batch_size: int, seed: int, rank: int = 0, world_size: int = 1, *,
+                 counts: dict[str, int] | None = None, positions: dict[str, StreamPosition] | None = None,
+                 schedule: dict[str, int] | None = None, workers: int = 0, prefetch: int = 2, pin_memory: bool = False) -> None:
         self.maker = maker
         self.batch_size = batch_size
         self.seed = seed
         self.rank = rank
         self.counts = {name: 0 for name in streams} | dict(counts or {})
+        self.positions = dict(positions or {})
+        unplaced = [n for n, c in self.counts.items() if c and n not in self.positions]
+        if unplaced:
+            raise ValueError(f"resumed sample counts {self.counts} come without the positions of the streams of "
+                             f"{unplaced}: the checkpoint was written before streams recorded them; start the run afresh")
+        self.raw = {name: stream.raw_samples(rank, world_size, start=self.positions.get(name))
+                    for name, stream in streams.items()}
         drawn = sum(self.counts.values())
-        self.mixer = Mixer(ratios, streams, seed=derive_seed(seed, "interleave", rank), start=drawn)
+        self.schedule = dict(schedule or {})
+        self.mixer = Mixer(ratios, self.raw, seed=derive_seed(seed, "interleave", rank), start=drawn,
+                           block_counts=self.schedule or None)
         expected = self.mixer.counts_after(drawn)
         if drawn and expected != {n: self.counts[n] for n in expected}:
             raise ValueError(f"resumed sample counts {self.counts} do not follow the mix schedule ({expected} "
                              f"after {drawn} draws): the checkpoint belongs to another mix")
-        self._samples = iter(self.mixer)
+        self._drawn: deque[Drawn] = deque()  # of the batches planned and not yet handed out, in order
+        self.loader = torch.utils.data.DataLoader(
+            MakeBatches(maker), batch_size=None, sampler=self._plans(), num_workers=workers, collate_fn=_as_is,
+            pin_memory=pin_memory, prefetch_factor=prefetch if workers else None)
+        self._batches: Iterator[TrainBatch | Exception] | None = None
+        self._closed = False
 
     def key(self, name: str, index: int) -> int:
         """The key of the index-th sample of data set `name` on this rank."""
         return derive_seed(self.seed, "sample", name, self.rank, index)
 
+    def _plans(self) -> Iterator[BatchPlan]:
+        """Every batch's samples and keys, in order (read here, in the training process)."""
+        samples = iter(self.mixer)
+        counts = dict(self.counts)
+        while True:
+            plan = []
+            for _ in range(self.batch_size):
+                name, raw = next(samples)
+                plan.append((name, raw, self.key(name, counts[name])))
+                counts[name] += 1
+            self._drawn.append(Drawn(dict(counts), {n: s.position for n, s in self.raw.items()},
+                                     dict(self.mixer.block_counts)))
+            yield BatchPlan(plan)
+
     def __iter__(self) -> Iterator[TrainBatch]:
         return self
 
     def __next__(self) -> TrainBatch:
-        examples = []
-        for _ in range(self.batch_size):
-            name, sample = next(self._samples)
-            examples.append(self.maker(name, sample, self.key(name, self.counts[name])))
-            self.counts[name] += 1
-        return collate(examples)
+        if self._closed:
+            raise RuntimeError("the training batches were closed")
+        if self._batches is None:
+            self._batches = iter(self.loader)
+        batch = next(self._batches)
+        if isinstance(batch, Exception):
+            raise batch
+        drawn = self._drawn.popleft()
+        self.counts.update(drawn.counts)
+        self.positions.update(drawn.positions)
+        self.schedule.update(drawn.schedule)
+        return batch
+
+    def close(self) -> None:
+        """Stop the loader workers and the batches (the workers also stop when this object is
+        collected)."""
+        self._batches = None
+        self._closed = True

@@ -20,7 +20,7 @@ import torch
 from omgseg.core.seeds import derive_seed
 from omgseg.core.structures import Task
 from omgseg.datasets.manifest import read_meta
-from omgseg.datasets.stream import ShardStream
+from omgseg.datasets.stream import ShardStream, StreamPosition
 from omgseg.model.checkpoint import load_weights
 from omgseg.model.config import model_config
 from omgseg.model.omgseg import OMGSeg
@@ -35,20 +35,32 @@ class WorkerState:
 
     step: int
     counts: dict[str, int]  # samples this rank drew from each data set
-    seconds: dict[str, float] = field(default_factory=lambda: {"train": 0.0, "affinity": 0.0, "eval": 0.0})
+    # Time inside training steps ("train", which includes "data": waiting for the next batch),
+    # affinity probes and evaluation.
+    seconds: dict[str, float] = field(
+        default_factory=lambda: {"train": 0.0, "data": 0.0, "affinity": 0.0, "eval": 0.0})
     affinity: dict | None = None  # AffinityAverage.state()
     # What this rank read, one entry per process life (a resume starts a new one):
     # {"node", "from_step", "code" (the omgseg file that ran), "shards": {data set: {stream epoch: [shard names]}}}
     reads: list[dict] = field(default_factory=list)
+    # Where each data set's training stream, and its affinity probe stream, is: a resume continues there.
+    streams: dict[str, StreamPosition] = field(default_factory=dict)
+    probe_streams: dict[str, StreamPosition] = field(default_factory=dict)
+    schedule: dict[str, int] = field(default_factory=dict)  # the mix schedule's Mixer.block_counts
 
     def to_json(self) -> dict:
         return {"step": self.step, "counts": dict(self.counts), "seconds": dict(self.seconds), "affinity": self.affinity,
-                "reads": self.reads}
+                "reads": self.reads, "streams": {n: p.to_json() for n, p in self.streams.items()},
+                "probe_streams": {n: p.to_json() for n, p in self.probe_streams.items()},
+                "schedule": dict(self.schedule)}
 
     @classmethod
     def from_json(cls, data: dict) -> WorkerState:
         return cls(step=int(data["step"]), counts=dict(data["counts"]), seconds=dict(data["seconds"]),
-                   affinity=data.get("affinity"), reads=list(data.get("reads", [])))
+                   affinity=data.get("affinity"), reads=list(data.get("reads", [])),
+                   streams={n: StreamPosition.from_json(p) for n, p in data.get("streams", {}).items()},
+                   probe_streams={n: StreamPosition.from_json(p) for n, p in data.get("probe_streams", {}).items()},
+                   schedule=dict(data.get("schedule", {})))
 
 
 @dataclass
@@ -122,10 +134,39 @@ def build_model(config: TrainConfig) -> OMGSeg:
     return model
 
 
-def train_stream(config: TrainConfig, name: str, seed: int, skip: int = 0) -> ShardStream:
-    """A data set's repeating train stream, its order fixed by `seed`, `skip` samples in."""
+def train_stream(config: TrainConfig, name: str, seed: int) -> ShardStream:
+    """A data set's repeating train stream, its order fixed by `seed`."""
     return ShardStream(config.data.shard_dir(name, "train"), shuffle_buffer=config.batch.shuffle_buffer, seed=seed,
-                       repeat=True, skip=skip)
+                       repeat=True, retries=config.data.read_retries, retry_backoff=config.data.read_retry_backoff)
+
+
+def loader_workers(config: TrainConfig) -> int:
+    """The processes making one training worker's clips: `batch.loader_workers`, else one fewer
+    than the CPUs the worker holds (its own process trains)."""
+    if config.batch.loader_workers is not None:
+        return config.batch.loader_workers
+    return max(0, int(config.resources.cpus_per_worker) - 1)
+
+
+def build_batches(config: TrainConfig, label_maps: dict[str, dict[int, int]], state: WorkerState, rank: int,
+                  world: int, device: torch.device, *, node: str | None = None) -> TrainBatches:
+    """The batches of one rank, from where `state` says its streams were (a resumed run), which
+    then records their counts and positions as batches are drawn, and what they read."""
+    names = mixed_datasets(config)
+    # The stream of a data set depends on the run's seed and the data set only: the k-th COCO
+    # sample is the same in every mix (a resumed run continues at the saved positions).
+    streams = {name: train_stream(config, name, derive_seed(config.seed, "stream", name)) for name in names}
+    state.reads.append({"node": node or socket.gethostname(), "from_step": state.step, "code": __file__,
+                        "shards": {name: stream.reads for name, stream in streams.items()}})  # filled as they read
+    supervised = {n: {Task.parse(t) for t in config.data.datasets[n].supervised_tasks()} for n in names}
+    batches = TrainBatches(streams, {n: config.mix[n] for n in names}, ClipMaker(config.batch, label_maps, supervised),
+                           config.batch.batch_size, config.seed, rank, world, counts=state.counts,
+                           positions=state.streams, schedule=state.schedule, workers=loader_workers(config),
+                           prefetch=config.batch.loader_prefetch, pin_memory=device.type == "cuda")
+    state.counts = batches.counts  # one dict each: the batches count and place, the state records
+    state.streams = batches.positions
+    state.schedule = batches.schedule
+    return batches
 
 
 def build_parts(config: TrainConfig, rank: int, world: int, device: torch.device, *, saved: dict | None = None,
@@ -149,16 +190,7 @@ def build_parts(config: TrainConfig, rank: int, world: int, device: torch.device
     for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
         group["lr"] = lr
 
-    # The stream of a data set depends on the run's seed and the data set only: the k-th COCO
-    # sample is the same in every mix (a resumed run skips what it already read).
-    streams = {name: train_stream(config, name, derive_seed(config.seed, "stream", name), state.counts[name])
-               for name in names}
-    state.reads.append({"node": node or socket.gethostname(), "from_step": state.step, "code": __file__,
-                        "shards": {name: stream.reads for name, stream in streams.items()}})  # filled as they read
-    supervised = {n: {Task.parse(t) for t in config.data.datasets[n].supervised_tasks()} for n in names}
-    batches = TrainBatches(streams, {n: config.mix[n] for n in names}, ClipMaker(config.batch, label_maps, supervised),
-                           config.batch.batch_size, config.seed, rank, counts=state.counts)
-    state.counts = batches.counts  # one dict: the batches count, the state records
+    batches = build_batches(config, label_maps, state, rank, world, device, node=node)
     parts = TrainParts(config=config, model=model, forward=forward, optimizer=optimizer, scheduler=scheduler,
                        vocabulary=vocabulary, batches=batches, device=device, rank=rank, world=world)
     return parts, state
@@ -185,17 +217,21 @@ def train_step(parts: TrainParts, batch: TrainBatch) -> dict[str, float]:
 def train_loop(parts: TrainParts, state: WorkerState, hooks: Sequence[Hook] = ()) -> None:
     """From `state.step` to the configured number of steps, calling every hook after each step."""
     parts.model.train()
-    for step in range(state.step, parts.config.steps):
-        started = time.perf_counter()
-        batch = next(parts.batches)
-        try:
-            losses = train_step(parts, batch)
-        except FloatingPointError as err:
-            raise FloatingPointError(f"step {step}: {err}") from None
-        state.seconds["train"] += time.perf_counter() - started
-        state.step = step + 1
-        for hook in hooks:
-            hook(parts, state, batch, losses)
+    try:
+        for step in range(state.step, parts.config.steps):
+            started = time.perf_counter()
+            batch = next(parts.batches)
+            state.seconds["data"] = state.seconds.get("data", 0.0) + time.perf_counter() - started
+            try:
+                losses = train_step(parts, batch)
+            except FloatingPointError as err:
+                raise FloatingPointError(f"step {step}: {err}") from None
+            state.seconds["train"] += time.perf_counter() - started
+            state.step = step + 1
+            for hook in hooks:
+                hook(parts, state, batch, losses)
+    finally:
+        parts.batches.close()
 
 
 def all_reduce(values: torch.Tensor) -> torch.Tensor:

@@ -44,7 +44,7 @@ def match_targets(
         raise KeyError(f"category ids {unknown} are not in the vocabulary (known: {sorted(label_map)})")
     return MatchTargets(
         labels=torch.tensor([label_map[c] for c in category_ids], dtype=torch.int64, device=masks.device),
-        masks=masks[keep],
+        masks=masks if bool(keep.all()) else masks[keep],  # no copy when nothing is left out
         track_ids=targets.track_ids[keep],
         prompt_masks=prompt_masks,
         supervise_objects=objects,

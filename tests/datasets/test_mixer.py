@@ -55,6 +55,23 @@ def test_start_resumes_the_same_schedule():
     assert mixer.counts_after(7) == {"a": whole[:7].count("a"), "b": whole[:7].count("b")}
 
 
+def test_a_resume_from_block_counts_starts_at_its_block_and_draws_alike():
+    ratios = {"a": 3, "b": 1.5, "c": 1}
+    whole = Mixer(ratios, {n: infinite(n) for n in ratios}, seed=2)
+    names = [name for name, _ in itertools.islice(whole, 400)]
+    for cut in (1, 2, 3, 7, 299):
+        first = Mixer(ratios, {n: infinite(n) for n in ratios}, seed=2)
+        list(itertools.islice(first, cut))
+        counts = {n: names[:cut].count(n) for n in ratios}
+        resumed = Mixer(ratios, {n: infinite(n) for n in ratios}, seed=2, start=cut, block_counts=first.block_counts)
+        assert resumed.counts_after(cut) == counts
+        assert [name for name, _ in itertools.islice(resumed, 400 - cut)] == names[cut:], cut
+        # Only the draws of the resumed block are replayed, not every draw before it.
+        assert sum(first.block_counts.values()) == cut - cut % 3
+    with pytest.raises(ValueError, match="do not belong to that block's start"):
+        list(itertools.islice(Mixer(ratios, {n: infinite(n) for n in ratios}, start=7, block_counts={"a": 5}), 1))
+
+
 def test_seeded_and_independent_of_the_global_random_module():
     def run(seed):
         random.seed(12345)  # what other code might do; must not change the mixer's choices

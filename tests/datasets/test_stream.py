@@ -3,6 +3,7 @@ the shard and the sample."""
 
 import itertools
 import json
+import random
 import tarfile
 
 import pytest
@@ -12,8 +13,9 @@ from toydata import SOURCE, TOY_META, tiny_clip
 
 from omgseg.core.seeds import derive_seed
 from omgseg.datasets.manifest import MANIFEST, ShardReadError, sha256_file
+from omgseg.datasets.shard_reader import read_shard_samples
 from omgseg.datasets.shard_writer import write_shards
-from omgseg.datasets.stream import ClipSample, ShardStream, decode_sample
+from omgseg.datasets.stream import ClipSample, SamplePosition, ShardStream, StreamPosition, decode_sample
 
 
 @pytest.fixture(scope="module")
@@ -84,14 +86,76 @@ def test_seeding_is_deterministic_per_seed_rank_worker_and_epoch(uneven, monkeyp
     assert derive_seed(1, "a") != derive_seed(1, "b") and derive_seed(7) != derive_seed("7")
 
 
-def test_skip_resumes_exactly_where_a_stream_left_off(uneven):
-    def stream(skip):
-        return ShardStream(uneven, repeat=True, shuffle_buffer=5, seed=3, skip=skip)
+def _previous_stream(folder, seed, shuffle_buffer, part, parts, epochs):
+    """The training stream as it was read before positions: each epoch's part of the shuffled
+    shards concatenated (every parts-th sample when there are fewer shards than parts), then
+    webdataset's shuffle buffer."""
+    stream = ShardStream(folder, repeat=True, seed=seed)
 
-    whole = [s.key for s in itertools.islice(stream(0), 40)]
-    assert [s.key for s in itertools.islice(stream(13), 27)] == whole[13:]
-    with pytest.raises(ValueError, match="skip must be >= 0"):
-        stream(-1)
+    def raw():
+        for epoch in range(epochs):
+            order = list(stream.shards)
+            random.Random(derive_seed(seed, "shard-order", 0, epoch)).shuffle(order)
+            if len(order) >= parts:
+                for info in order[part::parts]:
+                    yield from read_shard_samples(stream.location.url(info.name))
+            else:
+                samples = (s for info in order for s in read_shard_samples(stream.location.url(info.name)))
+                yield from itertools.islice(samples, part, None, parts)
+
+    rng = random.Random(derive_seed(seed, "shuffle", 0, part, 0))
+    return [s["__key__"] for s in wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), rng=rng)(raw())]
+
+
+@pytest.mark.parametrize("buffer, parts", [(5, 1), (5, 2), (0, 2), (4, 7)])
+def test_the_training_stream_is_webdatasets_shuffle_of_the_epochs_parts(uneven, buffer, parts):
+    for part in range(parts):
+        previous = _previous_stream(uneven, 3, buffer, part, parts, epochs=12)
+        n = len(previous) - 2 * buffer  # the reference's tail empties its buffer at its (finite) end
+        got = [s["__key__"] for s in itertools.islice(
+            ShardStream(uneven, repeat=True, shuffle_buffer=buffer, seed=3).raw_samples(part, parts), n)]
+        assert got == previous[:n]
+
+
+@pytest.mark.parametrize("buffer, parts", [(5, 1), (0, 1), (4, 7)])
+def test_a_stream_resumes_at_its_position_exactly(uneven, buffer, parts):
+    def stream(start=None):
+        return ShardStream(uneven, repeat=True, shuffle_buffer=buffer, seed=3, start=start).raw_samples(parts - 1, parts)
+
+    whole = [s["__key__"] for s in itertools.islice(stream(), 60)]
+    for cut in (1, 7, 13, 38):
+        first = stream()
+        keys = [s["__key__"] for s in itertools.islice(first, cut)]
+        position = StreamPosition.from_json(json.loads(json.dumps(first.position.to_json())))  # as a checkpoint keeps it
+        keys += [s["__key__"] for s in itertools.islice(stream(position), 60 - cut)]
+        assert keys == whole, cut
+
+
+def test_resuming_reads_the_same_whatever_the_position(uneven, monkeypatch):
+    """The samples read to resume (the shard of the next sample, up to it, and the buffered
+    samples' shards) do not grow with the samples read before."""
+    import omgseg.datasets.stream as stream_module
+
+    reads = []
+
+    def counting(path, expected=None):
+        for sample in read_shard_samples(path, expected=expected):
+            reads.append(1)
+            yield sample
+
+    def resume_cost(after):
+        first = ShardStream(uneven, repeat=True, shuffle_buffer=3, seed=3).raw_samples()
+        list(itertools.islice(first, after))
+        monkeypatch.setattr(stream_module, "read_shard_samples", counting)
+        reads.clear()
+        next(ShardStream(uneven, repeat=True, shuffle_buffer=3, seed=3, start=first.position).raw_samples())
+        monkeypatch.undo()
+        return len(reads)
+
+    costs = [resume_cost(after) for after in (20, 200, 2000)]
+    assert max(costs) <= 3 * 4  # the 3 buffered samples' shards and the next one's, 3 samples each at most
+    with pytest.raises(ValueError, match="part 0 of 1, this stream reads part 1 of 2"):
+        ShardStream(uneven, repeat=True, start=StreamPosition(0, 1, SamplePosition(0, 0, 0))).raw_samples(1, 2)
 
 
 def test_eval_shuffle_still_reads_each_sample_once(uneven, monkeypatch):

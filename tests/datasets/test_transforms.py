@@ -115,7 +115,7 @@ def test_build_targets():
         images=torch.zeros(2, 3, 4, 4, dtype=torch.uint8), id_maps=id_maps, segments=segments,
         key="k", shard="s",
     )
-    targets = build_targets(sample)
+    targets = build_targets(sample.id_maps, sample.segments)
     assert targets.num_segments == 2
     assert targets.segment_ids.tolist() == [4, 9]
     assert targets.labels.tolist() == [2, 1] and targets.track_ids.tolist() == [40, 90]
@@ -123,6 +123,11 @@ def test_build_targets():
     assert targets.valid.tolist() == [[False, True], [True, True]]
     assert targets.masks.shape == (2, 2, 4, 4) and targets.masks.dtype == torch.bool
     assert torch.equal(targets.masks[1], id_maps == 9)
+    # A map used by two frames (an image repeated into a clip) gives the same as two copies of it.
+    repeated = build_targets(sample.id_maps[1:], sample.segments, frames=torch.tensor([0, 0]))
+    copied = build_targets(sample.id_maps[[1, 1]], sample.segments)
+    assert all(torch.equal(getattr(repeated, f), getattr(copied, f)) for f in ("masks", "labels", "valid", "segment_ids"))
+    assert repeated.segment_ids.tolist() == [4, 9] and repeated.masks.shape == (2, 2, 4, 4)
     with pytest.raises(ValueError, match="labels must have shape"):
         Targets(targets.masks, targets.labels[:1], targets.track_ids, targets.segment_ids,
                 targets.iscrowd, targets.valid)

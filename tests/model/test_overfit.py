@@ -49,7 +49,7 @@ def test_tiny_model_overfits_four_images(tmp_path):
     generator = torch.Generator().manual_seed(0)
     targets, prompts = [], []
     for sample in samples:
-        t = build_targets(sample)
+        t = build_targets(sample.id_maps, sample.segments)
         clicks = []
         for i in range(t.num_segments):
             if t.iscrowd[i]:

@@ -1,5 +1,6 @@
 """Services failing under a running study, on the loopback setup of test_cluster.py (a two-node
-Ray cluster, the shards on HTTP, `mlflow server`): the shard server cutting a transfer mid-epoch,
+Ray cluster, the shards on HTTP, `mlflow server`): the shard server cutting a transfer mid-epoch
+(the trial's stream reads the shard again and goes on),
 the tracking server stopped and started again while trials run, and the second Ray node killed
 under a running trial. In each the study finishes, and MLflow holds one FINISHED child run per
 trial: none lost, none duplicated.
@@ -85,16 +86,17 @@ def _one_finished_run_per_trial(children) -> None:
     assert all(c.info.status == "FINISHED" for c in children)
 
 
-def test_a_shard_transfer_cut_mid_epoch_fails_the_trial_naming_the_url_and_the_retry_finishes(services, tmp_path):
+def test_a_shard_transfer_cut_mid_epoch_is_read_again_and_no_trial_fails(services, tmp_path):
     services.shards.cut_next(3)  # the third shard any trial fetches ends halfway through
     out = tmp_path / "study"
-    done = subprocess.run(_study_command(services, out, "scheduling.max_retries=1"), env=services.study_env(),
-                          capture_output=True, text=True, timeout=1200)
+    done = subprocess.run(_study_command(services, out, "scheduling.max_retries=1", "data.read_retry_backoff=0.5"),
+                          env=services.study_env(), capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stderr[-4000:]
     assert services.shards.cuts, "the shard server cut no transfer"
-    retried = [line for line in done.stderr.splitlines() if "retrying" in line]
-    assert len(retried) == 1, done.stderr[-4000:]
-    assert services.shards.url in retried[0] and ".tar" in retried[0]  # the line names the shard's URL
+    assert not [line for line in done.stderr.splitlines() if "retrying" in line], done.stderr[-4000:]  # no trial retried
+    logs = "".join(path.read_text() for path in (out / "logs").glob("*.log"))
+    read_again = [line for line in logs.splitlines() if "again from sample" in line]
+    assert len(read_again) == 1 and services.shards.url in read_again[0] and ".tar" in read_again[0], logs[-4000:]
     _one_finished_run_per_trial(_children(services, out))
 
 

@@ -225,8 +225,10 @@ def _evaluate_coco_panoptic(gt_json: Path, gt_dir: Path, pred_json: Path, pred_d
         p = predictions[image_id]
         gt_ids = read_id_png(gt_dir / ann["file_name"], f"{gt_json}: ground-truth")
         pred_ids = read_id_png(pred_dir / p["file_name"], f"{pred_json}: predicted")
-        gt_segments = {int(s["id"]): GtSegment(int(s["category_id"]), bool(s.get("iscrowd", 0)), int(s["area"]))
-                       for s in ann["segments_info"]}
-        pred_segments = {int(s["id"]): int(s["category_id"]) for s in p["segments_info"]}
+        with field_errors(f"{gt_json}: segments_info of image {image_id}"):
+            gt_segments = {int(s["id"]): GtSegment(int(s["category_id"]), bool(s.get("iscrowd", 0)), int(s["area"]))
+                           for s in ann["segments_info"]}
+        with field_errors(f"{pred_json}: segments_info of image {image_id}"):
+            pred_segments = {int(s["id"]): int(s["category_id"]) for s in p["segments_info"]}
         evaluator.add(gt_ids, gt_segments, pred_ids, pred_segments, where=f"{pred_dir / p['file_name']}")
     return evaluator.compute()

@@ -58,6 +58,48 @@ def test_coco_batches_are_bit_identical_with_and_without_davis(root):
     assert not all(_same(x, y) for x, y in zip(alone[0], other_seed[0]))
 
 
+def _batch_fields(batch) -> list:
+    """Every tensor and value of a batch, in a fixed order."""
+    out = [batch.images, batch.datasets]
+    for t, p in zip(batch.targets, batch.prompts):
+        out += [t.labels, t.masks, t.track_ids, t.prompt_masks, t.supervise_objects, t.seed,
+                p.boxes, p.kinds, p.clicks, p.click_labels]
+    return out
+
+
+def _draw(parts, n: int) -> list[list]:
+    return [_batch_fields(next(parts.batches)) for _ in range(n)]
+
+
+def test_batches_are_the_same_for_any_number_of_loader_workers_and_after_a_resume(root):
+    """Clips made in 0, 1 or 2 loader processes, from the start or resumed from a checkpoint's
+    counts and stream positions (shuffle buffers mid-shard): bit-identical batches."""
+    config = _config(root, "mix={coco: 1, vipseg: 1, davis: 1}", "batch.shuffle_buffer=4")
+    reference, _ = build_parts(config.model_copy(update={"batch": config.batch.model_copy(update={"loader_workers": 0})}),
+                               0, 1, torch.device("cpu"))
+    whole = _draw(reference, 8)
+    for workers in (1, 2):
+        loaded = config.model_copy(update={"batch": config.batch.model_copy(update={"loader_workers": workers})})
+        parts, state = build_parts(loaded, 0, 1, torch.device("cpu"))
+        first = _draw(parts, 3)
+        saved = _payload(parts, [state])
+        parts.batches.close()
+        resumed, _ = build_parts(loaded, 0, 1, torch.device("cpu"), saved=saved)
+        got = first + _draw(resumed, 5)
+        resumed.batches.close()
+        for k, (a, b) in enumerate(zip(whole, got)):
+            assert all(_same(x, y) for x, y in zip(a, b)), f"batch {k} differs with {workers} loader workers"
+
+
+def test_a_loader_error_is_raised_in_the_training_process_with_its_own_message(root):
+    config = _config(root, "batch.loader_workers=1")
+    parts, _ = build_parts(config, 0, 1, torch.device("cpu"))
+    parts.batches.maker.label_maps["coco"] = {}  # the worker's copy is made when the loader starts
+    with pytest.raises(KeyError, match=r"category ids \[.*\] are not in the vocabulary \(known: \[\]\)"):
+        next(parts.batches)
+    parts.batches.close()
+
+
 def test_exposure_is_exact(root):
     parts, state = build_parts(_config(root, "mix={coco: 1, vipseg: 1, davis: 1}", "steps=9"), 0, 1, torch.device("cpu"))
     train_loop(parts, state)
@@ -71,8 +113,8 @@ def _weights(parts) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("warm_start", [False, True])
 def test_a_resumed_run_ends_bit_identical_to_an_uninterrupted_one(root, tmp_path, warm_start):
     """Also from a warm start, whose resumable checkpoint leaves the frozen random CLIP to the
-    start's file instead of copying it."""
-    overrides = []
+    start's file instead of copying it, and with the clips made by a loader process."""
+    overrides = ["batch.loader_workers=1"] if warm_start else []
     if warm_start:
         torch.manual_seed(7)
         start = save_checkpoint(OMGSeg(model_config("tiny")), tmp_path / "start.pt")
