@@ -53,6 +53,7 @@ bench: $(STAMP)
 	$(PY) tests/benchmarks/bench_train.py
 	$(PY) tests/benchmarks/bench_metrics.py
 	$(PY) tests/benchmarks/bench_study.py
+	$(PY) tests/benchmarks/bench_stats.py
 	$(PY) tests/benchmarks/bench_eval.py
 	$(PY) tests/benchmarks/bench_study.py --config studies/configs/planted.yaml --out outputs/studies/planted
 	$(PY) tests/benchmarks/bench_affinity.py --study outputs/studies/planted

@@ -18,6 +18,8 @@ import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from omgseg.platform.records import Agreement  # noqa: E402
+
 DIVERGING = "RdBu"  # red: the source hurts the target, blue: it helps
 
 
@@ -61,7 +63,9 @@ def influence_heatmap(influence: pl.DataFrame, kind: str, family: str = "primary
     axes.set_ylabel("source (added to training)")
     title = {"pair": "pair: {source, target} minus {target}",
              "controlled": "controlled: {source, target} minus {target, control}",
-             "leave_one_out": "leave-one-out: all minus all-but-source"}[kind]
+             "leave_one_out": "leave-one-out: all minus all-but-source",
+             "surrogate": "surrogate: the source's coefficient over the sampled subsets",
+             "surrogate_controlled": "surrogate, controlled: the source's coefficient minus the control's"}[kind]
     axes.set_title(f"Influence on {family} targets ({title})", fontsize=9)
     bar = figure.colorbar(image, ax=axes, fraction=0.04)
     bar.set_label("relative delta (clipped to +-1)", fontsize=8)
@@ -122,21 +126,21 @@ def metric_bars(metrics: pl.DataFrame, targets: list[tuple[str, str, str]]) -> F
     return figure
 
 
-def affinity_scatter(estimates: dict) -> Figure | None:
+def affinity_scatter(estimates: Agreement) -> Figure | None:
     """Each ordered pair of train data sets: its mean TAG affinity against its pair influence."""
-    pairs = estimates.get("pairs") or []
+    pairs = estimates.pairs
     if not pairs:
         return None
     figure, axes = plt.subplots(figsize=(5.2, 4.2))
-    x = [p["affinity"] for p in pairs]
-    y = [p["influence"] for p in pairs]
+    x = [p.affinity for p in pairs]
+    y = [p.influence for p in pairs]
     axes.scatter(x, y, color="tab:blue")
     for p in pairs:
-        axes.annotate(f"{p['source_dataset']} -> {p['target_dataset']}", (p["affinity"], p["influence"]), fontsize=7,
+        axes.annotate(f"{p.source_dataset} -> {p.target_dataset}", (p.affinity, p.influence), fontsize=7,
                       xytext=(3, 3), textcoords="offset points")
     axes.axhline(0, color="0.6", lw=0.8)
     axes.axvline(0, color="0.6", lw=0.8)
-    rho = estimates.get("spearman")
+    rho = estimates.spearman
     rho_text = "n/a (fewer than 3 pairs)" if rho is None else f"{rho:.2f}"
     axes.set_title(f"Cheap vs exhaustive: Spearman {rho_text} over {len(pairs)} pairs", fontsize=9)
     axes.set_xlabel("TAG look-ahead affinity (mean Z, one co-training run)")

@@ -23,9 +23,10 @@ import polars as pl
 
 from omgseg.dashboards.figures import affinity_scatter, correlation_heatmap, influence_heatmap, metric_bars, png_bytes
 from omgseg.platform.config import StudyConfig
-from omgseg.platform.records import StudyState
+from omgseg.platform.records import StudyState, StudySummary
+from omgseg.platform.study.design import KINDS
 from omgseg.platform.study.plan import targets
-from omgseg.platform.study.results import KINDS, TABLES
+from omgseg.platform.study.results import TABLES
 
 SECTIONS = ("summary", "influence", "correlation", "metrics", "affinity", "runs", "samples")
 STYLE = """
@@ -57,8 +58,7 @@ class StudyTables:
             if not path.is_file():
                 raise FileNotFoundError(f"{path} does not exist: the study has not written its tables yet")
             self.tables[name] = pl.read_parquet(path)
-        summary = self.folder / "summary.json"
-        self.summary = json.loads(summary.read_text()) if summary.is_file() else {}
+        self.summary = StudySummary.read(self.folder)
 
 
 def _img(data: bytes, alt: str) -> str:
@@ -153,7 +153,7 @@ def build_report(folder: Path, *, out: Path | None = None, mlflow_url: str = "ht
     tables = study.tables
     figures: dict[str, Path] = {}
     rendered: dict[str, bytes] = {}
-    estimates = study.summary.get("estimates", {})
+    estimates = study.summary.estimates
     drawn = {
         f"influence_{family}_{kind}": influence_heatmap(tables["influence"], kind, family)
         for family in ("primary", "secondary") for kind in KINDS
@@ -177,11 +177,13 @@ def build_report(folder: Path, *, out: Path | None = None, mlflow_url: str = "ht
     links, parent_url = _mlflow_links(study, mlflow_url)
     runs = tables["runs"]
     finished = runs.filter(pl.col("status") == "finished").height
-    rho = estimates.get("spearman")
-    significant = "; ".join(f"{key}: {v['significant_after_correction']} of {v['tested']} tested"
-                            for key, v in study.summary.get("significant", {}).items())
-    null = "; ".join(f"{family}: {v['significant_after_correction']} of {v['tests']} ({'passed' if v['passed'] else 'FAILED'})"
-                     for family, v in study.summary.get("null_check", {}).items() if v["tests"])
+    rho = estimates.spearman
+    significant = "; ".join(f"{key}: {v.significant_after_correction} of {v.tested} tested"
+                            + ("" if v.median_mde is None else f" (median MDE {v.median_mde:.3g} before correction, "
+                                                               f"{v.median_mde_adjusted:.3g} after)")
+                            for key, v in study.summary.significant.items())
+    null = "; ".join(f"{family}: {v.significant_after_correction} of {v.tests} ({'passed' if v.passed else 'FAILED'})"
+                     for family, v in study.summary.null_check.items() if v.tests)
     summary_rows = [
         ("study", study.config.name), ("trials", f"{finished} finished of {runs.height}"),
         ("train data sets", ", ".join(study.config.trained())),
@@ -190,15 +192,29 @@ def build_report(folder: Path, *, out: Path | None = None, mlflow_url: str = "ht
          else f"total: {study.config.train.steps} steps per trial"),
         ("rows significant after correction (BH, q <= 0.05)", significant or "n/a"),
         ("A/A null check: split-seed contrasts significant", null or "n/a (needs 4 seeds)"),
-        ("affinity vs influence (Spearman)", "n/a" if rho is None else f"{rho:.3f} over {estimates.get('n_pairs')} pairs"),
+        ("affinity vs influence (Spearman)", "n/a" if rho is None else f"{rho:.3f} over {estimates.n_pairs} pairs"),
         ("cost: exhaustive / affinity trial-hours",
-         f"{estimates.get('exhaustive_trial_hours', 0):.3f} / {estimates.get('affinity_trial_hours', 0):.3f}"),
+         f"{estimates.exhaustive_trial_hours:.3f} / {estimates.affinity_trial_hours:.3f}"),
         ("MLflow", study.state.tracking_uri),
     ]
-    if "planted" in study.summary:
-        planted = study.summary["planted"]
-        summary_rows.insert(6, ("planted effects recovered", f"{planted['agree']} of {planted['total']} agree; "
-                                f"{planted['false_positives_on_none']} false positives on 'none'"))
+    if study.summary.planted is not None:
+        planted = study.summary.planted
+        summary_rows.insert(6, ("planted effects recovered", f"{planted.agree} of {planted.total} agree on the "
+                                f"{planted.kind} rows; {planted.false_positives_on_none} false positives on 'none'"))
+    for rec in study.summary.recommendations:
+        low, high = rec.predicted_ci
+        shares = ", ".join(f"{n} {v:.2f}" for n, v in rec.shares.items() if v > 0)
+        text = (f"{' + '.join(rec.subset)} at {shares}; predicted {rec.predicted:.4g} [{low:.4g}, {high:.4g}] "
+                f"({rec.source})")
+        if rec.verification is not None:
+            v = rec.verification
+            text += ("; verified: beats " + ", ".join(c.baseline for c in v.comparisons) if v.confirmed
+                     else f"; not confirmed: did not beat {', '.join(v.not_beaten)}")
+        summary_rows.append((f"recommended for {rec.objective!r} (a prediction from a fit)", text))
+    for fit in study.summary.surrogate:
+        quality = "n/a" if fit.r2 is None else f"R^2 {fit.r2:.2f}, RMSE {fit.rmse:.3g}"
+        summary_rows.append((f"surrogate of {fit.dataset} {fit.task} on held-out subsets",
+                             f"{quality} ({fit.parameters} parameters, {fit.subsets} subsets)"))
     summary_html = "<table>" + "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>"
                                        for k, v in summary_rows) + "</table>"
     if parent_url:

@@ -24,6 +24,7 @@ EPILOG = """examples:
   omgseg eval coco-panoptic --gt-json gt.json --gt-dir gt/ --pred-json pred.json --pred-dir pred/
   omgseg eval interactive --gt-json gt.json --gt-dir gt/ --image-dir val2017/ --checkpoint model.pt
   omgseg study --config studies/configs/default.yaml
+  omgseg recommend outputs/studies/planted --objective anchor
   omgseg report outputs/studies/default
   omgseg query "SELECT * FROM influence WHERE kind = 'pair'" --tables outputs/studies/default
   omgseg ui outputs/studies/default
@@ -34,6 +35,7 @@ EPILOG = """examples:
 # Subcommands whose own module parses their arguments: {name: (module, help)}.
 PASSTHROUGH = {
     "study": ("omgseg.platform.study.driver", "run a co-training study (Ray Tune trials, MLflow, influence tables)"),
+    "recommend": ("omgseg.platform.study.recommend", "recommend data sets and mixing ratios for an objective from a study"),
     "report": ("omgseg.dashboards.report", "write a study's HTML report and PNG figures"),
     "query": ("omgseg.dashboards.query", "SQL over study tables (Polars)"),
     "ui": ("omgseg.dashboards.ui", "start the MLflow UI on a study's tracking store (127.0.0.1)"),

@@ -400,13 +400,44 @@ def metric_direction(task: str, metric: str) -> str | None:
     return TASKS[Task.parse(task)].direction(metric)
 
 
+class SampledSpec(StrictModel):
+    """A sampled design: `subsets` random subsets of the train data sets (and the control), of
+    sizes cycling through `sizes`, balanced so every data set and every pair of data sets
+    appears about equally often (omgseg.platform.study.design.balanced_subsets)."""
+
+    subsets: int = Field(ge=1, description="how many subsets (each trained at every seed)")
+    sizes: list[int] = Field(min_length=1, description="their sizes, cycled through: e.g. [2, 3]")
+    seed: int = Field(default=0, description="seed of the draw")
+
+
+class SampledCombinations(StrictModel):
+    """`{sampled: {subsets: K, sizes: [a, b]}}` in `combinations`."""
+
+    sampled: SampledSpec
+
+
+class MixtureSweep(StrictModel):
+    """A ratio sweep: `mixtures` mixtures of all train data sets drawn from a symmetric
+    Dirichlet(`concentration`), each trained at every seed (omgseg.platform.study.mixtures)."""
+
+    mixtures: int = Field(ge=1, description="how many mixtures")
+    concentration: float = Field(default=1.0, gt=0, description="below 1: mixtures near the simplex's faces "
+                                 "(some data sets nearly left out); 1: uniform on the simplex; above 1: near uniform ratios")
+    seed: int = Field(default=0, description="seed of the draws")
+
+
 class MixingConfig(StrictModel):
-    """How each combination's mix is made: a policy, and explicit ratios for named combinations."""
+    """How each combination's mix is made: a policy, and explicit ratios for named combinations;
+    `sampled` adds a ratio sweep."""
 
     policy: Literal["equal", "proportional"] = Field(
         default="equal", description="equal ratios, or proportional to each data set's train samples")
     explicit: dict[str, dict[str, float]] = Field(
-        default_factory=dict, description='{"coco+vipseg": {coco: 2, vipseg: 1}}: overrides the policy')
+        default_factory=dict, description='{label: {coco: 2, vipseg: 1}}: the ratios of the combination of exactly '
+        'those data sets (the label only names it, e.g. "coco+vipseg"); overrides the policy')
+    sampled: MixtureSweep | None = Field(
+        default=None, description="{mixtures: K, concentration: a}: K mixtures of all train data sets on the "
+        "simplex, trials beside the combinations' (what omgseg recommend fits)")
 
 
 class Scheduling(StrictModel):
@@ -416,7 +447,15 @@ class Scheduling(StrictModel):
         default=None, ge=1, description="none = as many as the CPUs (or GPUs) hold: floor(total / per trial)")
     max_retries: int = Field(default=1, ge=0, description="times Ray Tune retries a failed trial")
     seconds_per_step: float | None = Field(
-        default=None, gt=0, description="measured or expected time of a step, for --dry-run's cost estimate")
+        default=None, gt=0, description="measured or expected time of a training step, for --dry-run's cost estimate")
+    seconds_per_forward_clip: float | None = Field(
+        default=None, gt=0, description="time of one clip's forward pass without gradients (evaluation, the TAG "
+        "probes' held-out losses), for --dry-run")
+    seconds_per_converted_sample: float | None = Field(
+        default=None, gt=0, description="time to convert one source sample to shards, for --dry-run")
+    split_samples: dict[str, dict[str, int]] | None = Field(
+        default=None, description="{data set: {split: samples}}: the sizes --dry-run assumes before the data are "
+        "converted (a video counts its clips of clip_length frames)")
 
 
 class PlantedEffect(StrictModel):
@@ -435,6 +474,20 @@ class PretrainSpec(StrictModel):
     steps: int = Field(ge=1, description="its optimizer steps")
 
 
+class RecommendConfig(StrictModel):
+    """Recommendations made at the study's end (omgseg.platform.study.recommend)."""
+
+    objectives: list[str] = Field(min_length=1, description="each: DATASET, DATASET/TASK/METRIC, all, or 'a:2,b:1'")
+
+
+class VerifyConfig(StrictModel):
+    """What `omgseg study ... --verify` trains beside the recommendation, the uniform mixture of
+    all train data sets and the target alone (omgseg.platform.study.verify)."""
+
+    baselines: dict[str, dict[str, float]] = Field(
+        default_factory=dict, description="{label: {data set: ratio}}: more baselines, e.g. hand-set ratios")
+
+
 class StudyConfig(StrictModel):
     """A co-training study: one training spec (`train:`), and its variations (which data set
     combinations, with which mixes, seeds and exposure budget), and what to measure."""
@@ -445,9 +498,10 @@ class StudyConfig(StrictModel):
     train_datasets: list[str] | None = Field(
         default=None, description="the data sets combined for training; none = all of data.datasets "
         "(others are evaluated only, e.g. an open-vocabulary target)")
-    combinations: list[str | list[str]] = Field(
+    combinations: list[str | list[str] | SampledCombinations] = Field(
         default_factory=lambda: ["singletons", "pairs"],
-        description="singletons, pairs, leave_one_out, all, or explicit lists of data set names")
+        description="singletons, pairs, leave_one_out, all, explicit lists of data set names, or "
+        "{sampled: {subsets: K, sizes: [a, b]}} (a sampled design, with a surrogate per target)")
     mixing: MixingConfig = MixingConfig()
     budget: Literal["per_dataset", "total"] = Field(
         default="per_dataset", description="per_dataset: a trial on k data sets trains k x train.steps steps, so every "
@@ -475,8 +529,20 @@ class StudyConfig(StrictModel):
     pretrain: PretrainSpec | None = Field(
         default=None, description="train once on other data sets first and start every trial from that model: "
         "the trials then measure what the train data sets add to skills every data set teaches")
+    recommend: RecommendConfig | None = Field(
+        default=None, description="objectives to recommend mixtures for at the study's end (omgseg recommend)")
+    verify: VerifyConfig | None = Field(default=None, description="baselines of `--verify` beside the default ones")
+    arms: dict[str, dict[str, float]] | None = Field(
+        default=None, description="{label: {data set: ratio}}: trained at every seed instead of the combinations; "
+        "what `--verify` writes into its study's config (the recommendation and its baselines)")
     scheduling: Scheduling = Scheduling()
     tracking: TrackingConfig = TrackingConfig(experiment="omgseg-studies")
+
+    @field_validator("combinations", mode="before")
+    @classmethod
+    def _one_sampled_block(cls, value):
+        """`combinations: {sampled: ...}` is the one-item list of it."""
+        return [value] if isinstance(value, dict) else value
 
     @model_validator(mode="after")
     def _names_are_known(self) -> StudyConfig:
@@ -489,7 +555,15 @@ class StudyConfig(StrictModel):
         for item in self.combinations:
             if isinstance(item, str):
                 if item not in COMBINATION_KINDS:
-                    raise ValueError(f"combinations: unknown kind {item!r}; use {', '.join(COMBINATION_KINDS)} or a list of data sets")
+                    raise ValueError(f"combinations: unknown kind {item!r}; use {', '.join(COMBINATION_KINDS)}, a list of "
+                                     "data sets or {sampled: {subsets: K, sizes: [a, b]}}")
+                continue
+            if isinstance(item, SampledCombinations):
+                pool = len(self.trained()) + (self.control is not None)
+                bad_sizes = [k for k in item.sampled.sizes if not 1 <= k <= pool]
+                if bad_sizes:
+                    raise ValueError(f"combinations.sampled.sizes: {bad_sizes} must be between 1 and {pool} (the train "
+                                     "data sets and the control)")
                 continue
             bad = sorted(set(item) - set(self.trained()))
             if bad or not item or len(set(item)) != len(item):
@@ -511,11 +585,22 @@ class StudyConfig(StrictModel):
             raise ValueError(f"seeds repeat: {self.seeds}")
         if len(self.seeds) < 2:
             raise ValueError(f"seeds: the influence table's intervals need at least 2 seeds, got {self.seeds}")
-        for combo, ratios in self.mixing.explicit.items():
-            names = combo.split("+")
-            if sorted(ratios) != sorted(names) or any(not r >= 0 for r in ratios.values()) or not any(ratios.values()):
-                raise ValueError(f"mixing.explicit.{combo}: needs a ratio >= 0 for each of {names} (not all 0), got {ratios}")
+        seen: dict[frozenset, str] = {}
+        for label, ratios in self.mixing.explicit.items():  # the ratios' keys are the combination, the label names it
+            bad = sorted(set(ratios) - set(self.trained()) - {self.control})
+            if bad or any(not r >= 0 for r in ratios.values()) or not any(ratios.values()):
+                raise ValueError(f"mixing.explicit.{label}: needs a ratio >= 0 (not all 0) for each data set of the "
+                                 f"combination, all train data sets ({self.trained()}), got {ratios}")
+            if frozenset(ratios) in seen:
+                raise ValueError(f"mixing.explicit.{label}: the same data sets as mixing.explicit.{seen[frozenset(ratios)]}")
+            seen[frozenset(ratios)] = label
         self._check_planted()
+        for where, mixes in (("arms", self.arms or {}), ("verify.baselines", self.verify.baselines if self.verify else {})):
+            for label, ratios in mixes.items():
+                bad = sorted(set(ratios) - set(self.trained()))
+                if bad or not ratios or any(not r >= 0 for r in ratios.values()) or not any(ratios.values()):
+                    raise ValueError(f"{where}.{label}: needs ratios >= 0 (not all 0) of train data sets "
+                                     f"({self.trained()}), got {ratios}")
         if self.control is not None:
             if self.control not in known:
                 raise ValueError(f"control: {self.control!r} is not a data set of data.datasets ({sorted(known)})")

@@ -239,6 +239,7 @@ class TaskSpec(ABC):
     headline: tuple[str, ...] = ()  # the metrics a study measures unless it names others
     higher = ""  # the names (a regex) of its metrics where higher is better
     lower = ""  # ... and where lower is better
+    forwards_per_clip = 1  # the model's forward passes to score one val clip (a dry run's evaluation cost)
 
     @property
     def name(self) -> str:
@@ -483,6 +484,7 @@ class Interactive(_Prompted):
     headline = ("mIoU@1",)
     higher = r"mIoU@\d+"
     lower = r"NoC@\d+|NoF@\d+"
+    forwards_per_clip = MAX_CLICKS  # at most one forward per simulated click
 
     def prompts(self, sample: ClipSample, size: tuple[int, int] | None = None) -> Prompts:
         objects = prompted_objects(sample)

@@ -36,6 +36,7 @@ from omgseg.platform.cluster import start_for_study, trial_resources
 from omgseg.platform.config import ConfigError, StudyConfig, flatten, load_config
 from omgseg.platform.console import elapsed, error_line, redirect_output, say
 from omgseg.platform.records import STUDY_FILE, Evaluation, StudyState, TrialRecord, TrialSpec
+from omgseg.platform.study.cost import prepared_sizes
 from omgseg.platform.study.plan import Trial, dry_run, plan_trials, trial_config
 from omgseg.platform.study.summary import StudyResult, finish_study, print_summary
 
@@ -87,7 +88,8 @@ def _train_trial(spec: TrialSpec) -> TrialRecord:
     report = result.report
     record = TrialRecord(
         trial_id=trial.trial_id, combination=trial.combination, datasets=list(trial.datasets), ratios=list(trial.ratios),
-        seed=trial.seed, steps=report.steps, status="finished", mlflow_run_id=result.run_id, log=spec.log,
+        seed=trial.seed, steps=report.steps, status="finished", mixture=trial.mixture, mlflow_run_id=result.run_id,
+        log=spec.log,
         measures_affinity=trial.measures_affinity, wall_seconds=time.perf_counter() - started, seconds=report.seconds,
         samples=report.samples, metrics=report.evaluation, affinity=report.affinity, affinity_se=report.affinity_se,
         affinity_halves=report.affinity_halves, reads=report.reads,
@@ -323,7 +325,7 @@ def _pretrain(run: StudyRun) -> Path:
 
 def _failed_record(trial: Trial, error: BaseException | None, log: str) -> TrialRecord:
     return TrialRecord(trial_id=trial.trial_id, combination=trial.combination, datasets=list(trial.datasets),
-                       ratios=list(trial.ratios), seed=trial.seed, steps=trial.steps, status="failed",
+                       ratios=list(trial.ratios), seed=trial.seed, steps=trial.steps, status="failed", mixture=trial.mixture,
                        measures_affinity=trial.measures_affinity, log=log,
                        error=error_line(str(error)) if error is not None else "did not finish")
 
@@ -429,6 +431,10 @@ def build_parser(prog: str = "omgseg study") -> argparse.ArgumentParser:
                         help="continue the study in --out (finished trials are kept); starts it if there is none")
     parser.add_argument("--dry-run", action="store_true", help="print the plan (trials, resources, estimated hours) and stop")
     parser.add_argument("--verbose", action="store_true", help="stream Ray's, Tune's and the trials' own logs to the console")
+    parser.add_argument("--verify", action="store_true",
+                        help="train the study's recommendation (omgseg recommend) against the uniform mixture, the target "
+                        "alone and the config's verify.baselines at every seed, into --out/verify/<objective>/")
+    parser.add_argument("--objective", help="with --verify: the recommendation to verify (default: the study's first)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. seeds=[0,1]")
     return parser
 
@@ -438,7 +444,15 @@ def main(argv: list[str] | None = None, prog: str = "omgseg study") -> int:
     try:
         config = load_config(StudyConfig, args.config, args.overrides)
         if args.dry_run:
-            print(json.dumps(dry_run(config), indent=1))
+            print(json.dumps(dry_run(config, prepared_sizes(config)), indent=1))
+            return 0
+        if args.verify:
+            from omgseg.platform.study.verify import describe, verify_study
+
+            verification = verify_study(config, study_dir(config, Path(args.out) if args.out else None), args.objective,
+                                        verbose=args.verbose)
+            for line in describe(verification):
+                _say(line)
             return 0
         result = run_study(config, Path(args.out) if args.out else None, resume=args.resume, source=args.config,
                            verbose=args.verbose)
@@ -446,6 +460,6 @@ def main(argv: list[str] | None = None, prog: str = "omgseg study") -> int:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 1
     print_summary(result)
-    return 0 if not result.summary["failed"] else 1
+    return 0 if not result.summary.failed else 1
 
 

@@ -25,8 +25,18 @@ import numpy as np
 import polars as pl
 from scipy import stats
 
-from omgseg.platform.records import TrialRecord
-from omgseg.platform.study.plan import Target, combination_name, with_control
+from omgseg.platform.records import (
+    Agreement,
+    Estimates,
+    Grouping,
+    PairAgreement,
+    PlantedCheck,
+    PlantedPair,
+    SplitHalf,
+    TrialRecord,
+)
+from omgseg.platform.study.design import StudyDesign
+from omgseg.platform.study.plan import Target
 from omgseg.platform.study.results import target_cells
 
 Pairs = dict[tuple[str, str], float]
@@ -68,30 +78,27 @@ def bootstrap_interval(a: list[float], b: list[float], samples: int = 5000, seed
     return float(low), float(high)
 
 
-def agreement(cheap: Pairs, exhaustive: Pairs) -> dict:
+def agreement(cheap: Pairs, exhaustive: Pairs) -> Agreement:
     keys = sorted(set(cheap) & set(exhaustive))
     a, b = [cheap[k] for k in keys], [exhaustive[k] for k in keys]
     rho = spearman(a, b)
-    return {
-        "n_pairs": len(keys),
-        "spearman": rho,
-        "permutation_p": permutation_p(a, b, rho) if rho is not None else None,
-        "bootstrap_95": bootstrap_interval(a, b) if rho is not None else None,
-        "pairs": [{"source_dataset": s, "target_dataset": t, "affinity": cheap[(s, t)], "influence": exhaustive[(s, t)]}
-                  for s, t in keys],
-    }
+    interval = bootstrap_interval(a, b) if rho is not None else None
+    return Agreement(
+        n_pairs=len(keys), spearman=rho, permutation_p=permutation_p(a, b, rho) if rho is not None else None,
+        bootstrap_95=list(interval) if interval is not None else None,
+        pairs=[PairAgreement(s, t, cheap[(s, t)], exhaustive[(s, t)]) for s, t in keys])
 
 
-def relative_effect(metrics: pl.DataFrame, targets: list[Target], dataset: str, combo: str,
-                    seeds: set[int] | None = None, base: str | None = None) -> float | None:
+def relative_effect(metrics: pl.DataFrame, targets: list[Target], dataset: str, combo: tuple[str, ...],
+                    seeds: set[int] | None = None, base: tuple[str, ...] | None = None) -> float | None:
     """Mean over `dataset`'s primary targets of the relative, signed (positive = helps) change
     from training on `base` (default {dataset} alone) to training on `combo`, paired by seed."""
-    base = base or dataset
+    base = base or (dataset,)
     effects = []
     for target in targets:
         if not target.primary or target.dataset != dataset:
             continue
-        by = {(c, s): v for c, s, v in target_cells(metrics, target) if seeds is None or s in seeds}
+        by = {(c, s): v for (c, s), v in target_cells(metrics, target).items() if seeds is None or s in seeds}
         shared = [s for c, s in by if c == combo and (base, s) in by]
         if not shared:
             continue
@@ -102,14 +109,16 @@ def relative_effect(metrics: pl.DataFrame, targets: list[Target], dataset: str, 
     return sum(effects) / len(effects) if effects else None
 
 
-def pair_influence(metrics: pl.DataFrame, targets: list[Target], names: list[str], seeds: set[int] | None = None,
-                   control: str | None = None) -> Pairs:
-    """I_ij over the ordered pairs of `names`: {i, j} against {j}, or against {j, control}."""
+def pair_influence(metrics: pl.DataFrame, targets: list[Target], design: StudyDesign, seeds: set[int] | None = None,
+                   controlled: bool = False) -> Pairs:
+    """I_ij over the ordered pairs of train data sets the design compares: its pair rows, {i, j}
+    against {j}, or its controlled rows, against {j, control}."""
     out = {}
-    for source, target in itertools.permutations(names, 2):
-        pair = combination_name(n for n in names if n in (source, target))
-        base = combination_name(with_control(target, control)) if control else None
-        effect = relative_effect(metrics, targets, target, pair, seeds, base)
+    for source, target in itertools.permutations(design.train, 2):
+        comparison = design.pair_comparison(source, target, controlled)
+        if comparison is None:
+            continue
+        effect = relative_effect(metrics, targets, target, comparison.with_combo, seeds, comparison.without_combo)
         if effect is not None:
             out[(source, target)] = effect
     return out
@@ -134,11 +143,11 @@ def _halves(seeds: list[int]) -> tuple[set[int], set[int]]:
     return set(ordered[: len(ordered) // 2]), set(ordered[len(ordered) // 2:])
 
 
-def _split_half(a: Pairs, b: Pairs) -> dict:
+def _split_half(a: Pairs, b: Pairs, split: str = "seeds") -> SplitHalf:
     keys = sorted(set(a) & set(b))
     rho = spearman([a[k] for k in keys], [b[k] for k in keys])
     corrected = 2 * rho / (1 + rho) if rho is not None and rho > -1 else None
-    return {"halves_spearman": rho, "spearman_brown": corrected}
+    return SplitHalf(halves_spearman=rho, spearman_brown=corrected, split=split)
 
 
 def partitions(items: list[str]) -> Iterable[list[tuple[str, ...]]]:
@@ -153,22 +162,22 @@ def partitions(items: list[str]) -> Iterable[list[tuple[str, ...]]]:
             yield [*part[:k], (first, *part[k]), *part[k + 1:]]
 
 
-def grouping_regret(metrics: pl.DataFrame, targets: list[Target], names: list[str], cheap: Pairs) -> dict | None:
-    """Over the partitions whose groups were all trained: exhaustive score = sum over data sets
-    of their relative improvement in their group over alone; cheap score = sum of A_ij within
-    groups. Regret = best exhaustive score - exhaustive score of the cheap estimate's best."""
-    trained = set(metrics["combination"].unique().to_list()) if metrics.height else set()
+def grouping_regret(metrics: pl.DataFrame, targets: list[Target], design: StudyDesign, cheap: Pairs) -> Grouping | None:
+    """Over the partitions of the train data sets whose groups the design trains: exhaustive
+    score = sum over data sets of their relative improvement in their group over alone; cheap
+    score = sum of A_ij within groups. Regret = best exhaustive score - exhaustive score of the
+    cheap estimate's best."""
     scored = []
-    for part in partitions(list(names)):
-        groups = [tuple(n for n in names if n in g) for g in part]
-        if any(combination_name(g) not in trained for g in groups):
+    for part in partitions(list(design.train)):
+        groups = [design.order(g) for g in part]
+        if any(not design.trains(g) for g in groups):
             continue
         exhaustive = cheap_score = 0.0
         complete = True
         for group in groups:
             for j in group:
                 if len(group) > 1:
-                    effect = relative_effect(metrics, targets, j, combination_name(group))
+                    effect = relative_effect(metrics, targets, j, group)
                     if effect is None:
                         complete = False
                     exhaustive += effect or 0.0
@@ -179,42 +188,42 @@ def grouping_regret(metrics: pl.DataFrame, targets: list[Target], names: list[st
         return None
     best = max(scored, key=lambda s: s[1])
     chosen = max(scored, key=lambda s: s[2])
-    return {"partitions": len(scored), "best": [combination_name(g) for g in best[0]], "best_score": best[1],
-            "chosen_by_affinity": [combination_name(g) for g in chosen[0]], "chosen_score": chosen[1],
-            "regret": best[1] - chosen[1]}
+    return Grouping(partitions=len(scored), best=[design.name(g) for g in best[0]], best_score=best[1],
+                    chosen_by_affinity=[design.name(g) for g in chosen[0]], chosen_score=chosen[1],
+                    regret=best[1] - chosen[1])
 
 
-def compare_estimates(records: list[TrialRecord], metrics: pl.DataFrame, targets: list[Target], names: list[str],
-                      seeds: list[int], control: str | None = None) -> dict:
+def compare_estimates(records: list[TrialRecord], metrics: pl.DataFrame, targets: list[Target], design: StudyDesign,
+                      seeds: list[int]) -> Estimates:
     """The cheap estimate against the exhaustive one (see the module docstring)."""
-    exhaustive = pair_influence(metrics, targets, names)
+    exhaustive = pair_influence(metrics, targets, design)
     cheap = mean_affinity(records)
-    out = agreement(cheap, exhaustive)
-    if control:
-        out["against_controlled"] = agreement(cheap, pair_influence(metrics, targets, names, control=control))
     first, second = _halves(seeds)
-    out["reliability"] = {"exhaustive": _split_half(pair_influence(metrics, targets, names, first),
-                                                    pair_influence(metrics, targets, names, second))}
+    reliability = {"exhaustive": _split_half(pair_influence(metrics, targets, design, first),
+                                             pair_influence(metrics, targets, design, second))}
     probing_seeds = sorted({r.seed for r in records if r.affinity})
     if len(probing_seeds) >= 2:
         a, b = _halves(probing_seeds)
-        out["reliability"]["cheap"] = {"split": "seeds", **_split_half(mean_affinity(records, a), mean_affinity(records, b))}
+        reliability["cheap"] = _split_half(mean_affinity(records, a), mean_affinity(records, b))
     else:
-        out["reliability"]["cheap"] = {"split": "probes (even, odd)",
-                                       **_split_half(mean_affinity(records, half=0), mean_affinity(records, half=1))}
-    out["grouping"] = grouping_regret(metrics, targets, names, cheap)
+        reliability["cheap"] = _split_half(mean_affinity(records, half=0), mean_affinity(records, half=1),
+                                           "probes (even, odd)")
     finished = [r for r in records if r.status == "finished"]
     hours = lambda rs: sum(r.wall_seconds for r in rs) / 3600  # noqa: E731
     # The singleton and pair trials; not a study control's trials, which this comparison does not use.
-    out["exhaustive_trial_hours"] = hours([r for r in finished if len(r.datasets) <= 2 and set(r.datasets) <= set(names)])
-    out["affinity_trial_hours"] = hours([r for r in finished if r.measures_affinity])
-    out["all_trial_hours"] = hours(finished)
-    out["cost_ratio"] = (out["affinity_trial_hours"] / out["exhaustive_trial_hours"]
-                         if out["exhaustive_trial_hours"] else None)
-    return out
+    pairs = {(n,) for n in design.train} | {design.order(p) for p in itertools.combinations(design.train, 2)}
+    exhaustive_hours = hours([r for r in finished if tuple(r.datasets) in pairs])
+    affinity_hours = hours([r for r in finished if r.measures_affinity])
+    return Estimates(
+        **vars(agreement(cheap, exhaustive)), reliability=reliability,
+        grouping=grouping_regret(metrics, targets, design, cheap), exhaustive_trial_hours=exhaustive_hours,
+        affinity_trial_hours=affinity_hours, all_trial_hours=hours(finished),
+        cost_ratio=affinity_hours / exhaustive_hours if exhaustive_hours else None,
+        against_controlled=agreement(cheap, pair_influence(metrics, targets, design, controlled=True))
+        if "controlled" in design.kinds else None)
 
 
-def planted_check(influence: pl.DataFrame, planted: list, kind: str = "pair") -> dict:
+def planted_check(influence: pl.DataFrame, planted: list, kind: str = "pair") -> PlantedCheck:
     """For every planted (source, target, effect): the influence rows of `kind` (pair, or
     controlled for a study with a control) on the target's primary targets, their uncorrected
     and FCR-adjusted intervals, and whether they agree: helps/hurts, the adjusted interval on
@@ -235,11 +244,10 @@ def planted_check(influence: pl.DataFrame, planted: list, kind: str = "pair") ->
                 agrees = high < 0
             else:
                 agrees = low <= 0 <= high
-            out.append({"source": item.source, "target": item.target, "task": r["task"], "truth": item.effect,
-                        "delta": r["delta"], "ci_low": r["ci_low"], "ci_high": r["ci_high"],
-                        "ci_low_adjusted": low, "ci_high_adjusted": high, "q_value": r["q_value"], "mde": r["mde"],
-                        "agrees": agrees})
-    by_effect = {e: [o for o in out if o["truth"] == e] for e in ("helps", "hurts", "none")}
-    return {"kind": kind, "pairs": out, "agree": sum(o["agrees"] for o in out), "total": len(out),
-            "recovered": {e: f"{sum(o['agrees'] for o in rows)}/{len(rows)}" for e, rows in by_effect.items()},
-            "false_positives_on_none": sum(not o["agrees"] for o in by_effect["none"])}
+            out.append(PlantedPair(source=item.source, target=item.target, task=r["task"], truth=item.effect,
+                                   delta=r["delta"], ci_low=r["ci_low"], ci_high=r["ci_high"], ci_low_adjusted=low,
+                                   ci_high_adjusted=high, q_value=r["q_value"], mde=r["mde"], agrees=agrees))
+    by_effect = {e: [o for o in out if o.truth == e] for e in ("helps", "hurts", "none")}
+    return PlantedCheck(kind=kind, pairs=out, agree=sum(o.agrees for o in out), total=len(out),
+                        recovered={e: f"{sum(o.agrees for o in rows)}/{len(rows)}" for e, rows in by_effect.items()},
+                        false_positives_on_none=sum(not o.agrees for o in by_effect["none"]))

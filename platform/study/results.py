@@ -4,13 +4,13 @@
 - metrics: one row per (trial, eval data set, task, metric); validation losses have the query
   group as task (object_queries, prompt_queries) and the metric val_loss.
 - influence: one row per (kind, source, target data set, task, metric): what adding the
-  source does to the target, signed so that positive always means "helps", with the seed-
-  blocked model's interval, p- and q-value, FCR-adjusted interval and minimum detectable
-  effect (omgseg.platform.study.stats). kind "pair": {source, target} against {target}; kind
-  "controlled" (a study with a `control`): {source, target} against {target, control}, so
-  what any added data set does cancels; kind "leave_one_out": every train data set against
-  all but the source (targets may be evaluation-only data sets there).
-- correlation: for every two targets, Pearson and Spearman over trials.
+  source does to the target, signed so that positive always means "helps", estimated seed by
+  seed (omgseg.platform.study.stats) with its interval, p- and q-value, FCR-adjusted interval
+  and minimum detectable effects before and after correction. The kinds are the study
+  design's comparisons (omgseg.platform.study.design): pair, controlled, leave_one_out, and
+  for a sampled design the surrogate's rows. A target only counts trials in its scope
+  (plan.Target.in_scope): those that trained it.
+- correlation: for every two targets, Pearson and Spearman over the trials in both scopes.
 - affinity: TAG's look-ahead affinity of source on target, per trial that measured it.
 
 Column names are lower_snake_case, types are explicit, and rows are sorted, so the same
@@ -20,35 +20,51 @@ records always give the same tables.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
 
-from omgseg.platform.records import TrialRecord
-from omgseg.platform.study.plan import Target, combination_name, with_control
-from omgseg.platform.study.stats import ALPHA, BlockedFit, aa_check, adjusted_alpha, benjamini_hochberg, pairing_ratio
+from omgseg.platform.records import NullCheck, TrialRecord
+from omgseg.platform.study import surrogate
+from omgseg.platform.study.design import KINDS, Combination, Comparison, StudyDesign
+from omgseg.platform.study.plan import Target
+from omgseg.platform.study.stats import (
+    ALPHA,
+    Contrast,
+    aa_check,
+    adjusted_alpha,
+    benjamini_hochberg,
+    minimum_detectable_effect,
+    pairing_ratio,
+    seed_contrast,
+)
 
 TABLES = ("runs", "metrics", "influence", "correlation", "affinity")
-KINDS = ("pair", "controlled", "leave_one_out")  # the influence table's row kinds
 
 RUNS_SCHEMA = {
-    "study": pl.String, "trial_id": pl.String, "combination": pl.String, "train_datasets": pl.List(pl.String),
+    "study": pl.String, "trial_id": pl.String, "combination": pl.String, "mixture": pl.String,
+    "train_datasets": pl.List(pl.String),
     "mixing_ratios": pl.List(pl.Float64), "samples_per_dataset": pl.List(pl.Int64), "n_datasets": pl.Int64,
     "seed": pl.Int64, "steps": pl.Int64, "status": pl.String, "error": pl.String, "log": pl.String,
     "measures_affinity": pl.Boolean, "wall_seconds": pl.Float64, "train_seconds": pl.Float64,
     "affinity_seconds": pl.Float64, "eval_seconds": pl.Float64, "fit_seconds": pl.Float64, "mlflow_run_id": pl.String,
 }
 METRICS_SCHEMA = {
-    "study": pl.String, "trial_id": pl.String, "combination": pl.String, "seed": pl.Int64,
+    "study": pl.String, "trial_id": pl.String, "combination": pl.String, "mixture": pl.String,
+    "train_datasets": pl.List(pl.String),
+    "seed": pl.Int64,
     "eval_dataset": pl.String, "task": pl.String, "metric": pl.String, "value": pl.Float64,
 }
 INFLUENCE_SCHEMA = {
     "study": pl.String, "family": pl.String, "kind": pl.String, "source_dataset": pl.String, "target_dataset": pl.String,
-    "task": pl.String, "metric": pl.String, "direction": pl.String, "with_source": pl.Float64,
-    "without_source": pl.Float64, "delta": pl.Float64, "relative_delta": pl.Float64, "n_seeds": pl.Int64,
-    "df": pl.Int64, "se": pl.Float64, "ci_low": pl.Float64, "ci_high": pl.Float64, "p_value": pl.Float64,
-    "q_value": pl.Float64, "significant": pl.Boolean, "ci_low_adjusted": pl.Float64, "ci_high_adjusted": pl.Float64,
-    "mde": pl.Float64, "pairing_ratio": pl.Float64, "flag": pl.String,
+    "task": pl.String, "metric": pl.String, "direction": pl.String, "with_datasets": pl.List(pl.String),
+    "without_datasets": pl.List(pl.String), "with_source": pl.Float64, "without_source": pl.Float64,
+    "delta": pl.Float64, "relative_delta": pl.Float64, "n_seeds": pl.Int64, "seeds": pl.List(pl.Int64),
+    "seed_deltas": pl.List(pl.Float64), "df": pl.Int64, "se": pl.Float64, "ci_low": pl.Float64,
+    "ci_high": pl.Float64, "p_value": pl.Float64, "q_value": pl.Float64, "significant": pl.Boolean,
+    "ci_low_adjusted": pl.Float64, "ci_high_adjusted": pl.Float64, "mde": pl.Float64, "mde_adjusted": pl.Float64,
+    "pairing_ratio": pl.Float64, "flag": pl.String,
 }
 CORRELATION_SCHEMA = {
     "study": pl.String, "dataset_a": pl.String, "task_a": pl.String, "metric_a": pl.String,
@@ -65,7 +81,8 @@ SCHEMAS = {"runs": RUNS_SCHEMA, "metrics": METRICS_SCHEMA, "influence": INFLUENC
 
 def runs_table(study: str, records: list[TrialRecord]) -> pl.DataFrame:
     rows = [{
-        "study": study, "trial_id": r.trial_id, "combination": r.combination, "train_datasets": r.datasets,
+        "study": study, "trial_id": r.trial_id, "combination": r.combination, "mixture": r.mixture,
+        "train_datasets": r.datasets,
         "mixing_ratios": r.ratios, "samples_per_dataset": [r.samples[n] for n in r.datasets] if r.samples else None,
         "n_datasets": len(r.datasets), "seed": r.seed, "steps": r.steps, "status": r.status, "error": r.error,
         "log": r.log, "measures_affinity": r.measures_affinity, "wall_seconds": r.wall_seconds,
@@ -77,17 +94,27 @@ def runs_table(study: str, records: list[TrialRecord]) -> pl.DataFrame:
 
 def metrics_table(study: str, records: list[TrialRecord]) -> pl.DataFrame:
     """Every scalar metric of every finished trial (per-class tables stay in eval.json)."""
-    rows = [{"study": study, "trial_id": r.trial_id, "combination": r.combination, "seed": r.seed,
+    rows = [{"study": study, "trial_id": r.trial_id, "combination": r.combination, "mixture": r.mixture,
+             "train_datasets": r.datasets, "seed": r.seed,
              "eval_dataset": s.dataset, "task": s.task, "metric": s.metric, "value": s.value}
             for r in records for s in r.metrics.scores()]
     return pl.DataFrame(rows, schema=METRICS_SCHEMA).sort("trial_id", "eval_dataset", "task", "metric")
 
 
-def target_cells(metrics: pl.DataFrame, target: Target) -> list[tuple[str, int, float]]:
-    """(combination, seed, value) of every finished trial that reports `target`."""
+Cells = dict[tuple[Combination, int], float]  # (combination, seed) -> value
+
+
+def target_cells(metrics: pl.DataFrame, target: Target) -> Cells:
+    """{(combination, seed): value} of every finished trial of the design's combinations (not a
+    ratio sweep's mixture) in the target's scope that reports it."""
     rows = metrics.filter((pl.col("eval_dataset") == target.dataset) & (pl.col("task") == target.task)
-                          & (pl.col("metric") == target.metric))
-    return [(r["combination"], r["seed"], r["value"]) for r in rows.sort("combination", "seed").iter_rows(named=True)]
+                          & (pl.col("metric") == target.metric) & pl.col("mixture").is_null())
+    cells = {}
+    for r in rows.iter_rows(named=True):
+        combo = tuple(r["train_datasets"])
+        if target.in_scope(combo):
+            cells[(combo, r["seed"])] = r["value"]
+    return cells
 
 
 def _bounds(metric: str) -> tuple[float | None, float | None]:
@@ -101,109 +128,159 @@ def _bounds(metric: str) -> tuple[float | None, float | None]:
     return 0.0, 100.0
 
 
-def _flag(metric: str, with_values: list[float], without_values: list[float]) -> str | None:
-    """'floor' / 'ceiling' when every value of one side sits at the metric's bound: the metric
-    cannot show a change there (a censored measurement, not a precise zero)."""
+def bound_flag(metric: str, values: list[float]) -> str | None:
+    """'floor' / 'ceiling' when every value sits at the metric's bound: a censored
+    measurement, which cannot show a change, not a precise value."""
     low, high = _bounds(metric)
-    for values in (with_values, without_values):
-        if low is not None and all(v <= low for v in values):
-            return "floor"
-        if high is not None and all(v >= high for v in values):
-            return "ceiling"
+    if low is not None and all(v <= low for v in values):
+        return "floor"
+    if high is not None and all(v >= high for v in values):
+        return "ceiling"
     return None
 
 
-def _influence_row(study: str, kind: str, source: str, target: Target, fit: BlockedFit,
-                   cells: list[tuple[str, int, float]], with_combo: str, without_combo: str) -> dict | None:
-    by_seed = {(c, s): v for c, s, v in cells}
-    seeds = sorted(s for c, s in by_seed if c == with_combo and (without_combo, s) in by_seed)
+@dataclass
+class InfluenceRow:
+    """One row of the influence table while the table is built: its per-seed values and contrast
+    and, once its family is known, its BH q-value, adjusted interval and adjusted MDE."""
+
+    kind: str
+    source: str
+    target: Target
+    with_combo: Combination
+    without_combo: Combination
+    seeds: list[int]
+    differences: list[float]  # value with - value without, per seed (a surrogate row: of its predictions)
+    with_values: list[float] | None  # per seed; None when a surrogate cannot predict the levels, only the difference
+    without_values: list[float] | None
+    contrast: Contrast | None
+    flag: str | None
+    scale: float | None = None  # the target's mean over its subsets: relative_delta's base when there are no levels
+    q_value: float | None = None
+    significant: bool = False
+    adjusted: tuple[float, float] | None = None
+    mde_adjusted: float | None = None
+
+    def record(self, study: str) -> dict:
+        c, t = self.contrast, self.target
+        sign = 1.0 if t.direction == "higher" else -1.0
+        n = len(self.seeds)
+        with_source = sum(self.with_values) / n if self.with_values is not None else None
+        without_source = sum(self.without_values) / n if self.without_values is not None else None
+        base = without_source if without_source is not None else self.scale
+        delta = c.estimate if c else sign * sum(self.differences) / n
+        paired = self.with_values is not None and self.without_values is not None
+        return {
+            "study": study, "family": t.family, "kind": self.kind, "source_dataset": self.source,
+            "target_dataset": t.dataset, "task": t.task, "metric": t.metric, "direction": t.direction,
+            "with_datasets": list(self.with_combo), "without_datasets": list(self.without_combo),
+            "with_source": with_source, "without_source": without_source, "delta": delta,
+            "relative_delta": delta / abs(base) if base else None, "n_seeds": n,
+            "seeds": self.seeds, "seed_deltas": [sign * d for d in self.differences],
+            "df": c.df if c else None, "se": c.se if c else None, "ci_low": c.ci_low if c else None,
+            "ci_high": c.ci_high if c else None, "p_value": c.p_value if c else None, "q_value": self.q_value,
+            "significant": self.significant, "ci_low_adjusted": self.adjusted[0] if self.adjusted else None,
+            "ci_high_adjusted": self.adjusted[1] if self.adjusted else None, "mde": c.mde if c else None,
+            "mde_adjusted": self.mde_adjusted,
+            "pairing_ratio": pairing_ratio(self.with_values, self.without_values) if paired else None,
+            "flag": self.flag,
+        }
+
+
+def _row(comparison: Comparison, target: Target, seeds: list[int], differences: list[float],
+         with_values: list[float] | None, without_values: list[float] | None, scale: float | None = None
+         ) -> InfluenceRow | None:
+    """The row of `comparison`: measured values for two trained combinations, the surrogate's
+    predictions for a surrogate row (flags for a metric's bounds apply to measured values only)."""
     if not seeds:
         return None
-    with_values = [by_seed[(with_combo, s)] for s in seeds]
-    without_values = [by_seed[(without_combo, s)] for s in seeds]
     sign = 1.0 if target.direction == "higher" else -1.0
-    baseline = sum(without_values) / len(seeds)
-    paired = sign * sum(a - b for a, b in zip(with_values, without_values)) / len(seeds)
-    flag = _flag(target.metric, with_values, without_values)
-    contrast = None if flag else fit.contrast({with_combo: sign, without_combo: -sign})
-    if contrast is None and flag is None:
-        flag = "one_seed" if len(seeds) < 2 else "no_variance"
-    delta = contrast.estimate if contrast is not None else paired
-    return {
-        "study": study, "family": target.family, "kind": kind, "source_dataset": source, "target_dataset": target.dataset,
-        "task": target.task, "metric": target.metric, "direction": target.direction,
-        "with_source": sum(with_values) / len(seeds), "without_source": baseline, "delta": delta,
-        "relative_delta": delta / abs(baseline) if baseline != 0 else None, "n_seeds": len(seeds),
-        "df": contrast.df if contrast else None, "se": contrast.se if contrast else None,
-        "ci_low": contrast.ci_low if contrast else None, "ci_high": contrast.ci_high if contrast else None,
-        "p_value": contrast.p_value if contrast else None, "q_value": None, "significant": False,
-        "ci_low_adjusted": None, "ci_high_adjusted": None, "mde": contrast.mde if contrast else None,
-        "pairing_ratio": pairing_ratio(with_values, without_values), "flag": flag, "_contrast": contrast,
-    }
+    measured = not comparison.kind.startswith("surrogate")
+    with_flag = bound_flag(target.metric, with_values) if measured else None
+    without_flag = bound_flag(target.metric, without_values) if measured else None
+    contrast = None
+    if with_flag and without_flag:
+        flag = with_flag  # both sides censored: nothing to test
+    else:
+        flag = f"{with_flag or without_flag}_one_side" if (with_flag or without_flag) else None
+        contrast = seed_contrast({s: sign * d for s, d in zip(seeds, differences)})
+        if contrast is None:
+            flag = "one_seed" if len(seeds) < 2 else "no_variance"
+    return InfluenceRow(comparison.kind, comparison.source, target, comparison.with_combo, comparison.without_combo,
+                        seeds, differences, with_values, without_values, contrast, flag, scale)
 
 
-def influence_table(study: str, metrics: pl.DataFrame, train_datasets: list[str], targets: list[Target],
-                    control: str | None = None) -> pl.DataFrame:
-    """Pair rows need runs on {target} and {source, target}; controlled rows on {target,
-    control} and {source, target}; leave-one-out rows need runs on every train data set and on
-    all but the source. Each target's rows come from one blocked
-    fit over all the combinations that contain it (every combination, for an evaluation-only
-    target); q-values and adjusted intervals are per
-    family (primary / secondary) and kind, over the rows that have a p-value."""
+def _measured_row(comparison: Comparison, target: Target, cells: Cells) -> InfluenceRow | None:
+    seeds = sorted(s for c, s in cells if c == comparison.with_combo and (comparison.without_combo, s) in cells)
+    with_values = [cells[(comparison.with_combo, s)] for s in seeds]
+    without_values = [cells[(comparison.without_combo, s)] for s in seeds]
+    return _row(comparison, target, seeds, [a - b for a, b in zip(with_values, without_values)], with_values,
+                without_values)
+
+
+def _surrogate_rows(cells: Cells, design: StudyDesign, target: Target) -> list[InfluenceRow | None]:
+    fits = surrogate.seed_fits(cells, design, target.dataset)
+    sampled = [v for (c, _), v in cells.items() if c in design.sampled]
+    scale = sum(sampled) / len(sampled) if sampled else None
     rows = []
-    combos = set(metrics["combination"].unique().to_list()) if metrics.height else set()
-    everything = combination_name(train_datasets)
+    for comparison in surrogate.comparisons(design, target.dataset):
+        found = surrogate.predicted_row(fits, comparison)
+        rows.append(_row(comparison, target, found.seeds, found.differences, found.with_values, found.without_values,
+                         scale))
+    return rows
+
+
+def influence_rows(metrics: pl.DataFrame, design: StudyDesign, targets: list[Target]) -> list[InfluenceRow]:
+    """Every row of the design's comparisons (design.StudyDesign.comparisons) whose two
+    combinations are in the target's scope, at the seeds both were trained; with a sampled
+    design, the surrogate's rows (omgseg.platform.study.surrogate). BH q-values, adjusted
+    intervals and adjusted MDEs per family (primary / secondary) and kind, over the rows that
+    have a p-value."""
+    rows = []
     for target in targets:
         cells = target_cells(metrics, target)
-        if target.dataset in train_datasets:  # the combinations that contain it (all of them for an eval-only target)
-            cells = [cell for cell in cells if target.dataset in cell[0].split("+")]
-        if not cells:
-            continue
-        fit = BlockedFit(cells)
-        for source in train_datasets:
-            if source == target.dataset:
-                continue
-            if target.dataset in train_datasets:
-                pair = combination_name(n for n in train_datasets if n in (source, target.dataset))
-                if pair in combos and target.dataset in combos:
-                    rows.append(_influence_row(study, "pair", source, target, fit, cells, pair, target.dataset))
-                controlled = combination_name(with_control(target.dataset, control)) if control else None
-                if pair in combos and controlled in combos:
-                    rows.append(_influence_row(study, "controlled", source, target, fit, cells, pair, controlled))
-            rest = combination_name(n for n in train_datasets if n != source)
-            if len(train_datasets) > 1 and everything in combos and rest in combos:
-                rows.append(_influence_row(study, "leave_one_out", source, target, fit, cells, everything, rest))
+        for comparison in design.comparisons(target.dataset):
+            if target.in_scope(comparison.with_combo) and target.in_scope(comparison.without_combo):
+                rows.append(_measured_row(comparison, target, cells))
+        if design.sampled:
+            rows += _surrogate_rows(cells, design, target)
     rows = [r for r in rows if r is not None]
     for family in ("primary", "secondary"):
         for kind in KINDS:
-            tested = [r for r in rows if r["family"] == family and r["kind"] == kind and r["_contrast"] is not None]
-            q_values = benjamini_hochberg([r["p_value"] for r in tested])
+            tested = [r for r in rows if r.target.family == family and r.kind == kind and r.contrast is not None]
+            q_values = benjamini_hochberg([r.contrast.p_value for r in tested])
             level = adjusted_alpha(q_values)
             for row, q in zip(tested, q_values):
-                row["q_value"], row["significant"] = q, q <= ALPHA
-                row["ci_low_adjusted"], row["ci_high_adjusted"] = row["_contrast"].interval(level)
-    for row in rows:
-        del row["_contrast"]
+                row.q_value, row.significant = q, q <= ALPHA
+                row.adjusted = row.contrast.interval(level)
+                row.mde_adjusted = minimum_detectable_effect(row.contrast.se, row.contrast.df, level)
+    return rows
+
+
+def influence_table(study: str, metrics: pl.DataFrame, design: StudyDesign, targets: list[Target]) -> pl.DataFrame:
+    """The influence rows (`influence_rows`) as a table."""
+    rows = [r.record(study) for r in influence_rows(metrics, design, targets)]
     return pl.DataFrame(rows, schema=INFLUENCE_SCHEMA).sort("family", "kind", "target_dataset", "task", "metric",
                                                             "source_dataset")
 
 
 def correlation_table(study: str, metrics: pl.DataFrame, targets: list[Target]) -> pl.DataFrame:
-    """Across trials, every two targets' Pearson and Spearman correlation (the full matrix,
-    diagonal included); null where fewer than 3 trials have both or a target is constant."""
+    """Every two targets' Pearson and Spearman correlation (the full matrix, diagonal
+    included) over the trials in both targets' scopes; null where fewer than 3 trials have
+    both or a target is constant there."""
     present = []
-    wide = metrics.select("trial_id").unique()
     for t in targets:
         values = metrics.filter((pl.col("eval_dataset") == t.dataset) & (pl.col("task") == t.task)
                                 & (pl.col("metric") == t.metric))
+        in_scope = [t.in_scope(tuple(d)) for d in values["train_datasets"].to_list()]
+        values = values.filter(pl.Series(in_scope, dtype=pl.Boolean))
         if values.height:
-            column = f"{t.dataset}/{t.task}/{t.metric}"
-            wide = wide.join(values.select("trial_id", pl.col("value").alias(column)), on="trial_id", how="left")
-            present.append((t, column))
+            present.append((t, values.select("trial_id", "value")))
     rows = []
-    for a, a_column in present:
-        for b, b_column in present:
-            both = wide.select(pl.col(a_column).alias("a"), pl.col(b_column).alias("b")).drop_nulls()
+    for a, a_values in present:
+        for b, b_values in present:
+            both = a_values.join(b_values, on="trial_id", suffix="_b").select(pl.col("value").alias("a"),
+                                                                                pl.col("value_b").alias("b"))
             pearson = spearman = None
             if both.height >= 3:
                 out = both.select(pl.corr("a", "b", method="pearson"), pl.corr("a", "b", method="spearman").alias("s"))
@@ -225,28 +302,22 @@ def affinity_table(study: str, records: list[TrialRecord]) -> pl.DataFrame:
     return pl.DataFrame(rows, schema=AFFINITY_SCHEMA).sort("trial_id", "source_dataset", "target_dataset")
 
 
-def null_check(metrics: pl.DataFrame, targets: list[Target]) -> dict:
-    """The A/A check of every family of targets (omgseg.platform.study.stats.aa_check), without the
-    combinations where a target sits at its floor or ceiling in every seed (nothing to split)."""
-    families: dict[str, list] = {"primary": [], "secondary": []}
-    for target in targets:
-        cells = target_cells(metrics, target)
-        censored = {c for c in {c for c, _, _ in cells}
-                    if _flag(target.metric, [v for k, _, v in cells if k == c], [v for k, _, v in cells if k == c])}
-        kept = [cell for cell in cells if cell[0] not in censored]
-        if kept:
-            families[target.family].append(kept)
-    return aa_check(families)
+def null_check(influence: pl.DataFrame) -> dict[str, NullCheck]:
+    """The A/A check (omgseg.platform.study.stats.aa_check) of every family of the influence
+    table's tested rows: the same rows, trials and model the table reports."""
+    tested = influence.filter(pl.col("p_value").is_not_null())
+    checks = aa_check({family: tested.filter(pl.col("family") == family)["seed_deltas"].to_list()
+                       for family in ("primary", "secondary")})
+    return {family: NullCheck(**check) for family, check in checks.items()}
 
 
-def build_tables(study: str, records: list[TrialRecord], train_datasets: list[str],
-                 targets: list[Target], control: str | None = None) -> dict[str, pl.DataFrame]:
+def build_tables(study: str, records: list[TrialRecord], design: StudyDesign, targets: list[Target]) -> dict[str, pl.DataFrame]:
     finished = [r for r in records if r.status == "finished"]
     metrics = metrics_table(study, finished)
     return {
         "runs": runs_table(study, records),
         "metrics": metrics,
-        "influence": influence_table(study, metrics, train_datasets, targets, control),
+        "influence": influence_table(study, metrics, design, targets),
         "correlation": correlation_table(study, metrics, targets),
         "affinity": affinity_table(study, finished),
     }

@@ -1,17 +1,28 @@
 """The statistics of the influence tables (docs/studies.md, "Statistics", has every formula).
 
-- `BlockedFit`: per target, the seed-blocked linear model over every combination that has the
-  target, y[c, s] = mu_c + beta_s + e, fitted by least squares (statsmodels OLS). Seeds are
-  blocks: every combination of a seed shares its initial weights and its samples (common
-  random numbers), so a seed's offset cancels from every contrast, and the residual degrees
-  of freedom are pooled over all combinations, (C - 1)(S - 1) when complete, instead of the
-  S - 1 of one paired difference.
-- `Contrast`: an estimate of sum_c w_c mu_c with its standard error, Student-t interval,
-  p-value and minimum detectable effect (80 % power at the same alpha, two-sided).
-- `benjamini_hochberg` q-values over a family of rows, and FCR-adjusted intervals
-  (Benjamini & Yekutieli 2005) that exclude zero exactly for the rows BH selects.
-- `aa_check`: the A/A null check, a combination's seeds split in two halves as if they were two
-  combinations: the "influence" of nothing.
+Every influence row compares combinations trained at the same seeds. A seed fixes the initial
+weights and, through common random numbers, the samples and their treatment, so a row is
+estimated seed by seed, where the seed's offset cancels: its per-seed values d_s (for a pair
+row, the signed difference of the two combinations at seed s) are the data, their mean the
+estimate, their spread the standard error, with S - 1 degrees of freedom for S seeds.
+Nothing is pooled across combinations: a combination noisier than the others (a singleton,
+in the default study) widens its own rows' intervals and no other's.
+
+This was chosen by simulating null studies of the default design through the table code
+(tests/benchmarks/bench_stats.py; tests/platform/study/test_stats.py runs a small version):
+with singletons twice as noisy as the rest, one residual variance pooled over all
+combinations of a target gave per-row and family-wise false-positive rates above 0.05, a
+per-combination variance (estimated from the pooled model's residuals, Satterthwaite degrees
+of freedom) kept the per-row rate but not the family-wise one; the per-seed contrast kept
+both, at the cost of fewer degrees of freedom when the noise is in fact equal.
+
+- `Contrast`: a row's per-seed values, their mean, standard error, Student-t interval,
+  p-value and minimum detectable effect.
+- `minimum_detectable_effect`: the effect a two-sided t-test finds with 80 % power.
+- `benjamini_hochberg` q-values over a family of rows, the level of the FCR-adjusted intervals
+  (Benjamini & Yekutieli 2005), which exclude zero exactly for the rows BH selects.
+- `aa_check`: the A/A null check on the rows themselves: each row's seeds split in halves
+  whose difference is zero by construction.
 - `pairing_ratio`: Var(paired difference) / (Var(with) + Var(without)), the gain of pairing.
 """
 
@@ -20,6 +31,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 from scipy import stats
@@ -30,6 +42,10 @@ POWER = 0.8
 
 @dataclass(frozen=True)
 class Contrast:
+    """A row's per-seed values d_s and the one-sample t statistics of their mean."""
+
+    seeds: tuple[int, ...]
+    values: tuple[float, ...]  # d_s, in the order of `seeds`
     estimate: float
     se: float
     df: int
@@ -44,57 +60,42 @@ class Contrast:
         return self.estimate - half, self.estimate + half
 
 
+def seed_contrast(per_seed: dict[int, float], alpha: float = ALPHA) -> Contrast | None:
+    """The contrast whose value at seed s is per_seed[s]; None with fewer than 2 seeds or no
+    spread (the interval would be undefined or of zero width)."""
+    seeds = tuple(sorted(per_seed))
+    values = np.array([per_seed[s] for s in seeds], dtype=float)
+    if len(values) < 2 or not values.std(ddof=1) > 0:
+        return None
+    test = stats.ttest_1samp(values, 0.0)
+    low, high = test.confidence_interval(1 - alpha)
+    se = float(values.std(ddof=1) / math.sqrt(len(values)))
+    return Contrast(seeds=seeds, values=tuple(float(v) for v in values), estimate=float(values.mean()), se=se,
+                    df=int(test.df), p_value=float(test.pvalue), ci_low=float(low), ci_high=float(high),
+                    mde=minimum_detectable_effect(se, int(test.df), alpha))
+
+
+@lru_cache(maxsize=256)
+def noncentrality(df: int, alpha: float, power: float) -> float:
+    """The noncentrality at which a two-sided one-sample t-test with `df` degrees of freedom
+    rejects at `alpha` with probability `power` (statsmodels solves the noncentral t)."""
+    from statsmodels.stats.power import TTestPower
+
+    n = df + 1
+    return float(TTestPower().solve_power(nobs=n, alpha=alpha, power=power, alternative="two-sided")) * math.sqrt(n)
+
+
+def _c4(df: int) -> float:
+    """E[s] / sigma for a sample standard deviation with `df` degrees of freedom."""
+    return math.sqrt(2 / df) * math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2))
+
+
 def minimum_detectable_effect(se: float, df: int, alpha: float = ALPHA, power: float = POWER) -> float:
-    """(t_{1 - alpha/2, df} + t_{power, df}) * se."""
-    return (float(stats.t.ppf(1 - alpha / 2, df)) + float(stats.t.ppf(power, df))) * se
-
-
-class BlockedFit:
-    """The seed-blocked model of one target over (combination, seed, value) cells."""
-
-    def __init__(self, cells: Sequence[tuple[str, int, float]]) -> None:
-        import statsmodels.api as sm
-
-        self.combinations = sorted({c for c, _, _ in cells})
-        self.seeds = sorted({s for _, s, _ in cells})
-        index = {c: i for i, c in enumerate(self.combinations)}
-        seeds = {s: i for i, s in enumerate(self.seeds)}
-        n_c, n_s = len(self.combinations), len(self.seeds)
-        # Columns: one mean per combination, then seed offsets against the first seed.
-        x = np.zeros((len(cells), n_c + n_s - 1))
-        y = np.zeros(len(cells))
-        for row, (combo, seed, value) in enumerate(cells):
-            x[row, index[combo]] = 1.0
-            if seeds[seed] > 0:
-                x[row, n_c + seeds[seed] - 1] = 1.0
-            y[row] = value
-        self.n = len(cells)
-        self.values = y
-        self.result = sm.OLS(y, x).fit() if len(cells) else None
-        rank = int(np.linalg.matrix_rank(x)) if len(cells) else 0
-        self.df = self.n - rank
-        self.sigma = float(math.sqrt(self.result.ssr / self.df)) if self.df > 0 else float("nan")
-        self._index = index
-
-    def contrast(self, weights: dict[str, float], alpha: float = ALPHA) -> Contrast | None:
-        """sum_c weights[c] * mu_c; None when the model has no residual degrees of freedom or
-        no residual variance (the interval would be undefined or of zero width), or when the
-        contrast is not estimable from the cells."""
-        if self.df < 1 or not self.sigma > 0 or any(c not in self._index for c in weights):
-            return None
-        vector = np.zeros(self.result.params.shape[0])
-        for combo, w in weights.items():
-            vector[self._index[combo]] = w
-        x = self.result.model.exog
-        if not np.allclose(vector @ np.linalg.pinv(x) @ x, vector, atol=1e-8):
-            return None  # not estimable: the cells cannot separate these combinations from the seeds
-        test = self.result.t_test(vector)
-        estimate, se = float(np.squeeze(test.effect)), float(np.squeeze(test.sd))
-        if not se > 0:
-            return None
-        low, high = (float(v) for v in np.squeeze(test.conf_int(alpha)))
-        return Contrast(estimate=estimate, se=se, df=self.df, p_value=float(np.squeeze(test.pvalue)), ci_low=low,
-                        ci_high=high, mde=minimum_detectable_effect(se, self.df, alpha))
+    """The effect the two-sided t-test at `alpha` detects with probability `power`: the
+    noncentral t's noncentrality times the standard error. The estimated se is divided by
+    c4(df) first: a sample standard deviation underestimates sigma on average (by 5 % at 5 df),
+    and the MDE is meant for the true one."""
+    return noncentrality(df, alpha, power) * se / _c4(df)
 
 
 def benjamini_hochberg(p_values: Sequence[float]) -> list[float]:
@@ -105,8 +106,9 @@ def benjamini_hochberg(p_values: Sequence[float]) -> list[float]:
 
 
 def adjusted_alpha(q_values: Sequence[float], alpha: float = ALPHA) -> float:
-    """The level of the FCR-adjusted intervals of a family of m rows with R selected at q <= alpha:
-    alpha * R / m, or alpha / m when nothing is selected (Benjamini & Yekutieli 2005)."""
+    """The level BH used in a family of m rows with R selected at q <= alpha: alpha * R / m, or
+    alpha / m when nothing is selected. The FCR-adjusted intervals (Benjamini & Yekutieli 2005)
+    and `mde_adjusted` are taken at it."""
     m = len(q_values)
     selected = sum(q <= alpha for q in q_values)
     return alpha * max(selected, 1) / m if m else alpha
@@ -122,28 +124,27 @@ def pairing_ratio(with_values: Sequence[float], without_values: Sequence[float])
     return float((a - b).var(ddof=1) / independent) if independent > 0 else None
 
 
-def aa_check(families: dict[str, list[list[tuple[str, int, float]]]], alpha: float = ALPHA) -> dict:
-    """The A/A null check, per family: for every target's cells and every combination with at
-    least 4 seeds, that combination's seeds are split into two halves (first and second half
-    of the sorted seeds) that enter the blocked model as two combinations; the contrast between
-    them estimates an effect that is zero by construction. BH over each family's tests; the
-    check passes when none is significant after correction."""
+def split_half_p(values: Sequence[float]) -> float | None:
+    """The A/A test of one row: its per-seed values (in seed order), the first half of the
+    seeds against the second, compared by a two-sample t-test with one variance (the row's own
+    model: the d_s are exchangeable with one spread). The difference is zero by construction;
+    None with fewer than 4 seeds or no spread within the halves."""
+    n = len(values)
+    if n < 4:
+        return None
+    first, second = np.array(values[: n // 2], dtype=float), np.array(values[n // 2:], dtype=float)
+    if not (first.var(ddof=1) + second.var(ddof=1)) > 0:
+        return None
+    return float(stats.ttest_ind(first, second).pvalue)
+
+
+def aa_check(families: dict[str, list[Sequence[float]]], alpha: float = ALPHA) -> dict:
+    """The A/A null check, per family of rows (each given by its per-seed values): every row
+    with at least 4 seeds is split in seed halves (`split_half_p`), BH over the family's splits; it passes when none is
+    significant after correction. It tests the rows' own model on the rows' own trials."""
     out = {}
-    for family, targets in families.items():
-        p_values, estimates = [], []
-        for cells in targets:
-            by_combo: dict[str, list[int]] = {}
-            for combo, seed, _ in cells:
-                by_combo.setdefault(combo, []).append(seed)
-            for combo, seeds in sorted(by_combo.items()):
-                if len(seeds) < 4:
-                    continue
-                first = set(sorted(seeds)[: len(seeds) // 2])
-                split = [(f"{c}#A" if s in first else f"{c}#B", s, v) if c == combo else (c, s, v) for c, s, v in cells]
-                contrast = BlockedFit(split).contrast({f"{combo}#A": 1.0, f"{combo}#B": -1.0}, alpha)
-                if contrast is not None:
-                    p_values.append(contrast.p_value)
-                    estimates.append(contrast.estimate / contrast.se)
+    for family, rows in families.items():
+        p_values = [p for p in (split_half_p(values) for values in rows) if p is not None]
         q_values = benjamini_hochberg(p_values)
         significant = sum(q <= alpha for q in q_values)
         out[family] = {

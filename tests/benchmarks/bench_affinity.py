@@ -53,6 +53,7 @@ from omgseg.core.seeds import derive_seed
 from omgseg.platform.config import StudyConfig
 from omgseg.platform.evaluation.evaluate import validation_examples
 from omgseg.platform.records import StudyState
+from omgseg.platform.study.design import StudyDesign
 from omgseg.platform.study.estimates import agreement, pair_influence
 from omgseg.platform.study.plan import plan_trials, targets, trial_config
 from omgseg.platform.training.affinity import HeldOut, Lookahead, in_batches, lookahead_affinity
@@ -171,7 +172,7 @@ def main() -> int:
     folder = Path(args.study)
     config = StudyConfig.model_validate(StudyState.read(folder).config)
     metrics = pl.read_parquet(folder / "metrics.parquet")
-    exhaustive = pair_influence(metrics, targets(config), config.trained())
+    exhaustive = pair_influence(metrics, targets(config), StudyDesign.from_config(config))
     init = next((folder / "pretrain" / "pretrain").glob("*/model.pt"), None) if config.pretrain else None
     torch.set_num_threads(max(1, int(config.train.resources.cpus_per_worker)))  # the study's trajectories
     spearman: dict[str, list[float]] = {v: [] for v in VARIANTS}

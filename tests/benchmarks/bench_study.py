@@ -21,6 +21,8 @@ from pathlib import Path
 
 import polars as pl
 
+from omgseg.platform.records import StudySummary
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -39,17 +41,17 @@ def main() -> int:
         print(f"bench_study: the study failed (exit {done.returncode})", file=sys.stderr)
         return 1
     runs = pl.read_parquet(out / "runs.parquet").filter(pl.col("status") == "finished")
-    summary = json.loads((out / "summary.json").read_text())
+    summary = StudySummary.read(out)
     trial_wall = float(runs["wall_seconds"].sum())
     steps = float(runs["train_seconds"].sum())
     probes = float(runs["affinity_seconds"].sum())
     evaluation = float(runs["eval_seconds"].sum())
     overhead = trial_wall - steps - probes - evaluation
-    slots = summary.get("concurrent_trials") or 1
-    slot_seconds = slots * summary["driver_seconds"]["trials"]
+    slots = summary.concurrent_trials or 1
+    slot_seconds = slots * summary.driver_seconds["trials"]
     idle = max(0.0, slot_seconds - trial_wall)
-    estimates = summary["estimates"]
-    primary = {k: v for k, v in summary["significant"].items() if k.startswith("primary")}
+    estimates = summary.estimates
+    primary = {k: v for k, v in summary.significant.items() if k.startswith("primary")}
     print(json.dumps({
         "benchmark": "bench_study",
         "config": str(Path(args.config).relative_to(ROOT)) if Path(args.config).is_relative_to(ROOT) else args.config,
@@ -67,21 +69,22 @@ def main() -> int:
         "idle_slot_s": round(idle, 1),
         "share_ray_overhead_with_idle_slots": round((overhead + idle) / (trial_wall + idle), 3),
         "overhead_over_steps": round(overhead / steps, 2),
-        "driver_s": {k: round(v, 1) for k, v in summary["driver_seconds"].items()},
+        "driver_s": {k: round(v, 1) for k, v in summary.driver_seconds.items()},
         "trials_per_hour": round(runs.height / (wall / 3600), 1),
         "study_folder_gb": round(sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 1e9, 2),
         "weights_files_gb": round(sum(f.stat().st_size for f in out.rglob("*.pt") if f.is_file()) / 1e9, 2),
-        "seeds": summary["seeds"],
-        "significant_primary": {k: f"{v['significant_after_correction']}/{v['tested']}" for k, v in primary.items()},
-        "median_mde_primary_pair": primary.get("primary/pair", {}).get("median_mde"),
-        "median_mde_primary_controlled": primary.get("primary/controlled", {}).get("median_mde"),
-        "planted": {k: summary["planted"][k] for k in ("kind", "agree", "total", "recovered", "false_positives_on_none")}
-        if "planted" in summary else None,
-        "null_check": {k: v["passed"] for k, v in summary["null_check"].items()},
-        "pairing_ratio_median": summary["pairing_ratio_median"],
-        "spearman_affinity_vs_influence": estimates["spearman"],
-        "exhaustive_trial_hours": round(estimates["exhaustive_trial_hours"], 4),
-        "affinity_trial_hours": round(estimates["affinity_trial_hours"], 4),
+        "seeds": summary.seeds,
+        "significant_primary": {k: f"{v.significant_after_correction}/{v.tested}" for k, v in primary.items()},
+        "median_mde_primary": {k: v.median_mde for k, v in primary.items()},
+        "median_mde_adjusted_primary": {k: v.median_mde_adjusted for k, v in primary.items()},
+        "planted": {"kind": summary.planted.kind, "agree": summary.planted.agree, "total": summary.planted.total,
+                    "recovered": summary.planted.recovered,
+                    "false_positives_on_none": summary.planted.false_positives_on_none} if summary.planted else None,
+        "null_check": {k: v.passed for k, v in summary.null_check.items()},
+        "pairing_ratio_median": summary.pairing_ratio_median,
+        "spearman_affinity_vs_influence": estimates.spearman,
+        "exhaustive_trial_hours": round(estimates.exhaustive_trial_hours, 4),
+        "affinity_trial_hours": round(estimates.affinity_trial_hours, 4),
         "out": str(out),
     }))
     return 0

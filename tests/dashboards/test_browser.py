@@ -70,7 +70,7 @@ def test_the_mlflow_ui_shows_the_study_runs(small_study, browser, tmp_path):
         page = browser.new_page(viewport={"width": 1600, "height": 1000})
         page.goto(f"http://127.0.0.1:{port}/#/experiments/{experiment}/runs")
         page.get_by_text(re.compile(r"[1-9]\d* matching runs")).wait_for(timeout=60_000)
-        page.get_by_role("link", name=result.summary["study"], exact=True).wait_for(timeout=30_000)  # the parent run
+        page.get_by_role("link", name=result.summary.study, exact=True).wait_for(timeout=30_000)  # the parent run
         # Trials are nested under the study's parent run: open it.
         page.locator('button[data-component-id*="runnamecellrenderer"]').first.click()
         trials = ["coco-s0", "coco-s1", "davis-s0", "davis-s1", "coco+davis-s0", "coco+davis-s1"]

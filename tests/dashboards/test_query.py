@@ -5,6 +5,7 @@ import pytest
 
 from omgseg.dashboards.query import QueryError, load_tables, main, run_query
 from omgseg.platform.records import DatasetEvaluation, Evaluation, TrialRecord
+from omgseg.platform.study.design import StudyDesign
 from omgseg.platform.study.plan import Target
 from omgseg.platform.study.results import build_tables, write_tables
 
@@ -17,7 +18,8 @@ def _study(folder, name: str, bonus: float) -> None:
                                    ratios=[1 / len(datasets)] * len(datasets), seed=seed, steps=5, status="finished",
                                    mlflow_run_id=f"{name}-{combo}-{seed}", wall_seconds=60.0, seconds={"train": 20.0},
                                    metrics=Evaluation({"a": DatasetEvaluation({"panoptic": {"PQ": pq}})})))
-    write_tables(build_tables(name, records, ["a", "b"], [Target("a", "panoptic", "PQ", "higher", False)]), folder)
+    design = StudyDesign(train=("a", "b"), combinations=(("a",), ("b",), ("a", "b")))
+    write_tables(build_tables(name, records, design, [Target("a", "panoptic", "PQ", "higher", False)]), folder)
 
 
 @pytest.fixture

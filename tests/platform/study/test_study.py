@@ -16,7 +16,7 @@ import polars as pl
 import pytest
 from studyfixture import SMALL, small_overrides
 
-from omgseg.platform.records import STUDY_FILE
+from omgseg.platform.records import STUDY_FILE, StudySummary
 from omgseg.platform.study.results import SCHEMAS
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -50,8 +50,9 @@ def test_tables_have_their_schemas_and_exact_row_counts(study):
     assert set(tables["influence"].filter(pl.col("family") == "primary")["metric"].to_list()) == {"val_loss"}
     assert tables["correlation"].height == 25
     assert tables["affinity"].height == 2 * 4  # 2 trials x (2 sources x 2 targets)
-    assert result.summary["estimates"]["n_pairs"] == 2
-    assert {"primary/pair", "primary/leave_one_out"} <= set(result.summary["significant"])
+    assert result.summary.estimates.n_pairs == 2
+    assert {"primary/pair", "primary/leave_one_out"} <= set(result.summary.significant)
+    assert StudySummary.read(result.out) == result.summary  # summary.json reads back into the same record
 
 
 def test_an_influence_value_recomputed_from_the_metrics_table(study):
@@ -175,7 +176,7 @@ def test_a_failing_trial_is_retried_and_reported(tmp_path, capfd):
     assert "ShardReadError" in runs["error"][0] and runs["error"][2] is None
     log = Path(runs["log"][0])
     assert log.is_file() and "Traceback" in log.read_text()  # the whole story is in the trial's log
-    assert {f["trial_id"] for f in result.summary["failed"]} == {"broken-s0", "broken-s1"}
+    assert {f.trial_id for f in result.summary.failed} == {"broken-s0", "broken-s1"}
     console = capfd.readouterr().err
     failures = [line for line in console.splitlines() if "FAILED broken-s0" in line]
     assert failures and "ShardReadError" in failures[0] and str(log) in failures[0]
@@ -191,9 +192,11 @@ def test_a_failing_trial_is_retried_and_reported(tmp_path, capfd):
     assert set(metrics["trial_id"].unique().to_list()) == {"coco-s0", "coco-s1"}
 
 
-def test_the_console_is_one_line_per_trial_and_a_short_frame(tmp_path, study_data_root):
+def test_the_console_is_one_line_per_trial_and_a_short_frame_and_a_second_run_gives_the_same_tables(
+        study, tmp_path, study_data_root):
     """Not a terminal (CI, a log file): the plan, one end line per trial, the summary; the
-    libraries' logs are in the study's logs/ folder, named at the top."""
+    libraries' logs are in the study's logs/ folder, named at the top. The run is the small
+    study again, from scratch: every table equals the first run's but for timings and ids."""
     out = tmp_path / "console"
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     done = subprocess.run([sys.executable, str(SCRIPT), "--out", str(out), *small_overrides(study_data_root)],
@@ -209,3 +212,8 @@ def test_the_console_is_one_line_per_trial_and_a_short_frame(tmp_path, study_dat
     assert json.loads(console[-1])["finished"] == 6  # stdout's one JSON line, for scripts
     assert all(line.startswith("[study] ") for line in console[:-1]), [x for x in console if not x.startswith("[study] ")]
     assert (out / "logs" / "driver.log").is_file() and len(list((out / "logs").glob("*.log"))) > len(trials)
+    _, reference = study
+    for name in ("metrics", "influence", "correlation", "affinity"):
+        assert pl.read_parquet(out / f"{name}.parquet").equals(pl.read_parquet(reference.tables[name])), name
+    timing = ["wall_seconds", "train_seconds", "affinity_seconds", "eval_seconds", "fit_seconds", "mlflow_run_id", "log"]
+    assert pl.read_parquet(out / "runs.parquet").drop(timing).equals(pl.read_parquet(reference.tables["runs"]).drop(timing))

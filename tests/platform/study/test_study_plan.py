@@ -75,7 +75,8 @@ def test_a_trial_config_is_the_train_spec_with_the_trials_mix_seed_and_steps(tmp
     ("combinations=[triples]", r"unknown kind 'triples'"),
     ("evaluation={kitti: [panoptic]}", r"evaluation names data set 'kitti'"),
     ("train_datasets=[coco, kitti]", r"train_datasets names \['kitti'\]"),
-    ("mixing.explicit={coco+davis: {coco: 1}}", r"mixing.explicit.coco\+davis: needs a ratio"),
+    ("mixing.explicit={coco+davis: {coco: 1, kitti: 1}}", r"mixing.explicit.coco\+davis: needs a ratio"),
+    ("mixing.explicit={a: {coco: 1, davis: 2}, b: {davis: 1, coco: 1}}", r"mixing.explicit.b: the same data sets as mixing.explicit.a"),
     ("metrics={kitti/panoptic: [PQ]}", r"unknown data set 'kitti'"),
     ("metrics={panoptic: [PQQ]}", r"metrics.panoptic: metric 'PQQ' has no known direction"),
     ("data.datasets.coco.tasks=[vos]", r"does not annotate tasks \['vos'\]"),
@@ -102,6 +103,10 @@ def test_dry_run_prints_the_plan_and_cost(capsys):
     plan = json.loads(capsys.readouterr().out)
     assert plan["n_trials"] == len(plan["trials"]) == 22 and plan["per_trial"]["gpus_per_worker"] == 1
     assert plan["estimated_gpu_hours"] > 0 and plan["budget"] == "per_dataset"
+    cost = plan["cost"]  # every part costed from the config's assumed unit costs and sizes
+    assert cost["missing"] == [] and all(cost["seconds"][k] > 0 for k in ("training", "probes", "evaluation", "conversion_cpu"))
+    assert plan["estimated_gpu_hours"] == pytest.approx(32 * plan["estimated_trial_hours"])
+    assert plan["trials"][0]["training_s"] == pytest.approx(36563 * 1.2) and plan["trials"][0]["probes_s"] == 0
     out = dry_run(_config())
     assert out["n_trials"] == 42 and out["estimated_gpu_hours"] is None and out["total_steps"] == 6 * 600
 
