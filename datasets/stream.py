@@ -320,7 +320,10 @@ class ShardStream(torch.utils.data.IterableDataset):
                 return
             except TransientReadError as err:
                 if not self.location.remote or attempt >= self.retries:
-                    raise
+                    # Not transient after all (a local file, or retries spent): the one line a
+                    # damaged shard always had.
+                    spent = f" (after {attempt} retries)" if self.location.remote else ""
+                    raise ShardReadError(f"{err}{spent}") from None
                 attempt += 1
                 delay = self.retry_backoff * 2 ** (attempt - 1)
                 print(f"[omgseg] reading {url} again from sample {offset} in {delay:g} s (retry {attempt} of "
