@@ -151,23 +151,8 @@ def build_report(folder: Path, *, out: Path | None = None, mlflow_url: str = "ht
     figures_dir = out.parent / "figures"
     figures_dir.mkdir(parents=True, exist_ok=True)
     tables = study.tables
-    figures: dict[str, Path] = {}
-    rendered: dict[str, bytes] = {}
-    estimates = study.summary.estimates
-    drawn = {
-        f"influence_{family}_{kind}": influence_heatmap(tables["influence"], kind, family)
-        for family in ("primary", "secondary") for kind in KINDS
-    }
-    drawn |= {
-        "correlation": correlation_heatmap(tables["correlation"]),
-        "metrics": metric_bars(tables["metrics"], [(t.dataset, t.task, t.metric) for t in targets(study.config)]),
-        "affinity_vs_influence": affinity_scatter(estimates),
-    }
-    for name, figure in drawn.items():
-        if figure is not None:
-            rendered[name] = png_bytes(figure)
-            (figures_dir / f"{name}.png").write_bytes(rendered[name])
-            figures[name] = figures_dir / f"{name}.png"
+    rendered = _draw_figures(study, figures_dir)
+    figures = {name: figures_dir / f"{name}.png" for name in rendered}
 
     def figure_or_note(name: str, caption: str) -> str:
         if name not in rendered:
@@ -176,60 +161,9 @@ def build_report(folder: Path, *, out: Path | None = None, mlflow_url: str = "ht
 
     links, parent_url = _mlflow_links(study, mlflow_url)
     runs = tables["runs"]
-    finished = runs.filter(pl.col("status") == "finished").height
-    rho = estimates.spearman
-    significant = "; ".join(f"{key}: {v.significant_after_correction} of {v.tested} tested"
-                            + ("" if v.median_mde is None else f" (median MDE {v.median_mde:.3g} before correction, "
-                                                               f"{v.median_mde_adjusted:.3g} after)")
-                            for key, v in study.summary.significant.items())
-    null = "; ".join(f"{family}: {v.significant_after_correction} of {v.tests} ({'passed' if v.passed else 'FAILED'})"
-                     for family, v in study.summary.null_check.items() if v.tests)
-    summary_rows = [
-        ("study", study.config.name), ("trials", f"{finished} finished of {runs.height}"),
-        ("train data sets", ", ".join(study.config.trained())),
-        ("seeds", ", ".join(map(str, study.config.seeds))),
-        ("budget", f"{study.config.budget}: {study.config.train.steps} steps per data set" if study.config.budget == "per_dataset"
-         else f"total: {study.config.train.steps} steps per trial"),
-        ("rows significant after correction (BH, q <= 0.05)", significant or "n/a"),
-        ("A/A null check: split-seed contrasts significant", null or "n/a (needs 4 seeds)"),
-        ("affinity vs influence (Spearman)", "n/a" if rho is None else f"{rho:.3f} over {estimates.n_pairs} pairs"),
-        ("cost: exhaustive / affinity trial-hours",
-         f"{estimates.exhaustive_trial_hours:.3f} / {estimates.affinity_trial_hours:.3f}"),
-        ("MLflow", study.state.tracking_uri),
-    ]
-    if study.summary.planted is not None:
-        planted = study.summary.planted
-        summary_rows.insert(6, ("planted effects recovered", f"{planted.agree} of {planted.total} agree on the "
-                                f"{planted.kind} rows; {planted.false_positives_on_none} false positives on 'none'"))
-    for rec in study.summary.recommendations:
-        low, high = rec.predicted_ci
-        shares = ", ".join(f"{n} {v:.2f}" for n, v in rec.shares.items() if v > 0)
-        text = (f"{' + '.join(rec.subset)} at {shares}; predicted {rec.predicted:.4g} [{low:.4g}, {high:.4g}] "
-                f"({rec.source})")
-        if rec.verification is not None:
-            v = rec.verification
-            text += ("; verified: beats " + ", ".join(c.baseline for c in v.comparisons) if v.confirmed
-                     else f"; not confirmed: did not beat {', '.join(v.not_beaten)}")
-        summary_rows.append((f"recommended for {rec.objective!r} (a prediction from a fit)", text))
-    for fit in study.summary.surrogate:
-        quality = "n/a" if fit.r2 is None else f"R^2 {fit.r2:.2f}, RMSE {fit.rmse:.3g}"
-        summary_rows.append((f"surrogate of {fit.dataset} {fit.task} on held-out subsets",
-                             f"{quality} ({fit.parameters} parameters, {fit.subsets} subsets)"))
-    summary_html = "<table>" + "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>"
-                                       for k, v in summary_rows) + "</table>"
-    if parent_url:
-        summary_html += f'<p><a href="{html.escape(parent_url)}">The study\'s parent run in the MLflow UI</a> ' \
-                        f'(start it with <code>omgseg ui {html.escape(str(study.folder))}</code>).</p>'
-    failed = runs.filter(pl.col("status") != "finished")
-    if failed.height:
-        summary_html += '<p class="failed">Failed trials: ' + html.escape(", ".join(failed["trial_id"].to_list())) + "</p>"
-    influence_caption = ("Colour: relative delta of the target when the source data set is added, signed so that blue "
-                         "helps and red hurts whatever the metric's direction (clipped to +-100 %). Number: the delta "
-                         "(validation loss, or metric points). Hatched cells marked '?': not significant after "
-                         "Benjamini-Hochberg correction; 'floor'/'ceiling': the metric sits at its bound, untestable.")
     body = {
-        "summary": summary_html,
-        "influence": "".join(figure_or_note(f"influence_{family}_{kind}", influence_caption)
+        "summary": _summary_html(study, parent_url),
+        "influence": "".join(figure_or_note(f"influence_{family}_{kind}", INFLUENCE_CAPTION)
                              for family in ("primary", "secondary") for kind in KINDS
                              if f"influence_{family}_{kind}" in rendered)
         + _table(tables["influence"].drop("study")),
@@ -255,6 +189,89 @@ def build_report(folder: Path, *, out: Path | None = None, mlflow_url: str = "ht
     if log_to_mlflow:
         _log(study, out, figures)
     return Report(html=out, figures=figures)
+
+
+INFLUENCE_CAPTION = ("Colour: relative delta of the target when the source data set is added, signed so that blue "
+                     "helps and red hurts whatever the metric's direction (clipped to +-100 %). Number: the delta "
+                     "(validation loss, or metric points). Hatched cells marked '?': not significant after "
+                     "Benjamini-Hochberg correction; 'floor'/'ceiling': the metric sits at its bound, untestable.")
+
+
+def _draw_figures(study: StudyTables, figures_dir: Path) -> dict[str, bytes]:
+    """Every figure with something to draw, written as figures_dir/<name>.png; {name: PNG bytes}."""
+    tables = study.tables
+    drawn = {
+        f"influence_{family}_{kind}": influence_heatmap(tables["influence"], kind, family)
+        for family in ("primary", "secondary") for kind in KINDS
+    }
+    drawn |= {
+        "correlation": correlation_heatmap(tables["correlation"]),
+        "metrics": metric_bars(tables["metrics"], [(t.dataset, t.task, t.metric) for t in targets(study.config)]),
+        "affinity_vs_influence": affinity_scatter(study.summary.estimates),
+    }
+    rendered = {}
+    for name, figure in drawn.items():
+        if figure is not None:
+            rendered[name] = png_bytes(figure)
+            (figures_dir / f"{name}.png").write_bytes(rendered[name])
+    return rendered
+
+
+def _summary_rows(study: StudyTables) -> list[tuple[str, str]]:
+    """The summary table's (label, text) rows, from summary.json's typed record."""
+    summary, config, runs = study.summary, study.config, study.tables["runs"]
+    estimates, rho = summary.estimates, summary.estimates.spearman
+    finished = runs.filter(pl.col("status") == "finished").height
+    significant = "; ".join(f"{key}: {v.significant_after_correction} of {v.tested} tested"
+                            + ("" if v.median_mde is None else f" (median MDE {v.median_mde:.3g} before correction, "
+                                                               f"{v.median_mde_adjusted:.3g} after)")
+                            for key, v in summary.significant.items())
+    null = "; ".join(f"{family}: {v.significant_after_correction} of {v.tests} ({'passed' if v.passed else 'FAILED'})"
+                     for family, v in summary.null_check.items() if v.tests)
+    rows = [
+        ("study", config.name), ("trials", f"{finished} finished of {runs.height}"),
+        ("train data sets", ", ".join(config.trained())),
+        ("seeds", ", ".join(map(str, config.seeds))),
+        ("budget", f"{config.budget}: {config.train.steps} steps per data set" if config.budget == "per_dataset"
+         else f"total: {config.train.steps} steps per trial"),
+        ("rows significant after correction (BH, q <= 0.05)", significant or "n/a"),
+        ("A/A null check: split-seed contrasts significant", null or "n/a (needs 4 seeds)"),
+        ("affinity vs influence (Spearman)", "n/a" if rho is None else f"{rho:.3f} over {estimates.n_pairs} pairs"),
+        ("cost: exhaustive / affinity trial-hours",
+         f"{estimates.exhaustive_trial_hours:.3f} / {estimates.affinity_trial_hours:.3f}"),
+        ("MLflow", study.state.tracking_uri),
+    ]
+    if summary.planted is not None:
+        planted = summary.planted
+        rows.insert(6, ("planted effects recovered", f"{planted.agree} of {planted.total} agree on the "
+                        f"{planted.kind} rows; {planted.false_positives_on_none} false positives on 'none'"))
+    for rec in summary.recommendations:
+        low, high = rec.predicted_ci
+        shares = ", ".join(f"{n} {v:.2f}" for n, v in rec.shares.items() if v > 0)
+        text = (f"{' + '.join(rec.subset)} at {shares}; predicted {rec.predicted:.4g} [{low:.4g}, {high:.4g}] "
+                f"({rec.source})")
+        if rec.verification is not None:
+            v = rec.verification
+            text += ("; verified: beats " + ", ".join(c.baseline for c in v.comparisons) if v.confirmed
+                     else f"; not confirmed: did not beat {', '.join(v.not_beaten)}")
+        rows.append((f"recommended for {rec.objective!r} (a prediction from a fit)", text))
+    for fit in summary.surrogate:
+        quality = "n/a" if fit.r2 is None else f"R^2 {fit.r2:.2f}, RMSE {fit.rmse:.3g}"
+        rows.append((f"surrogate of {fit.dataset} {fit.task} on held-out subsets",
+                     f"{quality} ({fit.parameters} parameters, {fit.subsets} subsets)"))
+    return rows
+
+
+def _summary_html(study: StudyTables, parent_url: str | None) -> str:
+    out = "<table>" + "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>"
+                              for k, v in _summary_rows(study)) + "</table>"
+    if parent_url:
+        out += f'<p><a href="{html.escape(parent_url)}">The study\'s parent run in the MLflow UI</a> ' \
+               f'(start it with <code>omgseg ui {html.escape(str(study.folder))}</code>).</p>'
+    failed = study.tables["runs"].filter(pl.col("status") != "finished")
+    if failed.height:
+        out += '<p class="failed">Failed trials: ' + html.escape(", ".join(failed["trial_id"].to_list())) + "</p>"
+    return out
 
 
 def _log(study: StudyTables, page: Path, figures: dict[str, Path]) -> None:

@@ -38,7 +38,7 @@ def test_a_study_and_a_training_run_refuse_before_writing(two_node_cluster, tmp_
     from omgseg.platform.study.driver import run_study
     from omgseg.platform.training.train import run_training
 
-    monkeypatch.setattr("omgseg.platform.data.prepare_data", lambda data, progress=True: {})
+    monkeypatch.setattr("omgseg.platform.data.prepare_data", lambda data, splits=None, progress=True: {})
     study = load_config(StudyConfig, CONFIG, [f"data.root={tmp_path / 'data'}"])
     with pytest.raises(ValueError, match="tracking.tracking_uri: a SQLite store"):
         run_study(study, tmp_path / "study")
