@@ -75,8 +75,9 @@ class TrainBatch:
 
 
 def _pinned(x: Tensor) -> Tensor:
-    """A page-locked dense copy: an image clip's masks are one frame viewed T times
-    (`_clip_frames`), which pinning in place of its layout would not copy."""
+    """A page-locked copy, made dense first: an image clip's masks are one frame viewed T
+    times (`_clip_frames`), and pinning keeps a tensor's strides, which for such a view do
+    not hold T frames."""
     return x.contiguous().pin_memory()
 
 
@@ -110,7 +111,8 @@ class ClipMaker:
     flip) and padded; prompts are still sampled, from the sample's key.
 
     The work follows the crop, not the frame: a repeated image frame is transformed and
-    compared with the segment ids once, only the crop's part of the resized id maps is made,
+    compared with the segment ids once (the clip's frames are views of it), only the crop's
+    part of the resized id maps is made,
     and prompts look for pixels in their mask's bounding box. The result equals the plain
     whole-frame computation (tests/clip_reference.py) except the image pixels, which are within
     one grey level of it (integer resizing instead of float; tests/platform/training/test_batches.py).
