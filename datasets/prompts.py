@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from omgseg.core.structures import PromptKind
+from omgseg.datasets.transforms import any_along
 
 
 @dataclass
@@ -84,10 +85,10 @@ def bounding_boxes(masks: torch.Tensor) -> torch.Tensor:
     """bool (N, H, W) -> int64 (N, 4): each mask's rows and columns (row0, col0, row1, col1),
     ends exclusive; (0, 0, 0, 0) for an empty mask. One pass over the masks for all of them."""
     n, h, w = masks.shape
-    rows = masks.any(dim=2)  # (N, H)
+    rows = any_along(masks, 2)  # (N, H)
     present = rows.any(dim=1)
     rows = rows.to(torch.uint8)
-    cols = masks.any(dim=1).to(torch.uint8)  # (N, W)
+    cols = any_along(masks, 1).to(torch.uint8)  # (N, W)
     boxes = torch.stack([
         rows.argmax(dim=1), cols.argmax(dim=1), h - rows.flip(1).argmax(dim=1), w - cols.flip(1).argmax(dim=1),
     ], dim=1)  # argmax gives the first maximum: the first row or column with a pixel

@@ -68,6 +68,13 @@ def segment_areas(id_maps: torch.Tensor, segment_ids: torch.Tensor) -> torch.Ten
     return segment_masks(id_maps, segment_ids).flatten(2).sum(2)
 
 
+def any_along(masks: torch.Tensor, dim: int) -> torch.Tensor:
+    """`masks.any(dim)` of a bool tensor, computed as the maximum of its bytes: torch's `any`
+    over bool on the CPU runs element by element, `amax` over uint8 is vectorised (about 50
+    times faster on a 736x1280 mask, measured), and a bool is stored as the byte 0 or 1."""
+    return masks.view(torch.uint8).amax(dim) > 0
+
+
 def segment_masks(id_maps: torch.Tensor, segment_ids: torch.Tensor) -> torch.Tensor:
     """bool (N, T, H, W): where each of the N ids is, in each frame of id_maps (T, H, W)."""
     return id_maps.unsqueeze(0) == segment_ids.view(-1, 1, 1, 1)
@@ -159,13 +166,17 @@ class ClipTransform:
 
     def id_maps(self, id_maps: torch.Tensor, plan: CropPlan) -> torch.Tensor:
         """(F, H, W) integer ids -> (F, crop_h, crop_w): exactly the crop of `resize_ids_nearest`."""
-        _, h, w = id_maps.shape
+        f, h, w = id_maps.shape
         rows, cols = self._window(plan)
         row_index = nearest_index(h, plan.size[0], rows.start, rows.stop).to(id_maps.device)
         col_index = nearest_index(w, plan.size[1], cols.start, cols.stop).to(id_maps.device)
         if plan.flip:
             col_index = col_index.flip(0)  # the flip folded into the gather
-        return self._place(id_maps.index_select(1, row_index).index_select(2, col_index), plan.flip)
+        # One gather by flat pixel index (frame, row, column): `index_select` along the columns
+        # of int64 maps is several times slower on the CPU than `take`.
+        frame_index = torch.arange(f, device=id_maps.device) * (h * w)
+        flat = frame_index[:, None, None] + (row_index * w)[None, :, None] + col_index[None, None, :]
+        return self._place(id_maps.take(flat), plan.flip)
 
     def __call__(self, sample: ClipSample, generator: torch.Generator) -> ClipSample:
         """A transformed copy of `sample`; segment areas are recomputed for the new pixels."""
@@ -212,28 +223,18 @@ class Targets:
         return Targets(**{f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)})
 
 
-def build_targets(id_maps: torch.Tensor, segments: Sequence[Segment], frames: torch.Tensor | None = None) -> Targets:
-    """Per-segment masks and attributes of a clip (after any transform): id_maps (F, H, W),
-    the segments they refer to.
-
-    frames: (T,) int64, the id map of each of the clip's T frames (default: each of the F maps
-        once, T = F). A map used by several frames (an image repeated into a clip) is compared
-        with the segment ids once and its masks copied.
-    """
+def build_targets(id_maps: torch.Tensor, segments: Sequence[Segment]) -> Targets:
+    """Per-segment masks and attributes of a clip (after any transform): id_maps (T, H, W),
+    the segments they refer to."""
     device = id_maps.device
     ids = torch.tensor([s.id for s in segments], dtype=torch.int64, device=device)
-    masks = segment_masks(id_maps, ids)  # (N, F, H, W)
+    masks = segment_masks(id_maps, ids)  # (N, T, H, W)
     # From the pixels, not `Segment.area`: a transform may have changed what is visible.
-    valid = masks.flatten(2).any(2)  # (N, F)
-    if frames is not None:
-        frames = frames.to(device)
-        valid = valid[:, frames]
+    valid = any_along(masks.flatten(2), 2)  # (N, T)
     keep = valid.any(dim=1)
     kept = [s for s, k in zip(segments, keep.tolist()) if k]
     if not bool(keep.all()):
         masks = masks[keep]
-    if frames is not None and not torch.equal(frames, torch.arange(id_maps.shape[0], device=device)):
-        masks = masks[:, frames]
     return Targets(
         masks=masks,
         labels=torch.tensor([s.category_id for s in kept], dtype=torch.int64, device=device),

@@ -39,7 +39,6 @@ from tqdm import tqdm
 
 from omgseg.core.seeds import derive_seed
 from omgseg.core.structures import Task
-from omgseg.datasets.shard_reader import read_shard_samples
 from omgseg.datasets.stream import ClipSample, ShardStream, decode_sample
 from omgseg.model.omgseg import ModelOutputs, OMGSeg
 from omgseg.model.structures import QueryOutputs
@@ -102,6 +101,7 @@ class ValClips:
 
     def __init__(self, shard_dir: Path | str) -> None:
         stream = ShardStream(shard_dir, split=False)  # reads and checks manifest.json and meta.json
+        self.stream = stream
         self.location, self.shards, self.meta = stream.location, stream.shards, stream.meta
         self.total = sum(s.samples for s in self.shards)
 
@@ -115,8 +115,8 @@ class ValClips:
             if offset >= end:
                 return
             if offset + info.samples > start:
-                raw = read_shard_samples(self.location.url(info.name), expected=info)
-                for index, sample in enumerate(raw, start=offset):
+                raw = self.stream.shard_samples(info)  # transient read errors retried, as in training
+                for index, sample in ((offset + i, sample) for i, sample in raw):
                     if index >= end:
                         raw.close()
                         return

@@ -68,10 +68,17 @@ class TrainBatch:
         """In page-locked memory (what the DataLoader calls with pin_memory=True)."""
         return TrainBatch(
             images=self.images.pin_memory(),
-            targets=[_targets_apply(t, torch.Tensor.pin_memory) for t in self.targets],
-            prompts=[_prompts_apply(p, torch.Tensor.pin_memory) for p in self.prompts],
+            targets=[_targets_apply(t, _pinned) for t in self.targets],
+            prompts=[_prompts_apply(p, _pinned) for p in self.prompts],
             datasets=self.datasets,
         )
+
+
+def _pinned(x: Tensor) -> Tensor:
+    """A page-locked copy, made dense first: an image clip's masks are one frame viewed T
+    times (`_clip_frames`), and pinning keeps a tensor's strides, which for such a view do
+    not hold T frames."""
+    return x.contiguous().pin_memory()
 
 
 def _targets_to(t: MatchTargets, device: torch.device) -> MatchTargets:
@@ -104,7 +111,8 @@ class ClipMaker:
     flip) and padded; prompts are still sampled, from the sample's key.
 
     The work follows the crop, not the frame: a repeated image frame is transformed and
-    compared with the segment ids once, only the crop's part of the resized id maps is made,
+    compared with the segment ids once (the clip's frames are views of it), only the crop's
+    part of the resized id maps is made,
     and prompts look for pixels in their mask's bounding box. The result equals the plain
     whole-frame computation (tests/clip_reference.py) except the image pixels, which are within
     one grey level of it (integer resizing instead of float; tests/platform/training/test_batches.py).
@@ -128,12 +136,11 @@ class ClipMaker:
         generator = torch.Generator().manual_seed(derive_seed(key, "augment"))
         frames = self._frames(sample.num_frames, generator)
         plan = self.transform.plan(sample.height, sample.width, generator)
-        distinct, position = torch.unique(frames, return_inverse=True)  # an image's repeats: computed once
+        # Everything is made for the distinct frames (an image's once), repeated at the end.
+        distinct, position = torch.unique(frames, return_inverse=True)
         window = slice(int(distinct[0]), int(distinct[-1]) + 1)  # consecutive frames: a view, not a copy
         images = self.transform.images(sample.images[window], plan)
-        if len(distinct) < len(frames):
-            images = images[position]
-        targets = build_targets(self.transform.id_maps(sample.id_maps[window], plan), sample.segments, position)
+        targets = build_targets(self.transform.id_maps(sample.id_maps[window], plan), sample.segments)
         tasks = set(sample.tasks)
         if name in self.supervised:
             tasks &= self.supervised[name]
@@ -142,7 +149,7 @@ class ClipMaker:
             kind = PromptKind.POINT if torch.rand((), generator=generator) < self.config.point_prob else PromptKind.BOX
             positives = 1 + int(torch.randint(self.config.positive_points, (), generator=generator))
             objects = [n for n, crowd in enumerate(targets.iscrowd.tolist()) if not crowd]  # a crowd is no object
-            candidates = sample_prompts(targets.masks[:, 0], kind, generator, rows=objects,  # prompts from frame 0
+            candidates = sample_prompts(targets.masks[:, 0], kind, generator, rows=objects,  # the clip's frame 0
                                         num_positive=positives, num_negative=self.config.negative_points)
             if len(candidates) > self.config.prompts_per_clip:
                 keep = torch.randperm(len(candidates), generator=generator)[: self.config.prompts_per_clip]
@@ -150,10 +157,14 @@ class ClipMaker:
             prompts = candidates
         objects = bool(tasks & OBJECT_TASKS)
         supervision = match_targets(targets, self.label_maps[name], prompts, objects=objects)
+        prompt_masks = supervision.prompt_masks
         return TrainExample(
             dataset=name,
-            images=images,
-            targets=dataclasses.replace(supervision, seed=derive_seed(key, "loss")),
+            images=_clip_frames(images, position, dim=0),
+            targets=dataclasses.replace(
+                supervision, masks=_clip_frames(supervision.masks, position, dim=1),
+                prompt_masks=None if prompt_masks is None else _clip_frames(prompt_masks, position, dim=1),
+                seed=derive_seed(key, "loss")),
             prompts=prompt_batch(prompts, self.config.crop),
         )
 
@@ -165,6 +176,21 @@ class ClipMaker:
             start = int(torch.randint(available - want + 1, (), generator=generator)) if self.augment else 0
             return torch.arange(start, start + want)
         return torch.arange(want).clamp(max=available - 1)
+
+
+def _clip_frames(made: Tensor, position: Tensor, dim: int) -> Tensor:
+    """The clip's T frames along `dim` from the frames `made` (its distinct ones): `position`
+    (T,) gives each clip frame's index among them.
+
+    An image's clip repeats one frame: a view of it T times (stride 0), not T copies, which
+    would be most of the cost of a clip at 736x1280. Readers copy what they need (`collate`
+    stacks the images, the loss indexes the masks); `TrainBatch.pin_memory` makes it dense.
+    """
+    if made.shape[dim] == len(position):
+        return made  # every frame distinct, in order
+    if made.shape[dim] == 1:
+        return made.expand(*(len(position) if d == dim else -1 for d in range(made.ndim)))
+    return made.index_select(dim, position)
 
 
 def collate(examples: list[TrainExample]) -> TrainBatch:

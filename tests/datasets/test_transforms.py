@@ -10,6 +10,7 @@ from omgseg.datasets.stream import ClipSample
 from omgseg.datasets.transforms import (
     ClipTransform,
     Targets,
+    any_along,
     build_targets,
     resize_ids_nearest,
     segment_areas,
@@ -123,14 +124,16 @@ def test_build_targets():
     assert targets.valid.tolist() == [[False, True], [True, True]]
     assert targets.masks.shape == (2, 2, 4, 4) and targets.masks.dtype == torch.bool
     assert torch.equal(targets.masks[1], id_maps == 9)
-    # A map used by two frames (an image repeated into a clip) gives the same as two copies of it.
-    repeated = build_targets(sample.id_maps[1:], sample.segments, frames=torch.tensor([0, 0]))
-    copied = build_targets(sample.id_maps[[1, 1]], sample.segments)
-    assert all(torch.equal(getattr(repeated, f), getattr(copied, f)) for f in ("masks", "labels", "valid", "segment_ids"))
-    assert repeated.segment_ids.tolist() == [4, 9] and repeated.masks.shape == (2, 2, 4, 4)
     with pytest.raises(ValueError, match="labels must have shape"):
         Targets(targets.masks, targets.labels[:1], targets.track_ids, targets.segment_ids,
                 targets.iscrowd, targets.valid)
+
+
+def test_any_along_is_any():
+    masks = torch.rand(3, 5, 7, generator=torch.Generator().manual_seed(0)) > 0.9
+    masks[1] = False
+    for dim in (0, 1, 2):
+        assert torch.equal(any_along(masks, dim), masks.any(dim))
 
 
 def test_bad_transform_arguments():

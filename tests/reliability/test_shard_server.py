@@ -121,3 +121,14 @@ def test_a_runs_batches_are_those_of_an_uninterrupted_run_when_transfers_are_cut
         expected.batches.close()
     finally:
         server.stop()
+
+
+def test_validation_reads_retry_a_cut_transfer(served):
+    """The val split (`ValClips`) reads through the same retrying shard read as training."""
+    from omgseg.platform.evaluation.evaluate import ValClips
+
+    root, server = served
+    local = [(i, s.key, s.images.numpy().tobytes()) for i, s in ValClips(root / "toy" / "train").read()]
+    server.cut_next(2)  # the second shard's transfer is cut, then read again (after the default 1 s)
+    remote = [(i, s.key, s.images.numpy().tobytes()) for i, s in ValClips(f"{server.url}/toy/train").read()]
+    assert remote == local and len(local) == 12 and len(server.cuts) == 1
