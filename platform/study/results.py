@@ -83,7 +83,7 @@ def runs_table(study: str, records: list[TrialRecord]) -> pl.DataFrame:
     rows = [{
         "study": study, "trial_id": r.trial_id, "combination": r.combination, "mixture": r.mixture,
         "train_datasets": r.datasets,
-        "mixing_ratios": r.ratios, "samples_per_dataset": [r.samples[n] for n in r.datasets] if r.samples else None,
+        "mixing_ratios": r.ratios, "samples_per_dataset": [r.samples.get(n, 0) for n in r.datasets] if r.samples else None,
         "n_datasets": len(r.datasets), "seed": r.seed, "steps": r.steps, "status": r.status, "error": r.error,
         "log": r.log, "measures_affinity": r.measures_affinity, "wall_seconds": r.wall_seconds,
         "train_seconds": r.seconds.get("train"), "affinity_seconds": r.seconds.get("affinity"),

@@ -21,6 +21,7 @@ from omgseg.platform.study.results import (
     correlation_table,
     influence_table,
     null_check,
+    runs_table,
     write_tables,
 )
 from omgseg.platform.study.stats import adjusted_alpha, minimum_detectable_effect
@@ -336,3 +337,12 @@ def test_the_console_names_each_planted_pair_that_does_not_agree(tables, capsys)
     misses = [line for line in lines if "->" in line]
     assert len(misses) == 1 and "a -> b (prompt_queries): planted none, measured -0.5" in misses[0]
     assert "adjusted CI [" in misses[0] and "MDE " in misses[0]
+
+
+def test_a_mixture_that_drew_nothing_of_a_data_set_counts_zero_samples():
+    """A swept mixture with a tiny share may draw no sample of a data set in its steps: the runs
+    table says 0 for it instead of failing the whole study's tables."""
+    record = _record(("a", "b"), 0)
+    record.samples = {"a": 20}  # b's share drew nothing
+    runs = runs_table("t", [record])
+    assert runs["samples_per_dataset"].to_list() == [[20, 0]]
