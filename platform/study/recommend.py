@@ -73,17 +73,20 @@ def parse_objective(text: str, config: StudyConfig) -> Objective:
 
 
 def objective_values(metrics: pl.DataFrame, objective: Objective, trial_ids: list[str],
-                     scales: dict[str, float] | None = None) -> tuple[dict[str, float], dict[str, float]]:
+                     scales: dict[str, float] | None = None, *, scoped: bool = True
+                     ) -> tuple[dict[str, float], dict[str, float]]:
     """({trial id: objective}, {target: scale}) over the trials of `trial_ids` that report every
     term; the scales (each target's mean over those trials, 1 for a single target) are computed
-    unless given (a verification uses its recommendation's)."""
+    unless given (a verification uses its recommendation's). `scoped`: a term counts only in
+    trials that trained its target (what a fit may learn from); a verification scores every arm
+    on every term, so an arm that leaves a target's data set out is charged what it measures."""
     values: dict[str, dict[str, float]] = {}
     for target, _ in objective.terms:
         key = f"{target.dataset}/{target.task}/{target.metric}"
         rows = metrics.filter((pl.col("eval_dataset") == target.dataset) & (pl.col("task") == target.task)
                               & (pl.col("metric") == target.metric) & pl.col("trial_id").is_in(trial_ids))
         for trial, datasets, value in rows.select("trial_id", "train_datasets", "value").iter_rows():
-            if target.in_scope(tuple(datasets)):  # a trial that never trained a term's target says nothing of it
+            if not scoped or target.in_scope(tuple(datasets)):  # untrained: says nothing of it to a fit
                 values.setdefault(trial, {})[key] = value
     keys = [f"{t.dataset}/{t.task}/{t.metric}" for t, _ in objective.terms]
     complete = {trial: v for trial, v in values.items() if all(k in v for k in keys)}

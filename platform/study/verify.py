@@ -69,7 +69,7 @@ def compare_arms(runs: pl.DataFrame, metrics: pl.DataFrame, config: StudyConfig,
     """Every baseline against the recommended arm, seed by seed (see the module docstring)."""
     objective, scales = objective_of(recommendation, config)
     finished = runs.filter(pl.col("status") == "finished")
-    values, _ = objective_values(metrics, objective, finished["trial_id"].to_list(), scales)
+    values, _ = objective_values(metrics, objective, finished["trial_id"].to_list(), scales, scoped=False)
     by_arm: dict[str, dict[int, float]] = {}
     for r in finished.iter_rows(named=True):
         if r["trial_id"] in values:

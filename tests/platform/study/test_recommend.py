@@ -155,3 +155,19 @@ def test_verification_compares_each_baseline_seed_by_seed(sweep, tmp_path):
     assert not by["hand"].beaten and result.not_beaten == ["hand"] and not result.confirmed
     assert by["uniform"].ci_low_adjusted <= by["uniform"].ci_low  # adjusted over the three baselines
     assert arms(config, rec)[RECOMMENDED] == {n: v for n, v in rec.shares.items() if v > 0}
+
+
+def test_a_verified_arm_that_leaves_a_target_out_is_charged_its_untrained_value():
+    """A fit learns a term only from trials that trained its target; a verification scores every
+    arm on every term, so a recommendation that drops the rival for "all" pays the rival's loss."""
+    import polars as pl
+
+    from omgseg.platform.study.recommend import objective_values
+
+    config = load_config(StudyConfig, PLANTED, ["combinations=[]", "control=null"])
+    objective = parse_objective("rival", config)
+    metrics = pl.DataFrame({"trial_id": ["with", "without"], "train_datasets": [["anchor", "rival"], ["anchor"]],
+                            "eval_dataset": ["rival", "rival"], "task": ["object_queries"] * 2,
+                            "metric": ["val_loss"] * 2, "value": [2.0, 14.0]})
+    assert objective_values(metrics, objective, ["with", "without"])[0] == {"with": 2.0}
+    assert objective_values(metrics, objective, ["with", "without"], scoped=False)[0] == {"with": 2.0, "without": 14.0}
