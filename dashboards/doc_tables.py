@@ -185,7 +185,9 @@ def planted_recommendation(sweep: StudyTables) -> str:
         if verification is None:
             lines += [f"Not verified yet (`--verify --objective {rec.objective}`).", ""]
             continue
-        lines += [f"Verification of {rec.objective!r} (`{verification.folder}`; delta = baseline - recommended on the "
+        folder = Path(verification.folder)
+        shown = folder.relative_to(ROOT) if folder.is_relative_to(ROOT) else folder
+        lines += [f"Verification of {rec.objective!r} (`{shown}`; delta = baseline - recommended on the "
                   "objective, lower is better, so positive means the recommendation did better):", "",
                   "| baseline | shares | delta | 95 % CI | adjusted CI | q | MDE | beaten |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- |"]

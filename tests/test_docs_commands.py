@@ -125,7 +125,7 @@ NOT_HERE = [
          "the test suite, lint and benchmarks themselves"),
     Rule(r"^make study$", "the default study (10 minutes): the same script runs below with a smaller plan"),
     Rule(r"tests/benchmarks/", "a benchmark (minutes each, `make bench`): its output is in the docs and issue notes"),
-    Rule(r"outputs/studies/planted(_large)?-k\d+|estimators\.py --recompute",
+    Rule(r"outputs/studies/planted(_large)?-(k\d+|sweep)|estimators\.py --recompute",
          "the measured runs behind docs/studies.md's estimator and recommendation numbers (10 to 30 minutes each)"),
     Rule(r"\[(--|key|[A-Z])|\b(FILE|DIR|CKPT|TASK|PATH|SHARD_DIR|STUDY_DIR|CONFIG|FORMAT)\b|\.\.\.|\"SQL\"",
          "a usage synopsis, with placeholders"),

@@ -209,7 +209,9 @@ def describe(rec: Recommendation) -> str:
             f"{n} in {rec.in_subset[n]:.0%} (share {rec.share_intervals[n][0]:.2f}-{rec.share_intervals[n][1]:.2f})"
             for n in rec.shares))
     if rec.verification is not None:
-        lines.append(f"  verified: {rec.verification}")
+        v = rec.verification
+        lines.append("  verification: confirmed, beats " + ", ".join(c.baseline for c in v.comparisons) if v.confirmed
+                     else f"  verification: not confirmed, did not beat {', '.join(v.not_beaten)}")
     return "\n".join(lines)
 
 
