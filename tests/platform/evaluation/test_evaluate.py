@@ -44,6 +44,8 @@ RANK_SCRIPT = textwrap.dedent(
     result = evaluate_run(model, config, Share(int(os.environ.get("RANK", "0")), world))
     if result is not None:
         print(json.dumps(result.to_json()))
+    if world > 1:
+        dist.destroy_process_group()  # gloo's threads left running at exit can abort the process
     """
 )
 
