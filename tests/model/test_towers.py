@@ -36,7 +36,13 @@ def backbones() -> dict[str, ClipBackbone]:
 
 @pytest.fixture(autouse=True)
 def offline(monkeypatch, tmp_path):
-    """The hub never goes online in these tests, and its cache is this test's own folder."""
+    """Nothing is downloaded in these tests: the hub is offline, its cache is this test's own
+    folder, and open_clip's URL downloads (the openai tags) fail."""
+
+    def no_url_download(url, *args, **kwargs):
+        raise OSError(f"tests never download ({url})")
+
+    monkeypatch.setattr(open_clip.pretrained, "download_pretrained_from_url", no_url_download)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
