@@ -11,7 +11,7 @@ pairs when the config has one); each `--sampled` folder a study of the same conf
 sampled design (`combinations: {sampled: ...}`). Rows, one per estimator:
 
 - exhaustive pairs: the reference's pair rows (its controlled rows with a control);
-- sampled (K subsets): the folder's surrogate rows (surrogate_controlled with a control);
+- sampled (K subsets a seed): the folder's surrogate rows (surrogate_controlled with a control);
 - TAG probe: the reference's mean look-ahead affinity, each pair tested against zero with its
   standard error over probes (a z-test, BH over the pairs).
 
@@ -40,7 +40,7 @@ import polars as pl
 from scipy import stats
 
 from omgseg.dashboards.report import StudyTables
-from omgseg.platform.config import StudyConfig, load_config
+from omgseg.platform.config import SampledCombinations, StudyConfig, load_config
 from omgseg.platform.records import StudyState
 from omgseg.platform.study.design import StudyDesign
 from omgseg.platform.study.estimates import spearman
@@ -130,7 +130,9 @@ def sampled_row(study: StudyTables, reference: dict[str, dict]) -> EstimatorRow:
     recovered, above, false = _check(per_pair, study.config.planted)
     hours, steps = _cost(study.tables["runs"], set(design.sampled))
     same = "controlled" if kind == "surrogate_controlled" else "pair"
-    return EstimatorRow(f"sampled, {len(design.sampled)} subsets ({kind} rows)", recovered, above, false,
+    spec = next(c.sampled for c in study.config.combinations if isinstance(c, SampledCombinations))
+    label = f"sampled, {spec.subsets} subsets of {'/'.join(map(str, spec.sizes))} a seed ({kind} rows)"
+    return EstimatorRow(label, recovered, above, false,
                         _rho(_effects(influence, kind), reference[same]), hours, steps)
 
 

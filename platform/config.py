@@ -401,11 +401,12 @@ def metric_direction(task: str, metric: str) -> str | None:
 
 
 class SampledSpec(StrictModel):
-    """A sampled design: `subsets` random subsets of the train data sets (and the control), of
-    sizes cycling through `sizes`, balanced so every data set and every pair of data sets
-    appears about equally often (omgseg.platform.study.design.balanced_subsets)."""
+    """A sampled design: at each seed, `subsets` random subsets of the train data sets (and the
+    control), of sizes cycling through `sizes`, balanced so every data set and every pair of
+    data sets appears about equally often, different subsets at different seeds
+    (omgseg.platform.study.design.balanced_subsets)."""
 
-    subsets: int = Field(ge=1, description="how many subsets (each trained at every seed)")
+    subsets: int = Field(ge=1, description="how many subsets at each seed (different ones at different seeds)")
     sizes: list[int] = Field(min_length=1, description="their sizes, cycled through: e.g. [2, 3]")
     seed: int = Field(default=0, description="seed of the draw")
 

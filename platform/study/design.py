@@ -46,41 +46,51 @@ class Comparison:
 
 @dataclass(frozen=True)
 class SampledSubsets:
-    """K random subsets of the train data sets (and the control), of the given sizes."""
+    """K random subsets of the train data sets (and the control) at each seed, of the given sizes."""
 
-    subsets: int
+    subsets: int  # at each seed
     sizes: tuple[int, ...]
-    seed: int = 0
+    seeds: tuple[int, ...]  # the study's seeds
+    seed: int = 0  # of the draw
 
 
-def balanced_subsets(names: tuple[str, ...], spec: SampledSubsets) -> list[Combination]:
-    """`spec.subsets` distinct subsets of `names`, their sizes cycling through `spec.sizes` (a
-    size whose subsets are all taken gives way to the next),
-    chosen one at a time as a candidate that keeps every data set and every pair of data sets
-    as equally represented as possible (the one that adds least to the counts it touches,
-    ties broken by a generator seeded with `spec.seed`). Each is in the order of `names`."""
+def balanced_subsets(names: tuple[str, ...], spec: SampledSubsets) -> list[tuple[int, Combination]]:
+    """`spec.subsets` distinct subsets of `names` at each of `spec.seeds`, as (seed, subset), their
+    sizes cycling through `spec.sizes` over the whole draw (a size whose subsets are all taken
+    at that seed gives way to the next). Chosen one at a time as a candidate that keeps every
+    data set and every pair of data sets as equally represented as possible over all seeds and,
+    among those, one drawn at the fewest earlier seeds, so that the seeds see different subsets
+    (what lets the surrogate, fitted over all seeds, separate more sources than one seed's
+    subsets can); ties broken by a generator seeded with `spec.seed`. Each subset is in the
+    order of `names`."""
     rng = np.random.default_rng(spec.seed)
     singles: Counter = Counter()
     pairs: Counter = Counter()
-    chosen: list[Combination] = []
-    for k in range(spec.subsets):
-        candidates = []
-        for step in range(len(spec.sizes)):  # this subset's size, or the next one with subsets left
-            size = spec.sizes[(k + step) % len(spec.sizes)]
-            candidates = [c for c in itertools.combinations(names, size) if c not in chosen]
-            if candidates:
-                break
-        if not candidates:
-            raise ValueError(f"combinations.sampled: only {len(chosen)} distinct subsets of sizes {list(spec.sizes)} "
-                             f"exist among {len(names)} data sets, {spec.subsets} asked for")
-        scores = [sum(pairs[p] for p in itertools.combinations(c, 2)) * len(names) + sum(singles[n] for n in c)
-                  for c in candidates]
-        best = min(scores)
-        ties = [c for c, s in zip(candidates, scores) if s == best]
-        pick = ties[int(rng.integers(len(ties)))]
-        chosen.append(pick)
-        singles.update(pick)
-        pairs.update(itertools.combinations(pick, 2))
+    drawn: Counter = Counter()
+    chosen: list[tuple[int, Combination]] = []
+    for block, seed in enumerate(spec.seeds):
+        here: list[Combination] = []
+        for k in range(spec.subsets):
+            candidates = []
+            for step in range(len(spec.sizes)):  # this subset's size, or the next one with subsets left
+                size = spec.sizes[(block * spec.subsets + k + step) % len(spec.sizes)]
+                candidates = [c for c in itertools.combinations(names, size) if c not in here]
+                if candidates:
+                    break
+            if not candidates:
+                raise ValueError(f"combinations.sampled: only {len(here)} distinct subsets of sizes {list(spec.sizes)} "
+                                 f"exist among {len(names)} data sets, {spec.subsets} asked for at each seed")
+            balance = [sum(pairs[p] for p in itertools.combinations(c, 2)) * len(names) + sum(singles[n] for n in c)
+                       for c in candidates]
+            scores = [(b, drawn[c]) for b, c in zip(balance, candidates)]
+            best = min(scores)
+            ties = [c for c, s in zip(candidates, scores) if s == best]
+            pick = ties[int(rng.integers(len(ties)))]
+            here.append(pick)
+            singles.update(pick)
+            pairs.update(itertools.combinations(pick, 2))
+        drawn.update(here)
+        chosen += [(seed, c) for c in here]
     return chosen
 
 
@@ -91,7 +101,20 @@ class StudyDesign:
     train: tuple[str, ...]  # the train data sets, in config order
     combinations: tuple[Combination, ...]  # every combination trained, in plan order, without repeats
     control: str | None = None
-    sampled: tuple[Combination, ...] = ()  # the sampled subsets (a sampled design), which the surrogate fits
+    draws: tuple[tuple[int, Combination], ...] = ()  # a sampled design's (seed, subset) trials, which the surrogate fits
+
+    @property
+    def sampled(self) -> tuple[Combination, ...]:
+        """The subsets a sampled design drew at any seed, in draw order, without repeats."""
+        return tuple(dict.fromkeys(c for _, c in self.draws))
+
+    def seeds_of(self, combination: Combination, seeds) -> list[int]:
+        """The seeds `combination` is trained at: a sampled subset at the seeds it was drawn at,
+        anything else at every seed."""
+        if combination not in self.sampled:
+            return list(seeds)
+        drawn = {s for s, c in self.draws if c == combination}
+        return [s for s in seeds if s in drawn]
 
     @staticmethod
     def name(combination: Combination) -> str:
@@ -178,11 +201,13 @@ class StudyDesign:
         """The combinations of `config.combinations`, in its order, without repeats: singletons,
         pairs, leave_one_out, all, explicit lists, and sampled subsets (of the train data sets
         and the control). With a control and no sampled subsets, each train data set is also
-        trained with the control (the controlled rows' baseline)."""
+        trained with the control (the controlled rows' baseline). A sampled subset that another
+        item also names is trained, and fitted, at every seed."""
         names = tuple(config.trained())
         base = cls(train=names, combinations=(), control=config.control)
         out: list[Combination] = []
-        sampled: list[Combination] = []
+        draws: list[tuple[int, Combination]] = []
+        every_seed: list[Combination] = []
         for item in config.combinations:
             if item == "singletons":
                 found = [(n,) for n in names]
@@ -195,14 +220,21 @@ class StudyDesign:
             elif isinstance(item, SampledCombinations):
                 spec = item.sampled
                 pool = names + ((config.control,) if config.control else ())
-                found = balanced_subsets(pool, SampledSubsets(spec.subsets, tuple(spec.sizes), spec.seed))
-                sampled += [c for c in found if c not in sampled]
+                drawn = balanced_subsets(pool, SampledSubsets(spec.subsets, tuple(spec.sizes), tuple(config.seeds),
+                                                              spec.seed))
+                draws += [d for d in drawn if d not in draws]
+                found = list(dict.fromkeys(c for _, c in drawn))
             else:
                 found = [base.order(item)]
+            if not isinstance(item, SampledCombinations):
+                every_seed += found
             out += [c for c in found if c not in out]
-        if config.control is not None and not sampled:
+        if config.control is not None and not draws:
             out += [c for c in (base.with_control(n) for n in names) if c not in out]
-        return cls(train=names, combinations=tuple(out), control=config.control, sampled=tuple(sampled))
+        sampled = {c for _, c in draws}
+        draws += [(seed, c) for c in dict.fromkeys(every_seed) if c in sampled for seed in config.seeds
+                  if (seed, c) not in draws]
+        return cls(train=names, combinations=tuple(out), control=config.control, draws=tuple(draws))
 
     def exhaustive(self) -> StudyDesign:
         """The exhaustive pair design over the same data sets: singletons and pairs, and each

@@ -236,7 +236,10 @@ def _prepare(config: StudyConfig, verbose: bool) -> dict[str, int]:
 def _announce(run: StudyRun, plan: list[Trial], done: int, pending: int) -> None:
     config = run.config
     res = config.train.resources
-    _say(f"{config.name}: {len(plan)} trials ({len(plan) // len(config.seeds)} combinations x {len(config.seeds)} seeds, "
+    combos = len({(t.datasets, t.mixture) for t in plan})
+    shape = (f"{combos} combinations x {len(config.seeds)} seeds" if combos * len(config.seeds) == len(plan)
+             else f"{combos} combinations over {len(config.seeds)} seeds")
+    _say(f"{config.name}: {len(plan)} trials ({shape}, "
          f"budget {config.budget}: {config.train.steps} steps per data set), {done} already finished, {pending} to run")
     _say(f"each trial: {res.workers} worker(s) x {res.cpus_per_worker} CPU" + (" + 1 GPU" if res.use_gpu else "")
          + (", in its own process" if res.workers == 1 else ", on Ray Train"))

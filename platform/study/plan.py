@@ -97,7 +97,8 @@ def trial_steps(config: StudyConfig, combo: tuple[str, ...]) -> int:
 
 
 def plan_trials(config: StudyConfig, sizes: dict[str, int] | None = None) -> list[Trial]:
-    """Every (combination, seed) of the study's design. The trials on all train data sets of
+    """Every (combination, seed) of the study's design (a sampled subset at the seeds it was
+    drawn at, anything else at every seed). The trials on all train data sets of
     `affinity_seeds` probe TAG affinity; when no combination trains on all of them, one such
     trial per seed is added."""
     design = StudyDesign.from_config(config)
@@ -119,7 +120,7 @@ def plan_trials(config: StudyConfig, sizes: dict[str, int] | None = None) -> lis
         Trial(trial_id=f"{design.name(combo)}-s{seed}", datasets=combo, ratios=mixing_ratios(config, combo, sizes),
               seed=seed, steps=trial_steps(config, combo),
               measures_affinity=measuring and combo == everything and seed in probing_seeds)
-        for combo in combos for seed in config.seeds
+        for combo in combos for seed in design.seeds_of(combo, config.seeds)
     ]
     sweep = config.mixing.sampled
     if sweep is not None:

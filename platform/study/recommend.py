@@ -15,9 +15,9 @@ The model (`source` in the record):
 - a ratio sweep (`mixing.sampled`): the Scheffé quadratic mixture model over the swept trials'
   realised sample shares (omgseg.platform.study.mixtures): its best mixture on the simplex, the
   prediction's interval, and the shares' spread over bootstrap refits;
-- else a sampled design: the first-order surrogate of the objective over the sampled subsets
-  (omgseg.platform.study.surrogate), averaged over its per-seed fits: the best subset the
-  surrogate can predict, at equal ratios;
+- else a sampled design: the first-order surrogate of the objective over every seed's sampled
+  subsets (omgseg.platform.study.surrogate), with its delete-one-seed jackknife interval: the
+  best subset the surrogate can predict, at equal ratios;
 - else the trained combinations' measured objective: the best one's mean, at its own ratios.
 A recommendation is a prediction from a fit, not a measurement: `omgseg study ... --verify`
 trains it against baselines (omgseg.platform.study.verify).
@@ -134,7 +134,7 @@ def from_sweep(runs: pl.DataFrame, metrics: pl.DataFrame, design: StudyDesign, o
 def from_subsets(runs: pl.DataFrame, metrics: pl.DataFrame, design: StudyDesign, objective: Objective) -> Recommendation | None:
     """The best subset: by the surrogate over a sampled design's subsets, else by the measured
     objective of the trained combinations; equal ratios."""
-    from omgseg.platform.study.surrogate import fit_seed
+    from omgseg.platform.study.surrogate import jackknife
 
     trials = runs.filter(pl.col("mixture").is_null() & (pl.col("status") == "finished"))
     values, scales = objective_values(metrics, objective, trials["trial_id"].to_list())
@@ -144,19 +144,15 @@ def from_subsets(runs: pl.DataFrame, metrics: pl.DataFrame, design: StudyDesign,
         return None
     needed = {t.dataset for t, _ in objective.terms if t.dataset in design.train}
     if design.sampled:
-        source = "sampled design: first-order surrogate of the objective over the sampled subsets, averaged over seeds"
-        by_seed: dict[int, dict] = {}
-        for (combo, seed), value in cells.items():
-            if combo in design.sampled:
-                by_seed.setdefault(seed, {})[combo] = value
-        fixed = tuple(n for n in design.train if n in needed)
-        fits = [f for f in (fit_seed(v, fixed) for v in by_seed.values()) if f is not None]
+        source = ("sampled design: first-order surrogate of the objective over the sampled subsets of every seed, "
+                  "with its delete-one-seed jackknife interval")
+        fits = jackknife(cells, design, tuple(n for n in design.train if n in needed))
         candidates = [c for k in range(1, len(design.train) + 1) for c in itertools.combinations(design.train, k)
                       if needed <= set(c)]
         predicted = {}
         for c in candidates:
-            per_seed = [v for v in (f.level(c) for f in fits) if v is not None]
-            if len(per_seed) == len(fits) and fits:
+            per_seed = fits.values(lambda f, c=c: f.level(c)) if fits else None
+            if per_seed is not None:
                 predicted[c] = (float(np.mean(per_seed)), float(np.std(per_seed, ddof=1) / np.sqrt(len(per_seed)))
                                 if len(per_seed) > 1 else float("nan"))
     else:

@@ -150,7 +150,7 @@ class InfluenceRow:
     with_combo: Combination
     without_combo: Combination
     seeds: list[int]
-    differences: list[float]  # value with - value without, per seed (a surrogate row: of its predictions)
+    differences: list[float]  # value with - value without, per seed (a surrogate row: its pseudo-values)
     with_values: list[float] | None  # per seed; None when a surrogate cannot predict the levels, only the difference
     without_values: list[float] | None
     contrast: Contrast | None
@@ -219,7 +219,7 @@ def _measured_row(comparison: Comparison, target: Target, cells: Cells) -> Influ
 
 
 def _surrogate_rows(cells: Cells, design: StudyDesign, target: Target) -> list[InfluenceRow | None]:
-    fits = surrogate.seed_fits(cells, design, target.dataset)
+    fits = surrogate.jackknife(cells, design, (target.dataset,))
     sampled = [v for (c, _), v in cells.items() if c in design.sampled]
     scale = sum(sampled) / len(sampled) if sampled else None
     rows = []

@@ -71,12 +71,12 @@ def test_every_estimator_against_the_truth(folders):
     assert exhaustive.spearman_vs_exhaustive == 1.0
     # Exhaustive: 4 singletons + 6 pairs + 4 control pairs at 3 seeds, 10 s a data set.
     assert exhaustive.trial_hours == pytest.approx(3 * (4 * 10 + 10 * 20) / 3600)
-    assert surrogate.estimator == "sampled, 10 subsets (surrogate_controlled rows)"
+    assert surrogate.estimator == "sampled, 10 subsets of 3 a seed (surrogate_controlled rows)"
     assert surrogate.helps_hurts_recovered == "6/6" and surrogate.false_positives_on_none == "0/6"
     assert surrogate.spearman_vs_exhaustive > 0.9 and surrogate.trial_hours == pytest.approx(3 * 10 * 30 / 3600)
     assert tag.estimator.startswith("TAG") and tag.helps_hurts_recovered == "6/6" and tag.false_positives_on_none == "0/6"
     table = markdown(rows)
-    assert table.count("\n") == 4 and "| sampled, 10 subsets" in table
+    assert table.count("\n") == 4 and "| sampled, 10 subsets of 3 a seed" in table
 
 
 def test_the_command_prints_the_table_and_refuses_a_study_that_is_not_sampled(folders, capsys):

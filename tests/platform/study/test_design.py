@@ -54,23 +54,45 @@ def test_a_control_adds_its_pairs_and_controlled_rows():
     assert len(exhaustive.combinations) == 4 + 6 + 4 and ("anchor", "twin", "rival", "stranger") not in exhaustive.combinations
 
 
-def test_sampled_subsets_are_balanced_distinct_and_seeded():
+def test_sampled_subsets_are_balanced_distinct_at_a_seed_different_across_seeds_and_seeded():
     names = ("a", "b", "c", "d", "e", "f")
-    subsets = balanced_subsets(names, SampledSubsets(subsets=10, sizes=(3,), seed=1))
-    assert len(set(subsets)) == 10 and all(len(s) == 3 and list(s) == sorted(s) for s in subsets)
-    singles = Counter(n for s in subsets for n in s)
-    pairs = Counter(p for s in subsets for p in itertools.combinations(s, 2))
-    assert max(singles.values()) - min(singles.values()) <= 1  # 30 places over 6 data sets: 5 each
-    assert len(pairs) == 15 and max(pairs.values()) <= 3  # every pair appears, none more than thrice
-    assert subsets == balanced_subsets(names, SampledSubsets(subsets=10, sizes=(3,), seed=1))
-    assert subsets != balanced_subsets(names, SampledSubsets(subsets=10, sizes=(3,), seed=2))
-    with pytest.raises(ValueError, match="only 20 distinct subsets"):
-        balanced_subsets(names, SampledSubsets(subsets=21, sizes=(3,)))
+    spec = SampledSubsets(subsets=5, sizes=(3,), seeds=(0, 1, 2, 3), seed=1)
+    draws = balanced_subsets(names, spec)
+    assert [s for s, _ in draws] == [0] * 5 + [1] * 5 + [2] * 5 + [3] * 5
+    for seed in range(4):
+        here = [c for s, c in draws if s == seed]
+        assert len(set(here)) == 5 and all(len(c) == 3 and list(c) == sorted(c) for c in here)
+    assert len({c for _, c in draws}) == 20  # the seeds draw different subsets while any are left
+    singles = Counter(n for _, c in draws for n in c)
+    pairs = Counter(p for _, c in draws for p in itertools.combinations(c, 2))
+    assert set(singles.values()) == {10}  # 60 places over 6 data sets
+    assert len(pairs) == 15 and max(pairs.values()) - min(pairs.values()) <= 1
+    assert draws == balanced_subsets(names, spec)
+    assert draws != balanced_subsets(names, SampledSubsets(subsets=5, sizes=(3,), seeds=(0, 1, 2, 3), seed=2))
+    with pytest.raises(ValueError, match="only 20 distinct subsets .* 21 asked for at each seed"):
+        balanced_subsets(names, SampledSubsets(subsets=21, sizes=(3,), seeds=(0,)))
+
+
+def test_a_sampled_subset_is_trained_at_the_seeds_it_was_drawn_at():
+    from omgseg.platform.study.plan import plan_trials
+
+    config = load_config(StudyConfig, PLANTED, ["combinations={sampled: {subsets: 3, sizes: [2, 3]}}", "seeds=[0, 1, 2]",
+                                                "train.affinity.enabled=false"])
+    design = StudyDesign.from_config(config)
+    trials = plan_trials(config)
+    assert sorted((t.seed, t.datasets) for t in trials) == sorted(design.draws) and len(trials) == 9
+    assert {t.trial_id for t in trials} == {f"{design.name(c)}-s{s}" for s, c in design.draws}
+    # a subset another item names too is trained, and fitted, at every seed
+    both = load_config(StudyConfig, PLANTED, ["combinations=[singletons, {sampled: {subsets: 5, sizes: [1]}}]",
+                                              "seeds=[0, 1]", "train.affinity.enabled=false"])
+    design = StudyDesign.from_config(both)
+    assert design.seeds_of(("anchor",), [0, 1]) == [0, 1] and ("placebo",) in design.sampled
+    assert sorted(design.draws) == sorted((s, c) for c in design.sampled for s in (0, 1))
 
 
 def test_a_sampled_design_draws_from_the_train_data_sets_and_the_control():
     design = _design(PLANTED, "combinations={sampled: {subsets: 8, sizes: [2, 3]}}")
-    assert design.sampled == design.combinations and len(design.sampled) == 8
+    assert design.sampled == design.combinations and len(design.draws) == 8 * 6  # at each of planted.yaml's 6 seeds
     assert {n for s in design.sampled for n in s} == {"anchor", "twin", "rival", "stranger", "placebo"}
     assert "surrogate" in design.kinds and "surrogate_controlled" in design.kinds
     assert not any(c == ("anchor", "placebo") for c in design.combinations if c not in design.sampled)  # no added pairs
