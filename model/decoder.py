@@ -378,12 +378,15 @@ class OMGDecoder(nn.Module):
         allowed_self = self._group_attention_mask(self.num_object_queries, tgt.shape[1], tgt.device)  # (Q, Q)
         text = F.normalize(text_embeddings.float(), dim=-1)  # (C, D) or (C, S, D)
 
-        predictions = []
+        # The read-outs of every prediction set, kept for the heads: no layer needs a set's
+        # full-size masks or classes, so all sets' heads run together after the last layer.
+        outs, mask_embs = [], []
         out = self.decoder_norm(tgt)  # (B, Q, d)
         mask_emb = self.mask_embed(out)  # (B, Q, d)
         for i in range(self.num_layers):
             if aux:
-                predictions.append(self._heads(out, mask_emb, mask_feats, text, prompt_valid, counts))
+                outs.append(out)
+                mask_embs.append(mask_emb)
             lvl = i % self.num_levels
             allowed = self._attention_mask(mask_emb, level_feats[lvl])  # from the previous read-out
             tgt = self.cross_layers[i](tgt, query_pos, memories[lvl], memory_pos[lvl], allowed)
@@ -391,7 +394,9 @@ class OMGDecoder(nn.Module):
             tgt = self.ffn_layers[i](tgt)
             out = self.decoder_norm(tgt)
             mask_emb = self.mask_embed(out)
-        predictions.append(self._heads(out, mask_emb, mask_feats, text, prompt_valid, counts))
+        outs.append(out)
+        mask_embs.append(mask_emb)
+        predictions = self._heads(torch.stack(outs, 1), torch.stack(mask_embs, 1), mask_feats, text, prompt_valid, counts)
 
         out = predictions[-1]
         out.aux = predictions[:-1]
@@ -463,33 +468,43 @@ class OMGDecoder(nn.Module):
         # would give a NaN softmax). No indexing by the empty rows: that would wait for the device.
         return allowed | ~allowed.any(dim=-1, keepdim=True)
 
-    def _heads(self, out: Tensor, mask_emb: Tensor, mask_feats: Tensor, text: Tensor, prompt_valid: Tensor,
-               prompt_counts: tuple[int, ...]) -> QueryOutputs:
-        """One prediction set from the normed queries out (B, Q, d) and their mask embeddings;
-        mask_feats (B, T, d, H, W); text (C, D) or (C, S, D), normalised, float32."""
-        b, q, _ = out.shape
-        mask_logits = torch.einsum("bqc,btchw->bqthw", mask_emb, mask_feats)  # (B, Q, T, H, W)
+    def _heads(self, outs: Tensor, mask_embs: Tensor, mask_feats: Tensor, text: Tensor, prompt_valid: Tensor,
+               prompt_counts: tuple[int, ...]) -> list[QueryOutputs]:
+        """The prediction sets from the normed queries outs (B, S, Q, d) of S sets and their mask
+        embeddings (B, S, Q, d); mask_feats (B, T, d, H, W); text (C, D) or (C, S, D), normalised,
+        float32. The S sets go through each head together: one matrix product for every set's
+        mask logits (and one for their gradient) instead of S small ones."""
+        b, num_sets, q, d = outs.shape
+        t, h, w = mask_feats.shape[1], mask_feats.shape[3], mask_feats.shape[4]
+        feats = mask_feats.transpose(1, 2).reshape(b, d, t * h * w)  # (B, d, T*H*W)
+        mask_logits = (mask_embs.reshape(b, num_sets * q, d) @ feats).view(b, num_sets * q, t, h, w)
 
         # Classification: cosine of a projection of (query + mask-pooled features) with the text.
         # The mask is detached: masks are trained by the mask losses, not reshaped to please
         # the classifier. The cosines are taken in float32 even under autocast: x logit_scale,
         # bfloat16's rounding of a cosine (about 0.004) would move a logit by 0.4.
-        pooled = mask_pool(mask_feats.transpose(1, 2), mask_logits.detach())  # (B, Q, d)
-        cls_emb = F.normalize(self.class_embed(out + self.pool_proj(pooled)).float(), dim=-1)  # (B, Q, D)
+        pooled = mask_pool(feats.view(b, d, t, h, w), mask_logits.detach())  # (B, S*Q, d)
+        out = outs.reshape(b, num_sets * q, d)
+        cls_emb = F.normalize(self.class_embed(out + self.pool_proj(pooled)).float(), dim=-1)  # (B, S*Q, D)
         with full_precision(out.device):
-            cosine = cls_emb @ text.flatten(0, -2).t()  # (B, Q, C) or (B, Q, C * S)
+            cosine = cls_emb @ text.flatten(0, -2).t()  # (B, S*Q, C) or (B, S*Q, C * S')
         if text.dim() == 3:  # synonyms: a class scores as its best synonym
-            cosine = cosine.view(b, q, *text.shape[:2]).amax(-1)
+            cosine = cosine.view(b, num_sets * q, *text.shape[:2]).amax(-1)
         # Void logit: a learned per-query logit (the objectness logit, sign flipped), not the
         # reference's constant 0 from a zero background vector. With a constant 0 the void
         # probability depends only on how low the query scores against EVERY class, so it
         # changes with the vocabulary's size and content; a learned logit decouples "is there
         # an object" from "which class", and CE over C + 1 trains it (void weight 0.1).
-        void_logit = self.void_embed(out).float()  # (B, Q, 1)
-        class_logits = torch.cat([self.logit_scale * cosine, void_logit], dim=-1)  # (B, Q, C + 1)
+        void_logit = self.void_embed(out).float()  # (B, S*Q, 1)
+        class_logits = torch.cat([self.logit_scale * cosine, void_logit], dim=-1)  # (B, S*Q, C + 1)
         # Identity: the normalised query itself, as MinVIS associates tubes across clips. A
         # separate head would need an identity loss over pairs of clips of one video, which
         # the tube formulation does not give within a clip.
-        return QueryOutputs(mask_logits=mask_logits, class_logits=class_logits, id_embeddings=out,
-                            num_object_queries=self.num_object_queries, prompt_valid=prompt_valid,
-                            prompt_counts=prompt_counts)
+        # unbind: the sets' gradients come back as one stacked tensor, not one full-size zero
+        # tensor per set.
+        return [
+            QueryOutputs(mask_logits=m, class_logits=c, id_embeddings=e, num_object_queries=self.num_object_queries,
+                         prompt_valid=prompt_valid, prompt_counts=prompt_counts)
+            for m, c, e in zip(mask_logits.unflatten(1, (num_sets, q)).unbind(1),
+                               class_logits.unflatten(1, (num_sets, q)).unbind(1), outs.unbind(1))
+        ]

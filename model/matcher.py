@@ -54,11 +54,12 @@ def batch_sigmoid_bce_cost(pred: Tensor, target: Tensor) -> Tensor:
     Mean over the K points of each frame, summed over the T frames.
     """
     k = pred.shape[-1]
-    # sum_t sum_k [pos y + neg (1 - y)] with pos = BCE(x, 1) = softplus(-x) and
-    # neg = BCE(x, 0) = softplus(x) = pos + x, so the sum is sum(pos) + x . (1 - y): one product.
+    # sum_t sum_k [pos y + neg (1 - y)] with neg = BCE(x, 0) = softplus(x) and
+    # pos = BCE(x, 1) = softplus(-x) = neg - x, so the sum is sum(neg) - x . y: one product,
+    # and one pass over the logits (no negated copy).
     x = pred.flatten(-2)  # (..., Q, T*K)
-    pos = F.softplus(-x).sum(-1)  # (..., Q)
-    cost = pos[..., :, None] + x @ (1 - target.flatten(-2)).transpose(-1, -2)  # (..., Q, N)
+    neg = F.softplus(x).sum(-1)  # (..., Q)
+    cost = neg[..., :, None] - x @ target.flatten(-2).transpose(-1, -2)  # (..., Q, N)
     return cost / k
 
 

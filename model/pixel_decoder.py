@@ -7,8 +7,9 @@ exchange information at a cost linear in the number of locations. The stride-4 l
 FPN-style (lateral 1x1 conv + upsampled stride-8 output, then a 3x3 conv), and a 1x1 conv gives
 the per-pixel mask features that query embeddings are dotted with.
 
-Deformable attention's sampling is `torch.nn.functional.grid_sample` (no custom CUDA kernel), so
-the module runs unchanged on CPU and GPU.
+Deformable attention's sampling is `torch.nn.functional.embedding_bag` over the values' rows at
+inference and `torch.nn.functional.grid_sample` when gradients are needed (no custom CUDA
+kernel), so the module runs unchanged on CPU and GPU.
 
 Video: the pixel decoder is per frame. Fold the T frames of each clip into the batch (B*T,
 frame-major within each clip) before the backbone; the transformer decoder unfolds them.
@@ -127,33 +128,89 @@ def multi_scale_deformable_attention(
         Points outside sample zeros (bilinear weights of outside pixels are dropped).
     attention_weights: (B, Q, nH, L, P), typically a softmax over L*P.
     Returns (B, Q, nH * hd) in value's dtype; the sampling runs in sampling_locations' dtype.
-    One grid_sample call per level samples every batch element, head, query and point.
     """
-    batch, num_values, num_heads, head_dim = value.shape
-    _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
+    _check_sampling(value, spatial_shapes, sampling_locations, attention_weights)
+    geometry = level_geometry(spatial_shapes, sampling_locations.device, sampling_locations.dtype)
+    pixels = sampling_locations * geometry[:, None, :2] - 0.5
+    return sample_pixels(value, spatial_shapes, geometry, pixels, attention_weights)
+
+
+def _check_sampling(value: Tensor, spatial_shapes: Sequence[tuple[int, int]], locations: Tensor, weights: Tensor) -> None:
+    num_values, num_levels = value.shape[1], locations.shape[3]
     if sum(h * w for h, w in spatial_shapes) != num_values or len(spatial_shapes) != num_levels:
         raise ValueError(
             f"spatial_shapes {list(spatial_shapes)} do not match value length {num_values} "
             f"and {num_levels} sampling levels"
         )
-    if attention_weights.shape != sampling_locations.shape[:-1]:
-        raise ValueError(
-            f"attention_weights must be {tuple(sampling_locations.shape[:-1])}, got {tuple(attention_weights.shape)}"
-        )
-    values = value.to(sampling_locations.dtype).split([h * w for h, w in spatial_shapes], dim=1)
-    # grid_sample's grid is in [-1, 1]; with align_corners=False its ends are the outer pixel
-    # corners, matching the normalisation above.
-    grids = 2 * sampling_locations - 1  # (B, Q, nH, L, P, 2)
-    sampled = []
+    if weights.shape != locations.shape[:-1]:
+        raise ValueError(f"attention_weights must be {tuple(locations.shape[:-1])}, got {tuple(weights.shape)}")
+
+
+def level_geometry(spatial_shapes: Sequence[tuple[int, int]], device: torch.device, dtype: torch.dtype) -> Tensor:
+    """(L, 3): each level's width, height and first row in the flattened values. Filled in on
+    the device: a tensor copied from the host would make the host wait for the device."""
+    geometry = torch.empty(len(spatial_shapes), 3, device=device, dtype=dtype)
+    start = 0
+    for lvl, (h, w) in enumerate(spatial_shapes):
+        geometry[lvl, 0], geometry[lvl, 1], geometry[lvl, 2] = w, h, start
+        start += h * w
+    return geometry
+
+
+def sample_pixels(value: Tensor, spatial_shapes: Sequence[tuple[int, int]], geometry: Tensor, pixels: Tensor,
+                  attention_weights: Tensor) -> Tensor:
+    """`multi_scale_deformable_attention` at `pixels` (B, Q, nH, L, P, 2), each level's xy pixel
+    coordinates (pixel (i, j) centred at (j, i), as grid_sample's align_corners=False), with the
+    levels' `level_geometry`.
+
+    Without gradients (inference), every output row is a weighted sum of 4 * L * P value rows
+    (each point's four neighbouring pixels, weighted by its attention weight times its bilinear
+    weight), which is exactly what `F.embedding_bag` computes, for all levels, heads and points
+    in one call: it reads the rows where they lie and never materialises the sampled values.
+    With gradients, `grid_sample` per level: embedding_bag's backward sorts every row index
+    (a million per layer at 256x256), which costs more than grid_sample's backward on CPU.
+    """
+    if torch.is_grad_enabled() and (value.requires_grad or pixels.requires_grad or attention_weights.requires_grad):
+        return _grid_sample_levels(value, spatial_shapes, geometry, pixels, attention_weights)
+    batch, num_values, num_heads, head_dim = value.shape
+    _, num_queries, _, num_levels, num_points, _ = pixels.shape
+    # Row n * S + s of the table is value[b, s, head] for n = b * nH + head.
+    table = value.to(pixels.dtype).transpose(1, 2).reshape(batch * num_heads * num_values, head_dim)
+    size = geometry[:, None, :2, None]  # (L, 1, xy, 1)
+    first = pixels.floor()
+    corners = torch.stack([first, first + 1], dim=-1)  # (B, Q, nH, L, P, xy, 2): the two pixels along x, along y
+    frac = pixels - first
+    # Bilinear weight of each corner along each axis; pixels outside the level read zero.
+    along = torch.stack([1 - frac, frac], dim=-1) * ((corners >= 0) & (corners < size))
+    index = corners.clamp(min=0).minimum(size - 1)
+    weight = attention_weights[..., None, None] * along[..., 1, :, None] * along[..., 0, None, :]  # (..., y, x)
+    row = geometry[:, None, 2, None, None] + index[..., 1, :, None] * geometry[:, None, 0, None, None] + index[..., 0, None, :]
+    row = row.transpose(1, 2).long() + (torch.arange(batch * num_heads, device=pixels.device) * num_values).view(
+        batch, num_heads, 1, 1, 1, 1, 1)  # (B, nH, Q, L, P, y, x)
+    per_query = num_levels * num_points * 4
+    out = F.embedding_bag(row.reshape(-1, per_query), table,
+                          per_sample_weights=weight.transpose(1, 2).reshape(-1, per_query), mode="sum")  # (B*nH*Q, hd)
+    out = out.view(batch, num_heads, num_queries, head_dim).transpose(1, 2)
+    return out.reshape(batch, num_queries, num_heads * head_dim).to(value.dtype)
+
+
+def _grid_sample_levels(value: Tensor, spatial_shapes: Sequence[tuple[int, int]], geometry: Tensor, pixels: Tensor,
+                        attention_weights: Tensor) -> Tensor:
+    """`sample_pixels` by one grid_sample call per level, which samples every batch element,
+    head, query and point of the level; each level's weighted sum is added up as it comes."""
+    batch, _, num_heads, head_dim = value.shape
+    _, num_queries, _, _, num_points, _ = pixels.shape
+    values = value.to(pixels.dtype).split([h * w for h, w in spatial_shapes], dim=1)
+    # grid_sample's grid is in [-1, 1]; with align_corners=False its ends are the outer pixel corners.
+    grids = (2 * pixels + 1) / geometry[:, None, :2] - 1  # (B, Q, nH, L, P, 2)
+    out = None
     for lvl, (h, w) in enumerate(spatial_shapes):
         value_l = values[lvl].permute(0, 2, 3, 1).reshape(batch * num_heads, head_dim, h, w)  # (B*nH, hd, h, w)
         grid_l = grids[:, :, :, lvl].transpose(1, 2).reshape(batch * num_heads, num_queries, num_points, 2)
-        sampled.append(
-            F.grid_sample(value_l, grid_l, mode="bilinear", padding_mode="zeros", align_corners=False)
-        )  # (B*nH, hd, Q, P)
-    sampled = torch.stack(sampled, dim=3).flatten(3)  # (B*nH, hd, Q, L*P)
-    weights = attention_weights.transpose(1, 2).reshape(batch * num_heads, 1, num_queries, num_levels * num_points)
-    out = (sampled * weights).sum(dim=-1)  # (B*nH, hd, Q)
+        sampled = F.grid_sample(value_l, grid_l, mode="bilinear", padding_mode="zeros", align_corners=False)  # (B*nH, hd, Q, P)
+        weights = attention_weights[:, :, :, lvl].transpose(1, 2).reshape(batch * num_heads, 1, num_queries, num_points)
+        level = (sampled * weights).sum(dim=-1)  # (B*nH, hd, Q)
+        out = level if out is None else out + level
     return out.view(batch, num_heads * head_dim, num_queries).transpose(1, 2).to(value.dtype)  # (B, Q, nH*hd)
 
 
@@ -214,17 +271,13 @@ class MultiScaleDeformableAttention(nn.Module):
         offsets = self.sampling_offsets(query).view(batch, num_queries, nh, nl, npt, 2)
         weights = self.attention_weights(query).view(batch, num_queries, nh, nl * npt).float().softmax(dim=-1)
         weights = weights.view(batch, num_queries, nh, nl, npt)
-        # Offsets are in pixels of each level: divide by (w_l, h_l) to move in normalised units.
-        # Locations are float32 whatever autocast does: in bfloat16 a location is off by up to
-        # 1/256 of the level, 2 pixels of a 512-wide one. The (L, 2) sizes (xy order) are
-        # filled in on the device: a tensor copied from the host would make it wait for the device.
-        level_size = torch.empty(nl, 2, device=query.device)
-        for lvl, (h, w) in enumerate(spatial_shapes):
-            level_size[lvl, 0], level_size[lvl, 1] = w, h
-        locations = (
-            reference_points.float()[:, :, None, None, None, :] + offsets.float() / level_size[None, None, None, :, None, :]
-        )  # (B, Q, nH, L, P, 2)
-        out = multi_scale_deformable_attention(value, spatial_shapes, locations, weights)  # (B, Q, d)
+        # Offsets are in pixels of each level: the reference point in each level's pixels plus
+        # the offsets. Locations are float32 whatever autocast does: in bfloat16 a location is
+        # off by up to 1/256 of the level, 2 pixels of a 512-wide one.
+        geometry = level_geometry(spatial_shapes, query.device, torch.float32)
+        reference = reference_points.float()[:, :, None, None, None, :] * geometry[:, None, :2] - 0.5  # (B, Q, 1, L, 1, 2)
+        pixels = reference + offsets.float()  # (B, Q, nH, L, P, 2)
+        out = sample_pixels(value, spatial_shapes, geometry, pixels, weights)  # (B, Q, d)
         return self.output_proj(out)
 
 

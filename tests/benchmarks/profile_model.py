@@ -79,8 +79,8 @@ def _mark_parts(model: torch.nn.Module) -> None:
         _mark_module(conv, "pixel decoder: stride-4 convolutions (FPN, mask features)")
     for layer in model.pixel_decoder.layers:
         _mark_module(layer.self_attn, "pixel decoder: deformable attention (projections)")
-    pixel_decoder_module.multi_scale_deformable_attention = _marked(
-        "pixel decoder: deformable attention (sampling)", pixel_decoder_module.multi_scale_deformable_attention)
+    pixel_decoder_module.sample_pixels = _marked(
+        "pixel decoder: deformable attention (sampling)", pixel_decoder_module.sample_pixels)
     decoder = model.decoder
     _mark_module(decoder, "decoder: queries, position encodings")
     for layer in decoder.cross_layers:

@@ -264,6 +264,8 @@ def test_inference_without_earlier_sets_gives_the_same_last_set():
     full = dec(mf, mem, 2, text, prompts)
     last = dec(mf, mem, 2, text, prompts, aux=False)
     assert last.aux == [] and len(full.aux) == LAYERS
+    # The same numbers up to rounding: with the earlier sets, the heads' matrix products are
+    # taken over all sets at once, and summed in another order.
     for name in ("mask_logits", "class_logits", "id_embeddings", "prompt_valid"):
-        torch.testing.assert_close(getattr(last, name), getattr(full, name), rtol=0, atol=0, msg=name)
+        torch.testing.assert_close(getattr(last, name), getattr(full, name), rtol=1e-5, atol=1e-5, msg=name)
     assert last.prompt_counts == full.prompt_counts == (1, 1)

@@ -114,13 +114,13 @@ def test_bfloat16_autocast_keeps_losses_class_logits_and_locations_in_float32(mo
     model, (images, vocabulary, prompts, targets) = model_and_batch
     reference = model.loss(model(images, vocabulary, prompts), targets)
     location_dtypes = set()
-    sample = pixel_decoder.multi_scale_deformable_attention
+    sample = pixel_decoder.sample_pixels
 
-    def spy(value, shapes, locations, weights):
-        location_dtypes.add(locations.dtype)
-        return sample(value, shapes, locations, weights)
+    def spy(value, shapes, geometry, pixels, weights):
+        location_dtypes.add(pixels.dtype)
+        return sample(value, shapes, geometry, pixels, weights)
 
-    monkeypatch.setattr(pixel_decoder, "multi_scale_deformable_attention", spy)
+    monkeypatch.setattr(pixel_decoder, "sample_pixels", spy)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         outputs = model(images, vocabulary, prompts)
         losses = model.loss(outputs, targets)

@@ -109,7 +109,8 @@ def test_prompt_queries_leave_object_queries_unchanged(model, vocabulary):
 def test_encoded_features_are_reused_exactly(model, vocabulary):
     """Interactive rounds encode an image once and decode new clicks: same as a full pass."""
     images = _images(1, 2, seed=3)
-    encoded = model.encode(images)
+    with torch.no_grad():  # as predict and the interactive tasks encode: the inference sampling path
+        encoded = model.encode(images)
     for clicks in ([[20.0, 15.0]], [[70.0, 50.0], [10.0, 10.0]]):
         prompts = [PromptBatch.from_points(torch.tensor(clicks), (H, W))]
         (full,) = model.predict(images, vocabulary, prompts)

@@ -74,7 +74,9 @@ def _slow_deformable_attention(value, spatial_shapes, locations, weights):
     return out.reshape(batch, num_queries, num_heads * head_dim)
 
 
-def test_deformable_attention_matches_the_slow_reference():
+@pytest.mark.parametrize("grad", [False, True], ids=["inference", "training"])
+def test_deformable_attention_matches_the_slow_reference(grad):
+    """Both ways of sampling: embedding_bag without gradients, grid_sample with them."""
     gen = torch.Generator().manual_seed(0)
     shapes = [(3, 4), (2, 5), (1, 1)]
     batch, queries, heads, head_dim, points = 2, 4, 2, 3, 3
@@ -82,10 +84,22 @@ def test_deformable_attention_matches_the_slow_reference():
     # Some points fall outside [0, 1]: they must read zero padding, like the reference.
     locations = torch.rand(batch, queries, heads, len(shapes), points, 2, generator=gen, dtype=torch.float64) * 1.6 - 0.3
     weights = torch.rand(batch, queries, heads, len(shapes), points, generator=gen, dtype=torch.float64)
-    fast = multi_scale_deformable_attention(value, shapes, locations, weights)
-    slow = _slow_deformable_attention(value, shapes, locations, weights)
+    fast = multi_scale_deformable_attention(value.requires_grad_(grad), shapes, locations, weights)
+    slow = _slow_deformable_attention(value.detach(), shapes, locations, weights)
     assert fast.shape == (batch, queries, heads * head_dim)
     torch.testing.assert_close(fast, slow)
+
+
+def test_deformable_attention_gradients_match_finite_differences():
+    """The gradients reach the values, the locations (through the bilinear weights) and the
+    attention weights, points outside the levels included."""
+    gen = torch.Generator().manual_seed(1)
+    shapes = [(3, 4), (2, 2)]
+    value = torch.randn(1, 16, 2, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    locations = (torch.rand(1, 3, 2, 2, 2, 2, generator=gen, dtype=torch.float64) * 1.4 - 0.2).requires_grad_()
+    weights = torch.rand(1, 3, 2, 2, 2, generator=gen, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda v, loc, wt: multi_scale_deformable_attention(v, shapes, loc, wt), (value, locations, weights))
 
 
 def test_sampling_at_a_pixel_centre_reads_that_pixel():
