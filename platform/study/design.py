@@ -22,6 +22,7 @@ from __future__ import annotations
 import itertools
 from collections import Counter
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -103,9 +104,10 @@ class StudyDesign:
     control: str | None = None
     draws: tuple[tuple[int, Combination], ...] = ()  # a sampled design's (seed, subset) trials, which the surrogate fits
 
-    @property
+    @cached_property
     def sampled(self) -> tuple[Combination, ...]:
-        """The subsets a sampled design drew at any seed, in draw order, without repeats."""
+        """The subsets a sampled design drew at any seed, in draw order, without repeats (kept:
+        every cell of a study's tables is checked against it)."""
         return tuple(dict.fromkeys(c for _, c in self.draws))
 
     def seeds_of(self, combination: Combination, seeds) -> list[int]:

@@ -134,12 +134,12 @@ class Jackknife:
 def jackknife(cells: Cells, design: StudyDesign, fixed: tuple[str, ...]) -> Jackknife | None:
     """The surrogate over the design's sampled subsets among `cells` (a target's cells in its
     scope, or an objective's), each holding `fixed`, with its delete-one-seed fits."""
-    rows = {key: v for key, v in cells.items() if key[0] in design.sampled}
-    full = fit([(c, v) for (c, _), v in sorted(rows.items())], fixed)
+    rows = sorted((key, v) for key, v in cells.items() if key[0] in design.sampled)
+    full = fit([(c, v) for (c, _), v in rows], fixed)
     if full is None:
         return None
-    seeds = sorted({s for _, s in rows})
-    without = {seed: fit([(c, v) for (c, s), v in sorted(rows.items()) if s != seed], fixed) for seed in seeds}
+    seeds = sorted({s for (_, s), _ in rows})
+    without = {seed: fit([(c, v) for (c, s), v in rows if s != seed], fixed) for seed in seeds}
     return Jackknife(full, without if len(seeds) > 1 else {seeds[0]: None})
 
 
