@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from omgseg.model.precision import full_precision
+from omgseg.model.sized_constants import sized_constant
 from omgseg.model.structures import KIND_INDEX, PromptBatch, PromptKind, QueryOutputs, point_boxes
 
 
@@ -72,6 +73,7 @@ def sine_encoding(coords: Tensor, num_feats: int, temperature: float = 10000.0) 
     return enc.flatten(-2)  # float32
 
 
+@sized_constant
 def video_position_encoding(
     num_frames: int, height: int, width: int, d_model: int, device: torch.device, dtype: torch.dtype
 ) -> Tensor:

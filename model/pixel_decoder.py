@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from omgseg.model.backbone import BackboneFeatures
+from omgseg.model.sized_constants import sized_constant
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,7 @@ class PixelDecoderOutput:
 # Tensor functions
 
 
+@sized_constant
 def sine_position_encoding(height: int, width: int, num_channels: int, device: torch.device, dtype: torch.dtype) -> Tensor:
     """DETR's 2-D sine encoding of pixel centres normalised to (0, 2*pi]: (num_channels, H, W).
 
@@ -167,31 +169,57 @@ def sample_pixels(value: Tensor, spatial_shapes: Sequence[tuple[int, int]], geom
     (each point's four neighbouring pixels, weighted by its attention weight times its bilinear
     weight), which is exactly what `F.embedding_bag` computes, for all levels, heads and points
     in one call: it reads the rows where they lie and never materialises the sampled values.
+    Each level is given a border of zero rows, so a neighbour outside the level is clamped onto
+    the border instead of masked: the index and weight arithmetic is a few passes over the
+    points, which at inference cost more than the gathering itself.
     With gradients, `grid_sample` per level: embedding_bag's backward sorts every row index
     (a million per layer at 256x256), which costs more than grid_sample's backward on CPU.
     """
     if torch.is_grad_enabled() and (value.requires_grad or pixels.requires_grad or attention_weights.requires_grad):
         return _grid_sample_levels(value, spatial_shapes, geometry, pixels, attention_weights)
-    batch, num_values, num_heads, head_dim = value.shape
+    batch, _, num_heads, head_dim = value.shape
     _, num_queries, _, num_levels, num_points, _ = pixels.shape
-    # Row n * S + s of the table is value[b, s, head] for n = b * nH + head.
-    table = value.to(pixels.dtype).transpose(1, 2).reshape(batch * num_heads * num_values, head_dim)
-    size = geometry[:, None, :2, None]  # (L, 1, xy, 1)
-    first = pixels.floor()
-    corners = torch.stack([first, first + 1], dim=-1)  # (B, Q, nH, L, P, xy, 2): the two pixels along x, along y
-    frac = pixels - first
-    # Bilinear weight of each corner along each axis; pixels outside the level read zero.
-    along = torch.stack([1 - frac, frac], dim=-1) * ((corners >= 0) & (corners < size))
-    index = corners.clamp(min=0).minimum(size - 1)
-    weight = attention_weights[..., None, None] * along[..., 1, :, None] * along[..., 0, None, :]  # (..., y, x)
-    row = geometry[:, None, 2, None, None] + index[..., 1, :, None] * geometry[:, None, 0, None, None] + index[..., 0, None, :]
-    row = row.transpose(1, 2).long() + (torch.arange(batch * num_heads, device=pixels.device) * num_values).view(
-        batch, num_heads, 1, 1, 1, 1, 1)  # (B, nH, Q, L, P, y, x)
+    table, rows_per_head = _bordered_table(value.to(pixels.dtype), spatial_shapes)  # (B*nH*S', hd)
+    # Per level: bordered width, last bordered column and row, first row; all small integers,
+    # exact in float, filled in on the device (as level_geometry).
+    bordered = torch.empty(num_levels, 4, device=pixels.device, dtype=pixels.dtype)
+    bordered[:, 0] = geometry[:, 0] + 2
+    bordered[:, 1:3] = geometry[:, :2] + 1
+    bordered[:, 3] = 0
+    bordered[1:, 3] = ((geometry[:, 0] + 2) * (geometry[:, 1] + 2)).cumsum(0)[:-1]
+    bordered = bordered.long()
+    width, last_x, last_y = bordered[:, 0, None], bordered[:, 1, None], bordered[:, 2, None]  # (L, 1): over points
+    head_rows = torch.arange(batch * num_heads, device=pixels.device).view(batch, 1, num_heads, 1, 1) * rows_per_head
+    first_row = head_rows + bordered[:, 3, None]  # (B, 1, nH, L, 1)
+    coords = pixels + 1  # in the bordered level: its pixel 0 is bordered pixel 1
+    corner = coords.floor()
+    frac = coords - corner
+    corner = corner.long()
+    x0, y0 = corner[..., 0], corner[..., 1]  # (B, Q, nH, L, P)
+    col0, col1 = x0.clamp(min=0).minimum(last_x), (x0 + 1).clamp(min=0).minimum(last_x)
+    row0 = first_row + y0.clamp(min=0).minimum(last_y) * width
+    row1 = first_row + (y0 + 1).clamp(min=0).minimum(last_y) * width
+    rows = torch.stack([row0 + col0, row0 + col1, row1 + col0, row1 + col1], dim=-1)  # (B, Q, nH, L, P, 4)
+    fx, fy = frac[..., 0], frac[..., 1]
+    below = attention_weights * fy  # the attention weight split between the two rows
+    above = attention_weights - below
+    left = 1 - fx
+    weights = torch.stack([above * left, above * fx, below * left, below * fx], dim=-1)
     per_query = num_levels * num_points * 4
-    out = F.embedding_bag(row.reshape(-1, per_query), table,
-                          per_sample_weights=weight.transpose(1, 2).reshape(-1, per_query), mode="sum")  # (B*nH*Q, hd)
-    out = out.view(batch, num_heads, num_queries, head_dim).transpose(1, 2)
-    return out.reshape(batch, num_queries, num_heads * head_dim).to(value.dtype)
+    out = F.embedding_bag(rows.view(-1, per_query), table, per_sample_weights=weights.view(-1, per_query), mode="sum")
+    return out.view(batch, num_queries, num_heads * head_dim).to(value.dtype)  # bags are (B, Q, nH)-ordered
+
+
+def _bordered_table(value: Tensor, spatial_shapes: Sequence[tuple[int, int]]) -> tuple[Tensor, int]:
+    """value (B, S, nH, hd) -> the embedding table (B*nH*S', hd): for each batch element and head,
+    every level's (h + 2, w + 2) values with a border of zeros, row-major, levels concatenated;
+    and S', the rows of one head."""
+    batch, _, num_heads, head_dim = value.shape
+    levels = value.transpose(1, 2).split([h * w for h, w in spatial_shapes], dim=2)  # (B, nH, h*w, hd)
+    table = torch.cat([
+        F.pad(level.reshape(batch, num_heads, h, w, head_dim), (0, 0, 1, 1, 1, 1)).flatten(2, 3)
+        for level, (h, w) in zip(levels, spatial_shapes)], dim=2)  # (B, nH, S', hd)
+    return table.reshape(-1, head_dim), table.shape[2]
 
 
 def _grid_sample_levels(value: Tensor, spatial_shapes: Sequence[tuple[int, int]], geometry: Tensor, pixels: Tensor,
@@ -380,7 +408,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
         pos_flat = torch.cat(
             [pos.flatten(1).t() + self.level_embed[lvl] for lvl, pos in enumerate(pos_list)], dim=0
         )[None]  # (1, S, d)
-        reference_points = self._reference_points(spatial_shapes, src_flat.device, src_flat.dtype)  # (1, S, 2)
+        reference_points = self._reference_points(tuple(spatial_shapes), src_flat.device, src_flat.dtype)  # (1, S, 2)
 
         memory = src_flat
         for layer in self.layers:
@@ -404,7 +432,8 @@ class MSDeformAttnPixelDecoder(nn.Module):
         )
 
     @staticmethod
-    def _reference_points(spatial_shapes: Sequence[tuple[int, int]], device: torch.device, dtype: torch.dtype) -> Tensor:
+    @sized_constant
+    def _reference_points(spatial_shapes: tuple[tuple[int, int], ...], device: torch.device, dtype: torch.dtype) -> Tensor:
         """Every location's own pixel centre, normalised to [0, 1] on its level: (1, S, 2) xy.
 
         No padding masks are used (all locations valid), so a normalised point lands on the same

@@ -74,15 +74,18 @@ def _slow_deformable_attention(value, spatial_shapes, locations, weights):
     return out.reshape(batch, num_queries, num_heads * head_dim)
 
 
+@pytest.mark.parametrize("spread", [1.6, 6.0], ids=["near", "far"])
 @pytest.mark.parametrize("grad", [False, True], ids=["inference", "training"])
-def test_deformable_attention_matches_the_slow_reference(grad):
+def test_deformable_attention_matches_the_slow_reference(grad, spread):
     """Both ways of sampling: embedding_bag without gradients, grid_sample with them."""
     gen = torch.Generator().manual_seed(0)
     shapes = [(3, 4), (2, 5), (1, 1)]
     batch, queries, heads, head_dim, points = 2, 4, 2, 3, 3
     value = torch.randn(batch, sum(h * w for h, w in shapes), heads, head_dim, generator=gen, dtype=torch.float64)
-    # Some points fall outside [0, 1]: they must read zero padding, like the reference.
-    locations = torch.rand(batch, queries, heads, len(shapes), points, 2, generator=gen, dtype=torch.float64) * 1.6 - 0.3
+    # Some points fall outside [0, 1], near the border or several levels' widths away: they
+    # must read zero padding, like the reference.
+    locations = torch.rand(batch, queries, heads, len(shapes), points, 2, generator=gen, dtype=torch.float64)
+    locations = locations * spread + (1 - spread) / 2
     weights = torch.rand(batch, queries, heads, len(shapes), points, generator=gen, dtype=torch.float64)
     fast = multi_scale_deformable_attention(value.requires_grad_(grad), shapes, locations, weights)
     slow = _slow_deformable_attention(value.detach(), shapes, locations, weights)
