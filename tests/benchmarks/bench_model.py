@@ -7,9 +7,13 @@ frozen; Mask2Former trains its backbone, as it does by default. Inference is a f
 on both sides: Mask2Former's model call, OMG-Seg's `predict` (which also classifies with the
 CLIP ensemble when CLIP has weights; both leave the masks at a quarter of the input size for
 post-processing to upsample). Each measurement runs in its own process so its peak resident
-memory is its own. Prints one JSON line.
+memory is its own; the two models' processes alternate for `--rounds` rounds and each side's
+times are pooled, so a change in the shared machine's speed during the run moves both sides.
+Each side also times its backbone's part of a training step alone (ours: the frozen tower's
+forward; Mask2Former's: its backbone's forward and backward), so the step's remainder, the
+layers both models train, can be compared too. Prints one JSON line.
 
-    python tests/benchmarks/bench_model.py [--sizes tiny mid] [--steps 5]
+    python tests/benchmarks/bench_model.py [--sizes tiny mid] [--steps 5] [--rounds 2]
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import queue as queue_module
 import resource
 import sys
 import time
@@ -87,7 +92,10 @@ def _ours(s: dict):
     def infer():
         return model.predict(images[:1, None], vocabulary)
 
-    return model, train_step, infer
+    def backbone():  # what a training step spends on the frozen tower
+        model.tower(images[:, None])
+
+    return model, train_step, infer, backbone
 
 
 def _hf(s: dict):
@@ -112,18 +120,26 @@ def _hf(s: dict):
     def infer():
         return model(pixel_values=pixels[:1])
 
-    return model, train_step, infer
+    def backbone():  # what a training step spends on the trained backbone: forward and backward
+        maps = model.model.pixel_level_module.encoder(pixels).feature_maps
+        sum(m.sum() for m in maps).backward()
+
+    return model, train_step, infer, backbone
+
+
+def _median(times: list[float]) -> float:
+    return sorted(times)[len(times) // 2]
 
 
 def _measure(which: str, size: str, steps: int, queue) -> None:
     torch.manual_seed(0)
     torch.set_num_threads(2)
     s = _sizes(size)
-    model, train_step, infer = (_ours if which == "omgseg" else _hf)(s)
+    model, train_step, infer, backbone = (_ours if which == "omgseg" else _hf)(s)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4)
     model.train()
-    times = []
+    times, backbone_times = [], []
     for i in range(steps + 1):  # the first step (allocations, caches) is not timed
         start = time.perf_counter()
         loss = train_step()
@@ -132,6 +148,12 @@ def _measure(which: str, size: str, steps: int, queue) -> None:
         optimizer.step()
         if i > 0:
             times.append(time.perf_counter() - start)
+    for i in range(steps + 1):
+        start = time.perf_counter()
+        backbone()
+        if i > 0:
+            backbone_times.append(time.perf_counter() - start)
+    optimizer.zero_grad(set_to_none=True)
     model.eval()
     infer_times = []
     with torch.no_grad():
@@ -140,9 +162,8 @@ def _measure(which: str, size: str, steps: int, queue) -> None:
             infer()
             if i > 0:
                 infer_times.append(time.perf_counter() - start)
-    queue.put({  # medians: a pass disturbed by anything else on the machine does not move them
-        "train_s_per_image": sorted(times)[len(times) // 2] / BATCH,
-        "infer_s_per_image": sorted(infer_times)[len(infer_times) // 2],
+    queue.put({
+        "train_s": [t / BATCH for t in times], "backbone_s": [t / BATCH for t in backbone_times], "infer_s": infer_times,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "params_total": sum(p.numel() for p in model.parameters()),
         "params_trainable": sum(p.numel() for p in trainable),
@@ -150,32 +171,63 @@ def _measure(which: str, size: str, steps: int, queue) -> None:
 
 
 def run(which: str, size: str, steps: int) -> dict:
+    """One measurement in a fresh process; an error if the process dies without a result."""
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
     proc = ctx.Process(target=_measure, args=(which, size, steps, queue))
     proc.start()
-    result = queue.get()
+    while True:
+        try:
+            result = queue.get(timeout=5)
+            break
+        except queue_module.Empty:
+            if not proc.is_alive():
+                raise RuntimeError(f"{which} {size} measurement failed (exit {proc.exitcode})") from None
     proc.join()
-    if proc.exitcode != 0:
-        raise RuntimeError(f"{which} {size} measurement failed (exit {proc.exitcode})")
     return result
+
+
+def summary(rounds: list[dict]) -> dict:
+    """The rounds' times pooled into medians (a pass disturbed by anything else on the machine
+    does not move them), per image; peak memory the largest of the rounds'."""
+    pooled = {key: [t for r in rounds for t in r[key]] for key in ("train_s", "backbone_s", "infer_s")}
+    train, backbone = _median(pooled["train_s"]), _median(pooled["backbone_s"])
+    return {
+        "train_s_per_image": train,
+        "backbone_in_train_s_per_image": backbone,
+        "train_rest_s_per_image": train - backbone,
+        "infer_s_per_image": _median(pooled["infer_s"]),
+        "peak_rss_mb": max(r["peak_rss_mb"] for r in rounds),
+        "params_total": rounds[0]["params_total"],
+        "params_trainable": rounds[0]["params_trainable"],
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", nargs="+", default=["tiny", "mid"], choices=["tiny", "mid"])
-    parser.add_argument("--steps", type=int, default=5, help="timed training steps (and inference passes)")
+    parser.add_argument("--steps", type=int, default=5, help="timed training steps (and inference passes) per round")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of one process per model, alternating")
     args = parser.parse_args(argv)
-    results: dict[str, object] = {"benchmark": "bench_model", "batch": BATCH, "device": "cpu", "threads": 2}
+    if args.steps < 1 or args.rounds < 1:
+        parser.error("--steps and --rounds must be at least 1")
+    results: dict[str, object] = {"benchmark": "bench_model", "batch": BATCH, "device": "cpu", "threads": 2,
+                                  "steps": args.steps, "rounds": args.rounds}
     for size in args.sizes:
-        ours = run("omgseg", size, args.steps)
-        theirs = run("mask2former_hf", size, args.steps)
+        ours_rounds, theirs_rounds = [], []
+        for r in range(args.rounds):
+            print(f"{size}: round {r + 1} of {args.rounds}", file=sys.stderr)
+            ours_rounds.append(run("omgseg", size, args.steps))
+            theirs_rounds.append(run("mask2former_hf", size, args.steps))
+        ours, theirs = summary(ours_rounds), summary(theirs_rounds)
         print(f"{size}: omgseg {ours}\n{size}: mask2former {theirs}", file=sys.stderr)
         results[size] = {
             "input": list(_sizes(size)["size"]),
             "omgseg": {k: round(v, 4) if isinstance(v, float) else v for k, v in ours.items()},
             "mask2former_hf": {k: round(v, 4) if isinstance(v, float) else v for k, v in theirs.items()},
             "train_time_ratio": round(ours["train_s_per_image"] / theirs["train_s_per_image"], 3),
+            # the layers both models train (the step without the backbone's part)
+            "train_rest_time_ratio": round(ours["train_rest_s_per_image"] / theirs["train_rest_s_per_image"], 3),
             "infer_time_ratio": round(ours["infer_s_per_image"] / theirs["infer_s_per_image"], 3),
             "peak_rss_ratio": round(ours["peak_rss_mb"] / theirs["peak_rss_mb"], 3),
         }

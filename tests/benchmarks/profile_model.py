@@ -187,7 +187,7 @@ def _profile(run: Callable[[], None], steps: int) -> tuple[dict, dict, float]:
 def profile_size(size: str, steps: int) -> dict:
     torch.manual_seed(0)
     s = _sizes(size)
-    model, loss_of_step, infer = _ours(s)
+    model, loss_of_step, infer, _ = _ours(s)
     _mark_parts(model)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
