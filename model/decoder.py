@@ -228,7 +228,7 @@ class FFNLayer(nn.Module):
         self.norm = nn.LayerNorm(d_model)
 
     def forward(self, tgt: Tensor) -> Tensor:
-        return self.norm(tgt + self.linear2(F.relu(self.linear1(tgt))))
+        return self.norm(tgt + self.linear2(F.relu(self.linear1(tgt), inplace=True)))
 
 
 class PromptEncoder(nn.Module):
@@ -321,7 +321,11 @@ class OMGDecoder(nn.Module):
         self.num_object_queries = num_object_queries
         self.num_levels = num_levels
         self.logit_scale = logit_scale
-        self.mask_threshold = mask_threshold
+        if not 0.0 < mask_threshold < 1.0:
+            raise ValueError(f"mask_threshold must be in (0, 1), got {mask_threshold}")
+        # sigmoid(x) >= t exactly when x >= log(t / (1 - t)): masked attention compares the
+        # logits with that, without a sigmoid over every query's mask at every layer.
+        self.mask_logit_threshold = math.log(mask_threshold) - math.log1p(-mask_threshold)
 
         self.cross_layers = nn.ModuleList(CrossAttentionLayer(d_model, num_heads) for _ in range(num_layers))
         self.self_layers = nn.ModuleList(SelfAttentionLayer(d_model, num_heads) for _ in range(num_layers))
@@ -465,7 +469,7 @@ class OMGDecoder(nn.Module):
         """(B, Q, T*h*w) bool, True where a query attends in the next layer: its mask logits at
         that level (mask_emb (B, Q, d) against level_feats (B, T, d, h, w)) above the threshold."""
         logits = torch.einsum("bqc,btchw->bqthw", mask_emb, level_feats).flatten(2)  # (B, Q, T*h*w)
-        allowed = logits.sigmoid() >= self.mask_threshold
+        allowed = logits >= self.mask_logit_threshold
         # Mask2Former's fallback: a query whose mask is empty attends everywhere (an empty row
         # would give a NaN softmax). No indexing by the empty rows: that would wait for the device.
         return allowed | ~allowed.any(dim=-1, keepdim=True)

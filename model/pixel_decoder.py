@@ -325,7 +325,7 @@ class DeformableEncoderLayer(nn.Module):
     ) -> Tensor:
         """src, pos: (B, S, d); reference_points: (1, S, 2). Returns (B, S, d)."""
         src = self.norm1(src + self.self_attn(src + pos, reference_points, src, spatial_shapes))
-        return self.norm2(src + self.linear2(F.relu(self.linear1(src))))
+        return self.norm2(src + self.linear2(F.relu(self.linear1(src), inplace=True)))
 
 
 def _conv_norm(in_channels: int, out_channels: int, kernel_size: int, num_groups: int) -> nn.Sequential:

@@ -118,9 +118,11 @@ def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.
             continue
         embedding = any(key in name for key in ("query_feat", "query_pos", "level_embed", "kind_tokens", "click_tokens"))
         (no_decay if embedding or param.ndim <= 1 else decay).append(param)
+    # fused: one kernel for every parameter (CPU and CUDA) instead of a dozen small ones per
+    # parameter tensor; the same update up to rounding.
     return torch.optim.AdamW(
         [{"params": decay, "weight_decay": config.optimizer.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=config.optimizer.lr,
+        lr=config.optimizer.lr, fused=True,
     )
 
 

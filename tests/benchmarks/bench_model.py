@@ -2,7 +2,8 @@
 
 Both models are built with random weights at matching sizes (same backbone family and
 widths, same pixel-decoder and decoder depths, same number of queries, same input and
-number of loss points) and trained on the same random batch. OMG-Seg's CLIP backbone is
+number of loss points) and trained on the same random batch with the same optimizer (fused
+AdamW, as the platform's training loop builds it). OMG-Seg's CLIP backbone is
 frozen; Mask2Former trains its backbone, as it does by default. Inference is a forward pass
 on both sides: Mask2Former's model call, OMG-Seg's `predict` (which also classifies with the
 CLIP ensemble when CLIP has weights; both leave the masks at a quarter of the input size for
@@ -137,7 +138,7 @@ def _measure(which: str, size: str, steps: int, queue) -> None:
     s = _sizes(size)
     model, train_step, infer, backbone = (_ours if which == "omgseg" else _hf)(s)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=1e-4)
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4, fused=True)  # as platform/training/loop.py builds it
     model.train()
     times, backbone_times = [], []
     for i in range(steps + 1):  # the first step (allocations, caches) is not timed

@@ -1,5 +1,7 @@
 """The shared decoder at tiny size: shapes, attention isolation, tubes, mask pooling, gradients."""
 
+import math
+
 import pytest
 import torch
 
@@ -111,13 +113,13 @@ def test_frames_are_unfolded_frame_major():
 def test_empty_attention_mask_falls_back_to_attending_everywhere():
     mf, mem, text = _inputs(1, 2)
     dec = _decoder()
-    dec.mask_threshold = 1.5  # sigmoid is never above: every row is empty -> fallback
+    dec.mask_logit_threshold = math.inf  # no logit is above: every row is empty -> fallback
     everything_blocked = dec(mf, mem, 2, text, [_points([[4.0, 5.0]])])
-    dec.mask_threshold = -1.0  # nothing is ever blocked
+    dec.mask_logit_threshold = -math.inf  # nothing is ever blocked
     nothing_blocked = dec(mf, mem, 2, text, [_points([[4.0, 5.0]])])
     assert torch.isfinite(everything_blocked.mask_logits).all()
     torch.testing.assert_close(everything_blocked.mask_logits, nothing_blocked.mask_logits)
-    dec.mask_threshold = 0.5
+    dec.mask_logit_threshold = 0.0  # sigmoid 0.5, the default
     masked = dec(mf, mem, 2, text, [_points([[4.0, 5.0]])])
     assert not torch.allclose(masked.mask_logits, nothing_blocked.mask_logits)
 
@@ -269,3 +271,17 @@ def test_inference_without_earlier_sets_gives_the_same_last_set():
     for name in ("mask_logits", "class_logits", "id_embeddings", "prompt_valid"):
         torch.testing.assert_close(getattr(last, name), getattr(full, name), rtol=1e-5, atol=1e-5, msg=name)
     assert last.prompt_counts == full.prompt_counts == (1, 1)
+
+
+@pytest.mark.parametrize("threshold", [0.0, 1.0, 1.5])
+def test_mask_threshold_outside_the_unit_interval_is_refused(threshold):
+    with pytest.raises(ValueError, match="mask_threshold"):
+        build_decoder(DecoderConfig(mask_threshold=threshold))
+
+
+def test_masked_attention_thresholds_logits_as_the_sigmoid_would():
+    dec = build_decoder(DecoderConfig(d_model=D, num_heads=4, ffn_dim=32, num_layers=1, num_object_queries=3,
+                                      text_dim=D, mask_threshold=0.7))
+    logits = torch.linspace(-3, 3, 601)
+    allowed = logits >= dec.mask_logit_threshold
+    assert torch.equal(allowed, logits.sigmoid() >= 0.7)
