@@ -7,14 +7,17 @@ AdamW, as the platform's training loop builds it). OMG-Seg's CLIP backbone is
 frozen; Mask2Former trains its backbone, as it does by default. Inference is a forward pass
 on both sides: Mask2Former's model call, OMG-Seg's `predict` (which also classifies with the
 CLIP ensemble when CLIP has weights; both leave the masks at a quarter of the input size for
-post-processing to upsample). Each measurement runs in its own process so its peak resident
-memory is its own; the two models' processes alternate for `--rounds` rounds and each side's
-times are pooled, so a change in the shared machine's speed during the run moves both sides.
-Each side also times its backbone's part of a training step alone (ours: the frozen tower's
-forward; Mask2Former's: its backbone's forward and backward), so the step's remainder, the
-layers both models train, can be compared too. Prints one JSON line.
+post-processing to upsample).
 
-    python tests/benchmarks/bench_model.py [--sizes tiny mid] [--steps 5] [--rounds 2]
+Times come from one process holding both models, which alternate step by step (the first of
+each pair alternating too): the shared machine's speed drifts by 20 % and more within minutes,
+and alternating puts both sides under the same drift. Peak memory comes from one process per
+model, so that each peak is the model's own. Each side also times its backbone's part of a
+training step alone (ours: the frozen tower's forward; Mask2Former's: its backbone's forward
+and backward), so the step's remainder, the layers both models train, can be compared too.
+Prints one JSON line.
+
+    python tests/benchmarks/bench_model.py [--sizes tiny mid] [--steps 8]
 """
 
 from __future__ import annotations
@@ -132,50 +135,71 @@ def _median(times: list[float]) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def _measure(which: str, size: str, steps: int, queue) -> None:
+class _Side:
+    """One model ready to time: its training step (forward, losses, backward, fused AdamW, as
+    the platform's training loop builds it), its backbone's part of that step, its inference."""
+
+    def __init__(self, which: str, size: str) -> None:
+        self.model, self._loss, self._infer, self.backbone = (_ours if which == "omgseg" else _hf)(_sizes(size))
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.trainable, lr=1e-4, fused=True)
+
+    def train_step(self) -> None:
+        self.model.train()
+        loss = self._loss()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+
+    def infer(self) -> None:
+        self.model.eval()
+        with torch.no_grad():
+            self._infer()
+
+
+def _peak_memory(which: str, size: str, queue) -> None:
+    """In a process of its own: one training step, backbone pass and inference; the peak."""
     torch.manual_seed(0)
     torch.set_num_threads(2)
-    s = _sizes(size)
-    model, train_step, infer, backbone = (_ours if which == "omgseg" else _hf)(s)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=1e-4, fused=True)  # as platform/training/loop.py builds it
-    model.train()
-    times, backbone_times = [], []
-    for i in range(steps + 1):  # the first step (allocations, caches) is not timed
-        start = time.perf_counter()
-        loss = train_step()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if i > 0:
-            times.append(time.perf_counter() - start)
-    for i in range(steps + 1):
-        start = time.perf_counter()
-        backbone()
-        if i > 0:
-            backbone_times.append(time.perf_counter() - start)
-    optimizer.zero_grad(set_to_none=True)
-    model.eval()
-    infer_times = []
-    with torch.no_grad():
-        for i in range(steps + 1):  # the first pass is not timed either
-            start = time.perf_counter()
-            infer()
-            if i > 0:
-                infer_times.append(time.perf_counter() - start)
+    side = _Side(which, size)
+    side.train_step()
+    side.backbone()
+    side.infer()
     queue.put({
-        "train_s": [t / BATCH for t in times], "backbone_s": [t / BATCH for t in backbone_times], "infer_s": infer_times,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "params_total": sum(p.numel() for p in model.parameters()),
-        "params_trainable": sum(p.numel() for p in trainable),
+        "params_total": sum(p.numel() for p in side.model.parameters()),
+        "params_trainable": sum(p.numel() for p in side.trainable),
     })
 
 
-def run(which: str, size: str, steps: int) -> dict:
-    """One measurement in a fresh process; an error if the process dies without a result."""
+def _timings(size: str, steps: int, queue) -> None:
+    """Both models in one process, alternating step by step; the first pair is not timed
+    (allocations, caches). Per side: seconds per image of each training step, backbone part
+    and inference."""
+    torch.manual_seed(0)
+    torch.set_num_threads(2)
+    sides = {"omgseg": _Side("omgseg", size), "mask2former_hf": _Side("mask2former_hf", size)}
+    times = {name: {"train_s": [], "backbone_s": [], "infer_s": []} for name in sides}
+    for key, per_image in (("train_s", BATCH), ("backbone_s", BATCH), ("infer_s", 1)):
+        for i in range(steps + 1):
+            order = list(sides) if i % 2 == 0 else list(sides)[::-1]
+            for name in order:
+                side = sides[name]
+                run_once = {"train_s": side.train_step, "backbone_s": side.backbone, "infer_s": side.infer}[key]
+                start = time.perf_counter()
+                run_once()
+                if i > 0:
+                    times[name][key].append((time.perf_counter() - start) / per_image)
+        for side in sides.values():
+            side.optimizer.zero_grad(set_to_none=True)
+    queue.put(times)
+
+
+def _in_process(target, *args) -> dict:
+    """target(*args, queue) in a fresh process; an error if it dies without a result."""
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_measure, args=(which, size, steps, queue))
+    proc = ctx.Process(target=target, args=(*args, queue))
     proc.start()
     while True:
         try:
@@ -183,44 +207,39 @@ def run(which: str, size: str, steps: int) -> dict:
             break
         except queue_module.Empty:
             if not proc.is_alive():
-                raise RuntimeError(f"{which} {size} measurement failed (exit {proc.exitcode})") from None
+                raise RuntimeError(f"{target.__name__}{args} failed (exit {proc.exitcode})") from None
     proc.join()
     return result
 
 
-def summary(rounds: list[dict]) -> dict:
-    """The rounds' times pooled into medians (a pass disturbed by anything else on the machine
-    does not move them), per image; peak memory the largest of the rounds'."""
-    pooled = {key: [t for r in rounds for t in r[key]] for key in ("train_s", "backbone_s", "infer_s")}
-    train, backbone = _median(pooled["train_s"]), _median(pooled["backbone_s"])
+def summary(times: dict, memory: dict) -> dict:
+    """Medians per image (a pass disturbed by anything else on the machine does not move them)."""
+    train, backbone = _median(times["train_s"]), _median(times["backbone_s"])
     return {
         "train_s_per_image": train,
         "backbone_in_train_s_per_image": backbone,
         "train_rest_s_per_image": train - backbone,
-        "infer_s_per_image": _median(pooled["infer_s"]),
-        "peak_rss_mb": max(r["peak_rss_mb"] for r in rounds),
-        "params_total": rounds[0]["params_total"],
-        "params_trainable": rounds[0]["params_trainable"],
+        "infer_s_per_image": _median(times["infer_s"]),
+        **memory,
     }
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", nargs="+", default=["tiny", "mid"], choices=["tiny", "mid"])
-    parser.add_argument("--steps", type=int, default=5, help="timed training steps (and inference passes) per round")
-    parser.add_argument("--rounds", type=int, default=2, help="rounds of one process per model, alternating")
+    parser.add_argument("--steps", type=int, default=8,
+                        help="timed training steps, backbone passes and inferences per model")
     args = parser.parse_args(argv)
-    if args.steps < 1 or args.rounds < 1:
-        parser.error("--steps and --rounds must be at least 1")
+    if args.steps < 1:
+        parser.error("--steps must be at least 1")
     results: dict[str, object] = {"benchmark": "bench_model", "batch": BATCH, "device": "cpu", "threads": 2,
-                                  "steps": args.steps, "rounds": args.rounds}
+                                  "steps": args.steps}
     for size in args.sizes:
-        ours_rounds, theirs_rounds = [], []
-        for r in range(args.rounds):
-            print(f"{size}: round {r + 1} of {args.rounds}", file=sys.stderr)
-            ours_rounds.append(run("omgseg", size, args.steps))
-            theirs_rounds.append(run("mask2former_hf", size, args.steps))
-        ours, theirs = summary(ours_rounds), summary(theirs_rounds)
+        print(f"{size}: peak memory, one process per model", file=sys.stderr)
+        memory = {name: _in_process(_peak_memory, name, size) for name in ("omgseg", "mask2former_hf")}
+        print(f"{size}: times, both models alternating in one process", file=sys.stderr)
+        times = _in_process(_timings, size, args.steps)
+        ours, theirs = (summary(times[name], memory[name]) for name in ("omgseg", "mask2former_hf"))
         print(f"{size}: omgseg {ours}\n{size}: mask2former {theirs}", file=sys.stderr)
         results[size] = {
             "input": list(_sizes(size)["size"]),
