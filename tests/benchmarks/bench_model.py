@@ -157,14 +157,15 @@ class _Side:
             self._infer()
 
 
-def _peak_memory(which: str, size: str, queue) -> None:
-    """In a process of its own: one training step, backbone pass and inference; the peak."""
+def _peak_memory(which: str, size: str, steps: int, queue) -> None:
+    """In a process of its own: as many training steps, backbone passes and inferences as
+    the timings run (the allocator's footprint grows over the first steps); the peak."""
     torch.manual_seed(0)
     torch.set_num_threads(2)
     side = _Side(which, size)
-    side.train_step()
-    side.backbone()
-    side.infer()
+    for run_once in (side.train_step, side.backbone, side.infer):
+        for _ in range(steps + 1):
+            run_once()
     queue.put({
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "params_total": sum(p.numel() for p in side.model.parameters()),
@@ -236,7 +237,7 @@ def main(argv: list[str] | None = None) -> None:
                                   "steps": args.steps}
     for size in args.sizes:
         print(f"{size}: peak memory, one process per model", file=sys.stderr)
-        memory = {name: _in_process(_peak_memory, name, size) for name in ("omgseg", "mask2former_hf")}
+        memory = {name: _in_process(_peak_memory, name, size, args.steps) for name in ("omgseg", "mask2former_hf")}
         print(f"{size}: times, both models alternating in one process", file=sys.stderr)
         times = _in_process(_timings, size, args.steps)
         ours, theirs = (summary(times[name], memory[name]) for name in ("omgseg", "mask2former_hf"))
