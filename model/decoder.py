@@ -228,7 +228,9 @@ class FFNLayer(nn.Module):
         self.norm = nn.LayerNorm(d_model)
 
     def forward(self, tgt: Tensor) -> Tensor:
-        return self.norm(tgt + self.linear2(F.relu(self.linear1(tgt), inplace=True)))
+        hidden = self.linear1(tgt)
+        # In place only without autograd: on the linear's (viewed) output it makes autograd copy it.
+        return self.norm(tgt + self.linear2(F.relu(hidden, inplace=not hidden.requires_grad)))
 
 
 class PromptEncoder(nn.Module):

@@ -325,7 +325,9 @@ class DeformableEncoderLayer(nn.Module):
     ) -> Tensor:
         """src, pos: (B, S, d); reference_points: (1, S, 2). Returns (B, S, d)."""
         src = self.norm1(src + self.self_attn(src + pos, reference_points, src, spatial_shapes))
-        return self.norm2(src + self.linear2(F.relu(self.linear1(src), inplace=True)))
+        hidden = self.linear1(src)
+        # In place only without autograd: on the linear's (viewed) output it makes autograd copy it.
+        return self.norm2(src + self.linear2(F.relu(hidden, inplace=not hidden.requires_grad)))
 
 
 def _conv_norm(in_channels: int, out_channels: int, kernel_size: int, num_groups: int) -> nn.Sequential:
