@@ -179,18 +179,14 @@ def sample_pixels(value: Tensor, spatial_shapes: Sequence[tuple[int, int]], geom
         return _grid_sample_levels(value, spatial_shapes, geometry, pixels, attention_weights)
     batch, _, num_heads, head_dim = value.shape
     _, num_queries, _, num_levels, num_points, _ = pixels.shape
-    table, rows_per_head = _bordered_table(value.to(pixels.dtype), spatial_shapes)  # (B*nH*S', hd)
-    # Per level: bordered width, last bordered column and row, first row; all small integers,
-    # exact in float, filled in on the device (as level_geometry).
-    bordered = torch.empty(num_levels, 4, device=pixels.device, dtype=pixels.dtype)
-    bordered[:, 0] = geometry[:, 0] + 2
-    bordered[:, 1:3] = geometry[:, :2] + 1
-    bordered[:, 3] = 0
-    bordered[1:, 3] = ((geometry[:, 0] + 2) * (geometry[:, 1] + 2)).cumsum(0)[:-1]
-    bordered = bordered.long()
-    width, last_x, last_y = bordered[:, 0, None], bordered[:, 1, None], bordered[:, 2, None]  # (L, 1): over points
+    bordered_shapes = [(h + 2, w + 2) for h, w in spatial_shapes]
+    table = _bordered_table(value.to(pixels.dtype), spatial_shapes)  # (B*nH*S', hd)
+    bordered = level_geometry(bordered_shapes, pixels.device, torch.long)  # width, height, first row
+    width = bordered[:, 0, None]  # (L, 1): broadcast over the points
+    last_x, last_y = width - 1, bordered[:, 1, None] - 1
+    rows_per_head = sum(h * w for h, w in bordered_shapes)
     head_rows = torch.arange(batch * num_heads, device=pixels.device).view(batch, 1, num_heads, 1, 1) * rows_per_head
-    first_row = head_rows + bordered[:, 3, None]  # (B, 1, nH, L, 1)
+    first_row = head_rows + bordered[:, 2, None]  # (B, 1, nH, L, 1)
     coords = pixels + 1  # in the bordered level: its pixel 0 is bordered pixel 1
     corner = coords.floor()
     frac = coords - corner
@@ -210,16 +206,15 @@ def sample_pixels(value: Tensor, spatial_shapes: Sequence[tuple[int, int]], geom
     return out.view(batch, num_queries, num_heads * head_dim).to(value.dtype)  # bags are (B, Q, nH)-ordered
 
 
-def _bordered_table(value: Tensor, spatial_shapes: Sequence[tuple[int, int]]) -> tuple[Tensor, int]:
+def _bordered_table(value: Tensor, spatial_shapes: Sequence[tuple[int, int]]) -> Tensor:
     """value (B, S, nH, hd) -> the embedding table (B*nH*S', hd): for each batch element and head,
-    every level's (h + 2, w + 2) values with a border of zeros, row-major, levels concatenated;
-    and S', the rows of one head."""
+    every level's (h + 2, w + 2) values with a border of zeros, row-major, levels concatenated."""
     batch, _, num_heads, head_dim = value.shape
     levels = value.transpose(1, 2).split([h * w for h, w in spatial_shapes], dim=2)  # (B, nH, h*w, hd)
     table = torch.cat([
         F.pad(level.reshape(batch, num_heads, h, w, head_dim), (0, 0, 1, 1, 1, 1)).flatten(2, 3)
         for level, (h, w) in zip(levels, spatial_shapes)], dim=2)  # (B, nH, S', hd)
-    return table.reshape(-1, head_dim), table.shape[2]
+    return table.reshape(-1, head_dim)
 
 
 def _grid_sample_levels(value: Tensor, spatial_shapes: Sequence[tuple[int, int]], geometry: Tensor, pixels: Tensor,

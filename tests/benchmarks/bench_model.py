@@ -181,12 +181,12 @@ def _timings(size: str, steps: int, queue) -> None:
     torch.set_num_threads(2)
     sides = {"omgseg": _Side("omgseg", size), "mask2former_hf": _Side("mask2former_hf", size)}
     times = {name: {"train_s": [], "backbone_s": [], "infer_s": []} for name in sides}
-    for key, per_image in (("train_s", BATCH), ("backbone_s", BATCH), ("infer_s", 1)):
+    for key, action, per_image in (("train_s", "train_step", BATCH), ("backbone_s", "backbone", BATCH),
+                                   ("infer_s", "infer", 1)):
         for i in range(steps + 1):
             order = list(sides) if i % 2 == 0 else list(sides)[::-1]
             for name in order:
-                side = sides[name]
-                run_once = {"train_s": side.train_step, "backbone_s": side.backbone, "infer_s": side.infer}[key]
+                run_once = getattr(sides[name], action)
                 start = time.perf_counter()
                 run_once()
                 if i > 0:
