@@ -237,6 +237,15 @@ def _grid_sample_levels(value: Tensor, spatial_shapes: Sequence[tuple[int, int]]
     return out.view(batch, num_heads * head_dim, num_queries).transpose(1, 2).to(value.dtype)  # (B, Q, nH*hd)
 
 
+def _softmax(x: Tensor) -> Tensor:
+    """`x.softmax(-1)`, written out: PyTorch's CPU kernel is slow on a short last dimension
+    such as the levels x points of deformable attention (12: 1.2 ms against 0.4 for one image's
+    (1, 1344, 8, 12) weights at 256x256; forward and backward of two images 3.3 -> 0.9 ms).
+    The maximum is subtracted for range only, so it needs no gradient (softmax ignores shifts)."""
+    exp = (x - x.detach().amax(dim=-1, keepdim=True)).exp()
+    return exp * exp.sum(dim=-1, keepdim=True).reciprocal()
+
+
 # --------------------------------------------------------------------------------------------
 # Modules
 
@@ -292,7 +301,7 @@ class MultiScaleDeformableAttention(nn.Module):
         nh, nl, npt = self.num_heads, self.num_levels, self.num_points
         value = self.value_proj(value_input).view(batch, value_input.shape[1], nh, d_model // nh)  # (B, S, nH, hd)
         offsets = self.sampling_offsets(query).view(batch, num_queries, nh, nl, npt, 2)
-        weights = self.attention_weights(query).view(batch, num_queries, nh, nl * npt).float().softmax(dim=-1)
+        weights = _softmax(self.attention_weights(query).view(batch, num_queries, nh, nl * npt).float())
         weights = weights.view(batch, num_queries, nh, nl, npt)
         # Offsets are in pixels of each level: the reference point in each level's pixels plus
         # the offsets. Locations are float32 whatever autocast does: in bfloat16 a location is

@@ -12,6 +12,7 @@ from omgseg.model.pixel_decoder import (
     MSDeformAttnPixelDecoder,
     PixelDecoderConfig,
     PixelDecoderOutput,
+    _softmax,
     build_pixel_decoder,
     multi_scale_deformable_attention,
     sine_position_encoding,
@@ -121,6 +122,21 @@ def test_deformable_attention_rejects_mismatched_shapes():
         multi_scale_deformable_attention(value, [(3, 3)], locations, torch.zeros(1, 3, 2, 1, 4))
     with pytest.raises(ValueError, match="attention_weights must be"):
         multi_scale_deformable_attention(value, [(3, 4)], locations, torch.zeros(1, 3, 2, 1, 3))
+
+
+def test_written_out_softmax_matches_torch_in_value_and_gradient():
+    torch.manual_seed(0)
+    logits = (torch.randn(2, 50, 8, 12, dtype=torch.float64) * 30).requires_grad_()  # large, to test the shift
+    logits.data[0, 0, 0] = 1e4  # would overflow exp without the shift
+    upstream = torch.randn(2, 50, 8, 12, dtype=torch.float64)
+    ours = _softmax(logits)
+    (ours * upstream).sum().backward()
+    ours_grad, logits.grad = logits.grad, None
+    theirs = logits.softmax(dim=-1)
+    (theirs * upstream).sum().backward()
+    assert torch.isfinite(ours).all()
+    torch.testing.assert_close(ours, theirs)
+    torch.testing.assert_close(ours_grad, logits.grad)
 
 
 def test_sine_encoding_halves_encode_y_then_x():
