@@ -15,9 +15,11 @@ and alternating puts both sides under the same drift. Peak memory comes from one
 model, so that each peak is the model's own. Each side also times its backbone's part of a
 training step alone (ours: the frozen tower's forward; Mask2Former's: its backbone's forward
 and backward), so the step's remainder, the layers both models train, can be compared too.
-Prints one JSON line.
+`--amp` runs both models' forward passes under bfloat16 autocast, as a CUDA run trains
+(`optimizer.amp`); it needs a CPU with bfloat16 instructions (AVX512-BF16 or AMX), where
+bfloat16 matrix products run at about 2.7 times the float32 rate. Prints one JSON line.
 
-    python tests/benchmarks/bench_model.py [--sizes tiny mid] [--steps 8]
+    python tests/benchmarks/bench_model.py [--sizes tiny mid] [--steps 8] [--amp]
 """
 
 from __future__ import annotations
@@ -139,30 +141,39 @@ class _Side:
     """One model ready to time: its training step (forward, losses, backward, fused AdamW, as
     the platform's training loop builds it), its backbone's part of that step, its inference."""
 
-    def __init__(self, which: str, size: str) -> None:
-        self.model, self._loss, self._infer, self.backbone = (_ours if which == "omgseg" else _hf)(_sizes(size))
+    def __init__(self, which: str, size: str, amp: bool = False) -> None:
+        self.model, self._loss, self._infer, self._backbone = (_ours if which == "omgseg" else _hf)(_sizes(size))
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.trainable, lr=1e-4, fused=True)
+        self.amp = amp
+
+    def _autocast(self) -> torch.autocast:
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.amp)
 
     def train_step(self) -> None:
         self.model.train()
-        loss = self._loss()
+        with self._autocast():  # the forward pass and losses, as the platform's train_step
+            loss = self._loss()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
 
+    def backbone(self) -> None:
+        with self._autocast():
+            self._backbone()
+
     def infer(self) -> None:
         self.model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), self._autocast():
             self._infer()
 
 
-def _peak_memory(which: str, size: str, steps: int, queue) -> None:
+def _peak_memory(which: str, size: str, steps: int, amp: bool, queue) -> None:
     """In a process of its own: as many training steps, backbone passes and inferences as
     the timings run (the allocator's footprint grows over the first steps); the peak."""
     torch.manual_seed(0)
     torch.set_num_threads(2)
-    side = _Side(which, size)
+    side = _Side(which, size, amp)
     for run_once in (side.train_step, side.backbone, side.infer):
         for _ in range(steps + 1):
             run_once()
@@ -173,13 +184,13 @@ def _peak_memory(which: str, size: str, steps: int, queue) -> None:
     })
 
 
-def _timings(size: str, steps: int, queue) -> None:
+def _timings(size: str, steps: int, amp: bool, queue) -> None:
     """Both models in one process, alternating step by step; the first pair is not timed
     (allocations, caches). Per side: seconds per image of each training step, backbone part
     and inference."""
     torch.manual_seed(0)
     torch.set_num_threads(2)
-    sides = {"omgseg": _Side("omgseg", size), "mask2former_hf": _Side("mask2former_hf", size)}
+    sides = {name: _Side(name, size, amp) for name in ("omgseg", "mask2former_hf")}
     times = {name: {"train_s": [], "backbone_s": [], "infer_s": []} for name in sides}
     for key, action, per_image in (("train_s", "train_step", BATCH), ("backbone_s", "backbone", BATCH),
                                    ("infer_s", "infer", 1)):
@@ -230,16 +241,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sizes", nargs="+", default=["tiny", "mid"], choices=["tiny", "mid"])
     parser.add_argument("--steps", type=int, default=8,
                         help="timed training steps, backbone passes and inferences per model")
+    parser.add_argument("--amp", action="store_true",
+                        help="bfloat16 autocast for both models (needs a CPU with bfloat16 instructions)")
     args = parser.parse_args(argv)
     if args.steps < 1:
         parser.error("--steps must be at least 1")
+    if args.amp and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        parser.error("--amp: this CPU has no bfloat16 instructions (AVX512-BF16 or AMX); emulated bfloat16 times mean nothing")
     results: dict[str, object] = {"benchmark": "bench_model", "batch": BATCH, "device": "cpu", "threads": 2,
-                                  "steps": args.steps}
+                                  "steps": args.steps, "precision": "bfloat16 autocast" if args.amp else "float32"}
     for size in args.sizes:
         print(f"{size}: peak memory, one process per model", file=sys.stderr)
-        memory = {name: _in_process(_peak_memory, name, size, args.steps) for name in ("omgseg", "mask2former_hf")}
+        memory = {name: _in_process(_peak_memory, name, size, args.steps, args.amp) for name in ("omgseg", "mask2former_hf")}
         print(f"{size}: times, both models alternating in one process", file=sys.stderr)
-        times = _in_process(_timings, size, args.steps)
+        times = _in_process(_timings, size, args.steps, args.amp)
         ours, theirs = (summary(times[name], memory[name]) for name in ("omgseg", "mask2former_hf"))
         print(f"{size}: omgseg {ours}\n{size}: mask2former {theirs}", file=sys.stderr)
         results[size] = {

@@ -9,7 +9,9 @@ backward operator is charged to the part whose forward operator created it (auto
 sequence numbers link the two). Prints one markdown table per size and mode, then one JSON
 line.
 
-    python tests/benchmarks/profile_model.py [--sizes tiny mid] [--steps 3]
+    python tests/benchmarks/profile_model.py [--sizes tiny mid] [--steps 3] [--amp]
+
+`--amp`: under bfloat16 autocast, as a CUDA run trains (needs a CPU with bfloat16 instructions).
 
 The profiler adds a few microseconds per operator, so small models look slower than they run:
 read the shares, and take timings from bench_model.py.
@@ -184,22 +186,26 @@ def _profile(run: Callable[[], None], steps: int) -> tuple[dict, dict, float]:
     return forward, backward, wall_ms
 
 
-def profile_size(size: str, steps: int) -> dict:
+def profile_size(size: str, steps: int, amp: bool = False) -> dict:
     torch.manual_seed(0)
     s = _sizes(size)
     model, loss_of_step, infer, _ = _ours(s)
     _mark_parts(model)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
 
+    def autocast() -> torch.autocast:
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp)
+
     def train_step() -> None:
         with record_function(STEP):
-            loss = loss_of_step()
+            with autocast():
+                loss = loss_of_step()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
 
     def inference() -> None:
-        with record_function(STEP), torch.no_grad():
+        with record_function(STEP), torch.no_grad(), autocast():
             (pred,) = infer()
             with record_function(MARK + "post-processing (panoptic, instance, semantic)"):
                 is_thing = torch.arange(pred.class_probs.shape[1] - 1) % 2 == 0
@@ -228,11 +234,16 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", nargs="+", default=["tiny", "mid"], choices=["tiny", "mid"])
     parser.add_argument("--steps", type=int, default=3, help="profiled training steps (and inferences)")
+    parser.add_argument("--amp", action="store_true",
+                        help="bfloat16 autocast, as a CUDA run trains (needs a CPU with bfloat16 instructions)")
     args = parser.parse_args(argv)
+    if args.amp and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        parser.error("--amp: this CPU has no bfloat16 instructions (AVX512-BF16 or AMX); emulated bfloat16 times mean nothing")
     torch.set_num_threads(2)
-    results: dict[str, object] = {"benchmark": "profile_model", "batch": BATCH, "threads": 2}
+    results: dict[str, object] = {"benchmark": "profile_model", "batch": BATCH, "threads": 2,
+                                  "precision": "bfloat16 autocast" if args.amp else "float32"}
     for size in args.sizes:
-        results[size] = profile_size(size, args.steps)
+        results[size] = profile_size(size, args.steps, args.amp)
     print(json.dumps(results))
 
 
