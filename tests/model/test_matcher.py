@@ -46,12 +46,13 @@ def test_point_sample_reads_pixels_exactly_at_centres():
     assert torch.equal(got, masks.flatten(2))
 
 
-@pytest.mark.parametrize("num_frames", [1, 2])
-def test_cost_matrix_matches_slow_reference(num_frames):
+@pytest.mark.parametrize("num_frames,scale", [(1, 2.0), (2, 2.0), (1, 8.0)])
+def test_cost_matrix_matches_slow_reference(num_frames, scale):
+    """scale 8: confident logits (up to about 30), where the BCE's softplus comes from a sigmoid near 0 or 1."""
     gen = torch.Generator().manual_seed(num_frames)
     q, n, c, h, w = 5, 3, 4, 6, 7
     class_logits = torch.randn(q, c + 1, generator=gen)
-    mask_logits = 2 * torch.randn(q, num_frames, h, w, generator=gen)
+    mask_logits = scale * torch.randn(q, num_frames, h, w, generator=gen)
     target = _targets(n, num_frames, h, w, c, gen)
     matcher = HungarianMatcher(cost_class=2.0, cost_mask=5.0, cost_dice=5.0)
     got = matcher.cost_matrix(class_logits, mask_logits, target, pixel_centre_points(h, w))
