@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+import omgseg.model.pixel_decoder as pixel_decoder_module
 from omgseg.model.backbone import BackboneFeatures, ClipBackbone, build_backbone
 from omgseg.model.clip_model import TINY_MODEL_NAME
 from omgseg.model.pixel_decoder import (
@@ -75,10 +76,14 @@ def _slow_deformable_attention(value, spatial_shapes, locations, weights):
     return out.reshape(batch, num_queries, num_heads * head_dim)
 
 
+@pytest.mark.parametrize("int64_rows", [False, True], ids=["int32", "int64"])
 @pytest.mark.parametrize("spread", [1.6, 6.0], ids=["near", "far"])
 @pytest.mark.parametrize("grad", [False, True], ids=["inference", "training"])
-def test_deformable_attention_matches_the_slow_reference(grad, spread):
-    """Both ways of sampling: embedding_bag without gradients, grid_sample with them."""
+def test_deformable_attention_matches_the_slow_reference(grad, spread, int64_rows, monkeypatch):
+    """Both ways of sampling: embedding_bag without gradients (with int32 row indices, and
+    int64 as for a table too large for int32), grid_sample with them."""
+    if int64_rows:
+        monkeypatch.setattr(pixel_decoder_module, "_INT32_ROWS", 0)
     gen = torch.Generator().manual_seed(0)
     shapes = [(3, 4), (2, 5), (1, 1)]
     batch, queries, heads, head_dim, points = 2, 4, 2, 3, 3
