@@ -116,9 +116,9 @@ def test_bfloat16_autocast_keeps_losses_class_logits_and_locations_in_float32(mo
     location_dtypes = set()
     sample = pixel_decoder.sample_pixels
 
-    def spy(value, shapes, geometry, pixels, weights):
+    def spy(value, shapes, pixels, weights):
         location_dtypes.add(pixels.dtype)
-        return sample(value, shapes, geometry, pixels, weights)
+        return sample(value, shapes, pixels, weights)
 
     monkeypatch.setattr(pixel_decoder, "sample_pixels", spy)
     with torch.autocast("cpu", dtype=torch.bfloat16):
