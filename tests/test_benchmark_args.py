@@ -1,0 +1,36 @@
+"""The model benchmarks refuse what would give meaningless numbers, with a one-line reason."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).parent / "benchmarks"
+
+
+def _script(name: str):
+    sys.path.insert(0, str(BENCHMARKS))  # profile_model imports bench_model from its folder
+    try:
+        spec = importlib.util.spec_from_file_location(f"_bench_{name}", BENCHMARKS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    return module
+
+
+@pytest.mark.parametrize("name", ["bench_model", "profile_model"])
+def test_amp_is_refused_on_a_cpu_without_bfloat16_instructions(name, monkeypatch, capsys):
+    script = _script(name)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    with pytest.raises(SystemExit):
+        script.main(["--amp", "--sizes", "tiny"])
+    assert "no bfloat16 instructions" in capsys.readouterr().err
+
+
+def test_bench_model_needs_a_step(capsys):
+    with pytest.raises(SystemExit):
+        _script("bench_model").main(["--steps", "0"])
+    assert "--steps must be at least 1" in capsys.readouterr().err
