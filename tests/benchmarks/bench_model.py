@@ -133,6 +133,27 @@ def _hf(s: dict):
     return model, train_step, infer, backbone
 
 
+def autocast(amp: bool) -> torch.autocast:
+    """bfloat16 autocast on the CPU when `amp`, as the platform's train_step runs on CUDA."""
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp)
+
+
+def add_amp_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--amp", action="store_true",
+                        help="bfloat16 autocast, as a CUDA run trains (needs a CPU with bfloat16 instructions)")
+
+
+def check_amp(parser: argparse.ArgumentParser, amp: bool) -> None:
+    """Refuse --amp on a CPU without bfloat16 instructions: emulated bfloat16 times mean nothing."""
+    if amp and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        parser.error("--amp: this CPU has no bfloat16 instructions (AVX512-BF16 or AMX); emulated bfloat16 times mean nothing")
+
+
+def precision(amp: bool) -> str:
+    """The precision named in a benchmark's JSON line."""
+    return "bfloat16 autocast" if amp else "float32"
+
+
 def _median(times: list[float]) -> float:
     return sorted(times)[len(times) // 2]
 
@@ -147,24 +168,21 @@ class _Side:
         self.optimizer = torch.optim.AdamW(self.trainable, lr=1e-4, fused=True)
         self.amp = amp
 
-    def _autocast(self) -> torch.autocast:
-        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.amp)
-
     def train_step(self) -> None:
         self.model.train()
-        with self._autocast():  # the forward pass and losses, as the platform's train_step
+        with autocast(self.amp):  # the forward pass and losses, as the platform's train_step
             loss = self._loss()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
 
     def backbone(self) -> None:
-        with self._autocast():
+        with autocast(self.amp):
             self._backbone()
 
     def infer(self) -> None:
         self.model.eval()
-        with torch.no_grad(), self._autocast():
+        with torch.no_grad(), autocast(self.amp):
             self._infer()
 
 
@@ -241,15 +259,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sizes", nargs="+", default=["tiny", "mid"], choices=["tiny", "mid"])
     parser.add_argument("--steps", type=int, default=8,
                         help="timed training steps, backbone passes and inferences per model")
-    parser.add_argument("--amp", action="store_true",
-                        help="bfloat16 autocast for both models (needs a CPU with bfloat16 instructions)")
+    add_amp_argument(parser)
     args = parser.parse_args(argv)
     if args.steps < 1:
         parser.error("--steps must be at least 1")
-    if args.amp and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        parser.error("--amp: this CPU has no bfloat16 instructions (AVX512-BF16 or AMX); emulated bfloat16 times mean nothing")
+    check_amp(parser, args.amp)
     results: dict[str, object] = {"benchmark": "bench_model", "batch": BATCH, "device": "cpu", "threads": 2,
-                                  "steps": args.steps, "precision": "bfloat16 autocast" if args.amp else "float32"}
+                                  "steps": args.steps, "precision": precision(args.amp)}
     for size in args.sizes:
         print(f"{size}: peak memory, one process per model", file=sys.stderr)
         memory = {name: _in_process(_peak_memory, name, size, args.steps, args.amp) for name in ("omgseg", "mask2former_hf")}

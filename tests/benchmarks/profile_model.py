@@ -31,7 +31,7 @@ from torch.autograd.profiler import record_function
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_model import BATCH, _ours, _sizes  # noqa: E402  (the benchmark's models and batch)
+from bench_model import BATCH, _ours, _sizes, add_amp_argument, autocast, check_amp, precision  # noqa: E402  (the benchmark's models, batch and --amp)
 
 import omgseg.model.criterion as criterion_module  # noqa: E402
 import omgseg.model.inference as inference_module  # noqa: E402
@@ -193,19 +193,16 @@ def profile_size(size: str, steps: int, amp: bool = False) -> dict:
     _mark_parts(model)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
 
-    def autocast() -> torch.autocast:
-        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp)
-
     def train_step() -> None:
         with record_function(STEP):
-            with autocast():
+            with autocast(amp):
                 loss = loss_of_step()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
 
     def inference() -> None:
-        with record_function(STEP), torch.no_grad(), autocast():
+        with record_function(STEP), torch.no_grad(), autocast(amp):
             (pred,) = infer()
             with record_function(MARK + "post-processing (panoptic, instance, semantic)"):
                 is_thing = torch.arange(pred.class_probs.shape[1] - 1) % 2 == 0
@@ -234,14 +231,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", nargs="+", default=["tiny", "mid"], choices=["tiny", "mid"])
     parser.add_argument("--steps", type=int, default=3, help="profiled training steps (and inferences)")
-    parser.add_argument("--amp", action="store_true",
-                        help="bfloat16 autocast, as a CUDA run trains (needs a CPU with bfloat16 instructions)")
+    add_amp_argument(parser)
     args = parser.parse_args(argv)
-    if args.amp and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        parser.error("--amp: this CPU has no bfloat16 instructions (AVX512-BF16 or AMX); emulated bfloat16 times mean nothing")
+    check_amp(parser, args.amp)
     torch.set_num_threads(2)
     results: dict[str, object] = {"benchmark": "profile_model", "batch": BATCH, "threads": 2,
-                                  "precision": "bfloat16 autocast" if args.amp else "float32"}
+                                  "precision": precision(args.amp)}
     for size in args.sizes:
         results[size] = profile_size(size, args.steps, args.amp)
     print(json.dumps(results))
