@@ -205,7 +205,7 @@ class OMGSeg(nn.Module):
     # ----------------------------------------------------------------------------------------
     # Inference
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def predict(
         self,
         images: Tensor | None,

@@ -129,12 +129,21 @@ class TextClassifier:
         self.cache_size = cache_size
         self._cache: OrderedDict[tuple[str, ...], Tensor] = OrderedDict()
 
-    @torch.no_grad()
     def embeddings(self, vocabulary: Vocabulary) -> Tensor:
+        """(C, S, D), built outside inference mode (and without gradients), so that a table first
+        built during `predict` serves a training step too."""
         key = vocabulary.names
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
+        with torch.inference_mode(False), torch.no_grad():
+            table = self._build(vocabulary)
+        self._cache[key] = table
+        if len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return table
+
+    def _build(self, vocabulary: Vocabulary) -> Tensor:
         synonyms = [vocabulary.synonyms(i) for i in range(len(vocabulary))]
         flat = [s for group in synonyms for s in group]
         texts = [t.format(s) for s in flat for t in self.templates]
@@ -147,11 +156,7 @@ class TextClassifier:
             start += len(group)
             pad = block[:1].expand(width - len(group), -1)
             rows.append(torch.cat([block, pad]))
-        table = torch.stack(rows)  # (C, S, D)
-        self._cache[key] = table
-        if len(self._cache) > self.cache_size:
-            self._cache.popitem(last=False)
-        return table
+        return torch.stack(rows)  # (C, S, D)
 
 
 def merge_vocabularies(vocabularies: dict[str, Vocabulary]) -> tuple[Vocabulary, dict[str, dict[int, int]]]:

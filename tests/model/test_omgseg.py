@@ -136,6 +136,20 @@ def test_training_step_leaves_the_frozen_backbone_unchanged(vocabulary):
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.decoder.parameters())
 
 
+def test_a_training_step_after_predict_reuses_its_caches():
+    # predict runs in inference mode; the text embeddings and sized constants it builds first
+    # are cached, and a training step on the same vocabulary and size must be able to use them.
+    torch.manual_seed(2)
+    model = OMGSeg(model_config("tiny"))
+    vocab = Vocabulary.from_names(["cat", "dog", "grass"], [1, 1, 0])
+    (pred,) = model.eval().predict(_images(1, 1), vocab)
+    assert pred.class_probs.is_inference()
+    model.train()
+    losses = model.loss(model(_images(1, 1), vocab), [_targets(1)])
+    sum(losses.values()).backward()
+    assert model.decoder.class_embed.weight.grad is not None
+
+
 def test_checkpoint_round_trip_with_a_local_clip_checkpoint(tmp_path, vocabulary):
     # A CLIP checkpoint written here, as a user's downloaded weights would be.
     torch.manual_seed(3)
