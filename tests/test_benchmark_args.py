@@ -1,6 +1,7 @@
 """The model benchmarks refuse what would give meaningless numbers, with a one-line reason."""
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -34,3 +35,20 @@ def test_bench_model_needs_a_step(capsys):
     with pytest.raises(SystemExit):
         _script("bench_model").main(["--steps", "0"])
     assert "--steps must be at least 1" in capsys.readouterr().err
+
+
+def test_profile_model_puts_mask2former_beside_ours_part_by_part(capsys):
+    # One step at the tiny size: every part both models have is found in Mask2Former too (its
+    # modules were marked), and the tables name both models.
+    _script("profile_model").main(["--sizes", "tiny", "--steps", "1", "--mask2former"])
+    out = capsys.readouterr().out
+    tiny = json.loads(out.strip().splitlines()[-1])["tiny"]
+    theirs = tiny["mask2former_hf"]
+    shared = {"backbone", "pixel decoder: deformable attention", "matching", "optimizer (AdamW)",
+              "losses (with the uncertain point selection)", "decoder layers: cross-attention, self-attention, FFN",
+              "decoder: queries, heads, mask logits, attention masks",
+              "pixel decoder: encoder FFN, norms, projections, stride-4 convolutions"}
+    assert shared <= set(tiny["omgseg_train_ms_by_common_part"]) and shared <= set(theirs["train_ms_by_part"])
+    assert all(theirs["train_ms_by_part"][part] > 0 for part in shared)
+    assert "post-processing and upsampling (ours only)" not in tiny["omgseg_infer_ms_by_common_part"]
+    assert "| part | omgseg | Mask2Former | ours / theirs |" in out

@@ -9,9 +9,13 @@ backward operator is charged to the part whose forward operator created it (auto
 sequence numbers link the two). Prints one markdown table per size and mode, then one JSON
 line.
 
-    python tests/benchmarks/profile_model.py [--sizes tiny mid] [--steps 3] [--amp]
+    python tests/benchmarks/profile_model.py [--sizes tiny mid] [--steps 3] [--amp] [--mask2former]
 
 `--amp`: under bfloat16 autocast, as a CUDA run trains (needs a CPU with bfloat16 instructions).
+`--mask2former`: also profiles bench_model's Hugging Face Mask2Former (same size, batch and
+optimizer), its modules marked as the same parts where the two models have them, and prints
+one table per size and mode with both side by side (inference: the model call on both sides,
+without our post-processing).
 
 The profiler adds a few microseconds per operator, so small models look slower than they run:
 read the shares, and take timings from bench_model.py.
@@ -31,7 +35,7 @@ from torch.autograd.profiler import record_function
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_model import BATCH, _ours, _sizes, add_amp_argument, autocast, check_amp, precision  # noqa: E402  (the benchmark's models, batch and --amp)
+from bench_model import BATCH, _hf, _ours, _sizes, add_amp_argument, autocast, check_amp, precision  # noqa: E402  (the benchmark's models, batch and --amp)
 
 import omgseg.model.criterion as criterion_module  # noqa: E402
 import omgseg.model.inference as inference_module  # noqa: E402
@@ -120,6 +124,54 @@ class _Marked:
         return getattr(self._inner, attr)
 
 
+# The parts both models have, for the side-by-side table: each of our parts above belongs to one.
+BACKBONE = "backbone"
+DEFORMABLE = "pixel decoder: deformable attention"
+PIXEL_REST = "pixel decoder: encoder FFN, norms, projections, stride-4 convolutions"
+DECODER_LAYERS = "decoder layers: cross-attention, self-attention, FFN"
+DECODER_REST = "decoder: queries, heads, mask logits, attention masks"
+MATCHING = "matching"
+LOSSES = "losses (with the uncertain point selection)"
+OPTIMIZER = "optimizer (AdamW)"
+POST_PROCESSING = "post-processing and upsampling (ours only)"
+
+
+def common_part(part: str) -> str:
+    """The part both models have that one of our parts belongs to."""
+    if part.startswith("backbone"):
+        return BACKBONE
+    if part.startswith("pixel decoder: deformable attention"):
+        return DEFORMABLE
+    if part.startswith("pixel decoder"):
+        return PIXEL_REST
+    if part.startswith("decoder layers"):
+        return DECODER_LAYERS
+    if part.startswith("decoder"):
+        return DECODER_REST
+    if part.startswith("losses"):
+        return LOSSES
+    if part.startswith(("post-processing", "inference: upsampling")):
+        return POST_PROCESSING
+    return part  # matching, the optimizer, the CLIP ensemble, outside the parts, gradient accumulation
+
+
+def _mark_mask2former_parts(model: torch.nn.Module) -> None:
+    """Mark Hugging Face's Mask2Former with the common parts; the innermost mark wins."""
+    pixel_level = model.model.pixel_level_module
+    _mark_module(pixel_level.encoder, BACKBONE)
+    _mark_module(pixel_level.decoder, PIXEL_REST)
+    for layer in pixel_level.decoder.encoder.layers:
+        _mark_module(layer.self_attn, DEFORMABLE)
+    transformer = model.model.transformer_module
+    _mark_module(transformer, DECODER_REST)
+    for layer in transformer.decoder.layers:
+        _mark_module(layer, DECODER_LAYERS)
+    _mark_module(transformer.decoder.mask_predictor, DECODER_REST)
+    _mark_module(model.class_predictor, DECODER_REST)
+    _mark_module(model.criterion, LOSSES)
+    _mark_module(model.criterion.matcher, MATCHING)
+
+
 def _breakdown(events) -> tuple[dict[str, float], dict[str, float]]:
     """(forward ms, backward ms) per part from the profiler's events. An operator's own time
     goes to its innermost mark; a backward operator's to the mark of the forward operator that
@@ -186,12 +238,16 @@ def _profile(run: Callable[[], None], steps: int) -> tuple[dict, dict, float]:
     return forward, backward, wall_ms
 
 
+def _optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
+
+
 def profile_size(size: str, steps: int, amp: bool = False) -> dict:
     torch.manual_seed(0)
     s = _sizes(size)
     model, loss_of_step, infer, _ = _ours(s)
     _mark_parts(model)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
+    optimizer = _optimizer(model)
 
     def train_step() -> None:
         with record_function(STEP):
@@ -227,18 +283,81 @@ def profile_size(size: str, steps: int, amp: bool = False) -> dict:
             "infer_ms": round(infer_ms, 1), "infer_ms_by_part": per_step(infer_fwd)}
 
 
+def profile_mask2former(size: str, steps: int, amp: bool = False) -> dict:
+    """Mask2Former's training step and inference (its model call), ms per step by common part."""
+    torch.manual_seed(0)
+    model, loss_of_step, infer, _ = _hf(_sizes(size))
+    _mark_mask2former_parts(model)
+    optimizer = _optimizer(model)
+
+    def train_step() -> None:
+        with record_function(STEP):
+            with autocast(amp):
+                loss = loss_of_step()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+    def inference() -> None:
+        with record_function(STEP), torch.no_grad(), autocast(amp):
+            infer()
+
+    model.train()
+    train_fwd, train_bwd, train_ms = _profile(train_step, steps)
+    model.eval()
+    infer_fwd, _, infer_ms = _profile(inference, steps)
+    return {"train_ms": round(train_ms, 1), "train_ms_by_part": _by_common_part([train_fwd, train_bwd], steps),
+            "infer_ms": round(infer_ms, 1), "infer_ms_by_part": _by_common_part([infer_fwd], steps)}
+
+
+def _by_common_part(breakdowns: list[dict[str, float]], steps: int) -> dict[str, float]:
+    """Forward and backward ms per step summed into the common parts."""
+    total: dict[str, float] = defaultdict(float)
+    for breakdown in breakdowns:
+        for part, ms in breakdown.items():
+            total[common_part(part)] += ms / steps
+    return {part: round(ms, 1) for part, ms in total.items()}
+
+
+def side_by_side(title: str, ours: dict[str, float], theirs: dict[str, float]) -> str:
+    """Markdown: ms per step of each common part, ours and Mask2Former's, largest first."""
+    parts = sorted(set(ours) | set(theirs), key=lambda p: -max(ours.get(p, 0.0), theirs.get(p, 0.0)))
+    lines = [f"{title}, ms per step under the profiler (forward + backward)", "",
+             "| part | omgseg | Mask2Former | ours / theirs |", "| --- | ---: | ---: | ---: |"]
+    for part in parts:
+        a, b = ours.get(part, 0.0), theirs.get(part, 0.0)
+        lines.append(f"| {part} | {a:.1f} | {b:.1f} | {f'{a / b:.2f}' if b > 0 else '-'} |")
+    a, b = sum(ours.values()), sum(theirs.values())
+    lines.append(f"| **total** | **{a:.1f}** | **{b:.1f}** | **{a / b:.2f}** |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", nargs="+", default=["tiny", "mid"], choices=["tiny", "mid"])
     parser.add_argument("--steps", type=int, default=3, help="profiled training steps (and inferences)")
     add_amp_argument(parser)
+    parser.add_argument("--mask2former", action="store_true",
+                        help="also profile Hugging Face's Mask2Former and print both side by side, part by part")
     args = parser.parse_args(argv)
     check_amp(parser, args.amp)
+    if args.steps < 1:
+        parser.error("--steps must be at least 1")
     torch.set_num_threads(2)
     results: dict[str, object] = {"benchmark": "profile_model", "batch": BATCH, "threads": 2,
                                   "precision": precision(args.amp)}
     for size in args.sizes:
-        results[size] = profile_size(size, args.steps, args.amp)
+        ours = profile_size(size, args.steps, args.amp)
+        results[size] = ours
+        if args.mask2former:
+            theirs = profile_mask2former(size, args.steps, args.amp)
+            ours_train = _by_common_part([ours["train_forward_ms"], ours["train_backward_ms"]], 1)
+            ours_infer = _by_common_part([ours["infer_ms_by_part"]], 1)
+            ours_infer.pop(POST_PROCESSING, None)  # Mask2Former's model call does none
+            print(side_by_side(f"{size}, training step ({BATCH} images)", ours_train, theirs["train_ms_by_part"]), "\n")
+            print(side_by_side(f"{size}, inference (1 image, model call)", ours_infer, theirs["infer_ms_by_part"]), "\n")
+            results[size] = {**ours, "omgseg_train_ms_by_common_part": ours_train,
+                             "omgseg_infer_ms_by_common_part": ours_infer, "mask2former_hf": theirs}
     print(json.dumps(results))
 
 
