@@ -16,6 +16,7 @@ def _script(name: str):
     try:
         spec = importlib.util.spec_from_file_location(f"_bench_{name}", BENCHMARKS / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up there
         spec.loader.exec_module(module)
     finally:
         sys.path.remove(str(BENCHMARKS))
@@ -42,13 +43,12 @@ def test_profile_model_puts_mask2former_beside_ours_part_by_part(capsys):
     # modules were marked), and the tables name both models.
     _script("profile_model").main(["--sizes", "tiny", "--steps", "1", "--mask2former"])
     out = capsys.readouterr().out
-    tiny = json.loads(out.strip().splitlines()[-1])["tiny"]
-    theirs = tiny["mask2former_hf"]
+    common = json.loads(out.strip().splitlines()[-1])["tiny"]["by_common_part_ms"]
     shared = {"backbone", "pixel decoder: deformable attention", "matching", "optimizer (AdamW)",
               "losses (with the uncertain point selection)", "decoder layers: cross-attention, self-attention, FFN",
               "decoder: queries, heads, mask logits, attention masks",
               "pixel decoder: encoder FFN, norms, projections, stride-4 convolutions"}
-    assert shared <= set(tiny["omgseg_train_ms_by_common_part"]) and shared <= set(theirs["train_ms_by_part"])
-    assert all(theirs["train_ms_by_part"][part] > 0 for part in shared)
-    assert "post-processing and upsampling (ours only)" not in tiny["omgseg_infer_ms_by_common_part"]
+    assert shared <= set(common["omgseg_train"]) and shared <= set(common["mask2former_train"])
+    assert all(common["mask2former_train"][part] > 0 for part in shared)
+    assert "post-processing and upsampling (ours only)" not in common["omgseg_infer"]
     assert "| part | omgseg | Mask2Former | ours / theirs |" in out

@@ -28,6 +28,7 @@ import json
 import sys
 from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -227,28 +228,47 @@ def _table(title: str, forward: dict[str, float], backward: dict[str, float], st
     return "\n".join(lines)
 
 
-def _profile(run: Callable[[], None], steps: int) -> tuple[dict, dict, float]:
-    run()  # warm-up: allocations and caches
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for _ in range(steps):
-            run()
-    events = prof.events()
-    forward, backward = _breakdown(events)
-    wall_ms = sum(e.cpu_time_total for e in events if e.name == STEP) / 1000 / steps
-    return forward, backward, wall_ms
+@dataclass
+class _Profiled:
+    """One model's training step and inference, each inside the STEP range, and what the
+    profiler gave for them: forward and backward ms per part, summed over steps."""
+
+    train_step: Callable[[], None]
+    inference: Callable[[], None]
+    set_mode: Callable[[bool], object]  # the model's train(mode)
+    totals: dict[str, dict[str, float]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(float)))
+
+    def add(self, key: str, forward: dict[str, float], backward: dict[str, float], wall_ms: float) -> None:
+        for name, breakdown in ((f"{key}_forward", forward), (f"{key}_backward", backward)):
+            for part, ms in breakdown.items():
+                self.totals[name][part] += ms
+        self.totals[f"{key}_wall"]["ms"] += wall_ms
+
+
+def _profile_alternating(models: list[_Profiled], steps: int) -> None:
+    """Training steps, then inferences, of every model under the profiler, one profiler
+    session per step and model, the models alternating step by step (the first of each
+    round alternating too), so that the machine's drift, 20 % and more within minutes here,
+    falls on all of them alike."""
+    for key in ("train", "infer"):
+        for model in models:
+            model.set_mode(key == "train")
+            getattr(model, "train_step" if key == "train" else "inference")()  # warm-up: allocations, caches
+        for i in range(steps):
+            for model in (models if i % 2 == 0 else models[::-1]):
+                model.set_mode(key == "train")
+                with profile(activities=[ProfilerActivity.CPU]) as prof:
+                    getattr(model, "train_step" if key == "train" else "inference")()
+                events = prof.events()
+                forward, backward = _breakdown(events)
+                model.add(key, forward, backward, sum(e.cpu_time_total for e in events if e.name == STEP) / 1000)
 
 
 def _optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
     return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
 
 
-def profile_size(size: str, steps: int, amp: bool = False) -> dict:
-    torch.manual_seed(0)
-    s = _sizes(size)
-    model, loss_of_step, infer, _ = _ours(s)
-    _mark_parts(model)
-    optimizer = _optimizer(model)
-
+def _training_step(loss_of_step: Callable[[], torch.Tensor], optimizer: torch.optim.Optimizer, amp: bool) -> Callable[[], None]:
     def train_step() -> None:
         with record_function(STEP):
             with autocast(amp):
@@ -256,6 +276,15 @@ def profile_size(size: str, steps: int, amp: bool = False) -> dict:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+
+    return train_step
+
+
+def _omgseg(size: str, amp: bool) -> _Profiled:
+    """Our model, its parts marked; inference is `predict` and the three post-processings."""
+    torch.manual_seed(0)
+    model, loss_of_step, infer, _ = _ours(_sizes(size))
+    _mark_parts(model)
 
     def inference() -> None:
         with record_function(STEP), torch.no_grad(), autocast(amp):
@@ -264,50 +293,25 @@ def profile_size(size: str, steps: int, amp: bool = False) -> dict:
                 is_thing = torch.arange(pred.class_probs.shape[1] - 1) % 2 == 0
                 # as the task table calls them: tubes at the decoder's resolution, upsampled
                 # by each function to the input size (panoptic and instance: only those kept)
-                low, size = pred.low_res_mask_logits, pred.image_size
-                panoptic_inference(pred.class_probs, low, is_thing, size=size)
-                instance_inference(pred.class_probs, low, is_thing, size=size)
-                semantic_inference(pred.class_probs, low, size=size)
+                low, image_size = pred.low_res_mask_logits, pred.image_size
+                panoptic_inference(pred.class_probs, low, is_thing, size=image_size)
+                instance_inference(pred.class_probs, low, is_thing, size=image_size)
+                semantic_inference(pred.class_probs, low, size=image_size)
 
-    model.train()
-    train_fwd, train_bwd, train_ms = _profile(train_step, steps)
-    model.eval()
-    infer_fwd, infer_bwd, infer_ms = _profile(inference, steps)
-    print(_table(f"{size}, training step ({BATCH} images)", train_fwd, train_bwd, steps, train_ms), "\n")
-    print(_table(f"{size}, inference (1 image)", infer_fwd, infer_bwd, steps, infer_ms), "\n")
-
-    def per_step(d: dict[str, float]) -> dict[str, float]:
-        return {k: round(v / steps, 2) for k, v in d.items()}
-
-    return {"train_ms": round(train_ms, 1), "train_forward_ms": per_step(train_fwd), "train_backward_ms": per_step(train_bwd),
-            "infer_ms": round(infer_ms, 1), "infer_ms_by_part": per_step(infer_fwd)}
+    return _Profiled(_training_step(loss_of_step, _optimizer(model), amp), inference, model.train)
 
 
-def profile_mask2former(size: str, steps: int, amp: bool = False) -> dict:
-    """Mask2Former's training step and inference (its model call), ms per step by common part."""
+def _mask2former(size: str, amp: bool) -> _Profiled:
+    """Hugging Face's Mask2Former of bench_model, marked with the common parts; inference is its model call."""
     torch.manual_seed(0)
     model, loss_of_step, infer, _ = _hf(_sizes(size))
     _mark_mask2former_parts(model)
-    optimizer = _optimizer(model)
-
-    def train_step() -> None:
-        with record_function(STEP):
-            with autocast(amp):
-                loss = loss_of_step()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
 
     def inference() -> None:
         with record_function(STEP), torch.no_grad(), autocast(amp):
             infer()
 
-    model.train()
-    train_fwd, train_bwd, train_ms = _profile(train_step, steps)
-    model.eval()
-    infer_fwd, _, infer_ms = _profile(inference, steps)
-    return {"train_ms": round(train_ms, 1), "train_ms_by_part": _by_common_part([train_fwd, train_bwd], steps),
-            "infer_ms": round(infer_ms, 1), "infer_ms_by_part": _by_common_part([infer_fwd], steps)}
+    return _Profiled(_training_step(loss_of_step, _optimizer(model), amp), inference, model.train)
 
 
 def _by_common_part(breakdowns: list[dict[str, float]], steps: int) -> dict[str, float]:
@@ -332,13 +336,47 @@ def side_by_side(title: str, ours: dict[str, float], theirs: dict[str, float]) -
     return "\n".join(lines)
 
 
+def profile_size(size: str, steps: int, amp: bool = False, mask2former: bool = False) -> dict:
+    """Our tables for one size (and the side-by-side ones with `mask2former`); the JSON entry."""
+    ours = _omgseg(size, amp)
+    models = [ours] + ([_mask2former(size, amp)] if mask2former else [])
+    _profile_alternating(models, steps)
+    t = ours.totals
+    train_ms, infer_ms = t["train_wall"]["ms"] / steps, t["infer_wall"]["ms"] / steps
+    print(_table(f"{size}, training step ({BATCH} images)", t["train_forward"], t["train_backward"], steps, train_ms), "\n")
+    print(_table(f"{size}, inference (1 image)", t["infer_forward"], t["infer_backward"], steps, infer_ms), "\n")
+
+    def per_step(d: dict[str, float]) -> dict[str, float]:
+        return {k: round(v / steps, 2) for k, v in d.items()}
+
+    result: dict[str, object] = {
+        "train_ms": round(train_ms, 1), "train_forward_ms": per_step(t["train_forward"]),
+        "train_backward_ms": per_step(t["train_backward"]),
+        "infer_ms": round(infer_ms, 1), "infer_ms_by_part": per_step(t["infer_forward"])}
+    if mask2former:
+        theirs = models[1].totals
+        common = {
+            "omgseg_train": _by_common_part([t["train_forward"], t["train_backward"]], steps),
+            "omgseg_infer": _by_common_part([t["infer_forward"]], steps),
+            "mask2former_train": _by_common_part([theirs["train_forward"], theirs["train_backward"]], steps),
+            "mask2former_infer": _by_common_part([theirs["infer_forward"]], steps),
+        }
+        common["omgseg_infer"].pop(POST_PROCESSING, None)  # Mask2Former's model call does none
+        print(side_by_side(f"{size}, training step ({BATCH} images)", common["omgseg_train"], common["mask2former_train"]), "\n")
+        print(side_by_side(f"{size}, inference (1 image, model call)", common["omgseg_infer"], common["mask2former_infer"]), "\n")
+        result["by_common_part_ms"] = common
+        result["mask2former_train_ms"] = round(theirs["train_wall"]["ms"] / steps, 1)
+        result["mask2former_infer_ms"] = round(theirs["infer_wall"]["ms"] / steps, 1)
+    return result
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", nargs="+", default=["tiny", "mid"], choices=["tiny", "mid"])
     parser.add_argument("--steps", type=int, default=3, help="profiled training steps (and inferences)")
     add_amp_argument(parser)
     parser.add_argument("--mask2former", action="store_true",
-                        help="also profile Hugging Face's Mask2Former and print both side by side, part by part")
+                        help="also profile Hugging Face's Mask2Former, alternating with ours, and print both side by side")
     args = parser.parse_args(argv)
     check_amp(parser, args.amp)
     if args.steps < 1:
@@ -347,17 +385,7 @@ def main(argv: list[str] | None = None) -> None:
     results: dict[str, object] = {"benchmark": "profile_model", "batch": BATCH, "threads": 2,
                                   "precision": precision(args.amp)}
     for size in args.sizes:
-        ours = profile_size(size, args.steps, args.amp)
-        results[size] = ours
-        if args.mask2former:
-            theirs = profile_mask2former(size, args.steps, args.amp)
-            ours_train = _by_common_part([ours["train_forward_ms"], ours["train_backward_ms"]], 1)
-            ours_infer = _by_common_part([ours["infer_ms_by_part"]], 1)
-            ours_infer.pop(POST_PROCESSING, None)  # Mask2Former's model call does none
-            print(side_by_side(f"{size}, training step ({BATCH} images)", ours_train, theirs["train_ms_by_part"]), "\n")
-            print(side_by_side(f"{size}, inference (1 image, model call)", ours_infer, theirs["infer_ms_by_part"]), "\n")
-            results[size] = {**ours, "omgseg_train_ms_by_common_part": ours_train,
-                             "omgseg_infer_ms_by_common_part": ours_infer, "mask2former_hf": theirs}
+        results[size] = profile_size(size, args.steps, args.amp, args.mask2former)
     print(json.dumps(results))
 
 
