@@ -40,7 +40,8 @@ def test_bench_model_needs_a_step(capsys):
 
 def test_profile_model_puts_mask2former_beside_ours_part_by_part(capsys):
     # One step at the tiny size: every part both models have is found in Mask2Former too (its
-    # modules were marked), and the tables name both models.
+    # modules were marked), and the tables name both models. Needs the bench extra.
+    pytest.importorskip("transformers")
     _script("profile_model").main(["--sizes", "tiny", "--steps", "1", "--mask2former"])
     out = capsys.readouterr().out
     common = json.loads(out.strip().splitlines()[-1])["tiny"]["by_common_part_ms"]
