@@ -215,7 +215,9 @@ class OMGSeg(nn.Module):
     ) -> list[ClipPrediction]:
         """Predictions of B clips, with the CLIP ensemble applied; pass `encoded` (from
         `encode`) instead of images to reuse the features. Only the last prediction set is
-        computed, and the tubes stay at the decoder's resolution until post-processing asks."""
+        computed, and the tubes stay at the decoder's resolution until post-processing asks.
+        Runs in inference mode: its tensors cannot be changed in place or enter autograd
+        outside it (clone them first)."""
         outputs = self(images, vocabulary, prompts, encoded, aux=False)
         queries = outputs.queries
         num_obj = queries.num_object_queries

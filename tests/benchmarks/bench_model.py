@@ -5,8 +5,9 @@ widths, same pixel-decoder and decoder depths, same number of queries, same inpu
 number of loss points) and trained on the same random batch with the same optimizer (fused
 AdamW, as the platform's training loop builds it). OMG-Seg's CLIP backbone is
 frozen; Mask2Former trains its backbone, as it does by default. Inference is a forward pass
-on both sides: Mask2Former's model call, OMG-Seg's `predict` (which also classifies with the
-CLIP ensemble when CLIP has weights; both leave the masks at a quarter of the input size for
+on both sides, both in inference mode (`predict` enters it itself; Mask2Former gets the same):
+Mask2Former's model call, OMG-Seg's `predict` (which also classifies with the CLIP ensemble
+when CLIP has weights; both leave the masks at a quarter of the input size for
 post-processing to upsample).
 
 Times come from one process holding both models, which alternate step by step (the first of
@@ -182,7 +183,7 @@ class _Side:
 
     def infer(self) -> None:
         self.model.eval()
-        with torch.no_grad(), autocast(self.amp):
+        with torch.inference_mode(), autocast(self.amp):
             self._infer()
 
 

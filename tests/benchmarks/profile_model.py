@@ -66,12 +66,15 @@ def _mark_module(module: torch.nn.Module, name: str) -> None:
 
 
 def _marked(name: str, fn: Callable) -> Callable:
-    """`fn` inside a profiler range named `name`."""
+    """`fn` inside a profiler range named `name`; marking a marked function again (a second
+    size marks the same module functions) replaces the mark instead of nesting it."""
+    fn = getattr(fn, "_unmarked", fn)
 
     def wrapper(*args, **kwargs):
         with record_function(MARK + name):
             return fn(*args, **kwargs)
 
+    wrapper._unmarked = fn
     return wrapper
 
 
@@ -287,7 +290,7 @@ def _omgseg(size: str, amp: bool) -> _Profiled:
     _mark_parts(model)
 
     def inference() -> None:
-        with record_function(STEP), torch.no_grad(), autocast(amp):
+        with record_function(STEP), torch.inference_mode(), autocast(amp):
             (pred,) = infer()
             with record_function(MARK + "post-processing (panoptic, instance, semantic)"):
                 is_thing = torch.arange(pred.class_probs.shape[1] - 1) % 2 == 0
@@ -308,7 +311,7 @@ def _mask2former(size: str, amp: bool) -> _Profiled:
     _mark_mask2former_parts(model)
 
     def inference() -> None:
-        with record_function(STEP), torch.no_grad(), autocast(amp):
+        with record_function(STEP), torch.inference_mode(), autocast(amp):
             infer()
 
     return _Profiled(_training_step(loss_of_step, _optimizer(model), amp), inference, model.train)

@@ -158,3 +158,10 @@ def test_compiled_parts_give_the_same_outputs_and_gradients(model_and_batch):
     assert grads_c.keys() == grads.keys()
     for key in grads:
         torch.testing.assert_close(grads_c[key], grads[key], rtol=1e-3, atol=1e-5, msg=key)
+    # An evaluation in the middle of training: predict runs the compiled parts in inference
+    # mode, and the next training step must compile (or reuse) its graph and run as before.
+    (pred,), (pred_c,) = (model.eval().predict(images[:1], vocabulary) for model in (eager, compiled))
+    torch.testing.assert_close(pred_c.class_probs, pred.class_probs, rtol=1e-4, atol=1e-5)
+    compiled.train().zero_grad()
+    sum(compiled.loss(compiled(images, vocabulary, prompts), targets).values()).backward()
+    assert all(torch.isfinite(p.grad).all() for p in compiled.parameters() if p.grad is not None)

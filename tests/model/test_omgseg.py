@@ -11,6 +11,7 @@ import torch
 from omgseg.core.structures import Category
 from omgseg.model.checkpoint import load_checkpoint, save_checkpoint
 from omgseg.model.config import ModelConfig, model_config, omgseg_convnext_large, with_overrides
+from omgseg.model.decoder import video_position_encoding
 from omgseg.model.inference import instance_inference, panoptic_inference, prompt_inference, semantic_inference
 from omgseg.model.omgseg import OMGSeg, parameter_counts
 from omgseg.model.structures import MatchTargets, PromptBatch
@@ -139,13 +140,22 @@ def test_training_step_leaves_the_frozen_backbone_unchanged(vocabulary):
 def test_a_training_step_after_predict_reuses_its_caches():
     # predict runs in inference mode; the text embeddings and sized constants it builds first
     # are cached, and a training step on the same vocabulary and size must be able to use them.
+    # A size and vocabulary no other test uses, so that predict is what builds them.
     torch.manual_seed(2)
     model = OMGSeg(model_config("tiny"))
     vocab = Vocabulary.from_names(["cat", "dog", "grass"], [1, 1, 0])
-    (pred,) = model.eval().predict(_images(1, 1), vocab)
+    h, w = 160, 224
+    images = torch.randint(0, 256, (1, 1, 3, h, w), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    (pred,) = model.eval().predict(images, vocab)
     assert pred.class_probs.is_inference()
+    # What predict cached is an ordinary tensor: training may save it for backward.
+    assert not model.text.embeddings(vocab).is_inference()
+    d = model.config.decoder.d_model
+    assert not video_position_encoding(1, h // 32, w // 32, d, torch.device("cpu"), torch.float32).is_inference()
+    masks = torch.zeros(1, 1, h, w, dtype=torch.bool)
+    masks[0, :, 20:90, 30:120] = True
     model.train()
-    losses = model.loss(model(_images(1, 1), vocab), [_targets(1)])
+    losses = model.loss(model(images, vocab), [MatchTargets(labels=torch.tensor([1]), masks=masks, track_ids=torch.tensor([1]))])
     sum(losses.values()).backward()
     assert model.decoder.class_embed.weight.grad is not None
 
