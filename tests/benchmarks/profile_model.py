@@ -47,6 +47,17 @@ MARK = "omgseg/"  # prefix of the profiler ranges this script opens for the part
 STEP = "profiled step"  # the range around one step or inference
 BACKWARD = "autograd::engine::evaluate_function: "
 OUTSIDE = "outside the parts (loss sum, text embeddings, checks)"
+MATCHING = "matching"  # a part of both models, named alike
+OPTIMIZER = "optimizer (AdamW)"
+
+# The parts both models have, for the side-by-side table: each of our parts belongs to one.
+BACKBONE = "backbone"
+DEFORMABLE = "pixel decoder: deformable attention"
+PIXEL_REST = "pixel decoder: encoder FFN, norms, projections, stride-4 convolutions"
+DECODER_LAYERS = "decoder layers: cross-attention, self-attention, FFN"
+DECODER_REST = "decoder: queries, heads, mask logits, attention masks"
+LOSSES = "losses (with the uncertain point selection)"
+POST_PROCESSING = "post-processing and upsampling (ours only)"
 
 
 def _mark_module(module: torch.nn.Module, name: str) -> None:
@@ -105,7 +116,7 @@ def _mark_parts(model: torch.nn.Module) -> None:
     decoder._heads = _marked(heads, decoder._heads)
     decoder._attention_mask = _marked(heads, decoder._attention_mask)
     matcher = model.criterion.matcher
-    matcher.match_sets = _marked("matching", matcher.match_sets)
+    matcher.match_sets = _marked(MATCHING, matcher.match_sets)
     model.criterion = _Marked("losses", model.criterion)
     for name in ("_draw_points", "_most_uncertain"):
         setattr(criterion_module, name, _marked("losses: uncertain point selection", getattr(criterion_module, name)))
@@ -126,18 +137,6 @@ class _Marked:
 
     def __getattr__(self, attr):
         return getattr(self._inner, attr)
-
-
-# The parts both models have, for the side-by-side table: each of our parts above belongs to one.
-BACKBONE = "backbone"
-DEFORMABLE = "pixel decoder: deformable attention"
-PIXEL_REST = "pixel decoder: encoder FFN, norms, projections, stride-4 convolutions"
-DECODER_LAYERS = "decoder layers: cross-attention, self-attention, FFN"
-DECODER_REST = "decoder: queries, heads, mask logits, attention masks"
-MATCHING = "matching"
-LOSSES = "losses (with the uncertain point selection)"
-OPTIMIZER = "optimizer (AdamW)"
-POST_PROCESSING = "post-processing and upsampling (ours only)"
 
 
 def common_part(part: str) -> str:
@@ -206,7 +205,7 @@ def _breakdown(events) -> tuple[dict[str, float], dict[str, float]]:
         if root is not None:
             backward[forward_mark.get(root.sequence_nr, "gradient accumulation")] += ms
         elif _inside(event, "Optimizer."):
-            forward["optimizer (AdamW)"] += ms
+            forward[OPTIMIZER] += ms
         else:
             forward[mark_of(event) or OUTSIDE] += ms
     return dict(forward), dict(backward)
@@ -231,21 +230,32 @@ def _table(title: str, forward: dict[str, float], backward: dict[str, float], st
     return "\n".join(lines)
 
 
+MODES = ("train", "infer")
+
+
 @dataclass
 class _Profiled:
     """One model's training step and inference, each inside the STEP range, and what the
-    profiler gave for them: forward and backward ms per part, summed over steps."""
+    profiler gave for them per mode: forward and backward ms per part and wall ms, summed
+    over steps."""
 
     train_step: Callable[[], None]
     inference: Callable[[], None]
     set_mode: Callable[[bool], object]  # the model's train(mode)
-    totals: dict[str, dict[str, float]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(float)))
+    forward: dict[str, dict[str, float]] = field(default_factory=lambda: {m: defaultdict(float) for m in MODES})
+    backward: dict[str, dict[str, float]] = field(default_factory=lambda: {m: defaultdict(float) for m in MODES})
+    wall_ms: dict[str, float] = field(default_factory=lambda: dict.fromkeys(MODES, 0.0))
 
-    def add(self, key: str, forward: dict[str, float], backward: dict[str, float], wall_ms: float) -> None:
-        for name, breakdown in ((f"{key}_forward", forward), (f"{key}_backward", backward)):
+    def run(self, mode: str) -> None:
+        self.set_mode(mode == "train")
+        (self.train_step if mode == "train" else self.inference)()
+
+    def add(self, mode: str, events) -> None:
+        forward, backward = _breakdown(events)
+        for total, breakdown in ((self.forward[mode], forward), (self.backward[mode], backward)):
             for part, ms in breakdown.items():
-                self.totals[name][part] += ms
-        self.totals[f"{key}_wall"]["ms"] += wall_ms
+                total[part] += ms
+        self.wall_ms[mode] += sum(e.cpu_time_total for e in events if e.name == STEP) / 1000
 
 
 def _profile_alternating(models: list[_Profiled], steps: int) -> None:
@@ -253,18 +263,14 @@ def _profile_alternating(models: list[_Profiled], steps: int) -> None:
     session per step and model, the models alternating step by step (the first of each
     round alternating too), so that the machine's drift, 20 % and more within minutes here,
     falls on all of them alike."""
-    for key in ("train", "infer"):
+    for mode in MODES:
         for model in models:
-            model.set_mode(key == "train")
-            getattr(model, "train_step" if key == "train" else "inference")()  # warm-up: allocations, caches
+            model.run(mode)  # warm-up: allocations, caches
         for i in range(steps):
             for model in (models if i % 2 == 0 else models[::-1]):
-                model.set_mode(key == "train")
                 with profile(activities=[ProfilerActivity.CPU]) as prof:
-                    getattr(model, "train_step" if key == "train" else "inference")()
-                events = prof.events()
-                forward, backward = _breakdown(events)
-                model.add(key, forward, backward, sum(e.cpu_time_total for e in events if e.name == STEP) / 1000)
+                    model.run(mode)
+                model.add(mode, prof.events())
 
 
 def _optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -344,32 +350,31 @@ def profile_size(size: str, steps: int, amp: bool = False, mask2former: bool = F
     ours = _omgseg(size, amp)
     models = [ours] + ([_mask2former(size, amp)] if mask2former else [])
     _profile_alternating(models, steps)
-    t = ours.totals
-    train_ms, infer_ms = t["train_wall"]["ms"] / steps, t["infer_wall"]["ms"] / steps
-    print(_table(f"{size}, training step ({BATCH} images)", t["train_forward"], t["train_backward"], steps, train_ms), "\n")
-    print(_table(f"{size}, inference (1 image)", t["infer_forward"], t["infer_backward"], steps, infer_ms), "\n")
+    train_ms, infer_ms = ours.wall_ms["train"] / steps, ours.wall_ms["infer"] / steps
+    print(_table(f"{size}, training step ({BATCH} images)", ours.forward["train"], ours.backward["train"], steps, train_ms), "\n")
+    print(_table(f"{size}, inference (1 image)", ours.forward["infer"], ours.backward["infer"], steps, infer_ms), "\n")
 
     def per_step(d: dict[str, float]) -> dict[str, float]:
         return {k: round(v / steps, 2) for k, v in d.items()}
 
     result: dict[str, object] = {
-        "train_ms": round(train_ms, 1), "train_forward_ms": per_step(t["train_forward"]),
-        "train_backward_ms": per_step(t["train_backward"]),
-        "infer_ms": round(infer_ms, 1), "infer_ms_by_part": per_step(t["infer_forward"])}
+        "train_ms": round(train_ms, 1), "train_forward_ms": per_step(ours.forward["train"]),
+        "train_backward_ms": per_step(ours.backward["train"]),
+        "infer_ms": round(infer_ms, 1), "infer_ms_by_part": per_step(ours.forward["infer"])}
     if mask2former:
-        theirs = models[1].totals
+        theirs = models[1]
         common = {
-            "omgseg_train": _by_common_part([t["train_forward"], t["train_backward"]], steps),
-            "omgseg_infer": _by_common_part([t["infer_forward"]], steps),
-            "mask2former_train": _by_common_part([theirs["train_forward"], theirs["train_backward"]], steps),
-            "mask2former_infer": _by_common_part([theirs["infer_forward"]], steps),
+            "omgseg_train": _by_common_part([ours.forward["train"], ours.backward["train"]], steps),
+            "omgseg_infer": _by_common_part([ours.forward["infer"]], steps),
+            "mask2former_train": _by_common_part([theirs.forward["train"], theirs.backward["train"]], steps),
+            "mask2former_infer": _by_common_part([theirs.forward["infer"]], steps),
         }
         common["omgseg_infer"].pop(POST_PROCESSING, None)  # Mask2Former's model call does none
         print(side_by_side(f"{size}, training step ({BATCH} images)", common["omgseg_train"], common["mask2former_train"]), "\n")
         print(side_by_side(f"{size}, inference (1 image, model call)", common["omgseg_infer"], common["mask2former_infer"]), "\n")
         result["by_common_part_ms"] = common
-        result["mask2former_train_ms"] = round(theirs["train_wall"]["ms"] / steps, 1)
-        result["mask2former_infer_ms"] = round(theirs["infer_wall"]["ms"] / steps, 1)
+        result["mask2former_train_ms"] = round(theirs.wall_ms["train"] / steps, 1)
+        result["mask2former_infer_ms"] = round(theirs.wall_ms["infer"] / steps, 1)
     return result
 
 
